@@ -1,0 +1,34 @@
+"""The engine: requests in, text deltas out. No JSON, no HTTP.
+
+Importing this package does not import torch; backends live in subpackages (``tokenwire.engine.hf``).
+"""
+
+from tokenwire.engine.interface import (
+    ChatMessage,
+    Engine,
+    EngineError,
+    EngineStats,
+    ErrorCode,
+    FinishReason,
+    GenerationRequest,
+    GenerationStart,
+    OutputKind,
+    RequestOutput,
+    SamplingParams,
+    Timings,
+)
+
+__all__ = [
+    "ChatMessage",
+    "Engine",
+    "EngineError",
+    "EngineStats",
+    "ErrorCode",
+    "FinishReason",
+    "GenerationRequest",
+    "GenerationStart",
+    "OutputKind",
+    "RequestOutput",
+    "SamplingParams",
+    "Timings",
+]
