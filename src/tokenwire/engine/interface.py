@@ -9,7 +9,7 @@ engine frees its slot within one step. Failures are raised from the iterator as 
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -157,7 +157,7 @@ class Engine(Protocol):
     async def shutdown(self) -> None:
         """Abort everything and stop the model loop."""
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
         """Submit ``request``; iterate its outputs. Closing the iterator aborts the request."""
         ...
 

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,7 +147,7 @@ class HFEngine:
             q.put_nowait(_Failure(rid, EngineError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")))
 
     # -- requests (event loop side)
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
         if not self._ready:
             raise EngineError(
                 ErrorCode.SHUTTING_DOWN if self._stopping else ErrorCode.OVERLOADED, "the engine is not ready"

@@ -1,0 +1,60 @@
+"""Command line: flags -> settings -> app. No logic of its own.
+
+tokenwire serve [--model M] [--device D] [--port P] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import fields
+
+from tokenwire import __version__
+from tokenwire.config import ENV_PREFIX, Settings, from_env
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenwire", description="Real-time streaming inference server.")
+    parser.add_argument("--version", action="version", version=f"tokenwire {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the server. Every flag can also be "
+        f"set as an environment variable {ENV_PREFIX}NAME (e.g. {ENV_PREFIX}PORT).",
+    )
+    for f in fields(Settings):
+        kind = str(f.type)
+        conv = int if "int" in kind else float if "float" in kind else str
+        serve.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=conv,
+            default=None,
+            help=f"{f.metadata.get('help', '')} (default: {f.default}; env {ENV_PREFIX}{f.name.upper()})",
+        )
+    return parser
+
+
+def settings_from_args(argv: list[str] | None = None) -> Settings:
+    args = _parser().parse_args(argv)
+    base = from_env()
+    given = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    return base.replace(**given)
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = settings_from_args(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from tokenwire.server.serve import run
+
+    run(settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Settings: one typed object, every field defaulted and documented.
+
+Each field can be set by a command-line flag (``--max-batch-size``) or an environment variable
+(``TOKENWIRE_MAX_BATCH_SIZE``); a flag wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "TOKENWIRE_"
+
+
+@dataclass(slots=True, frozen=True)
+class Settings:
+    # where to listen
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+    port: int = field(default=8765, metadata={"help": "port to bind"})
+    # the model
+    model: str | None = field(
+        default=None,
+        metadata={"help": "local Hugging Face folder, .gguf file or hub id (default: SmolLM2-135M-Instruct)"},
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on CUDA), float32, ..."})
+    max_model_len: int = field(default=8192, metadata={"help": "context window cap in tokens"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for the model (0: all cores)"})
+    # scheduling
+    max_batch_size: int = field(default=64, metadata={"help": "sequences decoded together at most"})
+    max_waiting: int = field(default=1024, metadata={"help": "queued requests beyond the batch; more is overloaded"})
+    kv_cache_tokens: int = field(default=1 << 17, metadata={"help": "KV-cache budget: rows x reserved length"})
+    max_prefill_tokens: int = field(default=512, metadata={"help": "prompt tokens per step (long prompts chunk)"})
+    # protocol limits
+    max_message_bytes: int = field(default=1 << 20, metadata={"help": "largest client frame (bigger: close 1009)"})
+    max_tokens_limit: int = field(default=4096, metadata={"help": "largest max_tokens a request may ask for"})
+    default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request gives none"})
+    max_generations_per_connection: int = field(default=32, metadata={"help": "concurrent generations a socket"})
+    heartbeat_interval: float = field(default=30.0, metadata={"help": "seconds between server pings (0: off)"})
+    slow_consumer_timeout: float = field(default=30.0, metadata={"help": "close a socket whose send blocks this long"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _convert(name: str, raw: str, kind: Any) -> Any:
+    kind_s = str(kind)
+    try:
+        if "int" in kind_s:
+            return int(raw)
+        if "float" in kind_s:
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a number") from None
+    return raw or None if "None" in kind_s else raw
+
+
+def from_env(env: Mapping[str, str] | None = None, base: Settings | None = None) -> Settings:
+    """Settings from ``TOKENWIRE_*`` variables over ``base`` (default: the defaults)."""
+    env = os.environ if env is None else env
+    base = base or Settings()
+    changes = {}
+    for f in fields(Settings):
+        key = ENV_PREFIX + f.name.upper()
+        if key in env:
+            changes[f.name] = _convert(f.name, env[key], f.type)
+    return base.replace(**changes)

@@ -1,0 +1,1 @@
+"""The server: WebSocket protocol, HTTP routes, limits. Imports no torch; talks to the engine interface."""

@@ -1,0 +1,97 @@
+"""The ASGI application: routes, and the engine's life cycle.
+
+The port is bound at once; the model loads in the background, during which ``/health`` answers 200 and
+``/ready`` 503. A model that fails to load stops the server with a clear log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from importlib import resources
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from tokenwire.engine.interface import Engine
+from tokenwire.server.websocket import Connection, ConnectionSettings
+
+log = logging.getLogger(__name__)
+
+
+class ServerState:
+    """What routes share: the engine, settings, open connections, and the load task."""
+
+    def __init__(self, engine: Engine, settings: ConnectionSettings, on_fatal: Callable[[], None] | None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.connections: set[Connection] = set()
+        self.on_fatal = on_fatal
+        self.load_error: str | None = None
+        self.load_task: asyncio.Task[None] | None = None
+
+    async def load(self) -> None:
+        try:
+            await self.engine.start()
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("could not load the model: %s", self.load_error)
+            if self.on_fatal is not None:
+                self.on_fatal()
+
+
+def create_app(
+    engine: Engine, settings: ConnectionSettings | None = None, on_fatal: Callable[[], None] | None = None
+) -> Starlette:
+    state = ServerState(engine, settings or ConnectionSettings(), on_fatal)
+    page = resources.files("tokenwire.web").joinpath("tutorial.html").read_text(encoding="utf-8")
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(page)
+
+    async def websocket(ws: WebSocket) -> None:
+        conn = Connection(ws, state.engine, state.settings)
+        state.connections.add(conn)
+        try:
+            await conn.run()
+        finally:
+            state.connections.discard(conn)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        if state.engine.ready:
+            return JSONResponse({"status": "ready", "model": state.engine.model_name})
+        status = "failed" if state.load_error else "loading"
+        body = {"status": status, "model": state.engine.model_name, "error": state.load_error}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state.load_task = asyncio.create_task(state.load())
+        try:
+            yield
+        finally:
+            state.load_task.cancel()
+            with contextlib.suppress(BaseException):
+                await state.load_task
+            await state.engine.shutdown()
+
+    app = Starlette(
+        routes=[
+            Route("/", index),
+            WebSocketRoute("/", websocket),
+            WebSocketRoute("/ws", websocket),
+            Route("/health", health),
+            Route("/ready", ready),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.tokenwire = state
+    return app

@@ -1,0 +1,91 @@
+"""Server-to-client messages. Every one carries ``content`` and ``finished`` (the tutorial's client reads them)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tokenwire.engine.interface import ErrorCode, FinishReason, Timings
+
+
+def encode(message: dict[str, Any]) -> str:
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+
+
+def hello(session: str, model: str, limits: dict[str, int], heartbeat_s: float) -> dict[str, Any]:
+    return {
+        "type": "hello",
+        "content": f"tokenwire ready: {model}",
+        "finished": False,
+        "session": session,
+        "model": model,
+        "protocol": 1,
+        "limits": {**limits, "heartbeat_s": heartbeat_s},
+    }
+
+
+def started(gen_id: str, model: str, prompt_tokens: int) -> dict[str, Any]:
+    return {
+        "type": "started",
+        "id": gen_id,
+        "seq": 0,
+        "content": "",
+        "finished": False,
+        "model": model,
+        "prompt_tokens": prompt_tokens,
+    }
+
+
+def token(gen_id: str, seq: int, text: str, tokens: int, batched: bool) -> dict[str, Any]:
+    return {
+        "type": "tokens" if batched else "token",
+        "id": gen_id,
+        "seq": seq,
+        "content": text,
+        "finished": False,
+        "tokens": tokens,
+    }
+
+
+def complete(
+    gen_id: str, seq: int, reason: FinishReason, prompt_tokens: int, completion_tokens: int, timings: Timings | None
+) -> dict[str, Any]:
+    return {
+        "type": "complete",
+        "id": gen_id,
+        "seq": seq,
+        "content": "",
+        "finished": True,
+        "finish_reason": reason.value,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+        "timings": {
+            "queue_ms": timings.queue_ms if timings else 0.0,
+            "ttft_ms": timings.ttft_ms if timings else 0.0,
+            "total_ms": timings.total_ms if timings else 0.0,
+            "tokens_per_second": timings.tokens_per_second if timings else 0.0,
+        },
+    }
+
+
+def error(code: ErrorCode, content: str, gen_id: str | None = None, param: str | None = None) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "error", "code": code.value, "content": content, "finished": True}
+    if gen_id is not None:
+        msg["id"] = gen_id
+    if param is not None:
+        msg["param"] = param
+    return msg
+
+
+def pong(ts: Any) -> dict[str, Any]:
+    msg: dict[str, Any] = {"type": "pong", "content": "", "finished": False}
+    if ts is not None:
+        msg["ts"] = ts
+    return msg
+
+
+def ping(ts: float) -> dict[str, Any]:
+    return {"type": "ping", "content": "", "finished": False, "ts": ts}

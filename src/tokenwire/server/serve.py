@@ -1,0 +1,53 @@
+"""Run the app under uvicorn with the WebSocket limits from the settings."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from tokenwire.config import Settings
+from tokenwire.engine.factory import build_engine
+from tokenwire.server.app import create_app
+from tokenwire.server.protocol import Limits
+from tokenwire.server.websocket import ConnectionSettings
+
+log = logging.getLogger(__name__)
+
+
+def connection_settings(settings: Settings) -> ConnectionSettings:
+    return ConnectionSettings(
+        limits=Limits(
+            max_message_bytes=settings.max_message_bytes,
+            max_tokens=settings.max_tokens_limit,
+            default_max_tokens=min(settings.default_max_tokens, settings.max_tokens_limit),
+            max_generations_per_connection=settings.max_generations_per_connection,
+        ),
+        heartbeat_interval=settings.heartbeat_interval,
+        slow_consumer_timeout=settings.slow_consumer_timeout,
+    )
+
+
+def run(settings: Settings) -> None:
+    engine = build_engine(settings)
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(engine, connection_settings(settings), on_fatal=stop)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        ws_max_size=settings.max_message_bytes,
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    log.info("tokenwire listening on http://%s:%d (WebSocket at / and /ws)", settings.host, settings.port)
+    server.run()

@@ -1,0 +1,299 @@
+"""One WebSocket connection: read frames, run generations concurrently, write messages in order.
+
+Each generation is an asyncio task reading the engine's output stream. All writes go through one lock,
+so messages of different generations interleave whole. A client that stops reading blocks its own
+writes; after ``slow_consumer_timeout`` the connection is closed and its generations are aborted.
+Disconnect and cancel are ordinary paths: closing a generation's stream aborts it in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from tokenwire.engine.interface import (
+    Engine,
+    EngineError,
+    ErrorCode,
+    GenerationRequest,
+    OutputKind,
+    RequestOutput,
+)
+from tokenwire.server import messages
+from tokenwire.server.batching import Coalescer
+from tokenwire.server.protocol import (
+    Cancel,
+    Generate,
+    Limits,
+    Ping,
+    Pong,
+    ProtocolError,
+    Resume,
+    parse_message,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class ConnectionSettings:
+    limits: Limits = field(default_factory=Limits)
+    heartbeat_interval: float = 30.0  # seconds between server pings; 0 disables them
+    slow_consumer_timeout: float = 30.0  # a send blocked this long closes the connection
+
+
+class _SlowConsumer(Exception):
+    pass
+
+
+class Connection:
+    def __init__(self, ws: WebSocket, engine: Engine, settings: ConnectionSettings) -> None:
+        self.ws = ws
+        self.engine = engine
+        self.settings = settings
+        self.session = secrets.token_hex(6)
+        self.connected_at = time.time()
+        self.messages_sent = 0
+        self.tokens_sent = 0
+        self._send_lock = asyncio.Lock()
+        self._generations: dict[str, asyncio.Task[None]] = {}
+        self._engine_ids: dict[str, str] = {}
+        self._auto_ids = itertools.count(1)
+        self._closing = False
+
+    async def run(self) -> None:
+        await self.ws.accept()
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            await self.send(
+                messages.hello(
+                    self.session,
+                    self.engine.model_name,
+                    {**self.settings.limits.as_dict(), "context_tokens": self.engine.max_context},
+                    self.settings.heartbeat_interval,
+                )
+            )
+            if self.settings.heartbeat_interval > 0:
+                heartbeat = asyncio.create_task(self._heartbeat())
+            await self._read_loop()
+        except (WebSocketDisconnect, _SlowConsumer):
+            pass
+        finally:
+            self._closing = True
+            if heartbeat is not None:
+                heartbeat.cancel()
+            tasks = list(self._generations.values())
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.ws.application_state is WebSocketState.CONNECTED:
+                with contextlib.suppress(Exception):
+                    await self.ws.close(1000)
+
+    # -- reading
+    async def _read_loop(self) -> None:
+        while True:
+            frame = await self.ws.receive()
+            if frame["type"] == "websocket.disconnect":
+                return
+            data = frame.get("text")
+            if data is None:
+                data = frame.get("bytes") or b""
+            try:
+                msg = parse_message(data, self.settings.limits)
+            except ProtocolError as err:
+                await self.send(messages.error(err.code, err.message, err.id, err.param))
+                continue
+            await self._dispatch(msg)
+
+    async def _dispatch(self, msg: Generate | Cancel | Ping | Pong | Resume) -> None:
+        if isinstance(msg, Generate):
+            await self._start_generation(msg)
+        elif isinstance(msg, Cancel):
+            engine_id = self._engine_ids.get(msg.id)
+            if engine_id is None:
+                await self.send(
+                    messages.error(ErrorCode.NOT_FOUND, f"no running generation with id {msg.id!r}", msg.id, "id")
+                )
+            else:
+                self.engine.abort(engine_id)
+        elif isinstance(msg, Ping):
+            await self.send(messages.pong(msg.ts))
+        elif isinstance(msg, Resume):
+            await self.send(
+                messages.error(
+                    ErrorCode.NOT_FOUND,
+                    f"no generation with id {msg.id!r} can be resumed (this server keeps no finished streams)",
+                    msg.id,
+                    "id",
+                )
+            )
+
+    async def _start_generation(self, msg: Generate) -> None:
+        gen_id = msg.id if msg.id is not None else f"gen-{next(self._auto_ids)}"
+        if gen_id in self._generations:
+            await self.send(
+                messages.error(
+                    ErrorCode.DUPLICATE_ID, f"a generation with id {gen_id!r} is already running", gen_id, "id"
+                )
+            )
+            return
+        cap = self.settings.limits.max_generations_per_connection
+        if len(self._generations) >= cap:
+            await self.send(
+                messages.error(
+                    ErrorCode.RATE_LIMITED,
+                    f"this connection already runs {cap} generations; wait for one to end",
+                    gen_id,
+                )
+            )
+            return
+        engine_id = f"{self.session}:{gen_id}"
+        request = GenerationRequest(
+            request_id=engine_id,
+            params=msg.params,
+            prompt=msg.prompt,
+            messages=msg.messages,
+            raw=msg.raw,
+            truncate=msg.truncate,
+        )
+        self._engine_ids[gen_id] = engine_id
+        task = asyncio.create_task(self._run_generation(gen_id, request, msg))
+        self._generations[gen_id] = task
+
+    # -- one generation
+    async def _run_generation(self, gen_id: str, request: GenerationRequest, msg: Generate) -> None:
+        seq = 0
+        coalescer = Coalescer(msg.batch) if msg.batch else None
+        try:
+            stream = self.engine.generate(request)
+            async with contextlib.aclosing(stream):
+                async for out in _with_deadlines(stream, coalescer):
+                    if out is None:  # a batch deadline passed with no new output
+                        seq = await self._flush(gen_id, seq, coalescer)
+                        continue
+                    if out.kind is OutputKind.STARTED:
+                        await self.send(messages.started(gen_id, self.engine.model_name, out.prompt_tokens))
+                    elif out.kind is OutputKind.DELTA:
+                        seq = await self._deliver(gen_id, seq, coalescer, out)
+                    else:
+                        seq = await self._deliver(gen_id, seq, coalescer, out)
+                        seq = await self._flush(gen_id, seq, coalescer)
+                        assert out.finish_reason is not None
+                        await self.send(
+                            messages.complete(
+                                gen_id,
+                                seq + 1,
+                                out.finish_reason,
+                                out.prompt_tokens,
+                                out.completion_tokens,
+                                out.timings,
+                            )
+                        )
+        except EngineError as err:
+            await self._send_quietly(messages.error(err.code, err.message, gen_id, err.param))
+        except (asyncio.CancelledError, WebSocketDisconnect, _SlowConsumer):
+            pass  # the connection is going away; aclosing() aborted the request in the engine
+        except Exception as exc:  # a bug: report it on this generation, keep the connection
+            log.exception("generation %s failed", gen_id)
+            await self._send_quietly(messages.error(ErrorCode.GENERATION_FAILED, f"generation failed: {exc}", gen_id))
+        finally:
+            self._generations.pop(gen_id, None)
+            self._engine_ids.pop(gen_id, None)
+
+    async def _deliver(self, gen_id: str, seq: int, coalescer: Coalescer | None, out: RequestOutput) -> int:
+        if not out.text and out.kind is OutputKind.FINISHED:
+            return seq
+        if coalescer is None:
+            if out.text:
+                seq += 1
+                self.tokens_sent += out.num_tokens
+                await self.send(messages.token(gen_id, seq, out.text, out.num_tokens, batched=False))
+            return seq
+        coalescer.add(out.text, out.num_tokens, time.monotonic())
+        if coalescer.due(time.monotonic()):
+            seq = await self._flush(gen_id, seq, coalescer)
+        return seq
+
+    async def _flush(self, gen_id: str, seq: int, coalescer: Coalescer | None) -> int:
+        if coalescer is None or coalescer.empty:
+            return seq
+        text, tokens = coalescer.take()
+        if not text:
+            return seq
+        seq += 1
+        self.tokens_sent += tokens
+        await self.send(messages.token(gen_id, seq, text, tokens, batched=True))
+        return seq
+
+    # -- writing
+    async def send(self, message: dict[str, Any]) -> None:
+        data = messages.encode(message)
+        async with self._send_lock:
+            try:
+                await asyncio.wait_for(self.ws.send_text(data), self.settings.slow_consumer_timeout)
+            except TimeoutError:
+                log.warning("closing connection %s: the client does not read", self.session)
+                raise _SlowConsumer() from None
+            except RuntimeError as exc:  # sending after close
+                raise WebSocketDisconnect(1006) from exc
+        self.messages_sent += 1
+
+    async def _send_quietly(self, message: dict[str, Any]) -> None:
+        if self._closing:
+            return
+        with contextlib.suppress(WebSocketDisconnect, _SlowConsumer, OSError):
+            await self.send(message)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            try:
+                await self.send(messages.ping(time.time()))
+            except (WebSocketDisconnect, _SlowConsumer, OSError):
+                return
+
+
+async def _with_deadlines(
+    stream: AsyncIterator[RequestOutput], coalescer: Coalescer | None
+) -> AsyncIterator[RequestOutput | None]:
+    """Yield the stream's items, and ``None`` whenever the open batch's deadline passes first.
+
+    The pending ``__anext__`` is awaited with ``asyncio.wait`` rather than ``wait_for`` so that a deadline
+    never cancels it (which would close the stream and abort the request).
+    """
+    if coalescer is None or not coalescer.timed:
+        async for item in stream:
+            yield item
+        return
+    pending: asyncio.Future[RequestOutput] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(stream))
+            deadline = coalescer.deadline() if coalescer is not None else None
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = await asyncio.wait({pending}, timeout=timeout)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield item
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
