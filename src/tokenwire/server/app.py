@@ -72,6 +72,34 @@ def create_app(
         body = {"status": status, "model": state.engine.model_name, "error": state.load_error}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
+    async def stats(request: Request) -> Response:
+        es = state.engine.stats()
+        return JSONResponse(
+            {
+                "model": state.engine.model_name,
+                "ready": state.engine.ready,
+                "engine": {
+                    "running": es.running,
+                    "waiting": es.waiting,
+                    "max_batch_size": es.max_batch_size,
+                    "kv_cache_tokens_used": es.kv_cache_tokens_used,
+                    "kv_cache_tokens_capacity": es.kv_cache_tokens_capacity,
+                    "steps": es.steps,
+                },
+                "active_connections": len(state.connections),
+                "connections": [
+                    {
+                        "session": c.session,
+                        "connected_at": c.connected_at,
+                        "messages_sent": c.messages_sent,
+                        "tokens_generated": c.tokens_sent,
+                        "generations_running": c.running_generations,
+                    }
+                    for c in list(state.connections)
+                ],
+            }
+        )
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.load_task = asyncio.create_task(state.load())
@@ -90,6 +118,7 @@ def create_app(
             WebSocketRoute("/ws", websocket),
             Route("/health", health),
             Route("/ready", ready),
+            Route("/v1/stats", stats),
         ],
         lifespan=lifespan,
     )

@@ -70,6 +70,10 @@ class Connection:
         self._auto_ids = itertools.count(1)
         self._closing = False
 
+    @property
+    def running_generations(self) -> int:
+        return len(self._generations)
+
     async def run(self) -> None:
         await self.ws.accept()
         heartbeat: asyncio.Task[None] | None = None
@@ -189,6 +193,7 @@ class Connection:
                         seq = await self._deliver(gen_id, seq, coalescer, out)
                         seq = await self._flush(gen_id, seq, coalescer)
                         assert out.finish_reason is not None
+                        self._release(gen_id)  # the client may reuse the id as soon as it sees complete
                         await self.send(
                             messages.complete(
                                 gen_id,
@@ -200,6 +205,7 @@ class Connection:
                             )
                         )
         except EngineError as err:
+            self._release(gen_id)
             await self._send_quietly(messages.error(err.code, err.message, gen_id, err.param))
         except (asyncio.CancelledError, WebSocketDisconnect, _SlowConsumer):
             pass  # the connection is going away; aclosing() aborted the request in the engine
@@ -207,8 +213,12 @@ class Connection:
             log.exception("generation %s failed", gen_id)
             await self._send_quietly(messages.error(ErrorCode.GENERATION_FAILED, f"generation failed: {exc}", gen_id))
         finally:
-            self._generations.pop(gen_id, None)
-            self._engine_ids.pop(gen_id, None)
+            if self._generations.get(gen_id) is asyncio.current_task():
+                self._release(gen_id)
+
+    def _release(self, gen_id: str) -> None:
+        self._generations.pop(gen_id, None)
+        self._engine_ids.pop(gen_id, None)
 
     async def _deliver(self, gen_id: str, seq: int, coalescer: Coalescer | None, out: RequestOutput) -> int:
         if not out.text and out.kind is OutputKind.FINISHED:

@@ -167,11 +167,11 @@ class HFEngine:
         try:
             while True:
                 item = await stream.get()
+                if isinstance(item, _Failure) or item.kind is OutputKind.FINISHED:
+                    finished = True
+                    self._streams.pop(rid, None)  # the id is free again before the consumer sees the end
                 if isinstance(item, _Failure):
-                    finished = True
                     raise item.error
-                if item.kind is OutputKind.FINISHED:
-                    finished = True
                 yield item
                 if finished:
                     return

@@ -24,6 +24,7 @@ class RowSampler:
     def remove(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
 
+    @torch.inference_mode()
     def sample(
         self,
         logits: torch.Tensor,  # [n, V], float32

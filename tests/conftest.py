@@ -1,0 +1,35 @@
+"""Shared fixtures. Timeouts scale with TOKENWIRE_TEST_TIMEOUT_FACTOR on slow machines."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import tiny
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TIMEOUT_FACTOR = float(os.environ.get("TOKENWIRE_TEST_TIMEOUT_FACTOR", "1"))
+
+
+def scaled(seconds: float) -> float:
+    return seconds * TIMEOUT_FACTOR
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer() -> Any:
+    return tiny.byte_level_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer() -> tiny.SentencePieceDecoder:
+    return tiny.sentencepiece_tokenizer()

@@ -1,0 +1,260 @@
+"""The WebSocket protocol over a real socket against a real server process (tiny random model)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+import websockets
+
+from tests.conftest import scaled
+from tests.e2e.client import Client
+from tests.e2e.server import RunningServer
+
+SEED = Path(__file__).resolve().parents[3] / "shared" / "seed" / "000_15d103f118269f62.txt"
+
+
+def tutorial_page() -> str:
+    lines = SEED.read_text(encoding="utf-8").splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith("<!DOCTYPE html>"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("</html>"))
+    return "".join(lines[start : end + 1])
+
+
+@pytest.mark.skipif(not SEED.exists(), reason="shared/ is not beside the checkout")
+def test_root_serves_the_tutorials_client_page_unchanged(tiny_server: RunningServer) -> None:
+    assert tiny_server.get_text("/") == tutorial_page()
+
+
+async def test_tutorial_client_messages_get_started_tokens_complete(tiny_server: RunningServer) -> None:
+    """Exactly what the tutorial's page sends, on the URL it connects to (ws://host:port, path /)."""
+    c = await Client.connect(tiny_server.ws)
+    try:
+        await c.send({"type": "generate", "prompt": "Hello there", "max_length": 100})
+        started = await c.recv()
+        assert started["type"] == "started" and started["finished"] is False
+        gen_id = started["id"]
+        done = await c.finish(gen_id)
+        assert done["type"] == "complete" and done["finished"] is True and done["content"] == ""
+        c.check_sequence(gen_id)
+        usage = done["usage"]
+        assert 1 <= usage["completion_tokens"] <= 100
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert set(done["timings"]) == {"queue_ms", "ttft_ms", "total_ms", "tokens_per_second"}
+        assert done["finish_reason"] in ("stop", "length")
+    finally:
+        await c.close()
+
+
+async def test_hello_describes_the_server(tiny_server: RunningServer) -> None:
+    c = await Client.connect(tiny_server.ws + "/ws")
+    h = c.hello
+    assert h["protocol"] == 1 and h["model"] and h["session"] and h["finished"] is False
+    assert h["limits"]["max_message_bytes"] == 65536 and h["limits"]["context_tokens"] == 256
+    await c.close()
+
+
+async def test_generations_are_multiplexed_on_one_connection(tiny_server: RunningServer) -> None:
+    """Three generations run at once on one socket without cross-talk: the same seeded request gives the same
+    text as when it runs alone on another connection."""
+    req = {"type": "generate", "prompt": "Story", "max_tokens": 40, "temperature": 0.8, "seed": 11}
+    c = await Client.connect(tiny_server.ws + "/ws")
+    try:
+        for gid in ("a", "b", "c"):
+            await c.send({**req, "id": gid, **({"seed": 12} if gid == "c" else {})})
+        for gid in ("a", "b", "c"):
+            assert (await c.finish(gid))["type"] == "complete"
+            c.check_sequence(gid)
+        solo = await Client.connect(tiny_server.ws)
+        await solo.send({**req, "id": "solo"})
+        await solo.finish("solo")
+        await solo.close()
+        assert c.text("a") == c.text("b") == solo.text("solo")
+        assert c.text("c") != c.text("a")
+    finally:
+        await c.close()
+
+
+async def test_batch_coalesces_tokens(tiny_server: RunningServer) -> None:
+    c = await Client.connect(tiny_server.ws)
+    try:
+        await c.send(
+            {
+                "type": "generate",
+                "id": "b",
+                "prompt": "Hi",
+                "max_tokens": 40,
+                "temperature": 0,
+                "batch": {"max_tokens": 5, "max_ms": 10000},
+            }
+        )
+        await c.send({"type": "generate", "id": "u", "prompt": "Hi", "max_tokens": 40, "temperature": 0})
+        await c.finish("b")
+        await c.finish("u")
+        c.check_sequence("b")
+        batched = [m for m in c.by_id["b"] if m["type"] == "tokens"]
+        assert batched and all(m["tokens"] <= 5 for m in batched)
+        assert not any(m["type"] == "token" for m in c.by_id["b"])
+        assert c.text("b") == c.text("u")  # same greedy text, fewer messages
+        assert len(batched) < len([m for m in c.by_id["u"] if m["type"] == "token"])
+    finally:
+        await c.close()
+
+
+async def test_batch_max_ms_flushes_on_time(tiny_server: RunningServer) -> None:
+    c = await Client.connect(tiny_server.ws)
+    try:
+        await c.send(
+            {"type": "generate", "id": "t", "prompt": "Hi", "max_tokens": 60, "temperature": 0, "batch": {"max_ms": 1}}
+        )
+        await c.finish("t")
+        c.check_sequence("t")
+        assert len([m for m in c.by_id["t"] if m["type"] == "tokens"]) >= 1
+    finally:
+        await c.close()
+
+
+BAD_INPUTS: list[tuple[str, str, str | None]] = [
+    ("not json at all", "invalid_json", None),
+    ("[1, 2, 3]", "invalid_json", None),
+    (json.dumps({"prompt": "no type"}), "invalid_request", "type"),
+    (json.dumps({"type": "teleport"}), "unknown_type", "type"),
+    (json.dumps({"type": "generate"}), "invalid_request", "prompt"),
+    (json.dumps({"type": "generate", "prompt": 42}), "invalid_request", "prompt"),
+    (json.dumps({"type": "generate", "prompt": "x", "max_tokens": "lots"}), "invalid_request", "max_tokens"),
+    (json.dumps({"type": "generate", "prompt": "x", "max_tokens": 10**9}), "invalid_request", "max_tokens"),
+    (json.dumps({"type": "generate", "prompt": "x", "temperature": -3}), "invalid_request", "temperature"),
+    (
+        json.dumps({"type": "generate", "messages": [{"role": "x", "content": "y"}]}),
+        "invalid_request",
+        "messages[0].role",
+    ),
+    (json.dumps({"type": "cancel", "id": "nobody"}), "not_found", "id"),
+    (json.dumps({"type": "generate", "prompt": "word " * 3000}), "prompt_too_long", None),
+]
+
+
+async def test_each_bad_input_gets_its_error_and_the_connection_and_others_go_on(tiny_server: RunningServer) -> None:
+    c = await Client.connect(tiny_server.ws)
+    try:
+        await c.send({"type": "generate", "id": "long", "prompt": "Hi", "max_tokens": 200, "temperature": 0.7})
+        for raw, code, param in BAD_INPUTS:
+            await c.send(raw)
+            err = await c.until(lambda m: m["type"] == "error")
+            assert err["code"] == code, (raw, err)
+            assert err["finished"] is True and isinstance(err["content"], str) and err["content"]
+            if param:
+                assert err.get("param") == param, (raw, err)
+        done = await c.finish("long")
+        assert done["type"] == "complete"
+        c.check_sequence("long")  # the running generation lost nothing
+        await c.send({"type": "generate", "id": "after", "prompt": "Hi", "max_tokens": 5})
+        assert (await c.finish("after"))["type"] == "complete"
+    finally:
+        await c.close()
+
+
+async def test_duplicate_running_id_is_refused_without_disturbing_the_first(tiny_server: RunningServer) -> None:
+    c = await Client.connect(tiny_server.ws)
+    try:
+        await c.send({"type": "generate", "id": "same", "prompt": "Hi", "max_tokens": 150})
+        await c.send({"type": "generate", "id": "same", "prompt": "Hi", "max_tokens": 5})
+        err = await c.until(lambda m: m["type"] == "error")
+        assert err["code"] == "duplicate_id" and err["id"] == "same"
+        c.by_id["same"].remove(err)  # the refusal is not part of the first generation's stream
+        done = await c.finish("same")
+        assert done["type"] == "complete"
+        c.check_sequence("same")
+        # once finished, the id may be used again
+        c.by_id.pop("same")
+        await c.send({"type": "generate", "id": "same", "prompt": "Hi", "max_tokens": 3})
+        assert (await c.finish("same"))["type"] == "complete"
+    finally:
+        await c.close()
+
+
+async def test_cancel_ends_with_complete_cancelled(tiny_server: RunningServer) -> None:
+    c = await Client.connect(tiny_server.ws)
+    try:
+        await c.send({"type": "generate", "id": "k", "prompt": "Hi", "max_tokens": 4000, "temperature": 1})
+        await c.until(lambda m: m.get("id") == "k" and m["type"] == "token")
+        await c.send({"type": "cancel", "id": "k"})
+        done = await c.finish("k")
+        assert done["type"] == "complete" and done["finish_reason"] == "cancelled"
+        c.check_sequence("k")
+    finally:
+        await c.close()
+
+
+async def test_frame_over_the_size_limit_closes_with_1009_and_server_goes_on(tiny_server: RunningServer) -> None:
+    c = await Client.connect(tiny_server.ws)
+    await c.send(json.dumps({"type": "generate", "prompt": "x" * 100_000}))
+    with pytest.raises(websockets.ConnectionClosed) as info:
+        for _ in range(10):
+            await c.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+    c2 = await Client.connect(tiny_server.ws)
+    await c2.send({"type": "generate", "id": "ok", "prompt": "Hi", "max_tokens": 3})
+    assert (await c2.finish("ok"))["type"] == "complete"
+    await c2.close()
+
+
+async def test_ping_is_answered_with_pong_echoing_ts(tiny_server: RunningServer) -> None:
+    c = await Client.connect(tiny_server.ws)
+    await c.send({"type": "ping", "ts": 12345})
+    pong = await c.until(lambda m: m["type"] == "pong")
+    assert pong["ts"] == 12345
+    await c.send({"type": "pong"})  # accepted silently
+    await c.close()
+
+
+async def test_server_sends_heartbeat_pings(tiny_server: RunningServer) -> None:
+    c = await Client.connect(tiny_server.ws)
+    ping = await c.until(lambda m: m["type"] == "ping", timeout=5)
+    assert ping["finished"] is False and "ts" in ping
+    await c.close()
+
+
+async def test_too_many_generations_on_one_connection_is_rate_limited(tiny_server: RunningServer) -> None:
+    c = await Client.connect(tiny_server.ws)
+    try:
+        for i in range(9):  # the fixture allows 8
+            await c.send({"type": "generate", "id": f"g{i}", "prompt": "Hi", "max_tokens": 300})
+        err = await c.until(lambda m: m["type"] == "error")
+        assert err["code"] == "rate_limited" and err["id"] == "g8"
+        for i in range(8):
+            await c.send({"type": "cancel", "id": f"g{i}"})
+        for i in range(8):
+            assert (await c.finish(f"g{i}"))["type"] == "complete"
+    finally:
+        await c.close()
+
+
+async def test_dropped_connections_free_the_engine_within_two_seconds(tiny_server: RunningServer) -> None:
+    """32 streams decoding; every connection drops; the engine has no running or waiting request within 2 s."""
+    clients = [await Client.connect(tiny_server.ws) for _ in range(32)]
+    for i, c in enumerate(clients):
+        await c.send(
+            {
+                "type": "generate",
+                "id": f"s{i}",
+                "prompt": "Tell me a long story",
+                "max_tokens": 4000,
+                "temperature": 1.0,
+            }
+        )
+    for i, c in enumerate(clients):
+        await c.until(lambda m, i=i: m.get("id") == f"s{i}" and m["type"] == "token")
+    assert tiny_server.get_json("/v1/stats")["engine"]["running"] > 0
+    for c in clients:
+        c.ws.transport.abort()  # no close handshake: the client just vanishes
+    t0 = time.monotonic()
+    while True:
+        engine = tiny_server.get_json("/v1/stats")["engine"]
+        if engine["running"] == 0 and engine["waiting"] == 0:
+            break
+        assert time.monotonic() - t0 < scaled(2.0), engine
+        await asyncio.sleep(0.05)

@@ -1,0 +1,113 @@
+"""Small, fast stand-ins for real models and tokenizers, built offline in a few seconds.
+
+- a byte-level BPE tokenizer (like GPT-2, Llama 3, SmolLM2) trained on a little multilingual text,
+- a SentencePiece tokenizer with byte fallback (like Llama 2, Mistral),
+- a tiny random Llama model saved as a Hugging Face folder that ``tokenwire serve --model`` loads.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+CORPUS = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Streaming tokens over a WebSocket, one at a time, to many users at once.",
+    "Emoji: 😀 🎉 🚀 👩‍💻 ❤️ 🇫🇷 and accents: café, naïve, Ångström, jalapeño.",
+    "日本語のテキスト。東京は日本の首都です。漢字とひらがなとカタカナ。",
+    "中文文本：北京是中国的首都。你好，世界！",
+    "Русский текст: Москва — столица России. Ελληνικά: Αθήνα.",
+    "Code: def f(x):\n    return x * 2  # comment\n",
+] * 20
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_level_tokenizer(vocab_size: int = 600) -> Any:
+    """A byte-level BPE tokenizer with a ChatML template; eos is ``<|im_end|>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+class SentencePieceDecoder:
+    """The ``decode`` of a SentencePiece model, as the detokenizer calls it."""
+
+    def __init__(self, model_bytes: bytes) -> None:
+        import sentencepiece as spm
+
+        self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.sp.encode(text))
+
+    def decode(
+        self, token_ids: Any, skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False
+    ) -> str:
+        return str(self.sp.decode(list(token_ids)))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.sp.get_piece_size())
+
+
+def sentencepiece_tokenizer(vocab_size: int = 420) -> SentencePieceDecoder:
+    """A SentencePiece BPE model with byte fallback: rare characters become <0xNN> byte pieces."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=0.98,  # characters outside the corpus fall back to byte pieces
+        minloglevel=2,
+    )
+    return SentencePieceDecoder(buf.getvalue())
+
+
+def save_tiny_model(target: Path, max_positions: int = 256, seed: int = 0) -> Path:
+    """Save a random 2-layer Llama and the byte-level tokenizer as a model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = byte_level_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    tok.save_pretrained(target)
+    return target

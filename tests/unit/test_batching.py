@@ -1,0 +1,36 @@
+"""The batch option coalesces deltas by token count or by time."""
+
+from __future__ import annotations
+
+from tokenwire.server.batching import Coalescer
+from tokenwire.server.protocol import BatchPolicy
+
+
+def test_batch_is_due_at_max_tokens() -> None:
+    c = Coalescer(BatchPolicy(max_tokens=3))
+    c.add("a", 1, 0.0)
+    c.add("b", 1, 0.0)
+    assert not c.due(100.0)  # no time limit
+    c.add("c", 1, 0.0)
+    assert c.due(0.0)
+    assert c.take() == ("abc", 3)
+    assert c.empty
+
+
+def test_batch_is_due_max_ms_after_its_first_delta() -> None:
+    c = Coalescer(BatchPolicy(max_ms=50))
+    assert c.deadline() is None
+    c.add("x", 1, 10.0)
+    c.add("y", 1, 10.03)
+    assert c.deadline() == 10.05
+    assert not c.due(10.049)
+    assert c.due(10.05)
+    assert c.take() == ("xy", 2)
+    assert c.deadline() is None
+
+
+def test_whichever_comes_first() -> None:
+    c = Coalescer(BatchPolicy(max_tokens=10, max_ms=20))
+    c.add("x", 9, 0.0)
+    assert not c.due(0.01)
+    assert c.due(0.02)

@@ -1,0 +1,216 @@
+"""The transformers engine on a tiny random model: batching is exact, requests are isolated, slots are freed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.conftest import scaled
+from tokenwire.engine import ChatMessage, EngineError, ErrorCode, FinishReason, GenerationRequest, OutputKind
+from tokenwire.engine.detokenizer import decode
+from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig
+from tokenwire.engine.interface import SamplingParams
+from tokenwire.engine.scheduler import SchedulerConfig
+
+
+@pytest.fixture
+async def engine(tiny_model_dir: Path) -> AsyncIterator[HFEngine]:
+    eng = HFEngine(
+        HFEngineConfig(
+            model=str(tiny_model_dir),
+            device="cpu",
+            scheduler=SchedulerConfig(max_batch_size=8, max_prefill_tokens=16),
+        )
+    )
+    await eng.start()
+    yield eng
+    await eng.shutdown()
+
+
+async def run(eng: HFEngine, rid: str, **kw: Any) -> dict[str, Any]:
+    params = SamplingParams(**{k: v for k, v in kw.items() if k in SamplingParams.__slots__})
+    req = GenerationRequest(
+        rid,
+        params,
+        prompt=kw.get("prompt"),
+        messages=kw.get("messages"),
+        raw=kw.get("raw", False),
+        truncate=kw.get("truncate", False),
+    )
+    out: dict[str, Any] = {"text": "", "deltas": 0}
+    async for item in eng.generate(req):
+        if item.kind is OutputKind.STARTED:
+            out["prompt_tokens"] = item.prompt_tokens
+            out["dropped"] = item.start.truncated_messages if item.start else 0
+        out["text"] += item.text
+        out["deltas"] += item.kind is OutputKind.DELTA
+        if item.kind is OutputKind.FINISHED:
+            out.update(reason=item.finish_reason, completion=item.completion_tokens, timings=item.timings)
+    return out
+
+
+def reference_greedy(eng: HFEngine, prompt: str, max_new: int) -> str:
+    """What transformers' own generate() produces for the same chat prompt."""
+    tok = eng.tokenizer
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    model = eng._runner.model  # type: ignore[union-attr]
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+    gen = out[0, len(ids) :].tolist()
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    if eos in gen:
+        gen = gen[: gen.index(eos)]
+    return decode(tok, gen).rstrip("\ufffd")
+
+
+PROMPTS = [
+    "Hello world!",
+    "What is the capital of France? " * 3,
+    "日本語 😀",
+    "a",
+    "Streaming tokens over a WebSocket" * 4,
+]
+
+
+async def test_concurrent_greedy_generations_equal_transformers_generate(engine: HFEngine) -> None:
+    """Requests of different lengths that join and leave the batch at different steps each get exactly the
+    tokens that transformers' generate() gives them alone (KV rows, swaps and chunked prefill are exact)."""
+    lengths = [30, 12, 25, 5, 18]
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            *[
+                run(engine, f"r{i}", prompt=p, max_tokens=n, temperature=0)
+                for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=True))
+            ]
+        ),
+        scaled(60),
+    )
+    for p, n, r in zip(PROMPTS, lengths, results, strict=True):
+        assert r["text"] == reference_greedy(engine, p, n)
+    assert engine.stats().running == 0 and engine.stats().waiting == 0
+
+
+async def test_same_seed_same_text_and_other_seed_other_text(engine: HFEngine) -> None:
+    a, b, c = await asyncio.gather(
+        run(engine, "a", prompt="Hello", max_tokens=40, temperature=1.0, seed=123),
+        run(engine, "b", prompt="Hello", max_tokens=40, temperature=1.0, seed=123),
+        run(engine, "c", prompt="Hello", max_tokens=40, temperature=1.0, seed=999),
+    )
+    assert a["text"] == b["text"]
+    assert a["text"] != c["text"]
+
+
+async def test_sampling_filters_and_penalties_run(engine: HFEngine) -> None:
+    """top_k=1 is greedy whatever the temperature; the other filters and penalties are accepted and run."""
+    greedy = await run(engine, "g", prompt="Hello", max_tokens=20, temperature=0)
+    topk1 = await run(engine, "k", prompt="Hello", max_tokens=20, temperature=1.5, top_k=1, seed=1)
+    assert topk1["text"] == greedy["text"]
+    other = await run(
+        engine,
+        "o",
+        prompt="Hello",
+        max_tokens=20,
+        temperature=0.8,
+        top_p=0.5,
+        min_p=0.1,
+        repetition_penalty=1.3,
+        presence_penalty=1.0,
+        frequency_penalty=1.0,
+        seed=3,
+    )
+    assert other["reason"] in (FinishReason.LENGTH, FinishReason.STOP)
+    penalised = await run(engine, "p", prompt="Hello", max_tokens=20, temperature=0, repetition_penalty=5.0)
+    assert penalised["text"] != greedy["text"]
+
+
+async def test_max_tokens_ends_with_length_and_counts_tokens(engine: HFEngine) -> None:
+    r = await run(engine, "m", prompt="Hello", max_tokens=7, temperature=0)
+    if r["reason"] is FinishReason.LENGTH:
+        assert r["completion"] == 7
+    t = r["timings"]
+    assert 0 <= t.queue_ms <= t.ttft_ms <= t.total_ms
+
+
+async def test_stop_string_ends_generation_and_is_not_sent(engine: HFEngine) -> None:
+    free = await run(engine, "f", prompt="Hello", max_tokens=30, temperature=0)
+    text = free["text"]
+    assert len(text) > 6
+    stop = text[3:6]
+    cut = await run(engine, "s", prompt="Hello", max_tokens=30, temperature=0, stop=(stop,))
+    assert cut["reason"] is FinishReason.STOP
+    assert cut["text"] == text[: text.index(stop)]
+
+
+async def test_prompt_longer_than_the_context_is_an_error(engine: HFEngine) -> None:
+    with pytest.raises(EngineError) as info:
+        await run(engine, "long", prompt="word " * 2000, max_tokens=5)
+    assert info.value.code is ErrorCode.PROMPT_TOO_LONG
+    assert "256" in info.value.message
+
+
+async def test_truncate_auto_drops_oldest_turns_but_keeps_the_system_message(engine: HFEngine) -> None:
+    history = [ChatMessage("system", "You are terse.")]
+    for i in range(30):
+        history += [ChatMessage("user", f"question {i} " * 5), ChatMessage("assistant", f"answer {i} " * 5)]
+    history.append(ChatMessage("user", "last question"))
+    with pytest.raises(EngineError):
+        await run(engine, "t0", messages=tuple(history), max_tokens=3)
+    r = await run(engine, "t1", messages=tuple(history), max_tokens=3, truncate=True)
+    assert r["dropped"] > 0 and r["prompt_tokens"] < 256
+    kept = engine._prompts._fit_messages(list(history), True, 255)  # type: ignore[union-attr]
+    text = engine.tokenizer.decode(kept.token_ids)
+    assert text.startswith("<|im_start|>system\nYou are terse.") and "last question" in text
+
+
+async def test_generation_is_clipped_to_the_context_window(engine: HFEngine) -> None:
+    r = await run(engine, "c", prompt="word " * 100, max_tokens=4000, temperature=0, raw=True)
+    assert r["prompt_tokens"] + r["completion"] <= 256
+
+
+async def test_abort_ends_with_cancelled_and_frees_the_slot(engine: HFEngine) -> None:
+    task = asyncio.create_task(run(engine, "x", prompt="Hello", max_tokens=4000, temperature=0.9))
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if engine.stats().running:
+            break
+    engine.abort("x")
+    r = await asyncio.wait_for(task, scaled(10))
+    assert r["reason"] is FinishReason.CANCELLED
+    assert engine.stats().running == 0
+
+
+async def test_closing_the_stream_aborts_the_request(engine: HFEngine) -> None:
+    """A consumer that stops reading (client gone) frees its slot: the vLLM-style abort on close."""
+    gens = [engine.generate(GenerationRequest(f"c{i}", SamplingParams(max_tokens=4000), prompt="Hi")) for i in range(8)]
+    for g in gens:
+        await g.__anext__()  # STARTED
+    await asyncio.sleep(0.2)
+    for g in gens:
+        await g.aclose()
+    for _ in range(int(scaled(200))):
+        if engine.stats().running == 0 and engine.stats().waiting == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.stats().running == 0 and engine.stats().waiting == 0
+
+
+async def test_duplicate_engine_request_id_is_refused(engine: HFEngine) -> None:
+    g = engine.generate(GenerationRequest("dup", SamplingParams(max_tokens=50), prompt="Hi"))
+    await g.__anext__()
+    with pytest.raises(EngineError) as info:
+        await run(engine, "dup", prompt="Hi")
+    assert info.value.code is ErrorCode.DUPLICATE_ID
+    await g.aclose()

@@ -1,0 +1,182 @@
+"""Client message parsing, without sockets: every class of bad input gets its documented error."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tokenwire.engine.interface import ErrorCode
+from tokenwire.server.protocol import (
+    BatchPolicy,
+    Cancel,
+    Generate,
+    Limits,
+    Ping,
+    Pong,
+    ProtocolError,
+    Resume,
+    parse_message,
+)
+
+LIMITS = Limits()
+
+
+def parse(obj: Any) -> Any:
+    return parse_message(obj if isinstance(obj, str | bytes) else json.dumps(obj), LIMITS)
+
+
+def error_of(obj: Any) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        parse(obj)
+    return info.value
+
+
+def test_tutorial_client_message_is_a_generate_with_max_length_as_max_tokens() -> None:
+    msg = parse({"type": "generate", "prompt": "Hi there", "max_length": 100})
+    assert isinstance(msg, Generate)
+    assert msg.prompt == "Hi there" and msg.messages is None and msg.id is None
+    assert msg.params.max_tokens == 100
+
+
+def test_full_generate_is_parsed_into_typed_fields() -> None:
+    msg = parse(
+        {
+            "type": "generate",
+            "id": "g1",
+            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            "max_tokens": 20,
+            "temperature": 0,
+            "top_p": 0.9,
+            "top_k": 40,
+            "min_p": 0.05,
+            "repetition_penalty": 1.1,
+            "presence_penalty": 0.5,
+            "frequency_penalty": -0.5,
+            "seed": 7,
+            "stop": ["\n\n", "END"],
+            "batch": {"max_tokens": 4, "max_ms": 50},
+            "truncate": "auto",
+            "unknown_field": "is ignored",
+        }
+    )
+    assert isinstance(msg, Generate)
+    p = msg.params
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (20, 0.0, 0.9, 40, 0.05)
+    assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.seed) == (1.1, 0.5, -0.5, 7)
+    assert p.stop == ("\n\n", "END") and p.greedy
+    assert msg.batch == BatchPolicy(4, 50.0)
+    assert msg.truncate and msg.messages is not None and msg.messages[0].role == "system"
+
+
+def test_stop_as_a_single_string() -> None:
+    assert parse({"type": "generate", "prompt": "x", "stop": "END"}).params.stop == ("END",)
+
+
+def test_openai_style_content_parts_are_joined() -> None:
+    msg = parse({"type": "generate", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]})
+    assert msg.messages[0].content == "a"
+
+
+def test_other_message_types() -> None:
+    assert parse({"type": "cancel", "id": "g1"}) == Cancel("g1")
+    assert parse({"type": "ping", "ts": 123}) == Ping(123)
+    assert parse({"type": "pong"}) == Pong()
+    assert parse({"type": "resume", "id": "g1", "after_seq": 4}) == Resume("g1", 4)
+
+
+@pytest.mark.parametrize("raw", ["not json", "{", "", b"\xff\xfe", "[1, 2]", "42", '"generate"', "NaN"])
+def test_non_json_or_non_object_is_invalid_json(raw: Any) -> None:
+    assert error_of(raw).code is ErrorCode.INVALID_JSON
+
+
+def test_nan_inside_an_object_is_rejected() -> None:
+    assert error_of('{"type": "generate", "prompt": "x", "temperature": NaN}').code is ErrorCode.INVALID_JSON
+
+
+def test_binary_frame_with_json_is_accepted() -> None:
+    assert isinstance(parse(b'{"type": "ping"}'), Ping)
+
+
+def test_unknown_type() -> None:
+    err = error_of({"type": "explode"})
+    assert err.code is ErrorCode.UNKNOWN_TYPE and "explode" in err.message
+
+
+@pytest.mark.parametrize("obj", [{}, {"type": 5}, {"type": None}])
+def test_missing_or_non_string_type_is_invalid_request(obj: dict[str, Any]) -> None:
+    err = error_of(obj)
+    assert err.code is ErrorCode.INVALID_REQUEST and err.param == "type"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({}, "prompt"),  # neither prompt nor messages
+        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": ["hi"]}, "messages[0]"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": -5}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 10**12}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": "100"}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "x", "max_length": 0}, "max_length"),
+        ({"prompt": "x", "temperature": -0.1}, "temperature"),
+        ({"prompt": "x", "temperature": 1e9}, "temperature"),
+        ({"prompt": "x", "temperature": "hot"}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "top_p": 1.5}, "top_p"),
+        ({"prompt": "x", "top_k": -1}, "top_k"),
+        ({"prompt": "x", "min_p": 2}, "min_p"),
+        ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+        ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+        ({"prompt": "x", "frequency_penalty": -3}, "frequency_penalty"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "seed": "abc"}, "seed"),
+        ({"prompt": "x", "stop": 5}, "stop"),
+        ({"prompt": "x", "stop": [""]}, "stop"),
+        ({"prompt": "x", "stop": ["x"] * 100}, "stop"),
+        ({"prompt": "x", "batch": 5}, "batch"),
+        ({"prompt": "x", "batch": {}}, "batch"),
+        ({"prompt": "x", "batch": {"max_tokens": 0}}, "batch.max_tokens"),
+        ({"prompt": "x", "batch": {"max_ms": -1}}, "batch.max_ms"),
+        ({"prompt": "x", "raw": "yes"}, "raw"),
+        ({"prompt": "x", "truncate": "sometimes"}, "truncate"),
+        ({"prompt": "x", "id": ""}, "id"),
+        ({"prompt": "x", "id": "x" * 1000}, "id"),
+        ({"prompt": "x", "id": {"a": 1}}, "id"),
+    ],
+)
+def test_invalid_generate_fields_name_the_parameter(fields: dict[str, Any], param: str) -> None:
+    err = error_of({"type": "generate", **fields})
+    assert err.code is ErrorCode.INVALID_REQUEST
+    assert err.param == param
+    assert err.message  # a human sentence
+
+
+def test_invalid_request_carries_the_generation_id() -> None:
+    err = error_of({"type": "generate", "id": "g9", "prompt": "x", "top_p": 7})
+    assert err.id == "g9"
+
+
+def test_cancel_without_id_is_invalid() -> None:
+    err = error_of({"type": "cancel"})
+    assert err.code is ErrorCode.INVALID_REQUEST and err.param == "id"
+
+
+def test_numeric_id_is_accepted_as_a_string() -> None:
+    assert parse({"type": "generate", "prompt": "x", "id": 5}).id == "5"
+
+
+def test_deeply_nested_json_is_an_error_not_a_crash() -> None:
+    err = error_of("[" * 100000 + "]" * 100000)
+    assert err.code is ErrorCode.INVALID_JSON
