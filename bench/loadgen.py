@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -205,6 +206,7 @@ async def run_load(cfg: LoadConfig) -> dict[str, Any]:
     check_url(cfg.url)
     records: list[RequestRecord] = []
     timed_out = False
+    load_before = os.getloadavg()[0]  # other work on the machine skews every figure: keep a trace of it
     deadline = asyncio.get_running_loop().time() + cfg.timeout
     failures: list[str] = []
     try:
@@ -220,6 +222,7 @@ async def run_load(cfg: LoadConfig) -> dict[str, Any]:
     except Exception as exc:  # the warm-up failed: server down, handshake refused, an error message
         failures = [f"warm-up: {type(exc).__name__}: {exc}"]
     summary = summarize(cfg, records, timed_out, time.perf_counter())
+    summary["loadavg_1m"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
     if failures:  # e.g. a connection that could not be opened
         summary["error_samples"] = sorted(set(summary["error_samples"] + failures))[:5]
     return summary

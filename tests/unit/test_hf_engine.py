@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,16 @@ from tokenwire.engine.interface import SamplingParams
 from tokenwire.engine.scheduler import SchedulerConfig
 
 
+DEVICE = os.environ.get("TOKENWIRE_TEST_DEVICE", "cpu")  # "cuda" on a GPU machine
+
+
 @pytest.fixture
 async def engine(tiny_model_dir: Path) -> AsyncIterator[HFEngine]:
     eng = HFEngine(
         HFEngineConfig(
             model=str(tiny_model_dir),
-            device="cpu",
+            device=DEVICE,
+            dtype="float32",
             scheduler=SchedulerConfig(max_batch_size=8, max_prefill_tokens=16),
         )
     )
@@ -62,9 +67,10 @@ def reference_greedy(eng: HFEngine, prompt: str, max_new: int) -> str:
     )
     model = eng._runner.model  # type: ignore[union-attr]
     with torch.inference_mode():
+        x = torch.tensor([ids], device=model.device)
         out = model.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            x,
+            attention_mask=torch.ones_like(x),
             max_new_tokens=max_new,
             do_sample=False,
             pad_token_id=tok.pad_token_id,

