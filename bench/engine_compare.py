@@ -38,12 +38,12 @@ def chat_ids(tok: Any, n: int) -> list[list[int]]:
     ]
 
 
-def bench_tokenwire(n: int, max_tokens: int) -> float:
+def bench_tokenwire(n: int, max_tokens: int, model: str | None, device: str) -> float:
     from tokenwire.engine import GenerationRequest, OutputKind, SamplingParams
     from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig
 
     async def main() -> float:
-        eng = HFEngine(HFEngineConfig(device="cpu"))
+        eng = HFEngine(HFEngineConfig(model=model, device=device, dtype="float32" if device == "cpu" else "bfloat16"))
         await eng.start()
 
         async def one(i: int) -> int:
@@ -65,10 +65,11 @@ def bench_tokenwire(n: int, max_tokens: int) -> float:
     return asyncio.run(main())
 
 
-def load_plain() -> tuple[Any, Any]:
+def load_plain(model: str | None, device: str) -> tuple[Any, Any]:
     from tokenwire.engine.hf import loader
 
-    return loader.load(loader.resolve(None), "cpu", torch.float32)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    return loader.load(loader.resolve(model), device, dtype)
 
 
 def bench_transformers_cb(model: Any, tok: Any, n: int, max_tokens: int) -> float:
@@ -85,7 +86,7 @@ def bench_transformers_cb(model: Any, tok: Any, n: int, max_tokens: int) -> floa
 
 
 def bench_plain_generate(model: Any, tok: Any, max_tokens: int) -> float:
-    ids = torch.tensor(chat_ids(tok, 1))
+    ids = torch.tensor(chat_ids(tok, 1), device=model.device)
     mask = torch.ones_like(ids)
     kw = {"max_new_tokens": max_tokens, "min_new_tokens": max_tokens, "do_sample": False}
     model.generate(ids, attention_mask=mask, **kw)  # warm-up
@@ -100,14 +101,16 @@ def main() -> None:
     ap.add_argument("--streams", default="1,32")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     streams = [int(s) for s in args.streams.split(",")]
     results: list[dict[str, Any]] = []
-    model, tok = load_plain()
+    model, tok = load_plain(args.model, args.device)
     for n in streams:
         row: dict[str, Any] = {"streams": n}
-        row["tokenwire"] = bench_tokenwire(n, args.max_tokens)
+        row["tokenwire"] = bench_tokenwire(n, args.max_tokens, args.model, args.device)
         row["transformers_cb"] = bench_transformers_cb(model, tok, n, args.max_tokens)
         if n == 1:
             row["plain_generate"] = bench_plain_generate(model, tok, args.max_tokens)

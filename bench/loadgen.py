@@ -141,7 +141,9 @@ async def run_request(ws: ClientConnection, cfg: LoadConfig, rec: RequestRecord,
 def _connect(cfg: LoadConfig) -> Any:
     # No client keepalive pings: the tutorial server blocks its event loop while generating, and a missed
     # pong must not be what ends a measurement.
-    return connect(cfg.url, ping_interval=None, open_timeout=30, close_timeout=5, max_size=None)
+    # A server that serves one request at a time on its event loop (the tutorial's) accepts new connections
+    # only between requests: wait for the handshake as long as the whole run may take, not 30 s.
+    return connect(cfg.url, ping_interval=None, open_timeout=cfg.timeout, close_timeout=5, max_size=None)
 
 
 async def run_stream(cfg: LoadConfig, stream: int, records: list[RequestRecord]) -> None:

@@ -26,7 +26,10 @@ class Settings:
         metadata={"help": "local Hugging Face folder, .gguf file or hub id (default: SmolLM2-135M-Instruct)"},
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on CUDA), float32, ..."})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "auto (bfloat16 on CUDA and bf16-capable CPUs, else float32), float32, bfloat16, float16"},
+    )
     max_model_len: int = field(default=8192, metadata={"help": "context window cap in tokens"})
     threads: int = field(default=0, metadata={"help": "CPU threads for the model (0: all cores)"})
     # scheduling
