@@ -23,8 +23,15 @@ def default_server() -> Iterator[RunningServer]:
 async def test_capital_of_france_is_paris(default_server: RunningServer) -> None:
     c = await Client.connect(default_server.ws)
     try:
-        await c.send({"type": "generate", "id": "q", "prompt": "What is the capital of France?",
-                      "temperature": 0, "max_tokens": 40})
+        await c.send(
+            {
+                "type": "generate",
+                "id": "q",
+                "prompt": "What is the capital of France?",
+                "temperature": 0,
+                "max_tokens": 40,
+            }
+        )
         done = await c.finish("q")
         assert done["type"] == "complete"
         assert "Paris" in c.text("q")
@@ -39,8 +46,15 @@ async def test_ping_is_answered_within_50ms_while_32_streams_decode(default_serv
     probe = await Client.connect(default_server.ws)
     try:
         for i, c in enumerate(streams):
-            await c.send({"type": "generate", "id": f"s{i}", "max_tokens": 200, "temperature": 0.7,
-                          "prompt": "Write a long story about a dragon who learns to paint."})
+            await c.send(
+                {
+                    "type": "generate",
+                    "id": f"s{i}",
+                    "max_tokens": 200,
+                    "temperature": 0.7,
+                    "prompt": "Write a long story about a dragon who learns to paint.",
+                }
+            )
 
         async def drain(c: Client) -> None:
             while True:

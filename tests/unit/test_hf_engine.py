@@ -18,21 +18,25 @@ from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig
 from tokenwire.engine.interface import SamplingParams
 from tokenwire.engine.scheduler import SchedulerConfig
 
-
 DEVICE = os.environ.get("TOKENWIRE_TEST_DEVICE", "cpu")  # "cuda" on a GPU machine
+
+
+async def make_engine(model_dir: Path, max_prefill_tokens: int = 16) -> HFEngine:
+    eng = HFEngine(
+        HFEngineConfig(
+            model=str(model_dir),
+            device=DEVICE,
+            dtype="float32",
+            scheduler=SchedulerConfig(max_batch_size=8, max_prefill_tokens=max_prefill_tokens),
+        )
+    )
+    await eng.start()
+    return eng
 
 
 @pytest.fixture
 async def engine(tiny_model_dir: Path) -> AsyncIterator[HFEngine]:
-    eng = HFEngine(
-        HFEngineConfig(
-            model=str(tiny_model_dir),
-            device=DEVICE,
-            dtype="float32",
-            scheduler=SchedulerConfig(max_batch_size=8, max_prefill_tokens=16),
-        )
-    )
-    await eng.start()
+    eng = await make_engine(tiny_model_dir)
     yield eng
     await eng.shutdown()
 
@@ -91,22 +95,42 @@ PROMPTS = [
 ]
 
 
-async def test_concurrent_greedy_generations_equal_transformers_generate(engine: HFEngine) -> None:
+@pytest.mark.parametrize("prefill_budget", [16, 256])
+async def test_concurrent_greedy_generations_equal_transformers_generate(
+    tiny_model_dir: Path, prefill_budget: int
+) -> None:
     """Requests of different lengths that join and leave the batch at different steps each get exactly the
-    tokens that transformers' generate() gives them alone (KV rows, swaps and chunked prefill are exact)."""
-    lengths = [30, 12, 25, 5, 18]
-    results = await asyncio.wait_for(
-        asyncio.gather(
-            *[
-                run(engine, f"r{i}", prompt=p, max_tokens=n, temperature=0)
-                for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=True))
-            ]
-        ),
-        scaled(60),
-    )
-    for p, n, r in zip(PROMPTS, lengths, results, strict=True):
-        assert r["text"] == reference_greedy(engine, p, n)
-    assert engine.stats().running == 0 and engine.stats().waiting == 0
+    tokens that transformers' generate() gives them alone. A budget of 16 prefills long prompts in chunks over
+    several steps; 256 prefills prompts of different lengths together in one left-padded forward pass."""
+    engine = await make_engine(tiny_model_dir, prefill_budget)
+    runner = engine._runner
+    assert runner is not None
+    batch_sizes: list[int] = []
+    real_prefill = runner.prefill
+
+    def spy(first_row: int, chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        batch_sizes.append(len(chunks))
+        return real_prefill(first_row, chunks, starts)
+
+    runner.prefill = spy  # type: ignore[method-assign]
+    try:
+        lengths = [30, 12, 25, 5, 18]
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *[
+                    run(engine, f"r{i}", prompt=p, max_tokens=n, temperature=0)
+                    for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=True))
+                ]
+            ),
+            scaled(60),
+        )
+        for p, n, r in zip(PROMPTS, lengths, results, strict=True):
+            assert r["text"] == reference_greedy(engine, p, n)
+        assert engine.stats().running == 0 and engine.stats().waiting == 0
+        if prefill_budget == 256:
+            assert max(batch_sizes) >= 2  # prompts of different lengths shared a forward pass
+    finally:
+        await engine.shutdown()
 
 
 async def test_same_seed_same_text_and_other_seed_other_text(engine: HFEngine) -> None:

@@ -278,21 +278,25 @@ class HFEngine:
         out: list[_Item] = []
         try:
             if sched.running:
-                runner.cache.ensure(len(sched.running), max(s.length + 1 for s in sched.running))
+                # +2: room for the token being fed, and the scratch column (kv_cache.py) above every sequence
+                runner.cache.ensure(len(sched.running), max(s.length + 2 for s in sched.running))
             # decode first: the rows 0..num_decode-1 are stable until promotions below
             if plan.num_decode:
                 decoding = sched.running[: plan.num_decode]
                 logits = runner.decode([s.output_ids[-1] for s in decoding], [s.length - 1 for s in decoding])
                 self._sample_and_emit(decoding, logits, out)
-            for chunk in plan.prefill:
-                seq = chunk.seq
-                if seq.state is not SeqState.PREFILL:
-                    continue
-                logits = runner.prefill(seq.row, seq.prompt_ids[chunk.start : chunk.end], chunk.start)
-                seq.num_computed = chunk.end
-                if chunk.is_last:
-                    self._apply(sched.promote(seq))
-                    self._sample_and_emit([seq], logits, out)
+            chunks = [c for c in plan.prefill if c.seq.state is SeqState.PREFILL]
+            if chunks:  # rows num_decode.. in order: one batched forward for all of them
+                logits = runner.prefill(
+                    chunks[0].seq.row, [c.seq.prompt_ids[c.start : c.end] for c in chunks], [c.start for c in chunks]
+                )
+                done = [i for i, c in enumerate(chunks) if c.is_last]
+                for c in chunks:
+                    c.seq.num_computed = c.end
+                for i in done:
+                    self._apply(sched.promote(chunks[i].seq))
+                if done:
+                    self._sample_and_emit([chunks[i].seq for i in done], logits[done], out)
         except Exception as exc:
             log.exception("model step failed")
             for seq in list(sched.running):

@@ -3,9 +3,13 @@
 Every layer keeps K and V as ``[rows, kv_heads, capacity, head_dim]``. Row ``i`` belongs to the sequence
 the scheduler put there; the buffers grow (rows in powers of two, positions in blocks) as sequences need
 it and shrink when the engine is idle. Before each forward pass the runner says where the new keys go
-(:meth:`plan_decode` or :meth:`plan_prefill`); the attention layers then call :meth:`update`, which writes
+(:meth:`plan`); the attention layers then call :meth:`update`, which writes
 them in place and returns a view of the rows and positions to attend to. Nothing is recomputed and
 nothing is copied per step except the new keys.
+
+The last position of the buffers is a scratch column: padding queries of a batched prefill write there. It is
+never inside the attended range (the engine keeps capacity above every sequence's length), and a sequence
+that later reaches that position writes its real key before reading it.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ class SlotKVCache(Cache):
         self.values: list[torch.Tensor] = []
         # the plan for the next forward pass
         self._rows = slice(0, 0)
-        self._write_rows: torch.Tensor | None = None  # [n] for decode
-        self._write_pos: torch.Tensor | slice = slice(0, 0)
+        self._write_rows = torch.zeros(0, 1, dtype=torch.long)
+        self._write_pos = torch.zeros(0, 1, dtype=torch.long)
         self._kv_len = 0
 
     # -- capacity
@@ -70,37 +74,23 @@ class SlotKVCache(Cache):
                 buf[j] = tmp
 
     # -- plans
-    def plan_decode(self, num_rows: int, positions: torch.Tensor, kv_len: int) -> None:
-        """Rows ``0..num_rows-1`` each add one key at ``positions[row]``; attend to ``kv_len`` positions."""
-        self._rows = slice(0, num_rows)
-        self._write_rows = torch.arange(num_rows, device=self.device)
-        self._write_pos = positions
+    def plan(self, first_row: int, positions: torch.Tensor, kv_len: int) -> None:
+        """The next forward pass covers rows ``first_row..first_row+k-1``; query ``j`` of row ``i`` writes its
+        key at ``positions[i, j]`` (shape ``[k, q]``); every row attends to positions ``0..kv_len-1``."""
+        k = positions.shape[0]
+        self._rows = slice(first_row, first_row + k)
+        self._write_rows = torch.arange(first_row, first_row + k, device=self.device)[:, None]  # [k, 1]
+        self._write_pos = positions  # [k, q]
         self._kv_len = kv_len
-
-    def plan_prefill(self, row: int, start: int, end: int) -> None:
-        """Row ``row`` adds keys for positions ``start..end-1`` and attends to ``0..end-1``."""
-        self._rows = slice(row, row + 1)
-        self._write_rows = None
-        self._write_pos = slice(start, end)
-        self._kv_len = end
 
     # -- the transformers Cache API used by attention layers
     def update(  # type: ignore[override]
-        self,
-        key_states: torch.Tensor,
-        value_states: torch.Tensor,
-        layer_idx: int,
-        *args: object,
-        **kwargs: object,
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # key_states: [B, kv_heads, q_len, head_dim]
+        # key_states: [k, kv_heads, q, head_dim]; the indexed buffer is [k, q, kv_heads, head_dim]
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
-        if self._write_rows is not None:  # decode: q_len == 1, one position per row
-            k_buf[self._write_rows, :, self._write_pos] = key_states[:, :, 0].to(self.dtype)
-            v_buf[self._write_rows, :, self._write_pos] = value_states[:, :, 0].to(self.dtype)
-        else:
-            k_buf[self._rows, :, self._write_pos] = key_states.to(self.dtype)
-            v_buf[self._rows, :, self._write_pos] = value_states.to(self.dtype)
+        k_buf[self._write_rows, :, self._write_pos] = key_states.transpose(1, 2).to(self.dtype)
+        v_buf[self._write_rows, :, self._write_pos] = value_states.transpose(1, 2).to(self.dtype)
         return k_buf[self._rows, :, : self._kv_len], v_buf[self._rows, :, : self._kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

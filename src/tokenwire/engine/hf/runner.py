@@ -20,26 +20,39 @@ class ModelRunner:
         self.vocab_size = int(cfg.vocab_size)
 
     @torch.inference_mode()
-    def prefill(self, row: int, token_ids: list[int], start: int) -> torch.Tensor:
-        """Feed prompt tokens ``start..start+len-1`` of row ``row``; returns the last position's logits [1, V]."""
-        end = start + len(token_ids)
-        self.cache.plan_prefill(row, start, end)
-        ids = torch.tensor([token_ids], device=self.device)  # [1, q]
-        positions = torch.arange(start, end, device=self.device)[None, :]  # [1, q]
-        keys = torch.arange(end, device=self.device)
-        mask = keys[None, :] <= positions[0, :, None]  # [q, kv]: causal, offset by start
-        return self._forward(ids, positions, mask[None, None])
+    def prefill(self, first_row: int, chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Feed prompt chunks of rows ``first_row..first_row+k-1`` in one forward pass; chunk ``i`` holds prompt
+        positions ``starts[i]..starts[i]+len-1``. Returns each row's logits at its last position, [k, V].
+
+        Chunks are left-padded to one length so that every row's last token is the last query; padding queries
+        write to the cache's scratch column and their outputs are ignored."""
+        k, q = len(chunks), max(len(c) for c in chunks)
+        scratch = self.cache.len_cap - 1
+        ids = torch.zeros(k, q, dtype=torch.long)
+        pos = torch.empty(k, q, dtype=torch.long)
+        write = torch.full((k, q), scratch, dtype=torch.long)
+        for i, (chunk, start) in enumerate(zip(chunks, starts, strict=True)):
+            pad = q - len(chunk)
+            ids[i, pad:] = torch.tensor(chunk)
+            real = torch.arange(start, start + len(chunk))
+            pos[i, pad:] = real
+            pos[i, :pad] = start  # any valid position: padding outputs are discarded
+            write[i, pad:] = real
+        kv_len = max(s + len(c) for s, c in zip(starts, chunks, strict=True))
+        ids, pos, write = ids.to(self.device), pos.to(self.device), write.to(self.device)
+        self.cache.plan(first_row, write, kv_len)
+        mask = torch.arange(kv_len, device=self.device)[None, None, :] <= pos[:, :, None]  # [k, q, kv]
+        return self._forward(ids, pos, mask[:, None])
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
         """One token for each of rows ``0..n-1``, at the given positions; returns logits [n, V]."""
-        n = len(token_ids)
         kv_len = max(positions) + 1
-        pos = torch.tensor(positions, device=self.device)  # [n]
-        self.cache.plan_decode(n, pos, kv_len)
+        pos = torch.tensor(positions, device=self.device)[:, None]  # [n, 1]
+        self.cache.plan(0, pos, kv_len)
         ids = torch.tensor(token_ids, device=self.device)[:, None]  # [n, 1]
-        mask = torch.arange(kv_len, device=self.device)[None, :] <= pos[:, None]  # [n, kv]
-        return self._forward(ids, pos[:, None], mask[:, None, None, :])
+        mask = torch.arange(kv_len, device=self.device)[None, None, :] <= pos[:, :, None]  # [n, 1, kv]
+        return self._forward(ids, pos, mask[:, None])
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.model(
