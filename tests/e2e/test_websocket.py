@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -258,3 +259,22 @@ async def test_dropped_connections_free_the_engine_within_two_seconds(tiny_serve
             break
         assert time.monotonic() - t0 < scaled(2.0), engine
         await asyncio.sleep(0.05)
+
+
+async def test_server_shutdown_ends_generations_with_shutting_down_and_closes_1001(tiny_model_dir: Path) -> None:
+    """SIGTERM: each running generation gets error shutting_down, then the socket closes with 1001."""
+    from tests.e2e.server import serve
+
+    with serve("--model", str(tiny_model_dir), "--device", "cpu") as server:
+        c = await Client.connect(server.ws)
+        await c.send({"type": "generate", "id": "g", "prompt": "Hi", "max_tokens": 4000, "temperature": 1})
+        await c.until(lambda m: m.get("id") == "g" and m["type"] == "token")
+        server.proc.terminate()
+        err = await c.until(lambda m: m["type"] == "error", timeout=20)
+        assert err["code"] == "shutting_down" and err["id"] == "g"
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            for _ in range(10000):
+                await c.recv(timeout=20)
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+        # the process ends promptly; uvicorn re-raises the signal after a clean shutdown, hence -SIGTERM
+        assert server.proc.wait(timeout=scaled(20)) in (0, -signal.SIGTERM)

@@ -35,6 +35,10 @@ class ServerState:
         self.load_error: str | None = None
         self.load_task: asyncio.Task[None] | None = None
 
+    async def drain(self) -> None:
+        """Tell every client that the server stops (``shutting_down``, close 1001)."""
+        await asyncio.gather(*(c.shutdown() for c in list(self.connections)), return_exceptions=True)
+
     async def load(self) -> None:
         try:
             await self.engine.start()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import socket
 
 import uvicorn
 
 from tokenwire.config import Settings
 from tokenwire.engine.factory import build_engine
-from tokenwire.server.app import create_app
+from tokenwire.server.app import ServerState, create_app
 from tokenwire.server.protocol import Limits
 from tokenwire.server.websocket import ConnectionSettings
 
@@ -28,9 +29,21 @@ def connection_settings(settings: Settings) -> ConnectionSettings:
     )
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, but open WebSockets hear ``shutting_down`` and close with 1001 before the server stops."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self._state = state
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self._state.drain()
+        await super().shutdown(sockets)
+
+
 def run(settings: Settings) -> None:
     engine = build_engine(settings)
-    server: uvicorn.Server | None = None
+    server: _Server | None = None
 
     def stop() -> None:
         if server is not None:
@@ -48,6 +61,6 @@ def run(settings: Settings) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config, app.state.tokenwire)
     log.info("tokenwire listening on http://%s:%d (WebSocket at / and /ws)", settings.host, settings.port)
     server.run()

@@ -103,6 +103,22 @@ class Connection:
                 with contextlib.suppress(Exception):
                     await self.ws.close(1000)
 
+    async def shutdown(self) -> None:
+        """The server stops: end each running generation with ``shutting_down``, then close with 1001."""
+        gen_ids = list(self._generations)
+        tasks = [self._generations[g] for g in gen_ids]
+        for task in tasks:
+            task.cancel()  # closing the engine stream aborts the request
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for gen_id in gen_ids:
+            await self._send_quietly(
+                messages.error(ErrorCode.SHUTTING_DOWN, "the server is shutting down; try again later", gen_id)
+            )
+        self._closing = True
+        if self.ws.application_state is WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await self.ws.close(1001)
+
     # -- reading
     async def _read_loop(self) -> None:
         while True:
