@@ -26,6 +26,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_long_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny model with a 4096-token context, for generations that must run long."""
+    return tiny.save_tiny_model(tmp_path_factory.mktemp("tiny-llama-long"), max_positions=4096)
+
+
+@pytest.fixture(scope="session")
 def byte_tokenizer() -> Any:
     return tiny.byte_level_tokenizer()
 

@@ -9,11 +9,12 @@ from tests.e2e.server import RunningServer, serve
 
 
 @pytest.fixture(scope="session")
-def tiny_server(tiny_model_dir: Path) -> Iterator[RunningServer]:
-    """A real server process on the tiny random model, with short heartbeats and a small frame limit."""
+def tiny_server(tiny_long_model_dir: Path) -> Iterator[RunningServer]:
+    """A real server process on the tiny random model (4096-token context), with short heartbeats and a small
+    frame limit."""
     with serve(
         "--model",
-        str(tiny_model_dir),
+        str(tiny_long_model_dir),
         "--device",
         "cpu",
         "--heartbeat-interval",

@@ -54,7 +54,7 @@ async def test_hello_describes_the_server(tiny_server: RunningServer) -> None:
     c = await Client.connect(tiny_server.ws + "/ws")
     h = c.hello
     assert h["protocol"] == 1 and h["model"] and h["session"] and h["finished"] is False
-    assert h["limits"]["max_message_bytes"] == 65536 and h["limits"]["context_tokens"] == 256
+    assert h["limits"]["max_message_bytes"] == 65536 and h["limits"]["context_tokens"] == 4096
     await c.close()
 
 
@@ -134,7 +134,7 @@ BAD_INPUTS: list[tuple[str, str, str | None]] = [
         "messages[0].role",
     ),
     (json.dumps({"type": "cancel", "id": "nobody"}), "not_found", "id"),
-    (json.dumps({"type": "generate", "prompt": "word " * 3000}), "prompt_too_long", None),
+    (json.dumps({"type": "generate", "prompt": "word " * 6000}), "prompt_too_long", None),
 ]
 
 
@@ -161,7 +161,7 @@ async def test_each_bad_input_gets_its_error_and_the_connection_and_others_go_on
 async def test_duplicate_running_id_is_refused_without_disturbing_the_first(tiny_server: RunningServer) -> None:
     c = await Client.connect(tiny_server.ws)
     try:
-        await c.send({"type": "generate", "id": "same", "prompt": "Hi", "max_tokens": 150})
+        await c.send({"type": "generate", "id": "same", "prompt": "Hi", "max_tokens": 300, "ignore_eos": True})
         await c.send({"type": "generate", "id": "same", "prompt": "Hi", "max_tokens": 5})
         err = await c.until(lambda m: m["type"] == "error")
         assert err["code"] == "duplicate_id" and err["id"] == "same"
@@ -180,7 +180,7 @@ async def test_duplicate_running_id_is_refused_without_disturbing_the_first(tiny
 async def test_cancel_ends_with_complete_cancelled(tiny_server: RunningServer) -> None:
     c = await Client.connect(tiny_server.ws)
     try:
-        await c.send({"type": "generate", "id": "k", "prompt": "Hi", "max_tokens": 4000, "temperature": 1})
+        await c.send({"type": "generate", "id": "k", "prompt": "Hi", "max_tokens": 4000, "ignore_eos": True})
         await c.until(lambda m: m.get("id") == "k" and m["type"] == "token")
         await c.send({"type": "cancel", "id": "k"})
         done = await c.finish("k")
@@ -223,7 +223,7 @@ async def test_too_many_generations_on_one_connection_is_rate_limited(tiny_serve
     c = await Client.connect(tiny_server.ws)
     try:
         for i in range(9):  # the fixture allows 8
-            await c.send({"type": "generate", "id": f"g{i}", "prompt": "Hi", "max_tokens": 300})
+            await c.send({"type": "generate", "id": f"g{i}", "prompt": "Hi", "max_tokens": 3000, "ignore_eos": True})
         err = await c.until(lambda m: m["type"] == "error")
         assert err["code"] == "rate_limited" and err["id"] == "g8"
         for i in range(8):
@@ -244,7 +244,7 @@ async def test_dropped_connections_free_the_engine_within_two_seconds(tiny_serve
                 "id": f"s{i}",
                 "prompt": "Tell me a long story",
                 "max_tokens": 4000,
-                "temperature": 1.0,
+                "ignore_eos": True,
             }
         )
     for i, c in enumerate(clients):
@@ -261,13 +261,13 @@ async def test_dropped_connections_free_the_engine_within_two_seconds(tiny_serve
         await asyncio.sleep(0.05)
 
 
-async def test_server_shutdown_ends_generations_with_shutting_down_and_closes_1001(tiny_model_dir: Path) -> None:
+async def test_server_shutdown_ends_generations_with_shutting_down_and_closes_1001(tiny_long_model_dir: Path) -> None:
     """SIGTERM: each running generation gets error shutting_down, then the socket closes with 1001."""
     from tests.e2e.server import serve
 
-    with serve("--model", str(tiny_model_dir), "--device", "cpu") as server:
+    with serve("--model", str(tiny_long_model_dir), "--device", "cpu") as server:
         c = await Client.connect(server.ws)
-        await c.send({"type": "generate", "id": "g", "prompt": "Hi", "max_tokens": 4000, "temperature": 1})
+        await c.send({"type": "generate", "id": "g", "prompt": "Hi", "max_tokens": 4000, "ignore_eos": True})
         await c.until(lambda m: m.get("id") == "g" and m["type"] == "token")
         server.proc.terminate()
         err = await c.until(lambda m: m["type"] == "error", timeout=20)

@@ -210,16 +210,26 @@ async def test_generation_is_clipped_to_the_context_window(engine: HFEngine) -> 
     assert r["prompt_tokens"] + r["completion"] <= 256
 
 
-async def test_abort_ends_with_cancelled_and_frees_the_slot(engine: HFEngine) -> None:
-    task = asyncio.create_task(run(engine, "x", prompt="Hello", max_tokens=4000, temperature=0.9))
-    for _ in range(200):
-        await asyncio.sleep(0.01)
-        if engine.stats().running:
-            break
-    engine.abort("x")
-    r = await asyncio.wait_for(task, scaled(10))
-    assert r["reason"] is FinishReason.CANCELLED
-    assert engine.stats().running == 0
+async def test_ignore_eos_runs_to_max_tokens(engine: HFEngine) -> None:
+    r = await run(engine, "i", prompt="Hello", max_tokens=60, temperature=1.0, ignore_eos=True)
+    assert r["reason"] is FinishReason.LENGTH and r["completion"] == 60
+
+
+async def test_abort_ends_with_cancelled_and_frees_the_slot(tiny_long_model_dir: Path) -> None:
+    engine = await make_engine(tiny_long_model_dir)
+    try:
+        task = asyncio.create_task(run(engine, "x", prompt="Hello", max_tokens=4000, ignore_eos=True))
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if engine.stats().running:
+                break
+        engine.abort("x")
+        r = await asyncio.wait_for(task, scaled(10))
+        assert r["reason"] is FinishReason.CANCELLED
+        assert 0 < r["completion"] < 4000
+        assert engine.stats().running == 0
+    finally:
+        await engine.shutdown()
 
 
 async def test_closing_the_stream_aborts_the_request(engine: HFEngine) -> None:

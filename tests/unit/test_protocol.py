@@ -58,6 +58,7 @@ def test_full_generate_is_parsed_into_typed_fields() -> None:
             "stop": ["\n\n", "END"],
             "batch": {"max_tokens": 4, "max_ms": 50},
             "truncate": "auto",
+            "ignore_eos": True,
             "unknown_field": "is ignored",
         }
     )
@@ -65,7 +66,7 @@ def test_full_generate_is_parsed_into_typed_fields() -> None:
     p = msg.params
     assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (20, 0.0, 0.9, 40, 0.05)
     assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.seed) == (1.1, 0.5, -0.5, 7)
-    assert p.stop == ("\n\n", "END") and p.greedy
+    assert p.stop == ("\n\n", "END") and p.greedy and p.ignore_eos
     assert msg.batch == BatchPolicy(4, 50.0)
     assert msg.truncate and msg.messages is not None and msg.messages[0].role == "system"
 
@@ -150,6 +151,7 @@ def test_missing_or_non_string_type_is_invalid_request(obj: dict[str, Any]) -> N
         ({"prompt": "x", "batch": {"max_tokens": 0}}, "batch.max_tokens"),
         ({"prompt": "x", "batch": {"max_ms": -1}}, "batch.max_ms"),
         ({"prompt": "x", "raw": "yes"}, "raw"),
+        ({"prompt": "x", "ignore_eos": 1}, "ignore_eos"),
         ({"prompt": "x", "truncate": "sometimes"}, "truncate"),
         ({"prompt": "x", "id": ""}, "id"),
         ({"prompt": "x", "id": "x" * 1000}, "id"),

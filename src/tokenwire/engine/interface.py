@@ -63,6 +63,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # run to max_tokens even past the end-of-sequence token (benchmarks, tests)
 
     @property
     def greedy(self) -> bool:

@@ -171,16 +171,14 @@ def parse_generate(obj: dict[str, Any], limits: Limits) -> Generate:
         frequency_penalty=_float(obj, "frequency_penalty", 0.0, lo=-2.0, hi=2.0, id=gen_id),
         seed=_seed(obj, gen_id),
         stop=_stop(obj.get("stop"), limits, err),
+        ignore_eos=_bool(obj, "ignore_eos", err),
     )
-    raw = obj.get("raw", False)
-    if not isinstance(raw, bool):
-        raise err('"raw" must be true or false', "raw")
     return Generate(
         id=gen_id,
         params=params,
         prompt=prompt,
         messages=messages,
-        raw=raw,
+        raw=_bool(obj, "raw", err),
         truncate=_truncate(obj.get("truncate"), err),
         batch=_batch(obj.get("batch"), err),
     )
@@ -280,6 +278,15 @@ def _stop(raw: Any, limits: Limits, err: Any) -> tuple[str, ...]:
     if any(not s or len(s) > limits.max_stop_length for s in items):
         raise err(f"each stop string must be 1 to {limits.max_stop_length} characters long", "stop")
     return tuple(items)
+
+
+def _bool(obj: dict[str, Any], name: str, err: Any) -> bool:
+    value = obj.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise err(f'"{name}" must be true or false', name)
+    return value
 
 
 def _truncate(raw: Any, err: Any) -> bool:

@@ -327,7 +327,7 @@ class HFEngine:
         seq.unreported_tokens += 1
         if seq.first_token_at is None:
             seq.first_token_at = now
-        if token in self._eos:
+        if token in self._eos and not seq.request.params.ignore_eos:
             self._finish(seq, FinishReason.STOP, out)
             return
         piece = seq.stop_filter.push(seq.detokenizer.push(token))
