@@ -46,14 +46,21 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = settings_from_args(argv)
+    try:
+        settings = settings_from_args(argv)
+    except ValueError as exc:  # a bad TOKENWIRE_* value
+        sys.exit(f"tokenwire: error: {exc}")
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from tokenwire.server.serve import run
 
-    run(settings)
+    try:
+        code = run(settings)
+    except ValueError as exc:  # a model that does not exist, an unknown dtype, ...
+        sys.exit(f"tokenwire: error: {exc}")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

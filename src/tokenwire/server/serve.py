@@ -41,7 +41,8 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings) -> int:
+    """Serve until stopped; returns the process exit code (1 when the model could not be loaded)."""
     engine = build_engine(settings)
     server: _Server | None = None
 
@@ -64,3 +65,4 @@ def run(settings: Settings) -> None:
     server = _Server(config, app.state.tokenwire)
     log.info("tokenwire listening on http://%s:%d (WebSocket at / and /ws)", settings.host, settings.port)
     server.run()
+    return 1 if app.state.tokenwire.load_error else 0

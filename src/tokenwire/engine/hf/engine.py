@@ -76,6 +76,8 @@ class HFEngine:
     """Serves any transformers causal LM with continuous batching over a slot KV cache."""
 
     def __init__(self, config: HFEngineConfig) -> None:
+        """Resolves the model reference and checks the settings at once (ValueError); loading is in start()."""
+        _pick_dtype(config.dtype, torch.device("cpu"))  # an unknown dtype fails here, not after a long load
         self.config = config
         self._resolved = loader.resolve(config.model)
         self._model_name = self._resolved.name

@@ -25,7 +25,7 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
-class ModelNotFoundError(RuntimeError):
+class ModelNotFoundError(ValueError):
     """The model reference names nothing that can be loaded."""
 
 
