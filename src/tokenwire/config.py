@@ -44,6 +44,9 @@ class Settings:
     max_generations_per_connection: int = field(default=32, metadata={"help": "concurrent generations a socket"})
     heartbeat_interval: float = field(default=30.0, metadata={"help": "seconds between server pings (0: off)"})
     slow_consumer_timeout: float = field(default=30.0, metadata={"help": "close a socket whose send blocks this long"})
+    sse_keepalive_interval: float = field(
+        default=15.0, metadata={"help": "seconds between SSE keep-alive comments while a stream is silent (0: off)"}
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
 
     def replace(self, **changes: Any) -> Settings:

@@ -23,5 +23,9 @@ def tiny_server(tiny_long_model_dir: Path) -> Iterator[RunningServer]:
         "65536",
         "--max-generations-per-connection",
         "8",
+        "--sse-keepalive-interval",
+        "0.05",
+        "--max-prefill-tokens",
+        "32",
     ) as server:
         yield server

@@ -19,6 +19,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from tokenwire.engine.interface import Engine
+from tokenwire.server.openai_api import OpenAIRoutes
 from tokenwire.server.websocket import Connection, ConnectionSettings
 
 log = logging.getLogger(__name__)
@@ -33,10 +34,12 @@ class ServerState:
         self.connections: set[Connection] = set()
         self.on_fatal = on_fatal
         self.load_error: str | None = None
+        self.draining = False
         self.load_task: asyncio.Task[None] | None = None
 
     async def drain(self) -> None:
-        """Tell every client that the server stops (``shutting_down``, close 1001)."""
+        """Tell every client that the server stops (``shutting_down``, close 1001); /ready answers 503 from now."""
+        self.draining = True
         await asyncio.gather(*(c.shutdown() for c in list(self.connections)), return_exceptions=True)
 
     async def load(self) -> None:
@@ -50,9 +53,13 @@ class ServerState:
 
 
 def create_app(
-    engine: Engine, settings: ConnectionSettings | None = None, on_fatal: Callable[[], None] | None = None
+    engine: Engine,
+    settings: ConnectionSettings | None = None,
+    on_fatal: Callable[[], None] | None = None,
+    sse_keepalive_interval: float = 15.0,
 ) -> Starlette:
     state = ServerState(engine, settings or ConnectionSettings(), on_fatal)
+    api = OpenAIRoutes(engine, state.settings.limits, sse_keepalive_interval)
     page = resources.files("tokenwire.web").joinpath("tutorial.html").read_text(encoding="utf-8")
 
     async def index(request: Request) -> Response:
@@ -70,9 +77,9 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     async def ready(request: Request) -> Response:
-        if state.engine.ready:
+        if state.engine.ready and not state.draining:
             return JSONResponse({"status": "ready", "model": state.engine.model_name})
-        status = "failed" if state.load_error else "loading"
+        status = "draining" if state.draining else "failed" if state.load_error else "loading"
         body = {"status": status, "model": state.engine.model_name, "error": state.load_error}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
@@ -123,6 +130,9 @@ def create_app(
             Route("/health", health),
             Route("/ready", ready),
             Route("/v1/stats", stats),
+            Route("/v1/models", api.models),
+            Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+            Route("/v1/completions", api.completions, methods=["POST"]),
         ],
         lifespan=lifespan,
     )

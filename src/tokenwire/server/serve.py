@@ -50,7 +50,9 @@ def run(settings: Settings) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(engine, connection_settings(settings), on_fatal=stop)
+    app = create_app(
+        engine, connection_settings(settings), on_fatal=stop, sse_keepalive_interval=settings.sse_keepalive_interval
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,

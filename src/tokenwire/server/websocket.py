@@ -14,7 +14,6 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +39,7 @@ from tokenwire.server.protocol import (
     Resume,
     parse_message,
 )
+from tokenwire.server.streams import with_deadlines
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class Connection:
         try:
             stream = self.engine.generate(request)
             async with contextlib.aclosing(stream):
-                async for out in _with_deadlines(stream, coalescer):
+                async for out in with_deadlines(stream, coalescer.deadline if coalescer and coalescer.timed else None):
                     if out is None:  # a batch deadline passed with no new output
                         seq = await self._flush(gen_id, seq, coalescer)
                         continue
@@ -287,39 +287,3 @@ class Connection:
                 await self.send(messages.ping(time.time()))
             except (WebSocketDisconnect, _SlowConsumer, OSError):
                 return
-
-
-async def _with_deadlines(
-    stream: AsyncIterator[RequestOutput], coalescer: Coalescer | None
-) -> AsyncIterator[RequestOutput | None]:
-    """Yield the stream's items, and ``None`` whenever the open batch's deadline passes first.
-
-    The pending ``__anext__`` is awaited with ``asyncio.wait`` rather than ``wait_for`` so that a deadline
-    never cancels it (which would close the stream and abort the request).
-    """
-    if coalescer is None or not coalescer.timed:
-        async for item in stream:
-            yield item
-        return
-    pending: asyncio.Future[RequestOutput] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(stream))
-            deadline = coalescer.deadline() if coalescer is not None else None
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            done, _ = await asyncio.wait({pending}, timeout=timeout)
-            if not done:
-                yield None
-                continue
-            try:
-                item = pending.result()
-            except StopAsyncIteration:
-                return
-            pending = None
-            yield item
-    finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending

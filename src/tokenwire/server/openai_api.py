@@ -1,0 +1,196 @@
+"""OpenAI-compatible HTTP routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
+
+Streaming answers are Server-Sent Events: one ``data: {chunk}`` per text delta, ``: keep-alive`` comments
+while nothing else is sent (a long prompt being prefilled, a queue), and ``data: [DONE]`` at the end. A client
+that disconnects, streaming or not, has its request aborted in the engine at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import secrets
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from tokenwire.engine.interface import Engine, EngineError, GenerationRequest, OutputKind, RequestOutput
+from tokenwire.server import openai_protocol as oa
+from tokenwire.server.protocol import Limits
+from tokenwire.server.streams import with_deadlines
+
+T = TypeVar("T")
+
+
+def error_response(err: oa.APIError) -> JSONResponse:
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+class EventStreamResponse(StreamingResponse):
+    """Streams ``events`` as ``text/event-stream``; a client disconnect cancels it (and so closes ``events``)."""
+
+    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def stream() -> None:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async with contextlib.aclosing(self._events) as events:
+                async for chunk in events:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        await until_disconnect(stream(), receive)
+
+
+async def until_disconnect(work: Awaitable[T], receive: Receive) -> T | None:
+    """Run ``work``; if the client disconnects first, cancel it and return None."""
+
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, watcher):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task.cancelled():
+        return None
+    with contextlib.suppress(OSError):  # the client went away while we wrote: nothing left to do
+        return task.result()
+    return None
+
+
+class OpenAIRoutes:
+    def __init__(self, engine: Engine, limits: Limits, keepalive_interval: float) -> None:
+        self.engine = engine
+        self.limits = limits
+        self.keepalive_interval = keepalive_interval
+        self.created = int(time.time())
+        self._ids = itertools.count(1)
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(oa.model_list(self.engine.model_name, self.created))
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._complete(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._complete(request, chat=False)
+
+    async def _complete(self, request: Request, chat: bool) -> Response:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return error_response(oa.APIError(400, "the request body is not valid JSON", code="invalid_json"))
+        try:
+            req = oa.parse_completion_request(body, chat=chat, limits=self.limits, model_name=self.engine.model_name)
+        except oa.APIError as err:
+            return error_response(err)
+        if not self.engine.ready:
+            return error_response(
+                oa.APIError(503, "the model is still loading; try again shortly", code="overloaded", retry_after=1)
+            )
+        prefix = "chatcmpl" if chat else "cmpl"
+        ids = oa.ResponseIds.new(f"{prefix}-{secrets.token_hex(12)}", self.engine.model_name)
+        gen = req.generate
+        engine_req = GenerationRequest(
+            request_id=f"http-{next(self._ids)}-{ids.id}",
+            params=gen.params,
+            prompt=gen.prompt,
+            messages=gen.messages,
+            raw=gen.raw,
+            truncate=gen.truncate,
+        )
+        stream = self.engine.generate(engine_req)
+        try:
+            await anext(stream)  # STARTED: tokenized and queued; prompt errors surface here, before any byte
+        except EngineError as err:
+            return error_response(oa.api_error(err.code, err.message, err.param))
+        if req.stream:
+            return EventStreamResponse(self._events(req, ids, stream))
+        result = await until_disconnect(self._collect(stream), request.receive)
+        if result is None:  # the client left; until_disconnect closed the stream, which aborted the request
+            await stream.aclose()
+            return Response(status_code=499)
+        if isinstance(result, oa.APIError):
+            return error_response(result)
+        text, out = result
+        reason = oa.finish_reason(out.finish_reason) if out.finish_reason else "stop"
+        use = oa.usage(out.prompt_tokens, out.completion_tokens)
+        body_out = (oa.chat_completion if chat else oa.text_completion)(ids, text, reason, use)
+        return JSONResponse(body_out)
+
+    async def _collect(self, stream: AsyncGenerator[RequestOutput, None]) -> tuple[str, RequestOutput] | oa.APIError:
+        parts: list[str] = []
+        async with contextlib.aclosing(stream):
+            try:
+                async for out in stream:
+                    parts.append(out.text)
+                    if out.kind is OutputKind.FINISHED:
+                        return "".join(parts), out
+            except EngineError as err:
+                return oa.api_error(err.code, err.message, err.param)
+        return oa.APIError(500, "the generation ended without a result", code="generation_failed")
+
+    async def _events(
+        self,
+        req: oa.CompletionRequest,
+        ids: oa.ResponseIds,
+        stream: AsyncGenerator[RequestOutput, None],
+    ) -> AsyncGenerator[bytes, None]:
+        """The SSE body. Closing this generator (client gone) closes ``stream``, which aborts the request."""
+        chat = req.chat
+        interval = self.keepalive_interval
+        next_ping = time.monotonic() + interval
+
+        def deadline() -> float:
+            return next_ping
+
+        async with contextlib.aclosing(stream):
+            if chat:
+                yield sse(oa.chat_chunk(ids, {"role": "assistant", "content": ""}, None))
+            try:
+                items: AsyncIterator[RequestOutput | None] = with_deadlines(stream, deadline if interval > 0 else None)
+                async for out in items:
+                    next_ping = time.monotonic() + interval
+                    if out is None:
+                        yield b": keep-alive\n\n"
+                        continue
+                    if out.text:
+                        yield sse(
+                            oa.chat_chunk(ids, {"content": out.text}, None)
+                            if chat
+                            else oa.text_chunk(ids, out.text, None)
+                        )
+                    if out.kind is OutputKind.FINISHED:
+                        reason = oa.finish_reason(out.finish_reason) if out.finish_reason else "stop"
+                        yield sse(oa.chat_chunk(ids, {}, reason) if chat else oa.text_chunk(ids, "", reason))
+                        if req.include_usage:
+                            yield sse(oa.usage_chunk(ids, chat, oa.usage(out.prompt_tokens, out.completion_tokens)))
+                        break
+            except EngineError as err:  # after the headers: report it in the stream
+                yield sse(oa.api_error(err.code, err.message, err.param).body())
+            yield sse("[DONE]")

@@ -1,0 +1,261 @@
+"""OpenAI-compatible request parsing and response shapes. Pure: dicts in, typed requests or errors out.
+
+Sampling parameters are validated by the same code as the WebSocket protocol (``protocol.parse_generate``),
+so both doors accept the same values and name the same fields in their errors.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tokenwire.engine.interface import ErrorCode, FinishReason, SamplingParams
+from tokenwire.server.protocol import Generate, Limits, ProtocolError, parse_generate
+
+# Fields shared with the WebSocket ``generate`` message, passed through as they are.
+_PASSTHROUGH = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+    "ignore_eos",
+)
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self, status: int, message: str, *, code: str, param: str | None = None, retry_after: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.retry_after = retry_after
+
+    @property
+    def type(self) -> str:
+        if self.status == 401:
+            return "authentication_error"
+        if self.status == 404:
+            return "not_found_error"
+        if self.status == 429:
+            return "rate_limit_error"
+        if self.status >= 500:
+            return "server_error"
+        return "invalid_request_error"
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+_STATUS = {
+    ErrorCode.INVALID_JSON: 400,
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.PROMPT_TOO_LONG: 400,
+    ErrorCode.DUPLICATE_ID: 400,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.OVERLOADED: 503,
+    ErrorCode.SHUTTING_DOWN: 503,
+    ErrorCode.SLOW_CONSUMER: 400,
+    ErrorCode.GENERATION_FAILED: 500,
+}
+
+
+def api_error(code: ErrorCode, message: str, param: str | None = None) -> APIError:
+    """Map a protocol or engine error code to its HTTP status (with Retry-After where waiting helps)."""
+    status = _STATUS.get(code, 500)
+    retry = 1 if status in (429, 503) else None
+    return APIError(status, message, code=code.value, param=param, retry_after=retry)
+
+
+@dataclass(slots=True, frozen=True)
+class CompletionRequest:
+    """A parsed ``/v1/chat/completions`` or ``/v1/completions`` body."""
+
+    chat: bool
+    generate: Generate
+    stream: bool
+    include_usage: bool
+    model: str
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.generate.params
+
+
+def parse_completion_request(
+    body: Any, *, chat: bool, limits: Limits, model_name: str, model_aliases: tuple[str, ...] = ()
+) -> CompletionRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    model = body.get("model", model_name)
+    if not isinstance(model, str):
+        raise APIError(400, '"model" must be a string', code="invalid_request", param="model")
+    if model not in (model_name, *model_aliases):
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {model_name!r}",
+            code="model_not_found",
+            param="model",
+        )
+    _reject_unsupported(body)
+    msg: dict[str, Any] = {k: body[k] for k in _PASSTHROUGH if k in body}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        msg["max_tokens"] = max_tokens
+    if chat:
+        if "messages" not in body:
+            raise APIError(400, '"messages" is required', code="invalid_request", param="messages")
+        msg["messages"] = body["messages"]
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]  # a batch of one prompt
+        elif isinstance(prompt, list):
+            raise APIError(
+                400,
+                '"prompt" must be one string (batches and token arrays are not supported)',
+                code="invalid_request",
+                param="prompt",
+            )
+        msg["prompt"] = prompt
+        msg["raw"] = True  # completions continue the text as given, without the chat template
+    try:
+        gen = parse_generate(msg, limits)
+    except ProtocolError as err:
+        param = "max_tokens" if err.param == "max_length" else err.param
+        raise api_error(err.code, err.message, param) from None
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, '"stream" must be true or false', code="invalid_request", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise APIError(400, '"stream_options" must be an object', code="invalid_request", param="stream_options")
+    include_usage = options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise APIError(
+            400,
+            '"stream_options.include_usage" must be true or false',
+            code="invalid_request",
+            param="stream_options.include_usage",
+        )
+    return CompletionRequest(chat, gen, stream, include_usage, model_name)
+
+
+def _reject_unsupported(body: dict[str, Any]) -> None:
+    """Refuse, rather than silently ignore, options that would change what the client gets back."""
+    n = body.get("n", 1)
+    if n is not None and n != 1:
+        raise APIError(400, '"n" must be 1 (one choice per request)', code="invalid_request", param="n")
+    for name in ("tools", "functions", "tool_choice", "function_call"):
+        if body.get(name) not in (None, [], "none"):
+            raise APIError(400, f'"{name}" is not supported by this server', code="invalid_request", param=name)
+    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
+        raise APIError(400, '"logprobs" is not supported by this server', code="invalid_request", param="logprobs")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise APIError(
+            400,
+            'only "response_format": {"type": "text"} is supported',
+            code="invalid_request",
+            param="response_format",
+        )
+    if body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1):
+        param = "echo" if body.get("echo") else "suffix" if body.get("suffix") else "best_of"
+        raise APIError(400, f'"{param}" is not supported by this server', code="invalid_request", param=param)
+
+
+# -- response shapes
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def finish_reason(reason: FinishReason) -> str:
+    return "length" if reason is FinishReason.LENGTH else "stop"
+
+
+@dataclass(slots=True, frozen=True)
+class ResponseIds:
+    id: str
+    model: str
+    created: int
+
+    @classmethod
+    def new(cls, id: str, model: str) -> ResponseIds:
+        return cls(id, model, int(time.time()))
+
+
+def chat_chunk(ids: ResponseIds, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
+    return {
+        "id": ids.id,
+        "object": "chat.completion.chunk",
+        "created": ids.created,
+        "model": ids.model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
+    }
+
+
+def text_chunk(ids: ResponseIds, text: str, reason: str | None) -> dict[str, Any]:
+    return {
+        "id": ids.id,
+        "object": "text_completion",
+        "created": ids.created,
+        "model": ids.model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+    }
+
+
+def usage_chunk(ids: ResponseIds, chat: bool, use: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": ids.id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": ids.created,
+        "model": ids.model,
+        "choices": [],
+        "usage": use,
+    }
+
+
+def chat_completion(ids: ResponseIds, text: str, reason: str, use: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": ids.id,
+        "object": "chat.completion",
+        "created": ids.created,
+        "model": ids.model,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
+        ],
+        "usage": use,
+    }
+
+
+def text_completion(ids: ResponseIds, text: str, reason: str, use: dict[str, int]) -> dict[str, Any]:
+    return {
+        "id": ids.id,
+        "object": "text_completion",
+        "created": ids.created,
+        "model": ids.model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+        "usage": use,
+    }
+
+
+def model_list(model: str, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "tokenwire"}]}

@@ -1,0 +1,139 @@
+"""The OpenAI-compatible API over a real socket, with the official ``openai`` package as the client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import scaled
+from tests.e2e.client import Client
+from tests.e2e.server import RunningServer
+
+
+@pytest.fixture
+def oai(tiny_server: RunningServer) -> Iterator[openai.OpenAI]:
+    client = openai.OpenAI(base_url=tiny_server.http + "/v1", api_key="unused", max_retries=0, timeout=scaled(60))
+    yield client
+    client.close()
+
+
+def model_of(server: RunningServer) -> str:
+    return str(server.get_json("/v1/models")["data"][0]["id"])
+
+
+def test_openai_client_chat_non_streaming(oai: openai.OpenAI, tiny_server: RunningServer) -> None:
+    r = oai.chat.completions.create(
+        model=model_of(tiny_server), messages=[{"role": "user", "content": "Hi"}], max_tokens=12, seed=1
+    )
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage is not None and 1 <= r.usage.completion_tokens <= 12
+
+
+def test_openai_client_chat_streaming_with_usage(oai: openai.OpenAI, tiny_server: RunningServer) -> None:
+    stream = oai.chat.completions.create(
+        model=model_of(tiny_server),
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=20,
+        temperature=0,
+        extra_body={"ignore_eos": True},  # tokenwire's extension: a fixed-length answer
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert reasons == ["length"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 20
+    full = oai.chat.completions.create(
+        model=model_of(tiny_server),
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=20,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert text == full.choices[0].message.content
+
+
+def test_openai_client_completions_streaming_and_not(oai: openai.OpenAI, tiny_server: RunningServer) -> None:
+    model = model_of(tiny_server)
+    whole = oai.completions.create(model=model, prompt="Once upon a time", max_tokens=10, temperature=0)
+    assert whole.object == "text_completion" and whole.usage is not None
+    parts = oai.completions.create(model=model, prompt="Once upon a time", max_tokens=10, temperature=0, stream=True)
+    assert "".join(p.choices[0].text for p in parts) == whole.choices[0].text
+
+
+def test_openai_client_sees_errors_as_exceptions(oai: openai.OpenAI, tiny_server: RunningServer) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        oai.chat.completions.create(model=model_of(tiny_server), messages=[{"role": "user", "content": "x"}], top_p=7)
+    assert bad.value.status_code == 400 and "top_p" in str(bad.value)
+    with pytest.raises(openai.NotFoundError):
+        oai.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError) as long:
+        oai.completions.create(model=model_of(tiny_server), prompt="word " * 6000, max_tokens=5)
+    assert "prompt_too_long" in str(long.value)
+
+
+def test_raw_sse_events_and_keep_alive_comments_during_a_long_prefill(tiny_server: RunningServer) -> None:
+    """A long prompt prefilled in 32-token chunks: the stream sends ': keep-alive' comments until the first
+    token; every other line is a 'data:' event, and the last is 'data: [DONE]'."""
+    body = {"prompt": "word " * 1900, "max_tokens": 3, "stream": True, "ignore_eos": True}  # ~3800 tokens
+    with httpx.stream("POST", tiny_server.http + "/v1/completions", json=body, timeout=scaled(60)) as r:
+        assert r.status_code == 200
+        raw = r.read().decode()
+    lines = [line for line in raw.split("\n") if line]
+    assert any(line == ": keep-alive" for line in lines)
+    assert all(line.startswith("data: ") or line.startswith(":") for line in lines)
+    data = [line for line in lines if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]"
+    assert lines.index(": keep-alive") < lines.index(data[0])  # the comments came while waiting for text
+    assert json.loads(data[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+
+
+def wait_idle(server: RunningServer, within: float) -> None:
+    t0 = time.monotonic()
+    while True:
+        engine = server.get_json("/v1/stats")["engine"]
+        if engine["running"] == 0 and engine["waiting"] == 0:
+            return
+        assert time.monotonic() - t0 < scaled(within), engine
+        time.sleep(0.05)
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(tiny_server: RunningServer) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", tiny_server.http + "/v1/chat/completions", json=body, timeout=scaled(30)) as r:
+        got = 0
+        for line in r.iter_lines():
+            got += line.startswith("data: ")
+            if got >= 5:
+                break
+        assert tiny_server.get_json("/v1/stats")["engine"]["running"] == 1
+    wait_idle(tiny_server, 2.0)
+
+
+def test_client_disconnect_without_streaming_frees_the_slot(tiny_server: RunningServer) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4000, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(tiny_server.http + "/v1/chat/completions", json=body, timeout=0.5)
+    wait_idle(tiny_server, 2.0)
+
+
+async def test_same_seed_gives_the_same_text_over_websocket_and_http(tiny_server: RunningServer) -> None:
+    params = {"max_tokens": 30, "temperature": 0.9, "top_p": 0.95, "seed": 4242, "ignore_eos": True}
+    messages = [{"role": "user", "content": "Tell me something"}]
+    ws = await Client.connect(tiny_server.ws)
+    await ws.send({"type": "generate", "id": "w", "messages": messages, **params})
+    await ws.finish("w")
+    await ws.close()
+    async with httpx.AsyncClient(timeout=scaled(30)) as http:
+        r = await http.post(tiny_server.http + "/v1/chat/completions", json={"messages": messages, **params})
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == ws.text("w")
+    await asyncio.sleep(0)

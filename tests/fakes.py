@@ -1,0 +1,75 @@
+"""A scripted Engine for server tests that need no model: fixed replies, errors on demand, a load gate."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+
+from tokenwire.engine.interface import (
+    EngineError,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    GenerationStart,
+    OutputKind,
+    RequestOutput,
+    Timings,
+)
+
+
+class FakeEngine:
+    """Answers every request with ``reply`` split into ``pieces``; ``fail_with`` makes requests fail instead."""
+
+    def __init__(self, reply: str = "Hello, world!", pieces: int = 3) -> None:
+        self.reply = reply
+        self.pieces = pieces
+        self.fail_with: EngineError | None = None
+        self.load_gate = asyncio.Event()
+        self.load_gate.set()
+        self._ready = False
+        self.requests: list[GenerationRequest] = []
+
+    @property
+    def model_name(self) -> str:
+        return "fake-model"
+
+    @property
+    def max_context(self) -> int:
+        return 1024
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        await self.load_gate.wait()
+        self._ready = True
+
+    async def shutdown(self) -> None:
+        self._ready = False
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
+        self.requests.append(request)
+        if self.fail_with is not None:
+            raise self.fail_with
+        rid = request.request_id
+        yield RequestOutput(rid, OutputKind.STARTED, start=GenerationStart(7), prompt_tokens=7)
+        step = max(1, len(self.reply) // self.pieces)
+        chunks = [self.reply[i : i + step] for i in range(0, len(self.reply), step)]
+        for chunk in chunks:
+            await asyncio.sleep(0)
+            yield RequestOutput(rid, OutputKind.DELTA, text=chunk, num_tokens=1)
+        yield RequestOutput(
+            rid,
+            OutputKind.FINISHED,
+            finish_reason=FinishReason.STOP,
+            prompt_tokens=7,
+            completion_tokens=len(chunks),
+            timings=Timings(0.0, 1.0, 2.0, 100.0),
+        )
+
+    def abort(self, request_id: str) -> None:
+        pass
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=0, waiting=0, max_batch_size=1)
