@@ -86,8 +86,12 @@ def sentencepiece_tokenizer(vocab_size: int = 420) -> SentencePieceDecoder:
     return SentencePieceDecoder(buf.getvalue())
 
 
-def save_tiny_model(target: Path, max_positions: int = 256, seed: int = 0) -> Path:
-    """Save a random 2-layer Llama and the byte-level tokenizer as a model folder."""
+def save_tiny_model(target: Path, max_positions: int = 256, seed: int = 0, init_std: float = 0.3) -> Path:
+    """Save a random 2-layer Llama and the byte-level tokenizer as a model folder.
+
+    ``init_std`` is 0.3, not transformers' usual 0.02: at 0.02 attention is nearly uniform and a random model
+    answers every prompt with the same greedy text, so a test comparing outputs would prove nothing. At 0.3
+    every token depends on its context, and a KV-cache mix-up changes the text."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -105,6 +109,7 @@ def save_tiny_model(target: Path, max_positions: int = 256, seed: int = 0) -> Pa
         pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
         bos_token_id=None,
         tie_word_embeddings=True,
+        initializer_range=init_std,
     )
     model = LlamaForCausalLM(config)
     target.mkdir(parents=True, exist_ok=True)

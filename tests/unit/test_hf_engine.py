@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from tests.conftest import scaled
-from tokenwire.engine import ChatMessage, EngineError, ErrorCode, FinishReason, GenerationRequest, OutputKind
+from tokenwire.engine import (
+    ChatMessage,
+    EngineError,
+    ErrorCode,
+    FinishReason,
+    GenerationRequest,
+    OutputKind,
+    RequestOutput,
+)
 from tokenwire.engine.detokenizer import decode
 from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig
 from tokenwire.engine.interface import SamplingParams
@@ -63,7 +71,7 @@ async def run(eng: HFEngine, rid: str, **kw: Any) -> dict[str, Any]:
     return out
 
 
-def reference_greedy(eng: HFEngine, prompt: str, max_new: int) -> str:
+def reference_greedy(eng: HFEngine, prompt: str, max_new: int, ignore_eos: bool = False) -> str:
     """What transformers' own generate() produces for the same chat prompt."""
     tok = eng.tokenizer
     ids = tok.apply_chat_template(
@@ -76,12 +84,13 @@ def reference_greedy(eng: HFEngine, prompt: str, max_new: int) -> str:
             x,
             attention_mask=torch.ones_like(x),
             max_new_tokens=max_new,
+            min_new_tokens=max_new if ignore_eos else None,
             do_sample=False,
             pad_token_id=tok.pad_token_id,
         )
     gen = out[0, len(ids) :].tolist()
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    if eos in gen:
+    if eos in gen and not ignore_eos:
         gen = gen[: gen.index(eos)]
     return decode(tok, gen).rstrip("\ufffd")
 
@@ -254,3 +263,46 @@ async def test_duplicate_engine_request_id_is_refused(engine: HFEngine) -> None:
         await run(engine, "dup", prompt="Hi")
     assert info.value.code is ErrorCode.DUPLICATE_ID
     await g.aclose()
+
+
+def test_a_request_finishing_in_the_step_where_others_prefill_together_keeps_every_row(
+    tiny_model_dir: Path,
+) -> None:
+    """Regression: one request's last decode token and three new prompts' batched prefill fall in the same step.
+    The finishing request frees a KV row and rows move; each prompt must still be prefilled into its own row,
+    so every request's greedy text equals transformers' generate(). The engine is stepped by hand, no thread."""
+    from tokenwire.engine.hf.engine import _Add
+
+    eng = HFEngine(
+        HFEngineConfig(
+            model=str(tiny_model_dir),
+            device=DEVICE,
+            dtype="float32",
+            scheduler=SchedulerConfig(max_batch_size=8, max_prefill_tokens=256),
+        )
+    )
+    eng._load()
+    items: list[Any] = []
+    eng._emit = items.extend  # type: ignore[method-assign]
+
+    def add(rid: str, prompt: str, n: int) -> None:
+        req = GenerationRequest(rid, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), prompt=prompt)
+        eng._admit(_Add(req, 0.0), items)
+
+    add("a", PROMPTS[3], 2)
+    eng._step()  # a: prefill and first token
+    add("b", PROMPTS[0], 12)
+    add("c", PROMPTS[1], 12)
+    add("d", PROMPTS[4], 12)
+    eng._step()  # a: second and last token (its row is freed); b, c, d: one batched prefill
+    assert eng._scheduler.get("a") is None and eng._scheduler.num_decode == 3
+    for _ in range(100):
+        if not eng._scheduler.has_work:
+            break
+        eng._step()
+    texts: dict[str, str] = {}
+    for item in items:
+        if isinstance(item, RequestOutput):
+            texts[item.request_id] = texts.get(item.request_id, "") + item.text
+    for rid, prompt, n in (("b", PROMPTS[0], 12), ("c", PROMPTS[1], 12), ("d", PROMPTS[4], 12)):
+        assert texts[rid] == reference_greedy(eng, prompt, n, ignore_eos=True), rid

@@ -282,13 +282,11 @@ class HFEngine:
             if sched.running:
                 # +2: room for the token being fed, and the scratch column (kv_cache.py) above every sequence
                 runner.cache.ensure(len(sched.running), max(s.length + 2 for s in sched.running))
-            # decode first: the rows 0..num_decode-1 are stable until promotions below
-            if plan.num_decode:
-                decoding = sched.running[: plan.num_decode]
-                logits = runner.decode([s.output_ids[-1] for s in decoding], [s.length - 1 for s in decoding])
-                self._sample_and_emit(decoding, logits, out)
+            # Prefill first: its chunks sit in consecutive rows from num_decode, in order, exactly as scheduled.
+            # Promotions and finishes that follow only move rows >= num_decode, so the decode rows below stay
+            # put. (Decoding first would let a finishing sequence reorder the prefill rows under the chunks.)
             chunks = [c for c in plan.prefill if c.seq.state is SeqState.PREFILL]
-            if chunks:  # rows num_decode.. in order: one batched forward for all of them
+            if chunks:  # one batched forward for all of them
                 logits = runner.prefill(
                     chunks[0].seq.row, [c.seq.prompt_ids[c.start : c.end] for c in chunks], [c.start for c in chunks]
                 )
@@ -299,6 +297,10 @@ class HFEngine:
                     self._apply(sched.promote(chunks[i].seq))
                 if done:
                     self._sample_and_emit([chunks[i].seq for i in done], logits[done], out)
+            if plan.num_decode:
+                decoding = sched.running[: plan.num_decode]
+                logits = runner.decode([s.output_ids[-1] for s in decoding], [s.length - 1 for s in decoding])
+                self._sample_and_emit(decoding, logits, out)
         except Exception as exc:
             log.exception("model step failed")
             for seq in list(sched.running):
