@@ -82,3 +82,26 @@ async def test_ping_is_answered_within_50ms_while_32_streams_decode(default_serv
     finally:
         for c in [*streams, probe]:
             c.ws.transport.abort()
+
+
+async def test_batch_messages_hold_at_most_max_tokens(default_server: RunningServer) -> None:
+    c = await Client.connect(default_server.ws)
+    try:
+        await c.send(
+            {
+                "type": "generate",
+                "id": "b",
+                "prompt": "Write a short poem about the sea.",
+                "temperature": 0,
+                "max_tokens": 60,
+                "ignore_eos": True,
+                "batch": {"max_tokens": 4},
+            }
+        )
+        done = await c.finish("b")
+        c.check_sequence("b")
+        batched = [m for m in c.by_id["b"] if m["type"] == "tokens"]
+        assert all(m["tokens"] <= 4 for m in batched) and sum(m["tokens"] for m in batched) == 60
+        assert len(batched) >= 15 and done["usage"]["completion_tokens"] == 60
+    finally:
+        await c.close()

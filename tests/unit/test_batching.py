@@ -17,6 +17,15 @@ def test_batch_is_due_at_max_tokens() -> None:
     assert c.empty
 
 
+def test_a_delta_that_would_overflow_the_batch_starts_a_new_one() -> None:
+    """A delta covering several tokens (one character split over bytes) never pushes a batch past max_tokens."""
+    c = Coalescer(BatchPolicy(max_tokens=5))
+    c.add("abcd", 4, 0.0)
+    assert c.would_overflow(3) and not c.would_overflow(1)
+    assert not Coalescer(BatchPolicy(max_tokens=5)).would_overflow(9)  # alone, it goes whole
+    assert not Coalescer(BatchPolicy(max_ms=5)).would_overflow(100)  # no token limit
+
+
 def test_batch_is_due_max_ms_after_its_first_delta() -> None:
     c = Coalescer(BatchPolicy(max_ms=50))
     assert c.deadline() is None

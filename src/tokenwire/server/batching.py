@@ -16,6 +16,13 @@ class Coalescer:
         self._tokens = 0
         self._opened_at: float | None = None
 
+    def would_overflow(self, tokens: int) -> bool:
+        """Adding a delta of ``tokens`` would push the open batch past ``max_tokens``: flush it first.
+
+        (A single delta larger than ``max_tokens``, one character spread over many tokens, still goes whole.)"""
+        limit = self._policy.max_tokens
+        return limit is not None and not self.empty and self._tokens + tokens > limit
+
     def add(self, text: str, tokens: int, now: float) -> None:
         if self._opened_at is None:
             self._opened_at = now
