@@ -6,12 +6,11 @@ tokenwire serve [--model M] [--device D] [--port P] ...
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from dataclasses import fields
 
-from tokenwire import __version__
+from tokenwire import __version__, logs
 from tokenwire.config import ENV_PREFIX, Settings, from_env
 
 
@@ -50,9 +49,10 @@ def main(argv: list[str] | None = None) -> None:
         settings = settings_from_args(argv)
     except ValueError as exc:  # a bad TOKENWIRE_* value
         sys.exit(f"tokenwire: error: {exc}")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    try:
+        logs.configure(settings.log_level, settings.log_format)
+    except ValueError as exc:
+        sys.exit(f"tokenwire: error: {exc}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from tokenwire.server.serve import run
 

@@ -48,6 +48,7 @@ class Settings:
         default=15.0, metadata={"help": "seconds between SSE keep-alive comments while a stream is silent (0: off)"}
     )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning or error"})
+    log_format: str = field(default="text", metadata={"help": "text, or json (one object a line) for log shippers"})
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -20,6 +22,7 @@ from starlette.websockets import WebSocket
 
 from tokenwire.engine.interface import Engine
 from tokenwire.server.openai_api import OpenAIRoutes
+from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.websocket import Connection, ConnectionSettings
 
 log = logging.getLogger(__name__)
@@ -28,13 +31,21 @@ log = logging.getLogger(__name__)
 class ServerState:
     """What routes share: the engine, settings, open connections, and the load task."""
 
-    def __init__(self, engine: Engine, settings: ConnectionSettings, on_fatal: Callable[[], None] | None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: ConnectionSettings,
+        on_fatal: Callable[[], None] | None,
+        public_url: str | None = None,
+    ) -> None:
+        self.public_url = public_url
         self.engine = engine
         self.settings = settings
         self.connections: set[Connection] = set()
         self.on_fatal = on_fatal
         self.load_error: str | None = None
         self.draining = False
+        self.telemetry: Telemetry | None = None
         self.load_task: asyncio.Task[None] | None = None
 
     async def drain(self) -> None:
@@ -43,8 +54,21 @@ class ServerState:
         await asyncio.gather(*(c.shutdown() for c in list(self.connections)), return_exceptions=True)
 
     async def load(self) -> None:
+        started = time.monotonic()
         try:
             await self.engine.start()
+            if self.public_url:
+                url, ws = self.public_url, self.public_url.replace("http", "ws", 1)
+                log.info(
+                    "ready in %.1f s: %s is served at %s (chat page), %s/ws (WebSocket), %s/v1 (OpenAI API), "
+                    "%s/dashboard",
+                    time.monotonic() - started,
+                    self.engine.model_name,
+                    url + "/",
+                    ws,
+                    url,
+                    url,
+                )
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("could not load the model: %s", self.load_error)
@@ -57,16 +81,40 @@ def create_app(
     settings: ConnectionSettings | None = None,
     on_fatal: Callable[[], None] | None = None,
     sse_keepalive_interval: float = 15.0,
+    public_url: str | None = None,
 ) -> Starlette:
-    state = ServerState(engine, settings or ConnectionSettings(), on_fatal)
-    api = OpenAIRoutes(engine, state.settings.limits, sse_keepalive_interval)
+    state = ServerState(engine, settings or ConnectionSettings(), on_fatal, public_url)
+    telemetry = Telemetry(engine.stats, lambda: len(state.connections))
+    state.telemetry = telemetry
+    api = OpenAIRoutes(engine, state.settings.limits, sse_keepalive_interval, telemetry)
+    web = resources.files("tokenwire.web")
+    dashboard_page = web.joinpath("dashboard.html").read_text(encoding="utf-8")
     page = resources.files("tokenwire.web").joinpath("tutorial.html").read_text(encoding="utf-8")
+
+    async def dashboard(request: Request) -> Response:
+        return HTMLResponse(dashboard_page)
+
+    async def metrics(request: Request) -> Response:
+        return Response(telemetry.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    async def timeline(request: Request) -> Response:
+        try:
+            window = min(3600, max(10, int(request.query_params.get("window", "300"))))
+        except ValueError:
+            window = 300
+        es = state.engine.stats()
+        return JSONResponse(
+            {
+                "series": telemetry.timeline.series(window=window),
+                "now": {"running": es.running, "waiting": es.waiting, "connections": len(state.connections)},
+            }
+        )
 
     async def index(request: Request) -> Response:
         return HTMLResponse(page)
 
     async def websocket(ws: WebSocket) -> None:
-        conn = Connection(ws, state.engine, state.settings)
+        conn = Connection(ws, state.engine, state.settings, telemetry)
         state.connections.add(conn)
         try:
             await conn.run()
@@ -84,7 +132,9 @@ def create_app(
         return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
     async def stats(request: Request) -> Response:
+        """The tutorial's ConnectionManager.get_stats and StreamingMetrics.get_performance_report, and the engine."""
         es = state.engine.stats()
+        sessions = telemetry.sessions
         return JSONResponse(
             {
                 "model": state.engine.model_name,
@@ -108,6 +158,9 @@ def create_app(
                     }
                     for c in list(state.connections)
                 ],
+                "performance": sessions.performance_report(),
+                "active_sessions": [s.as_dict() for s in list(sessions.current.values())],
+                "completed_sessions": [s.as_dict() for s in list(sessions.completed)[-50:]],
             }
         )
 
@@ -130,6 +183,9 @@ def create_app(
             Route("/health", health),
             Route("/ready", ready),
             Route("/v1/stats", stats),
+            Route("/v1/stats/timeline", timeline),
+            Route("/metrics", metrics),
+            Route("/dashboard", dashboard),
             Route("/v1/models", api.models),
             Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
             Route("/v1/completions", api.completions, methods=["POST"]),

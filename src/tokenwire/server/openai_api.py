@@ -24,6 +24,7 @@ from tokenwire.engine.interface import Engine, EngineError, GenerationRequest, O
 from tokenwire.server import openai_protocol as oa
 from tokenwire.server.protocol import Limits
 from tokenwire.server.streams import with_deadlines
+from tokenwire.server.telemetry import Telemetry, Trace
 
 T = TypeVar("T")
 
@@ -84,8 +85,9 @@ async def until_disconnect(work: Awaitable[T], receive: Receive) -> T | None:
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: Engine, limits: Limits, keepalive_interval: float) -> None:
+    def __init__(self, engine: Engine, limits: Limits, keepalive_interval: float, telemetry: Telemetry) -> None:
         self.engine = engine
+        self.telemetry = telemetry
         self.limits = limits
         self.keepalive_interval = keepalive_interval
         self.created = int(time.time())
@@ -100,17 +102,21 @@ class OpenAIRoutes:
     async def completions(self, request: Request) -> Response:
         return await self._complete(request, chat=False)
 
+    def _error(self, err: oa.APIError) -> JSONResponse:
+        self.telemetry.error(err.code)
+        return error_response(err)
+
     async def _complete(self, request: Request, chat: bool) -> Response:
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
-            return error_response(oa.APIError(400, "the request body is not valid JSON", code="invalid_json"))
+            return self._error(oa.APIError(400, "the request body is not valid JSON", code="invalid_json"))
         try:
             req = oa.parse_completion_request(body, chat=chat, limits=self.limits, model_name=self.engine.model_name)
         except oa.APIError as err:
-            return error_response(err)
+            return self._error(err)
         if not self.engine.ready:
-            return error_response(
+            return self._error(
                 oa.APIError(503, "the model is still loading; try again shortly", code="overloaded", retry_after=1)
             )
         prefix = "chatcmpl" if chat else "cmpl"
@@ -125,17 +131,21 @@ class OpenAIRoutes:
             truncate=gen.truncate,
         )
         stream = self.engine.generate(engine_req)
+        trace = self.telemetry.trace(engine_req.request_id, "http", "openai")
         try:
             await anext(stream)  # STARTED: tokenized and queued; prompt errors surface here, before any byte
         except EngineError as err:
+            trace.failed(err.code.value)
             return error_response(oa.api_error(err.code, err.message, err.param))
         if req.stream:
-            return EventStreamResponse(self._events(req, ids, stream))
-        result = await until_disconnect(self._collect(stream), request.receive)
+            return EventStreamResponse(self._events(req, ids, stream, trace))
+        result = await until_disconnect(self._collect(stream, trace), request.receive)
         if result is None:  # the client left; until_disconnect closed the stream, which aborted the request
             await stream.aclose()
+            trace.abandoned()
             return Response(status_code=499)
         if isinstance(result, oa.APIError):
+            trace.failed(result.code)
             return error_response(result)
         text, out = result
         reason = oa.finish_reason(out.finish_reason) if out.finish_reason else "stop"
@@ -143,13 +153,18 @@ class OpenAIRoutes:
         body_out = (oa.chat_completion if chat else oa.text_completion)(ids, text, reason, use)
         return JSONResponse(body_out)
 
-    async def _collect(self, stream: AsyncGenerator[RequestOutput, None]) -> tuple[str, RequestOutput] | oa.APIError:
+    async def _collect(
+        self, stream: AsyncGenerator[RequestOutput, None], trace: Trace
+    ) -> tuple[str, RequestOutput] | oa.APIError:
         parts: list[str] = []
         async with contextlib.aclosing(stream):
             try:
                 async for out in stream:
                     parts.append(out.text)
+                    if out.text:
+                        trace.delta(out.text, out.num_tokens)
                     if out.kind is OutputKind.FINISHED:
+                        trace.finished(out)
                         return "".join(parts), out
             except EngineError as err:
                 return oa.api_error(err.code, err.message, err.param)
@@ -160,6 +175,7 @@ class OpenAIRoutes:
         req: oa.CompletionRequest,
         ids: oa.ResponseIds,
         stream: AsyncGenerator[RequestOutput, None],
+        trace: Trace,
     ) -> AsyncGenerator[bytes, None]:
         """The SSE body. Closing this generator (client gone) closes ``stream``, which aborts the request."""
         chat = req.chat
@@ -180,17 +196,19 @@ class OpenAIRoutes:
                         yield b": keep-alive\n\n"
                         continue
                     if out.text:
-                        yield sse(
-                            oa.chat_chunk(ids, {"content": out.text}, None)
-                            if chat
-                            else oa.text_chunk(ids, out.text, None)
-                        )
+                        trace.delta(out.text, out.num_tokens)
+                        text_delta = {"content": out.text}
+                        yield sse(oa.chat_chunk(ids, text_delta, None) if chat else oa.text_chunk(ids, out.text, None))
                     if out.kind is OutputKind.FINISHED:
+                        trace.finished(out)
                         reason = oa.finish_reason(out.finish_reason) if out.finish_reason else "stop"
                         yield sse(oa.chat_chunk(ids, {}, reason) if chat else oa.text_chunk(ids, "", reason))
                         if req.include_usage:
                             yield sse(oa.usage_chunk(ids, chat, oa.usage(out.prompt_tokens, out.completion_tokens)))
                         break
             except EngineError as err:  # after the headers: report it in the stream
+                trace.failed(err.code.value)
                 yield sse(oa.api_error(err.code, err.message, err.param).body())
+            finally:
+                trace.abandoned()  # a no-op unless the client left mid-stream
             yield sse("[DONE]")

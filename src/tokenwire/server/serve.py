@@ -7,6 +7,7 @@ import socket
 
 import uvicorn
 
+from tokenwire import __version__
 from tokenwire.config import Settings
 from tokenwire.engine.factory import build_engine
 from tokenwire.server.app import ServerState, create_app
@@ -51,7 +52,11 @@ def run(settings: Settings) -> int:
             server.should_exit = True
 
     app = create_app(
-        engine, connection_settings(settings), on_fatal=stop, sse_keepalive_interval=settings.sse_keepalive_interval
+        engine,
+        connection_settings(settings),
+        on_fatal=stop,
+        sse_keepalive_interval=settings.sse_keepalive_interval,
+        public_url=f"http://{settings.host}:{settings.port}",
     )
     config = uvicorn.Config(
         app,
@@ -62,9 +67,10 @@ def run(settings: Settings) -> int:
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
         log_level=settings.log_level,
+        log_config=None,  # keep tokenwire's handlers (text or JSON) for uvicorn's loggers too
         timeout_graceful_shutdown=5,
     )
     server = _Server(config, app.state.tokenwire)
-    log.info("tokenwire listening on http://%s:%d (WebSocket at / and /ws)", settings.host, settings.port)
+    log.info("tokenwire %s: listening on http://%s:%d, loading the model", __version__, settings.host, settings.port)
     server.run()
     return 1 if app.state.tokenwire.load_error else 0

@@ -40,6 +40,7 @@ from tokenwire.server.protocol import (
     parse_message,
 )
 from tokenwire.server.streams import with_deadlines
+from tokenwire.server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,9 @@ class _SlowConsumer(Exception):
 
 
 class Connection:
-    def __init__(self, ws: WebSocket, engine: Engine, settings: ConnectionSettings) -> None:
+    def __init__(self, ws: WebSocket, engine: Engine, settings: ConnectionSettings, telemetry: Telemetry) -> None:
         self.ws = ws
+        self.telemetry = telemetry
         self.engine = engine
         self.settings = settings
         self.session = secrets.token_hex(6)
@@ -111,6 +113,7 @@ class Connection:
             task.cancel()  # closing the engine stream aborts the request
         await asyncio.gather(*tasks, return_exceptions=True)
         for gen_id in gen_ids:
+            self.telemetry.error(ErrorCode.SHUTTING_DOWN.value)
             await self._send_quietly(
                 messages.error(ErrorCode.SHUTTING_DOWN, "the server is shutting down; try again later", gen_id)
             )
@@ -131,7 +134,7 @@ class Connection:
             try:
                 msg = parse_message(data, self.settings.limits)
             except ProtocolError as err:
-                await self.send(messages.error(err.code, err.message, err.id, err.param))
+                await self.send_error(err.code, err.message, err.id, err.param)
                 continue
             await self._dispatch(msg)
 
@@ -141,40 +144,30 @@ class Connection:
         elif isinstance(msg, Cancel):
             engine_id = self._engine_ids.get(msg.id)
             if engine_id is None:
-                await self.send(
-                    messages.error(ErrorCode.NOT_FOUND, f"no running generation with id {msg.id!r}", msg.id, "id")
-                )
+                await self.send_error(ErrorCode.NOT_FOUND, f"no running generation with id {msg.id!r}", msg.id, "id")
             else:
                 self.engine.abort(engine_id)
         elif isinstance(msg, Ping):
             await self.send(messages.pong(msg.ts))
         elif isinstance(msg, Resume):
-            await self.send(
-                messages.error(
-                    ErrorCode.NOT_FOUND,
-                    f"no generation with id {msg.id!r} can be resumed (this server keeps no finished streams)",
-                    msg.id,
-                    "id",
-                )
+            await self.send_error(
+                ErrorCode.NOT_FOUND,
+                f"no generation with id {msg.id!r} can be resumed (this server keeps no finished streams)",
+                msg.id,
+                "id",
             )
 
     async def _start_generation(self, msg: Generate) -> None:
         gen_id = msg.id if msg.id is not None else f"gen-{next(self._auto_ids)}"
         if gen_id in self._generations:
-            await self.send(
-                messages.error(
-                    ErrorCode.DUPLICATE_ID, f"a generation with id {gen_id!r} is already running", gen_id, "id"
-                )
+            await self.send_error(
+                ErrorCode.DUPLICATE_ID, f"a generation with id {gen_id!r} is already running", gen_id, "id"
             )
             return
         cap = self.settings.limits.max_generations_per_connection
         if len(self._generations) >= cap:
-            await self.send(
-                messages.error(
-                    ErrorCode.RATE_LIMITED,
-                    f"this connection already runs {cap} generations; wait for one to end",
-                    gen_id,
-                )
+            await self.send_error(
+                ErrorCode.RATE_LIMITED, f"this connection already runs {cap} generations; wait for one to end", gen_id
             )
             return
         engine_id = f"{self.session}:{gen_id}"
@@ -194,6 +187,7 @@ class Connection:
     async def _run_generation(self, gen_id: str, request: GenerationRequest, msg: Generate) -> None:
         seq = 0
         coalescer = Coalescer(msg.batch) if msg.batch else None
+        trace = self.telemetry.trace(request.request_id, self.session, "websocket")
         try:
             stream = self.engine.generate(request)
             async with contextlib.aclosing(stream):
@@ -204,8 +198,12 @@ class Connection:
                     if out.kind is OutputKind.STARTED:
                         await self.send(messages.started(gen_id, self.engine.model_name, out.prompt_tokens))
                     elif out.kind is OutputKind.DELTA:
+                        trace.delta(out.text, out.num_tokens)
                         seq = await self._deliver(gen_id, seq, coalescer, out)
                     else:
+                        if out.text:
+                            trace.delta(out.text, out.num_tokens)
+                        trace.finished(out)
                         seq = await self._deliver(gen_id, seq, coalescer, out)
                         seq = await self._flush(gen_id, seq, coalescer)
                         assert out.finish_reason is not None
@@ -222,13 +220,16 @@ class Connection:
                         )
         except EngineError as err:
             self._release(gen_id)
+            trace.failed(err.code.value)
             await self._send_quietly(messages.error(err.code, err.message, gen_id, err.param))
         except (asyncio.CancelledError, WebSocketDisconnect, _SlowConsumer):
             pass  # the connection is going away; aclosing() aborted the request in the engine
         except Exception as exc:  # a bug: report it on this generation, keep the connection
             log.exception("generation %s failed", gen_id)
+            trace.failed(ErrorCode.GENERATION_FAILED.value)
             await self._send_quietly(messages.error(ErrorCode.GENERATION_FAILED, f"generation failed: {exc}", gen_id))
         finally:
+            trace.abandoned()
             if self._generations.get(gen_id) is asyncio.current_task():
                 self._release(gen_id)
 
@@ -238,6 +239,7 @@ class Connection:
 
     async def _deliver(self, gen_id: str, seq: int, coalescer: Coalescer | None, out: RequestOutput) -> int:
         if not out.text and out.kind is OutputKind.FINISHED:
+            self.tokens_sent += out.num_tokens  # generated, but their bytes never made a character
             return seq
         if coalescer is None:
             if out.text:
@@ -245,6 +247,8 @@ class Connection:
                 self.tokens_sent += out.num_tokens
                 await self.send(messages.token(gen_id, seq, out.text, out.num_tokens, batched=False))
             return seq
+        if coalescer.would_overflow(out.num_tokens):
+            seq = await self._flush(gen_id, seq, coalescer)
         coalescer.add(out.text, out.num_tokens, time.monotonic())
         if coalescer.due(time.monotonic()):
             seq = await self._flush(gen_id, seq, coalescer)
@@ -262,6 +266,10 @@ class Connection:
         return seq
 
     # -- writing
+    async def send_error(self, code: ErrorCode, content: str, gen_id: str | None, param: str | None = None) -> None:
+        self.telemetry.error(code.value)
+        await self.send(messages.error(code, content, gen_id, param))
+
     async def send(self, message: dict[str, Any]) -> None:
         data = messages.encode(message)
         async with self._send_lock:
@@ -273,6 +281,7 @@ class Connection:
             except RuntimeError as exc:  # sending after close
                 raise WebSocketDisconnect(1006) from exc
         self.messages_sent += 1
+        self.telemetry.websocket_sent(data)
 
     async def _send_quietly(self, message: dict[str, Any]) -> None:
         if self._closing:

