@@ -20,9 +20,11 @@ from tokenwire.engine.interface import (
 class FakeEngine:
     """Answers every request with ``reply`` split into ``pieces``; ``fail_with`` makes requests fail instead."""
 
-    def __init__(self, reply: str = "Hello, world!", pieces: int = 3) -> None:
+    def __init__(self, reply: str = "Hello, world!", pieces: int = 3, delay: float = 0.0) -> None:
         self.reply = reply
         self.pieces = pieces
+        self.delay = delay  # seconds between pieces
+        self.aborted: set[str] = set()
         self.fail_with: EngineError | None = None
         self.load_gate = asyncio.Event()
         self.load_gate.set()
@@ -56,20 +58,24 @@ class FakeEngine:
         yield RequestOutput(rid, OutputKind.STARTED, start=GenerationStart(7), prompt_tokens=7)
         step = max(1, len(self.reply) // self.pieces)
         chunks = [self.reply[i : i + step] for i in range(0, len(self.reply), step)]
+        sent = 0
         for chunk in chunks:
-            await asyncio.sleep(0)
+            await asyncio.sleep(self.delay)
+            if rid in self.aborted:
+                break
+            sent += 1
             yield RequestOutput(rid, OutputKind.DELTA, text=chunk, num_tokens=1)
         yield RequestOutput(
             rid,
             OutputKind.FINISHED,
-            finish_reason=FinishReason.STOP,
+            finish_reason=FinishReason.CANCELLED if rid in self.aborted else FinishReason.STOP,
             prompt_tokens=7,
-            completion_tokens=len(chunks),
+            completion_tokens=sent,
             timings=Timings(0.0, 1.0, 2.0, 100.0),
         )
 
     def abort(self, request_id: str) -> None:
-        pass
+        self.aborted.add(request_id)
 
     def stats(self) -> EngineStats:
         return EngineStats(running=0, waiting=0, max_batch_size=1)

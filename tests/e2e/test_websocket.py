@@ -26,8 +26,10 @@ def tutorial_page() -> str:
 
 
 @pytest.mark.skipif(not SEED.exists(), reason="shared/ is not beside the checkout")
-def test_root_serves_the_tutorials_client_page_unchanged(tiny_server: RunningServer) -> None:
-    assert tiny_server.get_text("/") == tutorial_page()
+def test_the_tutorials_client_page_is_served_unchanged_at_tutorial(tiny_server: RunningServer) -> None:
+    """The tutorial's page (which connects to ws://localhost:8765, the WebSocket at /) is kept as it was."""
+    assert tiny_server.get_text("/tutorial") == tutorial_page()
+    assert "tokenwire" in tiny_server.get_text("/")  # the chat page
 
 
 async def test_tutorial_client_messages_get_started_tokens_complete(tiny_server: RunningServer) -> None:

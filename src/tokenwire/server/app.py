@@ -17,7 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from tokenwire.engine.interface import Engine
@@ -89,7 +90,11 @@ def create_app(
     api = OpenAIRoutes(engine, state.settings.limits, sse_keepalive_interval, telemetry)
     web = resources.files("tokenwire.web")
     dashboard_page = web.joinpath("dashboard.html").read_text(encoding="utf-8")
-    page = resources.files("tokenwire.web").joinpath("tutorial.html").read_text(encoding="utf-8")
+    tutorial_page = web.joinpath("tutorial.html").read_text(encoding="utf-8")
+    chat_page = web.joinpath("index.html").read_text(encoding="utf-8")
+
+    async def tutorial(request: Request) -> Response:
+        return HTMLResponse(tutorial_page)
 
     async def dashboard(request: Request) -> Response:
         return HTMLResponse(dashboard_page)
@@ -111,7 +116,7 @@ def create_app(
         )
 
     async def index(request: Request) -> Response:
-        return HTMLResponse(page)
+        return HTMLResponse(chat_page)
 
     async def websocket(ws: WebSocket) -> None:
         conn = Connection(ws, state.engine, state.settings, telemetry)
@@ -178,6 +183,8 @@ def create_app(
     app = Starlette(
         routes=[
             Route("/", index),
+            Route("/tutorial", tutorial),
+            Mount("/static", StaticFiles(directory=str(web)), name="static"),  # web/ is a real folder once installed
             WebSocketRoute("/", websocket),
             WebSocketRoute("/ws", websocket),
             Route("/health", health),

@@ -1,0 +1,248 @@
+// tokenwire's chat page: streams answers over the WebSocket protocol (docs/protocol.md), keeps the conversation
+// and sends it as `messages`, reconnects with backoff, and renders answers as safe Markdown (markdown.js).
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const ui = {
+    messages: $("messages"), prompt: $("prompt"), send: $("send"), stop: $("stop"), conn: $("conn"),
+    model: $("model"), form: $("composer"), settings: $("settings"), settingsToggle: $("settings-toggle"),
+    system: $("system"), temperature: $("temperature"), temperatureValue: $("temperature-value"),
+    maxTokens: $("max-tokens"), newChat: $("new-chat"), theme: $("theme"),
+  };
+  const STORE = "tokenwire.settings";
+  const THEME = "tokenwire.theme";
+
+  let ws = null;
+  let attempt = 0;
+  let reconnectTimer = null;
+  let counter = 0;
+  let conversation = [];  // finished turns: {role, content}
+  let current = null;     // the answer being streamed
+
+  // -- settings, remembered in the browser
+  function loadSettings() {
+    let s = {};
+    try { s = JSON.parse(localStorage.getItem(STORE) || "{}"); } catch (e) { s = {}; }
+    ui.system.value = typeof s.system === "string" ? s.system : "";
+    ui.temperature.value = Number.isFinite(s.temperature) ? s.temperature : 0.7;
+    ui.maxTokens.value = Number.isInteger(s.max_tokens) ? s.max_tokens : 512;
+    ui.temperatureValue.textContent = ui.temperature.value;
+  }
+  function saveSettings() {
+    ui.temperatureValue.textContent = ui.temperature.value;
+    localStorage.setItem(STORE, JSON.stringify({
+      system: ui.system.value,
+      temperature: parseFloat(ui.temperature.value),
+      max_tokens: Math.max(1, parseInt(ui.maxTokens.value, 10) || 512),
+    }));
+  }
+  function applyTheme(theme) {
+    if (theme) document.documentElement.dataset.theme = theme;
+    else delete document.documentElement.dataset.theme;
+  }
+
+  // -- connection
+  function setConn(state, text) {
+    ui.conn.dataset.state = state;
+    ui.conn.textContent = text;
+    ui.send.disabled = state !== "open" || current !== null;
+  }
+
+  function connect() {
+    clearTimeout(reconnectTimer);
+    const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+    setConn(attempt ? "reconnecting" : "connecting", attempt ? "reconnecting…" : "connecting…");
+    const sock = new WebSocket(url);
+    ws = sock;
+    sock.onopen = () => { attempt = 0; setConn("open", "connected"); };
+    sock.onmessage = (event) => {
+      let msg;
+      try { msg = JSON.parse(event.data); } catch (e) { return; }
+      handle(msg);
+    };
+    sock.onclose = () => {
+      if (ws !== sock) return;
+      ws = null;
+      if (current) finish("interrupted", "connection lost; the answer is incomplete. Regenerate to try again.");
+      const delay = Math.min(10000, 500 * 2 ** attempt) * (0.75 + Math.random() * 0.5);
+      attempt += 1;
+      setConn("reconnecting", `disconnected, retrying in ${(delay / 1000).toFixed(1)} s…`);
+      reconnectTimer = setTimeout(connect, delay);
+    };
+  }
+
+  function handle(msg) {
+    if (msg.type === "hello") { ui.model.textContent = msg.model || ""; return; }
+    if (msg.type === "ping") { if (ws) ws.send(JSON.stringify({ type: "pong", ts: msg.ts })); return; }
+    if (!current || msg.id !== current.id) {
+      if (msg.type === "error" && !msg.id) setConn(ui.conn.dataset.state, `error: ${msg.content}`);
+      return;
+    }
+    if (msg.type === "started") {
+      current.promptTokens = msg.prompt_tokens;
+    } else if (msg.type === "token" || msg.type === "tokens") {
+      if (current.firstTokenAt === null) current.firstTokenAt = performance.now();
+      current.text += msg.content;
+      current.tokens += msg.tokens || 1;
+      scheduleRender();
+    } else if (msg.type === "complete") {
+      current.timings = msg.timings;
+      current.tokens = msg.usage ? msg.usage.completion_tokens : current.tokens;
+      const notes = { cancelled: "stopped", length: "max tokens reached" };
+      finish(msg.finish_reason === "cancelled" ? "stopped" : "done", notes[msg.finish_reason] || "");
+    } else if (msg.type === "error") {
+      finish("error", `error: ${msg.content}`);
+    }
+  }
+
+  // -- messages
+  function addMessage(role, text) {
+    const div = document.createElement("div");
+    div.className = `msg ${role}`;
+    if (role === "user") {
+      div.textContent = text;
+    } else {
+      const body = document.createElement("div");
+      body.className = "body";
+      const meta = document.createElement("div");
+      meta.className = "meta";
+      div.append(body, meta);
+      div.dataset.updates = "0";
+    }
+    ui.messages.appendChild(div);
+    ui.messages.scrollTop = ui.messages.scrollHeight;
+    return div;
+  }
+
+  let renderQueued = false;
+  function scheduleRender() {
+    if (renderQueued) return;
+    renderQueued = true;
+    requestAnimationFrame(() => { renderQueued = false; if (current) renderAnswer(current); });
+  }
+  function renderAnswer(answer) {
+    const body = answer.el.querySelector(".body");
+    body.replaceChildren(TokenwireMarkdown.render(answer.text));
+    answer.el.dataset.updates = String(parseInt(answer.el.dataset.updates, 10) + 1);
+    const nearBottom = ui.messages.scrollHeight - ui.messages.scrollTop - ui.messages.clientHeight < 120;
+    if (nearBottom) ui.messages.scrollTop = ui.messages.scrollHeight;
+  }
+
+  function startAnswer() {
+    const messages = [];
+    if (ui.system.value.trim()) messages.push({ role: "system", content: ui.system.value.trim() });
+    messages.push(...conversation);
+    counter += 1;
+    const id = `chat-${Date.now().toString(36)}-${counter}`;
+    const el = addMessage("assistant", "");
+    el.classList.add("typing");
+    el.dataset.state = "streaming";
+    current = { id, el, text: "", tokens: 0, sentAt: performance.now(), firstTokenAt: null, timings: null };
+    ws.send(JSON.stringify({
+      type: "generate", id, messages,
+      temperature: parseFloat(ui.temperature.value),
+      max_tokens: Math.max(1, parseInt(ui.maxTokens.value, 10) || 512),
+    }));
+    ui.stop.hidden = false;
+    setConn("open", "connected");
+  }
+
+  function finish(state, note) {
+    const answer = current;
+    current = null;
+    renderAnswer(answer);
+    answer.el.classList.remove("typing");
+    answer.el.dataset.state = state;
+    if (state === "done" || (state === "stopped" && answer.text)) {
+      conversation.push({ role: "assistant", content: answer.text });
+      answer.el.dataset.turn = String(conversation.length - 1);
+    }
+    const meta = answer.el.querySelector(".meta");
+    meta.replaceChildren();
+    const figures = [];
+    if (answer.firstTokenAt !== null) figures.push(`TTFT ${Math.round(answer.firstTokenAt - answer.sentAt)} ms`);
+    if (answer.timings && answer.timings.tokens_per_second) figures.push(`${answer.timings.tokens_per_second.toFixed(1)} tok/s`);
+    figures.push(`${answer.tokens} tokens`);
+    const fig = document.createElement("span");
+    fig.className = "figures";
+    fig.textContent = figures.join(" · ");
+    meta.appendChild(fig);
+    if (note) {
+      const n = document.createElement("span");
+      n.className = "note";
+      n.textContent = note;
+      meta.appendChild(n);
+    }
+    document.querySelectorAll(".msg .regen").forEach((b) => b.remove());
+    const regen = document.createElement("button");
+    regen.type = "button"; regen.className = "regen"; regen.textContent = "Regenerate";
+    regen.setAttribute("aria-label", "Regenerate the last answer");
+    regen.addEventListener("click", regenerate);
+    meta.appendChild(regen);
+    ui.stop.hidden = true;
+    setConn(ws ? "open" : "reconnecting", ws ? "connected" : ui.conn.textContent);
+  }
+
+  function regenerate() {
+    if (current || !ws) return;
+    const last = ui.messages.lastElementChild;
+    if (last && last.classList.contains("assistant")) {
+      if (last.dataset.turn !== undefined) conversation.pop();
+      last.remove();
+    }
+    if (!conversation.length || conversation[conversation.length - 1].role !== "user") return;
+    startAnswer();
+  }
+
+  function send() {
+    const text = ui.prompt.value;
+    if (!text.trim() || !ws || ws.readyState !== WebSocket.OPEN || current) return;
+    conversation.push({ role: "user", content: text });
+    addMessage("user", text);
+    ui.prompt.value = "";
+    autosize();
+    startAnswer();
+  }
+
+  function autosize() {
+    ui.prompt.style.height = "auto";
+    ui.prompt.style.height = `${ui.prompt.scrollHeight}px`;
+  }
+
+  // -- wiring
+  ui.form.addEventListener("submit", (e) => { e.preventDefault(); send(); });
+  ui.prompt.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
+  });
+  ui.prompt.addEventListener("input", autosize);
+  ui.stop.addEventListener("click", () => {
+    if (current && ws) ws.send(JSON.stringify({ type: "cancel", id: current.id }));
+  });
+  ui.newChat.addEventListener("click", () => {
+    if (current && ws) ws.send(JSON.stringify({ type: "cancel", id: current.id }));
+    current = null;
+    conversation = [];
+    ui.messages.replaceChildren();
+    ui.stop.hidden = true;
+    setConn(ws ? "open" : "reconnecting", ws ? "connected" : ui.conn.textContent);
+    ui.prompt.focus();
+  });
+  ui.settingsToggle.addEventListener("click", () => {
+    ui.settings.hidden = !ui.settings.hidden;
+    ui.settingsToggle.setAttribute("aria-expanded", String(!ui.settings.hidden));
+  });
+  for (const input of [ui.system, ui.temperature, ui.maxTokens]) input.addEventListener("input", saveSettings);
+  ui.theme.addEventListener("click", () => {
+    const dark = document.documentElement.dataset.theme === "dark"
+      || (!document.documentElement.dataset.theme && matchMedia("(prefers-color-scheme: dark)").matches);
+    const next = dark ? "light" : "dark";
+    localStorage.setItem(THEME, next);
+    applyTheme(next);
+  });
+
+  applyTheme(localStorage.getItem(THEME));
+  loadSettings();
+  connect();
+  ui.prompt.focus();
+})();

@@ -1,0 +1,246 @@
+"""The chat page at / in headless Chromium, against a real server on a scripted engine (tests/fakes.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import uvicorn
+from playwright.async_api import Page, async_playwright
+
+from tests.conftest import scaled
+from tests.e2e.browser import ARGS, require_chromium, screenshot_path
+from tests.e2e.server import free_port
+from tests.fakes import FakeEngine
+from tokenwire.server.app import create_app
+from tokenwire.server.websocket import ConnectionSettings
+
+MS = scaled(10) * 1000  # Playwright timeouts, in milliseconds
+
+
+@contextlib.asynccontextmanager
+async def serving(engine: FakeEngine) -> AsyncIterator[tuple[str, Any]]:
+    """A real uvicorn server on 127.0.0.1 in this event loop; yields (base URL, server state)."""
+    app = create_app(engine, ConnectionSettings(heartbeat_interval=0))
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    for _ in range(int(scaled(200))):
+        if server.started:
+            break
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", app.state.tokenwire
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, scaled(10))
+
+
+@contextlib.asynccontextmanager
+async def browser_page(**context: Any) -> AsyncIterator[Page]:
+    chromium = require_chromium()
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=chromium, args=ARGS)
+        try:
+            ctx = await browser.new_context(**context)
+            yield await ctx.new_page()
+        finally:
+            await browser.close()
+
+
+async def open_chat(page: Page, base: str) -> None:
+    await page.goto(base + "/")
+    await page.wait_for_selector('#conn[data-state="open"]', timeout=MS)
+
+
+async def ask(page: Page, text: str) -> None:
+    await page.fill("#prompt", text)
+    await page.press("#prompt", "Enter")
+
+
+async def last_answer(page: Page, state: str = "done") -> Any:
+    return await page.wait_for_selector(f'.msg.assistant[data-state="{state}"]', timeout=MS)
+
+
+async def test_answer_streams_in_steps_and_the_conversation_is_sent_as_messages() -> None:
+    engine = FakeEngine(reply="The answer is **42**.\n\n- one\n- two", pieces=8, delay=0.05)
+    async with serving(engine) as (base, _), browser_page() as page:
+        await open_chat(page, base)
+        await ask(page, "What is it?")
+        answer = await last_answer(page)
+        assert int(await answer.get_attribute("data-updates") or 0) >= 3  # it grew in several steps
+        body = await answer.query_selector(".body")
+        assert body is not None
+        assert "The answer is 42." in (await body.inner_text())
+        assert await body.eval_on_selector("strong", "e => e.textContent") == "42"
+        assert await body.eval_on_selector_all("li", "els => els.length") == 2
+        assert "tokens" in (await answer.inner_text())
+        await ask(page, "And then?")
+        await page.wait_for_function("document.querySelectorAll('.msg.assistant[data-state=done]').length == 2")
+        sent = engine.requests[-1].messages
+        assert sent is not None
+        assert [(m.role, m.content) for m in sent] == [
+            ("user", "What is it?"),
+            ("assistant", engine.reply),
+            ("user", "And then?"),
+        ]
+        await page.screenshot(path=str(screenshot_path("chat-conversation.png")), full_page=True)
+
+
+async def test_enter_sends_and_shift_enter_makes_a_new_line() -> None:
+    engine = FakeEngine()
+    async with serving(engine) as (base, _), browser_page() as page:
+        await open_chat(page, base)
+        await page.click("#prompt")
+        await page.keyboard.type("line one")
+        await page.keyboard.press("Shift+Enter")
+        await page.keyboard.type("line two")
+        assert await page.input_value("#prompt") == "line one\nline two"
+        assert engine.requests == []
+        await page.keyboard.press("Enter")
+        await last_answer(page)
+        assert engine.requests[-1].messages is not None
+        assert engine.requests[-1].messages[-1].content == "line one\nline two"
+
+
+async def test_stop_cancels_the_running_answer() -> None:
+    engine = FakeEngine(reply="word " * 300, pieces=300, delay=0.02)
+    async with serving(engine) as (base, _), browser_page() as page:
+        await open_chat(page, base)
+        await ask(page, "Talk")
+        await page.wait_for_function(
+            "Number(document.querySelector('.msg.assistant')?.dataset.updates || 0) >= 2", timeout=MS
+        )
+        await page.click("#stop")
+        answer = await last_answer(page, "stopped")
+        text = await answer.inner_text()
+        assert "stopped" in text
+        assert len(engine.aborted) == 1
+        before = await answer.eval_on_selector(".body", "e => e.textContent.length")
+        await asyncio.sleep(0.5)
+        assert await answer.eval_on_selector(".body", "e => e.textContent.length") == before
+        assert before < len(engine.reply)
+        assert await page.is_hidden("#stop") and await page.is_enabled("#send")
+
+
+async def test_the_page_recovers_after_the_server_drops_the_socket() -> None:
+    engine = FakeEngine(reply="slow " * 200, pieces=200, delay=0.03)
+    async with serving(engine) as (base, state), browser_page() as page:
+        await open_chat(page, base)
+        await ask(page, "Tell me")
+        await page.wait_for_function(
+            "Number(document.querySelector('.msg.assistant')?.dataset.updates || 0) >= 1", timeout=MS
+        )
+        for conn in list(state.connections):
+            await conn.ws.close(1012)  # the server drops every socket
+        interrupted = await last_answer(page, "interrupted")
+        assert "connection lost" in await interrupted.inner_text()
+        await page.wait_for_selector('#conn[data-state="reconnecting"]', timeout=MS, state="attached")
+        await page.wait_for_selector('#conn[data-state="open"]', timeout=MS)
+        engine.reply, engine.pieces, engine.delay = "Back again.", 3, 0.01
+        await page.click(".regen")
+        answer = await last_answer(page)
+        assert "Back again." in await answer.inner_text()
+        await page.screenshot(path=str(screenshot_path("chat-reconnected.png")), full_page=True)
+
+
+XSS = (
+    '<img src=x onerror="window.__xss=1"><script>window.__xss=2</script> '
+    "[click](javascript:window.__xss=3) [ok](https://example.com/a) `<b>code</b>`"
+)
+
+
+async def test_model_output_cannot_inject_html_or_script() -> None:
+    engine = FakeEngine(reply=XSS, pieces=5, delay=0.01)
+    async with serving(engine) as (base, _), browser_page() as page:
+        await open_chat(page, base)
+        await ask(page, "Say something nasty")
+        answer = await last_answer(page)
+        await asyncio.sleep(0.3)
+        assert await page.evaluate("window.__xss") is None
+        assert await page.eval_on_selector_all(".messages img, .messages script, .messages b", "e => e.length") == 0
+        text = await answer.inner_text()
+        assert '<img src=x onerror="window.__xss=1">' in text and "<script>" in text
+        links = await answer.eval_on_selector_all("a", "els => els.map(a => [a.textContent, a.href, a.rel])")
+        assert links == [["ok", "https://example.com/a", "noopener noreferrer nofollow"]]
+        assert "[click](javascript:window.__xss=3)" in text
+        await page.screenshot(path=str(screenshot_path("chat-xss-as-text.png")), full_page=True)
+
+
+async def test_markdown_code_blocks_lists_and_tables_render() -> None:
+    reply = "Here:\n\n```python\nprint('hi')\n```\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n1. first\n2. second\n"
+    engine = FakeEngine(reply=reply, pieces=6, delay=0.01)
+    async with serving(engine) as (base, _), browser_page() as page:
+        await open_chat(page, base)
+        await ask(page, "Show me")
+        answer = await last_answer(page)
+        assert await answer.eval_on_selector("pre code", "e => e.textContent") == "print('hi')"
+        assert await answer.eval_on_selector("pre code", "e => e.dataset.lang") == "python"
+        assert await answer.query_selector('pre button[aria-label="Copy code"]') is not None
+        assert await answer.eval_on_selector_all("table th", "e => e.map(x => x.textContent)") == ["a", "b"]
+        assert await answer.eval_on_selector_all("table td", "e => e.map(x => x.textContent)") == ["1", "2"]
+        assert await answer.eval_on_selector_all("ol li", "e => e.length") == 2
+
+
+async def test_settings_are_remembered_and_sent() -> None:
+    engine = FakeEngine()
+    async with serving(engine) as (base, _), browser_page() as page:
+        await open_chat(page, base)
+        await page.click("#settings-toggle")
+        await page.fill("#system", "Be terse.")
+        await page.fill("#max-tokens", "77")
+        await page.reload()
+        await page.wait_for_selector('#conn[data-state="open"]', timeout=MS)
+        assert await page.input_value("#system") == "Be terse."
+        assert await page.input_value("#max-tokens") == "77"
+        await ask(page, "Hi")
+        await last_answer(page)
+        req = engine.requests[-1]
+        assert req.params.max_tokens == 77
+        assert req.messages is not None and (req.messages[0].role, req.messages[0].content) == ("system", "Be terse.")
+
+
+async def test_new_chat_and_regenerate() -> None:
+    engine = FakeEngine(reply="First.", pieces=2)
+    async with serving(engine) as (base, _), browser_page() as page:
+        await open_chat(page, base)
+        await ask(page, "One")
+        await last_answer(page)
+        engine.reply = "Second."
+        await page.click(".regen")
+        await page.wait_for_function(
+            "document.querySelector('.msg.assistant[data-state=done] .body')?.textContent === 'Second.'", timeout=MS
+        )
+        assert await page.eval_on_selector_all(".msg.assistant", "e => e.length") == 1
+        assert [(m.role, m.content) for m in engine.requests[-1].messages or ()] == [("user", "One")]
+        await page.click("#new-chat")
+        assert await page.eval_on_selector_all(".msg", "e => e.length") == 0
+        await ask(page, "Fresh")
+        await last_answer(page)
+        assert [(m.role, m.content) for m in engine.requests[-1].messages or ()] == [("user", "Fresh")]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+async def test_phone_sized_viewport_fits_and_has_labels(scheme: str) -> None:
+    engine = FakeEngine(reply="A reply that wraps on a small screen. " * 4, pieces=4)
+    async with (
+        serving(engine) as (base, _),
+        browser_page(viewport={"width": 390, "height": 800}, color_scheme=scheme, is_mobile=True) as page,
+    ):
+        await open_chat(page, base)
+        await ask(page, "Hello from a phone")
+        await last_answer(page)
+        assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        assert await page.is_visible("#prompt") and await page.is_visible("#send")
+        assert await page.get_attribute("#prompt", "aria-label") == "Message"
+        assert await page.get_attribute("#messages", "role") == "log"
+        # keyboard alone: Tab reaches the message box and the send button
+        await page.focus("#prompt")
+        await page.keyboard.press("Tab")
+        assert await page.evaluate("document.activeElement.id") in ("send", "stop")
+        await page.screenshot(path=str(screenshot_path(f"chat-phone-{scheme}.png")), full_page=True)
