@@ -20,6 +20,12 @@ class Settings:
     # where to listen
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
     port: int = field(default=8765, metadata={"help": "port to bind"})
+    api_key: str | None = field(
+        default=None, metadata={"help": "API key(s), comma-separated; when set, every API call must carry one"}
+    )
+    allowed_origins: str = field(
+        default="", metadata={"help": "extra browser origins allowed to open WebSockets, comma-separated (* = any)"}
+    )
     # the model
     model: str | None = field(
         default=None,

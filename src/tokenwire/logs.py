@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from typing import Any
+
+_KEY_IN_URL = re.compile(r"(api_key=)[^&\s\"']+")
+
+
+class RedactKeys(logging.Filter):
+    """Hides ``?api_key=...`` in any log line (uvicorn logs WebSocket paths with their query)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "api_key=" in message:
+            record.msg, record.args = _KEY_IN_URL.sub(r"\1[redacted]", message), None
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,6 +46,7 @@ def configure(level: str, fmt: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactKeys())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tests.conftest import scaled
@@ -40,13 +41,25 @@ class RunningServer:
         with urllib.request.urlopen(self.http + path, timeout=scaled(10)) as r:
             return json.loads(r.read())
 
+    def metrics(self) -> dict[str, float]:
+        """Every sample of /metrics as ``name{label=value,...}`` -> value."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(self.get_text("/metrics")):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+
     def get_text(self, path: str) -> str:
         with urllib.request.urlopen(self.http + path, timeout=scaled(10)) as r:
             return str(r.read().decode("utf-8"))
 
 
 @contextmanager
-def serve(*args: str, startup_timeout: float = 120.0) -> Iterator[RunningServer]:
+def serve(*args: str, startup_timeout: float = 120.0, log_path: Path | None = None) -> Iterator[RunningServer]:
+    """Run ``tokenwire serve ARGS``; its output goes to ``log_path`` when given."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
@@ -62,7 +75,8 @@ def serve(*args: str, startup_timeout: float = 120.0) -> Iterator[RunningServer]
         "warning",
         *args,
     ]
-    proc = subprocess.Popen(cmd, env=env)
+    log = open(log_path, "w") if log_path is not None else None  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
     server = RunningServer(port, proc)
     try:
         deadline = time.monotonic() + scaled(startup_timeout)
@@ -85,3 +99,5 @@ def serve(*args: str, startup_timeout: float = 120.0) -> Iterator[RunningServer]
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if log is not None:
+            log.close()

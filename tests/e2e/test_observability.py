@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import scaled
 from tests.e2e.client import Client
@@ -17,14 +16,7 @@ from tests.e2e.server import RunningServer, free_port
 
 
 def scrape(server: RunningServer) -> dict[str, float]:
-    """Every sample of /metrics as ``name{label=value,...}`` -> value."""
-    text = httpx.get(server.http + "/metrics", timeout=scaled(10)).text
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
+    return server.metrics()
 
 
 async def test_every_metric_moves_when_it_should(tiny_server: RunningServer) -> None:

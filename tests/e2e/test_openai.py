@@ -106,23 +106,33 @@ def wait_idle(server: RunningServer, within: float) -> None:
         time.sleep(0.05)
 
 
+CANCELLED = "tokenwire_requests_total{api=openai,finish_reason=cancelled}"
+
+
 def test_client_disconnect_mid_stream_frees_the_slot(tiny_server: RunningServer) -> None:
+    """The client leaves after a few events: the engine is idle within 2 s, and the request was cut short
+    (counted as cancelled, not as finished)."""
+    before = tiny_server.metrics().get(CANCELLED, 0)
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    seen: list[str] = []
     with httpx.stream("POST", tiny_server.http + "/v1/chat/completions", json=body, timeout=scaled(30)) as r:
-        got = 0
         for line in r.iter_lines():
-            got += line.startswith("data: ")
-            if got >= 5:
+            if line.startswith("data: "):
+                seen.append(line)
+            if len(seen) >= 5:
                 break
-        assert tiny_server.get_json("/v1/stats")["engine"]["running"] == 1
+    assert "data: [DONE]" not in seen
     wait_idle(tiny_server, 2.0)
+    assert tiny_server.metrics().get(CANCELLED, 0) == before + 1, seen
 
 
 def test_client_disconnect_without_streaming_frees_the_slot(tiny_server: RunningServer) -> None:
+    before = tiny_server.metrics().get(CANCELLED, 0)
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4000, "ignore_eos": True}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(tiny_server.http + "/v1/chat/completions", json=body, timeout=0.5)
     wait_idle(tiny_server, 2.0)
+    assert tiny_server.metrics().get(CANCELLED, 0) == before + 1
 
 
 async def test_same_seed_gives_the_same_text_over_websocket_and_http(tiny_server: RunningServer) -> None:

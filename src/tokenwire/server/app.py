@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -21,7 +22,9 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
-from tokenwire.engine.interface import Engine
+from tokenwire.engine.interface import Engine, ErrorCode
+from tokenwire.server import messages
+from tokenwire.server.auth import AuthPolicy, bearer_token, origin_allowed, websocket_key
 from tokenwire.server.openai_api import OpenAIRoutes
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.websocket import Connection, ConnectionSettings
@@ -58,6 +61,10 @@ class ServerState:
         started = time.monotonic()
         try:
             await self.engine.start()
+            # The model and libraries are millions of long-lived objects: take them out of the garbage
+            # collector's scans, so that a full collection cannot stall the event loop for tens of ms.
+            gc.collect()
+            gc.freeze()
             if self.public_url:
                 url, ws = self.public_url, self.public_url.replace("http", "ws", 1)
                 log.info(
@@ -83,7 +90,9 @@ def create_app(
     on_fatal: Callable[[], None] | None = None,
     sse_keepalive_interval: float = 15.0,
     public_url: str | None = None,
+    auth: AuthPolicy | None = None,
 ) -> Starlette:
+    policy = auth or AuthPolicy()
     state = ServerState(engine, settings or ConnectionSettings(), on_fatal, public_url)
     telemetry = Telemetry(engine.stats, lambda: len(state.connections))
     state.telemetry = telemetry
@@ -119,12 +128,42 @@ def create_app(
         return HTMLResponse(chat_page)
 
     async def websocket(ws: WebSocket) -> None:
+        subprotocols = ws.scope.get("subprotocols") or []
+        key, subprotocol = websocket_key(ws.headers, ws.query_params, subprotocols)
+        problem = None
+        if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), policy):
+            problem = "this page's origin may not open a WebSocket here (see --allowed-origins)"
+        elif not policy.key_ok(key):
+            problem = "an API key is required: send it as the subprotocol bearer.KEY, ?api_key=KEY or a Bearer header"
+        if problem is not None:  # accept, so that the client can read why, then close with 1008 (policy)
+            await ws.accept(subprotocol=subprotocol)
+            telemetry.error(ErrorCode.UNAUTHORIZED.value)
+            await ws.send_text(messages.encode(messages.error(ErrorCode.UNAUTHORIZED, problem)))
+            await ws.close(1008)
+            return
         conn = Connection(ws, state.engine, state.settings, telemetry)
         state.connections.add(conn)
         try:
-            await conn.run()
+            await conn.run(subprotocol)
         finally:
             state.connections.discard(conn)
+
+    def require_key(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def guarded(request: Request) -> Response:
+            if not policy.key_ok(bearer_token(request.headers)):
+                telemetry.error(ErrorCode.UNAUTHORIZED.value)
+                body = {
+                    "error": {
+                        "message": "a valid API key is required (Authorization: Bearer KEY)",
+                        "type": "authentication_error",
+                        "param": None,
+                        "code": "unauthorized",
+                    }
+                }
+                return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return await endpoint(request)
+
+        return guarded
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -193,9 +232,9 @@ def create_app(
             Route("/v1/stats/timeline", timeline),
             Route("/metrics", metrics),
             Route("/dashboard", dashboard),
-            Route("/v1/models", api.models),
-            Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
-            Route("/v1/completions", api.completions, methods=["POST"]),
+            Route("/v1/models", require_key(api.models)),
+            Route("/v1/chat/completions", require_key(api.chat_completions), methods=["POST"]),
+            Route("/v1/completions", require_key(api.completions), methods=["POST"]),
         ],
         lifespan=lifespan,
     )

@@ -11,10 +11,17 @@ from tokenwire import __version__
 from tokenwire.config import Settings
 from tokenwire.engine.factory import build_engine
 from tokenwire.server.app import ServerState, create_app
+from tokenwire.server.auth import AuthPolicy
 from tokenwire.server.protocol import Limits
 from tokenwire.server.websocket import ConnectionSettings
 
 log = logging.getLogger(__name__)
+
+
+def auth_policy(settings: Settings) -> AuthPolicy:
+    keys = tuple(k.strip() for k in (settings.api_key or "").split(",") if k.strip())
+    origins = tuple(o.strip() for o in settings.allowed_origins.split(",") if o.strip())
+    return AuthPolicy(api_keys=keys, allowed_origins=origins)
 
 
 def connection_settings(settings: Settings) -> ConnectionSettings:
@@ -57,7 +64,10 @@ def run(settings: Settings) -> int:
         on_fatal=stop,
         sse_keepalive_interval=settings.sse_keepalive_interval,
         public_url=f"http://{settings.host}:{settings.port}",
+        auth=auth_policy(settings),
     )
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        log.warning("listening on %s without an API key: anyone who can reach it can use it", settings.host)
     config = uvicorn.Config(
         app,
         host=settings.host,

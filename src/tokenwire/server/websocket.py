@@ -76,8 +76,8 @@ class Connection:
     def running_generations(self) -> int:
         return len(self._generations)
 
-    async def run(self) -> None:
-        await self.ws.accept()
+    async def run(self, subprotocol: str | None = None) -> None:
+        await self.ws.accept(subprotocol=subprotocol)
         heartbeat: asyncio.Task[None] | None = None
         try:
             await self.send(

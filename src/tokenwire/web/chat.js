@@ -11,6 +11,8 @@
     maxTokens: $("max-tokens"), newChat: $("new-chat"), theme: $("theme"),
   };
   const STORE = "tokenwire.settings";
+  const KEY = "tokenwire.key";
+  let needKey = false;
   const THEME = "tokenwire.theme";
 
   let ws = null;
@@ -51,9 +53,15 @@
 
   function connect() {
     clearTimeout(reconnectTimer);
-    const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+    let url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
     setConn(attempt ? "reconnecting" : "connecting", attempt ? "reconnecting…" : "connecting…");
-    const sock = new WebSocket(url);
+    // A key goes as the subprotocol bearer.KEY when it is a valid token, else as ?api_key= (browsers cannot set
+    // an Authorization header on a WebSocket).
+    const key = localStorage.getItem(KEY) || "";
+    const protocols = [];
+    if (key && /^[A-Za-z0-9._~-]+$/.test(key)) protocols.push(`bearer.${key}`);
+    else if (key) url += `?api_key=${encodeURIComponent(key)}`;
+    const sock = new WebSocket(url, protocols);
     ws = sock;
     sock.onopen = () => { attempt = 0; setConn("open", "connected"); };
     sock.onmessage = (event) => {
@@ -65,6 +73,12 @@
       if (ws !== sock) return;
       ws = null;
       if (current) finish("interrupted", "connection lost; the answer is incomplete. Regenerate to try again.");
+      if (needKey) {  // no point retrying with the same key: ask for one
+        setConn("closed", "API key needed");
+        $("key-form").hidden = false;
+        $("api-key").focus();
+        return;
+      }
       const delay = Math.min(10000, 500 * 2 ** attempt) * (0.75 + Math.random() * 0.5);
       attempt += 1;
       setConn("reconnecting", `disconnected, retrying in ${(delay / 1000).toFixed(1)} s…`);
@@ -74,6 +88,7 @@
 
   function handle(msg) {
     if (msg.type === "hello") { ui.model.textContent = msg.model || ""; return; }
+    if (msg.type === "error" && msg.code === "unauthorized") { needKey = true; return; }
     if (msg.type === "ping") { if (ws) ws.send(JSON.stringify({ type: "pong", ts: msg.ts })); return; }
     if (!current || msg.id !== current.id) {
       if (msg.type === "error" && !msg.id) setConn(ui.conn.dataset.state, `error: ${msg.content}`);
@@ -239,6 +254,15 @@
     const next = dark ? "light" : "dark";
     localStorage.setItem(THEME, next);
     applyTheme(next);
+  });
+
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    localStorage.setItem(KEY, $("api-key").value.trim());
+    $("key-form").hidden = true;
+    needKey = false;
+    attempt = 0;
+    connect();
   });
 
   applyTheme(localStorage.getItem(THEME));
