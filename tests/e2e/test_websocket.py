@@ -136,6 +136,7 @@ BAD_INPUTS: list[tuple[str, str, str | None]] = [
         "messages[0].role",
     ),
     (json.dumps({"type": "cancel", "id": "nobody"}), "not_found", "id"),
+    ('{"type": "generate", "prompt": "bad \\ud800 text"}', "invalid_json", None),
     (json.dumps({"type": "generate", "prompt": "word " * 6000}), "prompt_too_long", None),
 ]
 

@@ -306,3 +306,23 @@ def test_a_request_finishing_in_the_step_where_others_prefill_together_keeps_eve
             texts[item.request_id] = texts.get(item.request_id, "") + item.text
     for rid, prompt, n in (("b", PROMPTS[0], 12), ("c", PROMPTS[1], 12), ("d", PROMPTS[4], 12)):
         assert texts[rid] == reference_greedy(eng, prompt, n, ignore_eos=True), rid
+
+
+async def test_a_tokenizer_failure_fails_that_request_and_the_engine_goes_on(
+    engine: HFEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts = engine._prompts
+    assert prompts is not None
+    real_build = prompts.build
+
+    def build(request: GenerationRequest) -> Any:
+        if request.prompt == "boom":
+            raise RuntimeError("the tokenizer refused")
+        return real_build(request)
+
+    monkeypatch.setattr(prompts, "build", build)
+    with pytest.raises(EngineError) as info:
+        await run(engine, "bad", prompt="boom")
+    assert info.value.code is ErrorCode.INVALID_REQUEST and "tokenizer refused" in info.value.message
+    ok = await run(engine, "good", prompt="Hello", max_tokens=3, ignore_eos=True)
+    assert ok["completion"] == 3

@@ -168,3 +168,9 @@ def test_ready_is_503_while_the_server_drains(client: TestClient) -> None:
     r = client.get("/ready")
     assert r.status_code == 503 and r.json()["status"] == "draining"
     assert client.get("/health").status_code == 200
+
+
+def test_a_lone_surrogate_in_the_body_is_400(client: TestClient) -> None:
+    body = b'{"messages": [{"role": "user", "content": "x \\ud800"}]}'
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and error_of(r)["code"] == "invalid_json"

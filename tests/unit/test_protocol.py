@@ -182,3 +182,14 @@ def test_numeric_id_is_accepted_as_a_string() -> None:
 def test_deeply_nested_json_is_an_error_not_a_crash() -> None:
     err = error_of("[" * 100000 + "]" * 100000)
     assert err.code is ErrorCode.INVALID_JSON
+
+
+def test_a_lone_surrogate_escape_is_refused_naming_the_field() -> None:
+    err = error_of('{"type": "generate", "prompt": "hi \\ud800 there"}')
+    assert err.code is ErrorCode.INVALID_JSON and '"prompt"' in err.message and "surrogate" in err.message
+    err = error_of('{"type": "generate", "messages": [{"role": "user", "content": "\\udfff"}]}')
+    assert err.code is ErrorCode.INVALID_JSON
+    err = error_of('{"type": "cancel", "id": "\\ud83d"}')
+    assert err.code is ErrorCode.INVALID_JSON
+    # a proper pair of escapes is one valid character
+    assert parse('{"type": "generate", "prompt": "\\ud83d\\ude00"}').prompt == "😀"

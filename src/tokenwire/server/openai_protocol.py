@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenwire.engine.interface import ErrorCode, FinishReason, SamplingParams
-from tokenwire.server.protocol import Generate, Limits, ProtocolError, parse_generate
+from tokenwire.server.protocol import Generate, Limits, ProtocolError, parse_generate, require_valid_unicode
 
 # Fields shared with the WebSocket ``generate`` message, passed through as they are.
 _PASSTHROUGH = (
@@ -110,6 +110,10 @@ def parse_completion_request(
             param="model",
         )
     _reject_unsupported(body)
+    try:
+        require_valid_unicode(body, "the request")
+    except ProtocolError as err:
+        raise APIError(400, err.message, code="invalid_json") from None
     msg: dict[str, Any] = {k: body[k] for k in _PASSTHROUGH if k in body}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:

@@ -110,6 +110,7 @@ def parse_message(data: str | bytes, limits: Limits) -> ClientMessage:
         raise ProtocolError(ErrorCode.INVALID_JSON, f"the message is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.INVALID_JSON, 'a message must be a JSON object with a "type" field')
+    require_valid_unicode(obj)
     mtype = obj.get("type")
     if mtype is None:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, 'the message has no "type" field', "type")
@@ -133,6 +134,25 @@ def parse_message(data: str | bytes, limits: Limits) -> ClientMessage:
         f"unknown message type {shown!r}; expected generate, cancel, ping, pong or resume",
         "type",
     )
+
+
+def require_valid_unicode(value: Any, where: str = "the message") -> None:
+    """JSON can escape a lone UTF-16 surrogate (``"\\ud800"``), which is no Unicode character: no tokenizer can
+    encode it and no reply could echo it. Refuse it here, naming where it is."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError(
+                ErrorCode.INVALID_JSON, f"{where} holds a lone UTF-16 surrogate escape, which is not valid Unicode"
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            require_valid_unicode(k, where)
+            require_valid_unicode(v, f'"{k}"' if isinstance(k, str) and k.isidentifier() else where)
+    elif isinstance(value, list):
+        for item in value:
+            require_valid_unicode(item, where)
 
 
 def parse_generate(obj: dict[str, Any], limits: Limits) -> Generate:

@@ -247,6 +247,11 @@ class HFEngine:
         except EngineError as err:
             out.append(_Failure(req.request_id, err))
             return
+        except Exception as exc:  # the tokenizer refused the input: this request fails, the loop goes on
+            log.warning("could not tokenize request %s: %s", req.request_id, exc)
+            failure = EngineError(ErrorCode.INVALID_REQUEST, f"the prompt could not be tokenized: {exc}", "prompt")
+            out.append(_Failure(req.request_id, failure))
+            return
         room = self._max_context - len(prompt.token_ids)
         seq = Sequence(
             request=req,
