@@ -32,7 +32,9 @@ async def test_every_metric_moves_when_it_should(tiny_server: RunningServer) -> 
         await c.until(lambda m: m["type"] == "error")
         await c.send({"type": "cancel", "id": "long"})
         await c.finish("long")
-        r = httpx.post(tiny_server.http + "/v1/completions", json={"prompt": "Hi", "max_tokens": 5}, timeout=30)
+        r = httpx.post(
+            tiny_server.http + "/v1/completions", json={"prompt": "Hi", "max_tokens": 5, "ignore_eos": True}, timeout=30
+        )
         assert r.status_code == 200
     finally:
         await c.close()
@@ -105,7 +107,9 @@ def test_json_logs_have_one_line_per_request_without_the_prompt(tiny_model_dir: 
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
-        r = httpx.post(base + "/v1/completions", json={"prompt": secret_prompt, "max_tokens": 4}, timeout=30)
+        r = httpx.post(
+            base + "/v1/completions", json={"prompt": secret_prompt, "max_tokens": 4, "ignore_eos": True}, timeout=30
+        )
         assert r.status_code == 200
         time.sleep(0.3)
     finally:
