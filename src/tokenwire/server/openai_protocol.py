@@ -206,59 +206,32 @@ class ResponseIds:
         return cls(id, model, int(time.time()))
 
 
+def _envelope(ids: ResponseIds, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {"id": ids.id, "object": obj, "created": ids.created, "model": ids.model, "choices": choices, **extra}
+
+
 def chat_chunk(ids: ResponseIds, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
-    return {
-        "id": ids.id,
-        "object": "chat.completion.chunk",
-        "created": ids.created,
-        "model": ids.model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
-    }
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+    return _envelope(ids, "chat.completion.chunk", [choice])
 
 
 def text_chunk(ids: ResponseIds, text: str, reason: str | None) -> dict[str, Any]:
-    return {
-        "id": ids.id,
-        "object": "text_completion",
-        "created": ids.created,
-        "model": ids.model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-    }
+    return _envelope(ids, "text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}])
 
 
 def usage_chunk(ids: ResponseIds, chat: bool, use: dict[str, int]) -> dict[str, Any]:
-    return {
-        "id": ids.id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": ids.created,
-        "model": ids.model,
-        "choices": [],
-        "usage": use,
-    }
+    return _envelope(ids, "chat.completion.chunk" if chat else "text_completion", [], usage=use)
 
 
 def chat_completion(ids: ResponseIds, text: str, reason: str, use: dict[str, int]) -> dict[str, Any]:
-    return {
-        "id": ids.id,
-        "object": "chat.completion",
-        "created": ids.created,
-        "model": ids.model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": reason}
-        ],
-        "usage": use,
-    }
+    message = {"role": "assistant", "content": text}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
+    return _envelope(ids, "chat.completion", [choice], usage=use)
 
 
 def text_completion(ids: ResponseIds, text: str, reason: str, use: dict[str, int]) -> dict[str, Any]:
-    return {
-        "id": ids.id,
-        "object": "text_completion",
-        "created": ids.created,
-        "model": ids.model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-        "usage": use,
-    }
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+    return _envelope(ids, "text_completion", [choice], usage=use)
 
 
 def model_list(model: str, created: int) -> dict[str, Any]:
