@@ -51,7 +51,8 @@ async def test_every_metric_moves_when_it_should(tiny_server: RunningServer) -> 
     grew("tokenwire_requests_total{api=websocket,finish_reason=cancelled}")
     grew("tokenwire_requests_total{api=openai,finish_reason=length}")
     grew("tokenwire_errors_total{code=unknown_type}")
-    grew("tokenwire_websocket_messages_sent_total", 14)
+    received = sum(len(v) for v in c.by_id.values()) + len(c.other)  # every message this client read, hello too
+    grew("tokenwire_websocket_messages_sent_total", received)
     grew("tokenwire_websocket_bytes_sent_total", 500)
     assert during["tokenwire_num_requests_running"] >= 1
     assert during["tokenwire_websocket_connections"] >= 1
