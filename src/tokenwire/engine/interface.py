@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -137,7 +137,6 @@ class EngineStats:
     kv_cache_tokens_used: int = 0
     kv_cache_tokens_capacity: int = 0
     steps: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class Engine(Protocol):

@@ -49,7 +49,6 @@ class ServerState:
         self.on_fatal = on_fatal
         self.load_error: str | None = None
         self.draining = False
-        self.telemetry: Telemetry | None = None
         self.load_task: asyncio.Task[None] | None = None
 
     async def drain(self) -> None:
@@ -95,7 +94,6 @@ def create_app(
     policy = auth or AuthPolicy()
     state = ServerState(engine, settings or ConnectionSettings(), on_fatal, public_url)
     telemetry = Telemetry(engine.stats, lambda: len(state.connections))
-    state.telemetry = telemetry
     api = OpenAIRoutes(engine, state.settings.limits, sse_keepalive_interval, telemetry)
     web = resources.files("tokenwire.web")
     dashboard_page = web.joinpath("dashboard.html").read_text(encoding="utf-8")

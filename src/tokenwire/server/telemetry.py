@@ -10,7 +10,7 @@ import logging
 import time
 from typing import Any
 
-from tokenwire.engine.interface import EngineStats, RequestOutput
+from tokenwire.engine.interface import RequestOutput
 from tokenwire.metrics import Metrics, StreamingMetrics, Timeline
 
 request_log = logging.getLogger("tokenwire.requests")
@@ -21,7 +21,6 @@ class Telemetry:
         self.metrics = Metrics(engine_stats, connections)
         self.sessions = StreamingMetrics(history)
         self.timeline = Timeline()
-        self._engine_stats = engine_stats
 
     def trace(self, request_id: str, connection: str, api: str) -> Trace:
         self.sessions.start_session(request_id, connection, api)
@@ -33,10 +32,6 @@ class Telemetry:
     def websocket_sent(self, data: str) -> None:
         self.metrics.ws_messages.inc()
         self.metrics.ws_bytes.inc(len(data.encode("utf-8")))
-
-    def engine_stats(self) -> EngineStats:
-        stats: EngineStats = self._engine_stats()
-        return stats
 
 
 class Trace:

@@ -97,30 +97,32 @@ class Connection:
             self._closing = True
             if heartbeat is not None:
                 heartbeat.cancel()
-            tasks = list(self._generations.values())
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if self.ws.application_state is WebSocketState.CONNECTED:
-                with contextlib.suppress(Exception):
-                    await self.ws.close(1000)
+            await self._cancel_generations()
+            await self._close(1000)
 
     async def shutdown(self) -> None:
         """The server stops: end each running generation with ``shutting_down``, then close with 1001."""
-        gen_ids = list(self._generations)
-        tasks = [self._generations[g] for g in gen_ids]
-        for task in tasks:
-            task.cancel()  # closing the engine stream aborts the request
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for gen_id in gen_ids:
+        for gen_id in await self._cancel_generations():
             self.telemetry.error(ErrorCode.SHUTTING_DOWN.value)
             await self._send_quietly(
                 messages.error(ErrorCode.SHUTTING_DOWN, "the server is shutting down; try again later", gen_id)
             )
         self._closing = True
+        await self._close(1001)
+
+    async def _cancel_generations(self) -> list[str]:
+        """Cancel every running generation (closing its engine stream aborts the request); returns their ids."""
+        gen_ids = list(self._generations)
+        tasks = [self._generations[g] for g in gen_ids]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return gen_ids
+
+    async def _close(self, code: int) -> None:
         if self.ws.application_state is WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
-                await self.ws.close(1001)
+                await self.ws.close(code)
 
     # -- reading
     async def _read_loop(self) -> None:
