@@ -50,6 +50,16 @@ class Settings:
     max_generations_per_connection: int = field(default=32, metadata={"help": "concurrent generations a socket"})
     heartbeat_interval: float = field(default=30.0, metadata={"help": "seconds between server pings (0: off)"})
     slow_consumer_timeout: float = field(default=30.0, metadata={"help": "close a socket whose send blocks this long"})
+    resume_window: float = field(
+        default=60.0,
+        metadata={
+            "help": "seconds a WebSocket generation stays resumable after its connection drops or it ends; an "
+            "orphaned one keeps running that long (0: no resume, a drop aborts)"
+        },
+    )
+    resume_buffer_mb: float = field(
+        default=64.0, metadata={"help": "memory for messages kept for resume; past it, the longest idle go first"}
+    )
     sse_keepalive_interval: float = field(
         default=15.0, metadata={"help": "seconds between SSE keep-alive comments while a stream is silent (0: off)"}
     )

@@ -27,9 +27,15 @@ REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0,
 class _Gauges(Collector):
     """Gauges read at scrape time from the engine and the server, so they are never stale."""
 
-    def __init__(self, engine_stats: Callable[[], EngineStats], connections: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        engine_stats: Callable[[], EngineStats],
+        connections: Callable[[], int],
+        resumable: Callable[[], tuple[int, int]] | None,
+    ) -> None:
         self._engine_stats = engine_stats
         self._connections = connections
+        self._resumable = resumable
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         s = self._engine_stats()
@@ -50,12 +56,29 @@ class _Gauges(Collector):
         yield GaugeMetricFamily(
             "tokenwire_kv_cache_usage_ratio", "Used over allocated KV-cache positions.", value=usage
         )
+        if self._resumable is not None:
+            orphaned, kept = self._resumable()
+            yield GaugeMetricFamily(
+                "tokenwire_orphaned_generations",
+                "WebSocket generations running with no connection, waiting to be resumed.",
+                value=orphaned,
+            )
+            yield GaugeMetricFamily(
+                "tokenwire_resume_buffer_bytes",
+                "Bytes of messages kept so that generations can be resumed.",
+                value=kept,
+            )
 
 
 class Metrics:
     """Prometheus metrics of one server."""
 
-    def __init__(self, engine_stats: Callable[[], EngineStats], connections: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        engine_stats: Callable[[], EngineStats],
+        connections: Callable[[], int],
+        resumable: Callable[[], tuple[int, int]] | None = None,
+    ) -> None:
         r = self.registry = CollectorRegistry()
         self.ttft = Histogram(
             "tokenwire_time_to_first_token_seconds",
@@ -89,7 +112,13 @@ class Metrics:
         self.errors = Counter("tokenwire_errors", "Errors sent to clients, by code.", ["code"], registry=r)
         self.ws_messages = Counter("tokenwire_websocket_messages_sent", "WebSocket messages sent.", registry=r)
         self.ws_bytes = Counter("tokenwire_websocket_bytes_sent", "WebSocket payload bytes sent.", registry=r)
-        r.register(_Gauges(engine_stats, connections))
+        self.resumes = Counter(
+            "tokenwire_websocket_resumes",
+            "WebSocket resume requests by outcome (resumed, not_found, ambiguous, invalid).",
+            ["outcome"],
+            registry=r,
+        )
+        r.register(_Gauges(engine_stats, connections, resumable))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,11 +7,13 @@ import pytest
 
 from tests.e2e.server import RunningServer, serve
 
+RESUME_WINDOW = 3.0  # seconds; short, so that tests can watch orphaned generations expire
+
 
 @pytest.fixture(scope="session")
 def tiny_server(tiny_long_model_dir: Path) -> Iterator[RunningServer]:
-    """A real server process on the tiny random model (4096-token context), with short heartbeats and a small
-    frame limit."""
+    """A real server process on the tiny random model (4096-token context), with short heartbeats, a small
+    frame limit and a resume window of RESUME_WINDOW seconds."""
     with serve(
         "--model",
         str(tiny_long_model_dir),
@@ -27,5 +29,7 @@ def tiny_server(tiny_long_model_dir: Path) -> Iterator[RunningServer]:
         "0.05",
         "--max-prefill-tokens",
         "32",
+        "--resume-window",
+        str(RESUME_WINDOW),
     ) as server:
         yield server

@@ -22,10 +22,10 @@ MS = scaled(10) * 1000  # Playwright timeouts, in milliseconds
 
 
 @contextlib.asynccontextmanager
-async def serving(engine: FakeEngine) -> AsyncIterator[tuple[str, Any]]:
+async def serving(engine: FakeEngine, port: int | None = None) -> AsyncIterator[tuple[str, Any]]:
     """A real uvicorn server on 127.0.0.1 in this event loop; yields (base URL, server state)."""
     app = create_app(engine, ConnectionSettings(heartbeat_interval=0))
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning")
     )
@@ -128,25 +128,72 @@ async def test_stop_cancels_the_running_answer() -> None:
         assert await page.is_hidden("#stop") and await page.is_enabled("#send")
 
 
-async def test_the_page_recovers_after_the_server_drops_the_socket() -> None:
-    engine = FakeEngine(reply="slow " * 200, pieces=200, delay=0.03)
+async def drop_every_socket(state: Any) -> None:
+    for conn in list(state.connections):
+        await conn.ws.close(1012)  # the server drops the socket, as a restarting proxy or a lost network would
+
+
+async def updates(page: Page, at_least: int) -> None:
+    await page.wait_for_function(
+        f"Number(document.querySelector('.msg.assistant:last-child')?.dataset.updates || 0) >= {at_least}", timeout=MS
+    )
+
+
+async def test_a_dropped_socket_resumes_the_running_answer_without_losing_or_repeating_text() -> None:
+    """Twice during one answer the server drops the socket; the page reconnects, resumes from the last seq it saw,
+    and the answer ends whole: exactly the engine's text, one request, nothing regenerated."""
+    reply = " ".join(f"w{i}" for i in range(240))
+    engine = FakeEngine(reply=reply, pieces=240, delay=0.02)
+    async with serving(engine) as (base, state), browser_page() as page:
+        await open_chat(page, base)
+        await ask(page, "Count for me")
+        for at_least in (2, 40):
+            await updates(page, at_least)
+            await drop_every_socket(state)
+            await page.wait_for_selector('#conn[data-state="reconnecting"]', timeout=MS, state="attached")
+            note = await page.inner_text(".msg.assistant .meta")
+            assert "resuming" in note
+        answer = await last_answer(page)
+        assert await answer.eval_on_selector(".body", "e => e.textContent") == reply
+        assert len(engine.requests) == 1 and not engine.aborted
+        assert "tokens" in await answer.inner_text() and "connection lost" not in await answer.inner_text()
+        assert state.generations.journals()[0].holder is None  # delivered: no connection holds it any more
+        await page.screenshot(path=str(screenshot_path("chat-resumed.png")), full_page=True)
+
+
+async def test_stop_while_disconnected_cancels_the_answer_once_reconnected() -> None:
+    engine = FakeEngine(reply="slow " * 300, pieces=300, delay=0.02)
     async with serving(engine) as (base, state), browser_page() as page:
         await open_chat(page, base)
         await ask(page, "Tell me")
-        await page.wait_for_function(
-            "Number(document.querySelector('.msg.assistant')?.dataset.updates || 0) >= 1", timeout=MS
-        )
-        for conn in list(state.connections):
-            await conn.ws.close(1012)  # the server drops every socket
-        interrupted = await last_answer(page, "interrupted")
-        assert "connection lost" in await interrupted.inner_text()
+        await updates(page, 2)
+        await drop_every_socket(state)
         await page.wait_for_selector('#conn[data-state="reconnecting"]', timeout=MS, state="attached")
-        await page.wait_for_selector('#conn[data-state="open"]', timeout=MS)
-        engine.reply, engine.pieces, engine.delay = "Back again.", 3, 0.01
-        await page.click(".regen")
-        answer = await last_answer(page)
-        assert "Back again." in await answer.inner_text()
-        await page.screenshot(path=str(screenshot_path("chat-reconnected.png")), full_page=True)
+        await page.click("#stop")
+        answer = await last_answer(page, "stopped")
+        assert "stopped" in await answer.inner_text()
+        assert len(engine.aborted) == 1 and len(engine.requests) == 1
+
+
+async def test_after_a_server_restart_the_lost_answer_is_marked_and_can_be_regenerated() -> None:
+    """A restarted server knows nothing of the running answer: resume is refused, the page says the answer is
+    incomplete, and Regenerate asks the new server."""
+    port = free_port()
+    async with browser_page() as page:
+        async with serving(FakeEngine(reply="slow " * 200, pieces=200, delay=0.03), port) as (base, _):
+            await open_chat(page, base)
+            await ask(page, "Tell me")
+            await updates(page, 1)
+        fresh = FakeEngine(reply="Back again.", pieces=3, delay=0.01)
+        async with serving(fresh, port):
+            interrupted = await last_answer(page, "interrupted")
+            assert "connection lost" in await interrupted.inner_text()
+            await page.wait_for_selector('#conn[data-state="open"]', timeout=MS)
+            await page.click(".regen")
+            answer = await last_answer(page)
+            assert "Back again." in await answer.inner_text()
+            assert [(m.role, m.content) for m in fresh.requests[-1].messages or ()] == [("user", "Tell me")]
+            await page.screenshot(path=str(screenshot_path("chat-reconnected.png")), full_page=True)
 
 
 XSS = (

@@ -13,6 +13,7 @@ import websockets
 
 from tests.conftest import scaled
 from tests.e2e.client import Client
+from tests.e2e.conftest import RESUME_WINDOW
 from tests.e2e.server import RunningServer
 
 SEED = Path(__file__).resolve().parents[3] / "shared" / "seed" / "000_15d103f118269f62.txt"
@@ -237,8 +238,11 @@ async def test_too_many_generations_on_one_connection_is_rate_limited(tiny_serve
         await c.close()
 
 
-async def test_dropped_connections_free_the_engine_within_two_seconds(tiny_server: RunningServer) -> None:
-    """32 streams decoding; every connection drops; the engine has no running or waiting request within 2 s."""
+async def test_dropped_connections_run_on_for_the_resume_window_then_free_the_engine(
+    tiny_server: RunningServer,
+) -> None:
+    """32 streams decoding; every connection vanishes. Their generations go on (a client may resume them) until
+    the resume window has passed, then they are aborted: the engine is idle within 2 s of the window's end."""
     clients = [await Client.connect(tiny_server.ws) for _ in range(32)]
     for i, c in enumerate(clients):
         await c.send(
@@ -256,12 +260,36 @@ async def test_dropped_connections_free_the_engine_within_two_seconds(tiny_serve
     for c in clients:
         c.ws.transport.abort()  # no close handshake: the client just vanishes
     t0 = time.monotonic()
+    await asyncio.sleep(RESUME_WINDOW / 2)
+    stats = tiny_server.get_json("/v1/stats")
+    assert stats["engine"]["running"] + stats["engine"]["waiting"] == 32, stats["engine"]
+    assert stats["orphaned_generations"] == 32
     while True:
         engine = tiny_server.get_json("/v1/stats")["engine"]
         if engine["running"] == 0 and engine["waiting"] == 0:
             break
-        assert time.monotonic() - t0 < scaled(2.0), engine
+        assert time.monotonic() - t0 < RESUME_WINDOW + scaled(2.0), engine
         await asyncio.sleep(0.05)
+    assert time.monotonic() - t0 >= RESUME_WINDOW * 0.9  # not aborted before the window ended
+    assert tiny_server.get_json("/v1/stats")["orphaned_generations"] == 0
+
+
+async def test_a_normal_close_aborts_the_connections_generations_at_once(tiny_server: RunningServer) -> None:
+    """A client that closes with 1000 is done with its generations: they stop within 2 s, window or not."""
+    clients = [await Client.connect(tiny_server.ws) for _ in range(4)]
+    for c in clients:
+        await c.send({"type": "generate", "id": "g", "prompt": "Go on", "max_tokens": 4000, "ignore_eos": True})
+        await c.until(lambda m: m.get("id") == "g" and m["type"] == "token")
+    for c in clients:
+        await c.close()
+    t0 = time.monotonic()
+    while True:
+        stats = tiny_server.get_json("/v1/stats")
+        if stats["engine"]["running"] == 0 and stats["engine"]["waiting"] == 0:
+            break
+        assert time.monotonic() - t0 < scaled(2.0), stats["engine"]
+        await asyncio.sleep(0.05)
+    assert stats["orphaned_generations"] == 0
 
 
 async def test_server_shutdown_ends_generations_with_shutting_down_and_closes_1001(tiny_long_model_dir: Path) -> None:

@@ -85,6 +85,8 @@ def test_other_message_types() -> None:
     assert parse({"type": "ping", "ts": 123}) == Ping(123)
     assert parse({"type": "pong"}) == Pong()
     assert parse({"type": "resume", "id": "g1", "after_seq": 4}) == Resume("g1", 4)
+    assert parse({"type": "resume", "id": "g1"}) == Resume("g1", -1)  # from the start: started included
+    assert parse({"type": "resume", "id": "g1", "after_seq": 0, "session": "ab12"}) == Resume("g1", 0, "ab12")
 
 
 @pytest.mark.parametrize("raw", ["not json", "{", "", b"\xff\xfe", "[1, 2]", "42", '"generate"', "NaN"])
@@ -173,6 +175,22 @@ def test_invalid_request_carries_the_generation_id() -> None:
 def test_cancel_without_id_is_invalid() -> None:
     err = error_of({"type": "cancel"})
     assert err.code is ErrorCode.INVALID_REQUEST and err.param == "id"
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({}, "id"),
+        ({"id": "g", "after_seq": -2}, "after_seq"),
+        ({"id": "g", "after_seq": 1.5}, "after_seq"),
+        ({"id": "g", "after_seq": "3"}, "after_seq"),
+        ({"id": "g", "session": 7}, "session"),
+        ({"id": "g", "session": ""}, "session"),
+    ],
+)
+def test_invalid_resume_fields_name_the_parameter(fields: dict[str, Any], param: str) -> None:
+    err = error_of({"type": "resume", **fields})
+    assert err.code is ErrorCode.INVALID_REQUEST and err.param == param
 
 
 def test_numeric_id_is_accepted_as_a_string() -> None:

@@ -25,6 +25,7 @@ from starlette.websockets import WebSocket
 from tokenwire.engine.interface import Engine, ErrorCode
 from tokenwire.server import messages
 from tokenwire.server.auth import AuthPolicy, bearer_token, origin_allowed, websocket_key
+from tokenwire.server.journal import Registry, owner_of
 from tokenwire.server.openai_api import OpenAIRoutes
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.websocket import Connection, ConnectionSettings
@@ -46,6 +47,7 @@ class ServerState:
         self.engine = engine
         self.settings = settings
         self.connections: set[Connection] = set()
+        self.generations = Registry(settings.resume_window, settings.resume_buffer_bytes)
         self.on_fatal = on_fatal
         self.load_error: str | None = None
         self.draining = False
@@ -55,6 +57,29 @@ class ServerState:
         """Tell every client that the server stops (``shutting_down``, close 1001); /ready answers 503 from now."""
         self.draining = True
         await asyncio.gather(*(c.shutdown() for c in list(self.connections)), return_exceptions=True)
+        for task in self.abandon_generations():  # orphans: nobody is left to tell
+            task.cancel()
+
+    def abandon_generations(self) -> list[asyncio.Task[None]]:
+        """Forget every resumable generation; returns the tasks of those still running, for the caller to stop."""
+        tasks = []
+        for journal in self.generations.journals():
+            self.generations.forget(journal)
+            if journal.task is not None and not journal.task.done():
+                tasks.append(journal.task)
+        return tasks
+
+    async def sweep_generations(self) -> None:
+        """Forever: forget generations idle past the resume window (or the memory budget); abort orphans."""
+        window = self.generations.window
+        if window <= 0:
+            return
+        while True:
+            await asyncio.sleep(min(1.0, max(0.05, window / 4)))
+            for journal in self.generations.sweep():
+                log.debug("generation %s was not resumed in time: aborted", journal.engine_id)
+                if journal.task is not None:
+                    journal.task.cancel()
 
     async def load(self) -> None:
         started = time.monotonic()
@@ -93,7 +118,11 @@ def create_app(
 ) -> Starlette:
     policy = auth or AuthPolicy()
     state = ServerState(engine, settings or ConnectionSettings(), on_fatal, public_url)
-    telemetry = Telemetry(engine.stats, lambda: len(state.connections))
+    telemetry = Telemetry(
+        engine.stats,
+        lambda: len(state.connections),
+        lambda: (state.generations.orphaned, state.generations.nbytes),
+    )
     api = OpenAIRoutes(engine, state.settings.limits, sse_keepalive_interval, telemetry)
     web = resources.files("tokenwire.web")
     dashboard_page = web.joinpath("dashboard.html").read_text(encoding="utf-8")
@@ -139,7 +168,9 @@ def create_app(
             await ws.send_text(messages.encode(messages.error(ErrorCode.UNAUTHORIZED, problem)))
             await ws.close(1008)
             return
-        conn = Connection(ws, state.engine, state.settings, telemetry)
+        conn = Connection(
+            ws, state.engine, state.settings, telemetry, state.generations, owner_of(key if policy.enabled else None)
+        )
         state.connections.add(conn)
         try:
             await conn.run(subprotocol)
@@ -190,6 +221,8 @@ def create_app(
                     "steps": es.steps,
                 },
                 "active_connections": len(state.connections),
+                "resumable_generations": len(state.generations),
+                "orphaned_generations": state.generations.orphaned,
                 "connections": [
                     {
                         "session": c.session,
@@ -209,12 +242,14 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.load_task = asyncio.create_task(state.load())
+        sweeper = asyncio.create_task(state.sweep_generations())
         try:
             yield
         finally:
-            state.load_task.cancel()
-            with contextlib.suppress(BaseException):
-                await state.load_task
+            for task in (state.load_task, sweeper, *state.abandon_generations()):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
             await state.engine.shutdown()
 
     app = Starlette(

@@ -71,13 +71,31 @@ def complete(
     }
 
 
-def error(code: ErrorCode, content: str, gen_id: str | None = None, param: str | None = None) -> dict[str, Any]:
+def error(
+    code: ErrorCode, content: str, gen_id: str | None = None, param: str | None = None, seq: int | None = None
+) -> dict[str, Any]:
+    """``seq`` is set when the error ends a generation (it is that generation's last message)."""
     msg: dict[str, Any] = {"type": "error", "code": code.value, "content": content, "finished": True}
     if gen_id is not None:
         msg["id"] = gen_id
+    if seq is not None:
+        msg["seq"] = seq
     if param is not None:
         msg["param"] = param
     return msg
+
+
+def resumed(gen_id: str, after_seq: int, last_seq: int, running: bool) -> dict[str, Any]:
+    """The answer to ``resume``: the messages after ``after_seq`` follow, then live ones if ``running``."""
+    return {
+        "type": "resumed",
+        "id": gen_id,
+        "content": "",
+        "finished": False,
+        "after_seq": after_seq,
+        "last_seq": last_seq,
+        "running": running,
+    }
 
 
 def pong(ts: Any) -> dict[str, Any]:

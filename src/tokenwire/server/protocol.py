@@ -86,8 +86,13 @@ class Pong:
 
 @dataclass(slots=True, frozen=True)
 class Resume:
+    """Continue a generation on this connection: every message after ``after_seq`` (-1: from ``started``).
+
+    ``session`` (the ``hello`` of the connection that started it) tells apart generations of the same id."""
+
     id: str
-    after_seq: int
+    after_seq: int = -1
+    session: str | None = None
 
 
 ClientMessage = Generate | Cancel | Ping | Pong | Resume
@@ -126,8 +131,16 @@ def parse_message(data: str | bytes, limits: Limits) -> ClientMessage:
         return Pong()
     if mtype == "resume":
         gen_id = _required_id(obj, limits)
-        after = _int(obj, "after_seq", 0, lo=0, hi=1 << 62, id=gen_id)
-        return Resume(gen_id, after)
+        after = _int(obj, "after_seq", -1, lo=-1, hi=1 << 62, id=gen_id)
+        session = obj.get("session")
+        if session is not None and (not isinstance(session, str) or not 0 < len(session) <= limits.max_id_length):
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f'"session" must be the session string from hello (1 to {limits.max_id_length} characters)',
+                "session",
+                gen_id,
+            )
+        return Resume(gen_id, after, session)
     shown = mtype if len(mtype) <= 40 else mtype[:40] + "..."
     raise ProtocolError(
         ErrorCode.UNKNOWN_TYPE,

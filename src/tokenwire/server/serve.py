@@ -34,6 +34,8 @@ def connection_settings(settings: Settings) -> ConnectionSettings:
         ),
         heartbeat_interval=settings.heartbeat_interval,
         slow_consumer_timeout=settings.slow_consumer_timeout,
+        resume_window=max(0.0, settings.resume_window),
+        resume_buffer_bytes=int(max(0.0, settings.resume_buffer_mb) * (1 << 20)),
     )
 
 

@@ -8,17 +8,23 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
 
-from tokenwire.engine.interface import RequestOutput
+from tokenwire.engine.interface import EngineStats, RequestOutput
 from tokenwire.metrics import Metrics, StreamingMetrics, Timeline
 
 request_log = logging.getLogger("tokenwire.requests")
 
 
 class Telemetry:
-    def __init__(self, engine_stats: Any, connections: Any, history: int = 1000) -> None:
-        self.metrics = Metrics(engine_stats, connections)
+    def __init__(
+        self,
+        engine_stats: Callable[[], EngineStats],
+        connections: Callable[[], int],
+        resumable: Callable[[], tuple[int, int]] | None = None,
+        history: int = 1000,
+    ) -> None:
+        self.metrics = Metrics(engine_stats, connections, resumable)
         self.sessions = StreamingMetrics(history)
         self.timeline = Timeline()
 
@@ -28,6 +34,9 @@ class Telemetry:
 
     def error(self, code: str) -> None:
         self.metrics.errors.labels(code=code).inc()
+
+    def resume(self, outcome: str) -> None:
+        self.metrics.resumes.labels(outcome=outcome).inc()
 
     def websocket_sent(self, data: str) -> None:
         self.metrics.ws_messages.inc()

@@ -1,9 +1,14 @@
-"""One WebSocket connection: read frames, run generations concurrently, write messages in order.
+"""One WebSocket connection: read frames, start or resume generations, send their messages in order.
 
-Each generation is an asyncio task reading the engine's output stream. All writes go through one lock,
-so messages of different generations interleave whole. A client that stops reading blocks its own
-writes; after ``slow_consumer_timeout`` the connection is closed and its generations are aborted.
-Disconnect and cancel are ordinary paths: closing a generation's stream aborts it in the engine.
+A generation's messages are produced into its journal by its own task (generation.py); the connection holds
+the journal and a *pump* task that sends what the journal holds, from a cursor. All writes go through one
+lock, so messages of different generations interleave whole. When the connection goes away, its running
+generations are orphaned, not stopped: they go on for the resume window, and a ``resume`` on a new
+connection takes them over from the last ``seq`` the client saw. A client that closes normally (1000) is
+done with them, so they are aborted then, as they are when resume is off (window 0).
+
+A client that stops reading blocks its own writes; after ``slow_consumer_timeout`` the connection is closed
+(its generations are orphaned, so the client can still resume them).
 """
 
 from __future__ import annotations
@@ -19,16 +24,10 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from tokenwire.engine.interface import (
-    Engine,
-    EngineError,
-    ErrorCode,
-    GenerationRequest,
-    OutputKind,
-    RequestOutput,
-)
+from tokenwire.engine.interface import Engine, ErrorCode, GenerationRequest
 from tokenwire.server import messages
-from tokenwire.server.batching import Coalescer
+from tokenwire.server.generation import Producer
+from tokenwire.server.journal import Journal, Registry, ResumeRefused
 from tokenwire.server.protocol import (
     Cancel,
     Generate,
@@ -39,10 +38,11 @@ from tokenwire.server.protocol import (
     Resume,
     parse_message,
 )
-from tokenwire.server.streams import with_deadlines
 from tokenwire.server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+NORMAL_CLOSURE = 1000
 
 
 @dataclass(slots=True, frozen=True)
@@ -50,35 +50,56 @@ class ConnectionSettings:
     limits: Limits = field(default_factory=Limits)
     heartbeat_interval: float = 30.0  # seconds between server pings; 0 disables them
     slow_consumer_timeout: float = 30.0  # a send blocked this long closes the connection
+    resume_window: float = 60.0  # seconds an orphaned or finished generation stays resumable; 0: no resume
+    resume_buffer_bytes: int = 64 << 20  # messages kept for resume, all generations together
 
 
 class _SlowConsumer(Exception):
     pass
 
 
+@dataclass(slots=True)
+class _Held:
+    """A generation this connection delivers: its journal and the task sending it."""
+
+    journal: Journal
+    pump: asyncio.Task[None]
+
+
 class Connection:
-    def __init__(self, ws: WebSocket, engine: Engine, settings: ConnectionSettings, telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        ws: WebSocket,
+        engine: Engine,
+        settings: ConnectionSettings,
+        telemetry: Telemetry,
+        registry: Registry,
+        owner: str | None = None,
+    ) -> None:
         self.ws = ws
         self.telemetry = telemetry
         self.engine = engine
         self.settings = settings
+        self.registry = registry
+        self.owner = owner  # who may resume what this connection starts (see journal.owner_of)
         self.session = secrets.token_hex(6)
         self.connected_at = time.time()
         self.messages_sent = 0
         self.tokens_sent = 0
         self._send_lock = asyncio.Lock()
-        self._generations: dict[str, asyncio.Task[None]] = {}
-        self._engine_ids: dict[str, str] = {}
+        self._held: dict[str, _Held] = {}
         self._auto_ids = itertools.count(1)
         self._closing = False
+        self._closer: asyncio.Task[None] | None = None
 
     @property
     def running_generations(self) -> int:
-        return len(self._generations)
+        return len(self._held)
 
     async def run(self, subprotocol: str | None = None) -> None:
         await self.ws.accept(subprotocol=subprotocol)
         heartbeat: asyncio.Task[None] | None = None
+        close_code: int | None = None
         try:
             await self.send(
                 messages.hello(
@@ -90,19 +111,22 @@ class Connection:
             )
             if self.settings.heartbeat_interval > 0:
                 heartbeat = asyncio.create_task(self._heartbeat())
-            await self._read_loop()
-        except (WebSocketDisconnect, _SlowConsumer):
+            close_code = await self._read_loop()
+        except WebSocketDisconnect as exc:
+            close_code = exc.code
+        except _SlowConsumer:
             pass
         finally:
             self._closing = True
             if heartbeat is not None:
                 heartbeat.cancel()
-            await self._cancel_generations()
+            # A client that closed normally is done with its generations; any other loss may be resumed.
+            await self._let_go(abort=close_code == NORMAL_CLOSURE)
             await self._close(1000)
 
     async def shutdown(self) -> None:
         """The server stops: end each running generation with ``shutting_down``, then close with 1001."""
-        for gen_id in await self._cancel_generations():
+        for gen_id in await self._let_go(abort=True):
             self.telemetry.error(ErrorCode.SHUTTING_DOWN.value)
             await self._send_quietly(
                 messages.error(ErrorCode.SHUTTING_DOWN, "the server is shutting down; try again later", gen_id)
@@ -110,14 +134,28 @@ class Connection:
         self._closing = True
         await self._close(1001)
 
-    async def _cancel_generations(self) -> list[str]:
-        """Cancel every running generation (closing its engine stream aborts the request); returns their ids."""
-        gen_ids = list(self._generations)
-        tasks = [self._generations[g] for g in gen_ids]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        return gen_ids
+    async def _let_go(self, abort: bool) -> list[str]:
+        """Stop delivering every held generation; abort them (``abort`` or resume off) or leave them orphaned.
+
+        Returns the ids of those still running."""
+        held, self._held = self._held, {}
+        for h in held.values():
+            h.pump.cancel()
+        await asyncio.gather(*(h.pump for h in held.values()), return_exceptions=True)
+        running = []
+        producers = []
+        for gen_id, h in held.items():
+            if h.journal.finished:
+                self.registry.detach(h.journal)
+                continue
+            running.append(gen_id)
+            if self.registry.detach(h.journal) or abort:
+                self.registry.forget(h.journal)
+                if h.journal.task is not None:
+                    h.journal.task.cancel()
+                    producers.append(h.journal.task)
+        await asyncio.gather(*producers, return_exceptions=True)
+        return running
 
     async def _close(self, code: int) -> None:
         if self.ws.application_state is WebSocketState.CONNECTED:
@@ -125,11 +163,12 @@ class Connection:
                 await self.ws.close(code)
 
     # -- reading
-    async def _read_loop(self) -> None:
+    async def _read_loop(self) -> int:
+        """Read and dispatch frames until the client goes; returns its close code."""
         while True:
             frame = await self.ws.receive()
             if frame["type"] == "websocket.disconnect":
-                return
+                return int(frame.get("code") or 1005)
             data = frame.get("text")
             if data is None:
                 data = frame.get("bytes") or b""
@@ -144,35 +183,42 @@ class Connection:
         if isinstance(msg, Generate):
             await self._start_generation(msg)
         elif isinstance(msg, Cancel):
-            engine_id = self._engine_ids.get(msg.id)
-            if engine_id is None:
+            held = self._held.get(msg.id)
+            if held is None:
                 await self.send_error(ErrorCode.NOT_FOUND, f"no running generation with id {msg.id!r}", msg.id, "id")
-            else:
-                self.engine.abort(engine_id)
+            elif not held.journal.finished:  # a finished one is being delivered: its last message is on the way
+                self.engine.abort(held.journal.engine_id)
         elif isinstance(msg, Ping):
             await self.send(messages.pong(msg.ts))
         elif isinstance(msg, Resume):
-            await self.send_error(
-                ErrorCode.NOT_FOUND,
-                f"no generation with id {msg.id!r} can be resumed (this server keeps no finished streams)",
-                msg.id,
-                "id",
-            )
+            await self._resume(msg)
+
+    def _room_for_one_more(self, gen_id: str) -> tuple[ErrorCode, str] | None:
+        if gen_id in self._held:
+            return ErrorCode.DUPLICATE_ID, f"a generation with id {gen_id!r} is already running"
+        cap = self.settings.limits.max_generations_per_connection
+        if len(self._held) >= cap:
+            return ErrorCode.RATE_LIMITED, f"this connection already runs {cap} generations; wait for one to end"
+        return None
 
     async def _start_generation(self, msg: Generate) -> None:
         gen_id = msg.id if msg.id is not None else f"gen-{next(self._auto_ids)}"
-        if gen_id in self._generations:
-            await self.send_error(
-                ErrorCode.DUPLICATE_ID, f"a generation with id {gen_id!r} is already running", gen_id, "id"
-            )
-            return
-        cap = self.settings.limits.max_generations_per_connection
-        if len(self._generations) >= cap:
-            await self.send_error(
-                ErrorCode.RATE_LIMITED, f"this connection already runs {cap} generations; wait for one to end", gen_id
-            )
+        problem = self._room_for_one_more(gen_id)
+        if problem is not None:
+            await self.send_error(*problem, gen_id, "id" if problem[0] is ErrorCode.DUPLICATE_ID else None)
             return
         engine_id = f"{self.session}:{gen_id}"
+        journal = Journal(self.session, gen_id, self.owner, engine_id)
+        try:
+            self.registry.add(journal)
+        except KeyError:  # this connection's earlier generation of that id runs on, resumed elsewhere
+            await self.send_error(
+                ErrorCode.DUPLICATE_ID,
+                f"a generation with id {gen_id!r} started here still runs (resumed on another connection)",
+                gen_id,
+                "id",
+            )
+            return
         request = GenerationRequest(
             request_id=engine_id,
             params=msg.params,
@@ -181,91 +227,84 @@ class Connection:
             raw=msg.raw,
             truncate=msg.truncate,
         )
-        self._engine_ids[gen_id] = engine_id
-        task = asyncio.create_task(self._run_generation(gen_id, request, msg))
-        self._generations[gen_id] = task
+        producer = Producer(self.engine, journal, self.registry, self.telemetry, msg.batch)
+        journal.task = asyncio.create_task(producer.run(request, self.session))
+        self._hold(journal, 0)
 
-    # -- one generation
-    async def _run_generation(self, gen_id: str, request: GenerationRequest, msg: Generate) -> None:
-        seq = 0
-        coalescer = Coalescer(msg.batch) if msg.batch else None
-        trace = self.telemetry.trace(request.request_id, self.session, "websocket")
+    async def _resume(self, msg: Resume) -> None:
         try:
-            stream = self.engine.generate(request)
-            async with contextlib.aclosing(stream):
-                async for out in with_deadlines(stream, coalescer.deadline if coalescer and coalescer.timed else None):
-                    if out is None:  # a batch deadline passed with no new output
-                        seq = await self._flush(gen_id, seq, coalescer)
-                        continue
-                    if out.kind is OutputKind.STARTED:
-                        await self.send(messages.started(gen_id, self.engine.model_name, out.prompt_tokens))
-                    elif out.kind is OutputKind.DELTA:
-                        trace.delta(out.text, out.num_tokens)
-                        seq = await self._deliver(gen_id, seq, coalescer, out)
-                    else:
-                        if out.text:
-                            trace.delta(out.text, out.num_tokens)
-                        trace.finished(out)
-                        seq = await self._deliver(gen_id, seq, coalescer, out)
-                        seq = await self._flush(gen_id, seq, coalescer)
-                        assert out.finish_reason is not None
-                        self._release(gen_id)  # the client may reuse the id as soon as it sees complete
-                        await self.send(
-                            messages.complete(
-                                gen_id,
-                                seq + 1,
-                                out.finish_reason,
-                                out.prompt_tokens,
-                                out.completion_tokens,
-                                out.timings,
-                            )
-                        )
-        except EngineError as err:
-            self._release(gen_id)
-            trace.failed(err.code.value)
-            await self._send_quietly(messages.error(err.code, err.message, gen_id, err.param))
-        except (asyncio.CancelledError, WebSocketDisconnect, _SlowConsumer):
-            pass  # the connection is going away; aclosing() aborted the request in the engine
-        except Exception as exc:  # a bug: report it on this generation, keep the connection
-            log.exception("generation %s failed", gen_id)
-            trace.failed(ErrorCode.GENERATION_FAILED.value)
-            await self._send_quietly(messages.error(ErrorCode.GENERATION_FAILED, f"generation failed: {exc}", gen_id))
-        finally:
-            trace.abandoned()
-            if self._generations.get(gen_id) is asyncio.current_task():
-                self._release(gen_id)
+            journal = self.registry.find(self.owner, msg.id, msg.session)
+        except ResumeRefused as refused:
+            self.telemetry.resume("ambiguous" if refused.ambiguous else "not_found")
+            code = ErrorCode.INVALID_REQUEST if refused.ambiguous else ErrorCode.NOT_FOUND
+            await self.send_error(code, refused.message, msg.id, refused.param)
+            return
+        if msg.after_seq > journal.last_seq:
+            self.telemetry.resume("invalid")
+            await self.send_error(
+                ErrorCode.INVALID_REQUEST,
+                f"after_seq {msg.after_seq} is past the last message of {msg.id!r} so far (seq {journal.last_seq})",
+                msg.id,
+                "after_seq",
+            )
+            return
+        mine = self._held.get(msg.id)
+        if mine is None or mine.journal is not journal:
+            problem = self._room_for_one_more(msg.id)
+            if problem is not None:
+                await self.send_error(*problem, msg.id, "id" if problem[0] is ErrorCode.DUPLICATE_ID else None)
+                return
+        previous = journal.holder
+        if isinstance(previous, Connection):  # the old socket may be half-open: take the generation over
+            await previous.hand_over(msg.id, journal)
+        self.telemetry.resume("resumed")
+        await self.send(messages.resumed(msg.id, msg.after_seq, journal.last_seq, not journal.finished))
+        self._hold(journal, msg.after_seq + 1)
 
-    def _release(self, gen_id: str) -> None:
-        self._generations.pop(gen_id, None)
-        self._engine_ids.pop(gen_id, None)
+    async def hand_over(self, gen_id: str, journal: Journal) -> None:
+        """Another connection resumed this generation: stop sending it here, without stopping it."""
+        held = self._held.get(gen_id)
+        if held is None or held.journal is not journal:
+            return
+        del self._held[gen_id]
+        held.pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await held.pump
 
-    async def _deliver(self, gen_id: str, seq: int, coalescer: Coalescer | None, out: RequestOutput) -> int:
-        if not out.text and out.kind is OutputKind.FINISHED:
-            self.tokens_sent += out.num_tokens  # generated, but their bytes never made a character
-            return seq
-        if coalescer is None:
-            if out.text:
-                seq += 1
-                self.tokens_sent += out.num_tokens
-                await self.send(messages.token(gen_id, seq, out.text, out.num_tokens, batched=False))
-            return seq
-        if coalescer.would_overflow(out.num_tokens):
-            seq = await self._flush(gen_id, seq, coalescer)
-        coalescer.add(out.text, out.num_tokens, time.monotonic())
-        if coalescer.due(time.monotonic()):
-            seq = await self._flush(gen_id, seq, coalescer)
-        return seq
+    def _hold(self, journal: Journal, first_seq: int) -> None:
+        self.registry.attach(journal, self)
+        self._held[journal.gen_id] = _Held(journal, asyncio.create_task(self._pump(journal, first_seq)))
 
-    async def _flush(self, gen_id: str, seq: int, coalescer: Coalescer | None) -> int:
-        if coalescer is None or coalescer.empty:
-            return seq
-        text, tokens = coalescer.take()
-        if not text:
-            return seq
-        seq += 1
-        self.tokens_sent += tokens
-        await self.send(messages.token(gen_id, seq, text, tokens, batched=True))
-        return seq
+    # -- delivering one generation
+    async def _pump(self, journal: Journal, seq: int) -> None:
+        """Send the journal's messages from ``seq`` on, as they come, until its last."""
+        gen_id = journal.gen_id
+        try:
+            while True:
+                await journal.wait_beyond(seq - 1)
+                entries = journal.entries
+                while seq < len(entries):
+                    entry = entries[seq]
+                    if entry.final:  # the client may reuse the id as soon as it sees the last message
+                        self._release(gen_id, journal)
+                    await self._send_encoded(entry.data)
+                    self.tokens_sent += entry.tokens
+                    seq += 1
+                if journal.finished:
+                    self._release(gen_id, journal)
+                    return
+        except (WebSocketDisconnect, OSError):
+            pass  # the read loop sees the disconnect and lets the generation go
+        except _SlowConsumer:
+            if self._closer is None:  # the read loop then sees the disconnect, and the generations are orphaned
+                self._closer = asyncio.create_task(self._close(1008))
+
+    def _release(self, gen_id: str, journal: Journal) -> None:
+        held = self._held.get(gen_id)
+        if held is not None and held.journal is journal:
+            del self._held[gen_id]
+            if journal.holder is self:
+                journal.holder = None
 
     # -- writing
     async def send_error(self, code: ErrorCode, content: str, gen_id: str | None, param: str | None = None) -> None:
@@ -273,7 +312,9 @@ class Connection:
         await self.send(messages.error(code, content, gen_id, param))
 
     async def send(self, message: dict[str, Any]) -> None:
-        data = messages.encode(message)
+        await self._send_encoded(messages.encode(message))
+
+    async def _send_encoded(self, data: str) -> None:
         async with self._send_lock:
             try:
                 await asyncio.wait_for(self.ws.send_text(data), self.settings.slow_consumer_timeout)

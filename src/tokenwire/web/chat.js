@@ -1,5 +1,6 @@
 // tokenwire's chat page: streams answers over the WebSocket protocol (docs/protocol.md), keeps the conversation
-// and sends it as `messages`, reconnects with backoff, and renders answers as safe Markdown (markdown.js).
+// and sends it as `messages`, reconnects with backoff and resumes a running answer where it stopped (`resume`
+// with the last `seq` seen), and renders answers as safe Markdown (markdown.js).
 "use strict";
 
 (() => {
@@ -21,6 +22,8 @@
   let counter = 0;
   let conversation = [];  // finished turns: {role, content}
   let current = null;     // the answer being streamed
+  let session = null;     // this connection's session (hello): with an id, it names a generation for resume
+  let abandoned = [];     // answers left running on a lost connection by New chat: cancelled once reconnected
 
   // -- settings, remembered in the browser
   function loadSettings() {
@@ -72,7 +75,12 @@
     sock.onclose = () => {
       if (ws !== sock) return;
       ws = null;
-      if (current) finish("interrupted", "connection lost; the answer is incomplete. Regenerate to try again.");
+      session = null;
+      if (current && needKey) finish("interrupted", INTERRUPTED);
+      else if (current) {  // the server keeps it running for a while: resume it once reconnected
+        current.detached = true;
+        setNote(current, "connection lost; resuming…");
+      }
       if (needKey) {  // no point retrying with the same key: ask for one
         setConn("closed", "API key needed");
         $("key-form").hidden = false;
@@ -86,13 +94,43 @@
     };
   }
 
+  const INTERRUPTED = "connection lost; the answer is incomplete. Regenerate to try again.";
+
+  function hello(msg) {
+    ui.model.textContent = msg.model || "";
+    session = msg.session || null;
+    for (const gone of abandoned) {
+      ws.send(JSON.stringify({ type: "resume", id: gone.id, session: gone.session, after_seq: gone.lastSeq }));
+      ws.send(JSON.stringify({ type: "cancel", id: gone.id }));
+    }
+    abandoned = [];
+    if (current && current.detached) {
+      current.resuming = true;
+      ws.send(JSON.stringify({ type: "resume", id: current.id, session: current.session, after_seq: current.lastSeq }));
+      if (current.stopRequested) ws.send(JSON.stringify({ type: "cancel", id: current.id }));
+    }
+  }
+
   function handle(msg) {
-    if (msg.type === "hello") { ui.model.textContent = msg.model || ""; return; }
+    if (msg.type === "hello") { hello(msg); return; }
     if (msg.type === "error" && msg.code === "unauthorized") { needKey = true; return; }
     if (msg.type === "ping") { if (ws) ws.send(JSON.stringify({ type: "pong", ts: msg.ts })); return; }
     if (!current || msg.id !== current.id) {
       if (msg.type === "error" && !msg.id) setConn(ui.conn.dataset.state, `error: ${msg.content}`);
       return;
+    }
+    if (msg.type === "resumed") {
+      current.detached = current.resuming = false;
+      setNote(current, "");
+      return;
+    }
+    if (msg.type === "error" && current.resuming && msg.seq === undefined) {  // the server no longer has it
+      finish("interrupted", INTERRUPTED);
+      return;
+    }
+    if (typeof msg.seq === "number") {  // each message of a generation once, in order, across reconnections
+      if (msg.seq <= current.lastSeq) return;
+      current.lastSeq = msg.seq;
     }
     if (msg.type === "started") {
       current.promptTokens = msg.prompt_tokens;
@@ -153,7 +191,10 @@
     const el = addMessage("assistant", "");
     el.classList.add("typing");
     el.dataset.state = "streaming";
-    current = { id, el, text: "", tokens: 0, sentAt: performance.now(), firstTokenAt: null, timings: null };
+    current = {
+      id, el, session, lastSeq: -1, text: "", tokens: 0, sentAt: performance.now(), firstTokenAt: null, timings: null,
+      detached: false, resuming: false, stopRequested: false,
+    };
     ws.send(JSON.stringify({
       type: "generate", id, messages,
       temperature: parseFloat(ui.temperature.value),
@@ -161,6 +202,17 @@
     }));
     ui.stop.hidden = false;
     setConn("open", "connected");
+  }
+
+  function setNote(answer, note) {
+    const meta = answer.el.querySelector(".meta");
+    meta.replaceChildren();
+    if (note) {
+      const n = document.createElement("span");
+      n.className = "note";
+      n.textContent = note;
+      meta.appendChild(n);
+    }
   }
 
   function finish(state, note) {
@@ -232,10 +284,13 @@
   });
   ui.prompt.addEventListener("input", autosize);
   ui.stop.addEventListener("click", () => {
-    if (current && ws) ws.send(JSON.stringify({ type: "cancel", id: current.id }));
+    if (!current) return;
+    current.stopRequested = true;  // sent after the resume when the connection is down
+    if (ws && !current.detached) ws.send(JSON.stringify({ type: "cancel", id: current.id }));
   });
   ui.newChat.addEventListener("click", () => {
-    if (current && ws) ws.send(JSON.stringify({ type: "cancel", id: current.id }));
+    if (current && current.detached) abandoned.push(current);
+    else if (current && ws) ws.send(JSON.stringify({ type: "cancel", id: current.id }));
     current = null;
     conversation = [];
     ui.messages.replaceChildren();

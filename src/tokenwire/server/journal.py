@@ -1,0 +1,217 @@
+"""What lets a WebSocket client resume a generation after losing its connection.
+
+Each generation writes its messages, encoded and numbered by ``seq``, into a :class:`Journal`; the connection
+that holds it reads the journal from a cursor and sends. A ``resume`` on another connection attaches the
+journal there and reads from ``after_seq + 1``, so every message reaches the client once and in order.
+
+The :class:`Registry` finds journals for ``resume`` and decides how long they live. A journal is *idle* once its
+generation finished or its connection went away (orphaned); an idle journal is kept for ``window`` seconds,
+then forgotten (an orphan that nobody resumed is aborted). All journals together stay under a memory budget:
+past it, the idle journals that went idle first are dropped first. No I/O here; the clock is injectable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True, frozen=True)
+class Entry:
+    """One message of a generation: its JSON text, and the tokens it carries (for the counters)."""
+
+    data: str
+    tokens: int = 0
+    final: bool = False  # complete or error: the generation's last message
+
+
+class Journal:
+    """The messages of one generation, in ``seq`` order: entry ``i`` has ``seq == i``."""
+
+    __slots__ = (
+        "_grew",
+        "engine_id",
+        "entries",
+        "finished",
+        "gen_id",
+        "holder",
+        "idle_since",
+        "nbytes",
+        "owner",
+        "session",
+        "task",
+    )
+
+    def __init__(self, session: str, gen_id: str, owner: str | None, engine_id: str) -> None:
+        self.session = session  # the connection that started it: with gen_id, the journal's key
+        self.gen_id = gen_id
+        self.owner = owner  # who may resume it: a digest of the API key, or None without keys
+        self.engine_id = engine_id
+        self.entries: list[Entry] = []
+        self.finished = False  # no more entries will come
+        self.nbytes = 0
+        self.holder: object | None = None  # the connection delivering it, or None
+        self.idle_since: float | None = None  # when it finished or lost its holder (None: running and held)
+        self.task: asyncio.Task[None] | None = None  # the task producing the entries
+        self._grew = asyncio.Event()
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.session, self.gen_id)
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the newest message (-1 before the first)."""
+        return len(self.entries) - 1
+
+    def append(self, entry: Entry) -> int:
+        """Add the next message; returns its seq."""
+        if self.finished:
+            raise RuntimeError(f"generation {self.gen_id!r} already ended")
+        self.entries.append(entry)
+        self.nbytes += len(entry.data)
+        if entry.final:
+            self.finished = True
+        self._wake()
+        return len(self.entries) - 1
+
+    def close(self) -> None:
+        """No more entries (the producer stopped without a final message: aborted or shut down)."""
+        if not self.finished:
+            self.finished = True
+            self._wake()
+
+    async def wait_beyond(self, seq: int) -> None:
+        """Return once a message after ``seq`` exists or the journal is finished."""
+        while self.last_seq <= seq and not self.finished:
+            await self._grew.wait()
+
+    def _wake(self) -> None:
+        self._grew.set()
+        self._grew = asyncio.Event()
+
+
+class ResumeRefused(Exception):
+    """A ``resume`` that names no journal this client may have; ``param`` is the field at fault."""
+
+    def __init__(self, message: str, param: str = "id", ambiguous: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.ambiguous = ambiguous
+
+
+def owner_of(api_key: str | None) -> str | None:
+    """What a journal remembers of the key that started it: a digest, never the key."""
+    return None if api_key is None else hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:32]
+
+
+@dataclass(slots=True)
+class Registry:
+    """Journals by (session, id), kept ``window`` seconds after they go idle, within ``budget_bytes``."""
+
+    window: float = 60.0
+    budget_bytes: int = 64 << 20
+    clock: Callable[[], float] = time.monotonic
+    _journals: dict[tuple[str, str], Journal] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return self.window > 0
+
+    def __len__(self) -> int:
+        return len(self._journals)
+
+    def journals(self) -> list[Journal]:
+        return list(self._journals.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(j.nbytes for j in self._journals.values())
+
+    @property
+    def orphaned(self) -> int:
+        """Generations still running with no connection to deliver them."""
+        return sum(1 for j in self._journals.values() if j.holder is None and not j.finished)
+
+    def add(self, journal: Journal) -> None:
+        """Track a new generation. Raises ``KeyError`` if one with the same key is still running."""
+        old = self._journals.get(journal.key)
+        if old is not None and not old.finished:
+            raise KeyError(journal.key)
+        self._journals[journal.key] = journal
+
+    def forget(self, journal: Journal) -> None:
+        if self._journals.get(journal.key) is journal:
+            del self._journals[journal.key]
+
+    def finished(self, journal: Journal) -> None:
+        """Its generation ended: resumable for ``window`` more seconds."""
+        journal.idle_since = self.clock()
+        if not self.enabled:
+            self.forget(journal)
+
+    def attach(self, journal: Journal, holder: object) -> None:
+        journal.holder = holder
+        if not journal.finished:
+            journal.idle_since = None
+
+    def detach(self, journal: Journal) -> bool:
+        """Its connection went away. Returns True when the generation must be aborted now (resume is off)."""
+        journal.holder = None
+        if journal.finished:
+            return False
+        if not self.enabled:
+            self.forget(journal)
+            return True
+        journal.idle_since = self.clock()
+        return False
+
+    def find(self, owner: str | None, gen_id: str, session: str | None) -> Journal:
+        """The journal a ``resume`` names. Raises :class:`ResumeRefused` when there is none, or several."""
+        if session is not None:
+            found = self._journals.get((session, gen_id))
+            matches = [found] if found is not None and found.owner == owner else []
+        else:
+            matches = [j for j in self._journals.values() if j.gen_id == gen_id and j.owner == owner]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches and not self.enabled:
+            raise ResumeRefused(f"no generation with id {gen_id!r} can be resumed: resume is off on this server")
+        if not matches:
+            raise ResumeRefused(
+                f"no generation with id {gen_id!r} can be resumed: it never ran here, or it ended or lost its "
+                f"connection more than {self.window:g} s ago"
+            )
+        raise ResumeRefused(
+            f"{len(matches)} generations have id {gen_id!r}; add the 'session' from the hello message of the "
+            "connection that started it",
+            param="session",
+            ambiguous=True,
+        )
+
+    def sweep(self) -> list[Journal]:
+        """Forget journals idle for longer than the window, then the longest idle while over the budget.
+
+        Returns the forgotten journals whose generation still runs: the caller aborts them."""
+        now = self.clock()
+        gone = [j for j in self._journals.values() if j.idle_since is not None and now - j.idle_since >= self.window]
+        for j in gone:
+            self.forget(j)
+        total = self.nbytes
+        if total > self.budget_bytes:
+            idle = sorted((j for j in self._journals.values() if j.idle_since is not None), key=_idle_since)
+            for j in idle:
+                if total <= self.budget_bytes:
+                    break
+                self.forget(j)
+                gone.append(j)
+                total -= j.nbytes
+        return [j for j in gone if not j.finished]
+
+
+def _idle_since(journal: Journal) -> float:
+    return journal.idle_since if journal.idle_since is not None else float("inf")

@@ -1,0 +1,242 @@
+"""``resume``: a client that lost its connection gets every later message of its generation exactly once.
+
+Against a real server process on the tiny random model (resume window RESUME_WINDOW seconds). Greedy decoding
+makes the text of a generation reproducible, so a resumed stream is compared with the same request run whole
+beforehand, alone (run side by side, two greedy streams can part ways: batch shapes change float sums).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import scaled
+from tests.e2e.client import Client
+from tests.e2e.conftest import RESUME_WINDOW
+from tests.e2e.server import RunningServer, serve
+
+
+def story(gen_id: str, max_tokens: int = 600) -> dict[str, Any]:
+    return {
+        "type": "generate",
+        "id": gen_id,
+        "prompt": "Tell me a story about a lighthouse",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+
+
+def seqs(msgs: list[dict[str, Any]]) -> list[int]:
+    return [m["seq"] for m in msgs]
+
+
+def text_of(msgs: list[dict[str, Any]]) -> str:
+    return "".join(m["content"] for m in msgs if m["type"] in ("token", "tokens"))
+
+
+async def reference(server: RunningServer, msg: dict[str, Any]) -> str:
+    c = await Client.connect(server.ws)
+    try:
+        await c.send(msg)
+        assert (await c.finish(msg["id"]))["type"] == "complete"
+        c.check_sequence(msg["id"])
+        return c.text(msg["id"])
+    finally:
+        await c.close()
+
+
+async def read_until_seq(c: Client, gen_id: str, seq: int) -> None:
+    await c.until(lambda m: m.get("id") == gen_id and m.get("seq", -1) >= seq)
+
+
+async def test_resume_after_a_dropped_connection_continues_without_loss_or_repeat(tiny_server: RunningServer) -> None:
+    """The socket vanishes mid-answer; on a new connection, resume with the last seq seen gives exactly the rest:
+    seqs go on from there by one, and the two parts together are the whole text of the same request run whole."""
+    whole = await reference(tiny_server, story("ref"))
+    a = await Client.connect(tiny_server.ws)
+    await a.send(story("g"))
+    await read_until_seq(a, "g", 5)
+    before = list(a.by_id["g"])
+    a.ws.transport.abort()
+    await asyncio.sleep(0.3)  # the generation goes on meanwhile, with nobody reading
+
+    b = await Client.connect(tiny_server.ws)
+    last = before[-1]["seq"]
+    await b.send({"type": "resume", "id": "g", "after_seq": last, "session": a.hello["session"]})
+    resumed = await b.until(lambda m: m.get("id") == "g")
+    assert resumed["type"] == "resumed" and resumed["after_seq"] == last and resumed["running"] is True
+    end = await b.finish("g")
+    assert end["type"] == "complete" and end["finish_reason"] == "length"
+    after = b.by_id["g"][1:]  # past the resumed message
+    assert seqs(before) == list(range(last + 1))
+    assert seqs(after) == list(range(last + 1, last + 1 + len(after)))
+    assert text_of(before) + text_of(after) == whole
+    assert end["usage"]["completion_tokens"] == 600
+    assert sum(m.get("tokens", 0) for m in before + after) == 600
+    await b.close()
+
+
+async def test_a_generation_that_ended_while_orphaned_is_replayed_with_its_complete(tiny_server: RunningServer) -> None:
+    """The client vanishes; the generation finishes with nobody connected; a resume within the window replays the
+    rest, ending with complete, and after_seq -1 (the default) replays from started."""
+    whole = await reference(tiny_server, story("short-ref", max_tokens=40))
+    a = await Client.connect(tiny_server.ws)
+    await a.send(story("short", max_tokens=40))
+    await read_until_seq(a, "short", 1)
+    seen = a.by_id["short"][-1]["seq"]
+    a.ws.transport.abort()
+    for _ in range(200):  # until it has ended
+        if tiny_server.get_json("/v1/stats")["engine"]["running"] == 0:
+            break
+        await asyncio.sleep(0.05)
+
+    b = await Client.connect(tiny_server.ws)
+    await b.send({"type": "resume", "id": "short", "after_seq": seen})
+    resumed = await b.until(lambda m: m.get("id") == "short")
+    assert resumed["running"] is False
+    end = await b.finish("short")
+    assert end["type"] == "complete"
+    rest = b.by_id["short"][1:]
+    assert seqs(rest)[0] == seen + 1 and seqs(rest) == list(range(seen + 1, end["seq"] + 1))
+
+    await b.send({"type": "resume", "id": "short"})  # again, from the start: a resume may be repeated
+    await b.until(lambda m: m.get("id") == "short" and m["type"] == "complete" and m is not end)
+    replay = [m for m in b.by_id["short"][len(rest) + 2 :]]
+    assert replay[0]["type"] == "started" and seqs(replay) == list(range(end["seq"] + 1))
+    assert text_of(replay) == whole
+    await b.close()
+
+
+async def test_resume_takes_a_generation_over_from_a_connection_still_open(tiny_server: RunningServer) -> None:
+    """A half-open socket: the client reconnects while the server still holds the old connection. The resume
+    moves the generation: the new connection gets the rest, the old one nothing more of it; cancel works there."""
+    a = await Client.connect(tiny_server.ws)
+    await a.send(story("move", max_tokens=3000))
+    await read_until_seq(a, "move", 3)
+    b = await Client.connect(tiny_server.ws)
+    await b.send({"type": "resume", "id": "move", "after_seq": 3, "session": a.hello["session"]})
+    await b.until(lambda m: m.get("id") == "move" and m["type"] == "token")
+    await b.send({"type": "cancel", "id": "move"})
+    end = await b.finish("move")
+    assert end["type"] == "complete" and end["finish_reason"] == "cancelled"
+    # a stopped receiving "move" at some seq; b got everything after 3: together each seq at least once, in order
+    got_b = seqs(b.by_id["move"][1:])
+    assert got_b == list(range(4, end["seq"] + 1))
+    await a.send({"type": "ping", "ts": 1})  # a still works, and hears no more of "move"
+    await a.until(lambda m: m["type"] == "pong")
+    assert all(m["type"] != "complete" for m in a.by_id["move"])
+    assert seqs(a.by_id["move"]) == list(range(len(a.by_id["move"])))
+    await a.close()
+    await b.close()
+
+
+async def test_resume_of_an_unknown_id_or_a_seq_not_sent_yet_is_an_error_and_the_connection_goes_on(
+    tiny_server: RunningServer,
+) -> None:
+    c = await Client.connect(tiny_server.ws)
+    await c.send({"type": "generate", "id": "live", "prompt": "Hi", "max_tokens": 3000, "ignore_eos": True})
+    await c.send({"type": "resume", "id": "never-ran", "after_seq": 2})
+    err = await c.until(lambda m: m["type"] == "error")
+    assert err["code"] == "not_found" and err["id"] == "never-ran" and "never-ran" in err["content"]
+    await c.send({"type": "resume", "id": "live", "after_seq": 10**9})
+    err = await c.until(lambda m: m["type"] == "error" and m.get("id") == "live")
+    assert err["code"] == "invalid_request" and err["param"] == "after_seq"
+    await c.send({"type": "resume", "id": "live", "after_seq": -2})
+    err = await c.until(lambda m: m["type"] == "error" and m.get("id") == "live")
+    assert err["code"] == "invalid_request" and err["param"] == "after_seq"
+    await c.send({"type": "cancel", "id": "live"})  # the generation was not disturbed
+    end = await c.until(lambda m: m.get("id") == "live" and m["type"] == "complete")
+    assert end["finish_reason"] == "cancelled"
+    stream = [m for m in c.by_id["live"] if m["type"] != "error"]
+    assert stream[0]["type"] == "started" and seqs(stream) == list(range(len(stream)))
+    await c.close()
+
+
+async def test_the_same_id_from_two_connections_needs_the_session(tiny_server: RunningServer) -> None:
+    """Ids are chosen per connection; when two dropped connections used the same one, resume asks for session."""
+    dropped = []
+    for _ in range(2):
+        c = await Client.connect(tiny_server.ws)
+        await c.send(story("twin", max_tokens=2000))
+        await read_until_seq(c, "twin", 1)
+        c.ws.transport.abort()
+        dropped.append(c.hello["session"])
+    b = await Client.connect(tiny_server.ws)
+    await b.send({"type": "resume", "id": "twin", "after_seq": 0})
+    err = await b.until(lambda m: m["type"] == "error")
+    assert err["code"] == "invalid_request" and err["param"] == "session"
+    await b.send({"type": "resume", "id": "twin", "after_seq": 0, "session": dropped[1]})
+    assert (await b.until(lambda m: m.get("id") == "twin"))["type"] == "resumed"
+    await b.send({"type": "cancel", "id": "twin"})
+    end = await b.until(lambda m: m.get("id") == "twin" and m["type"] == "complete")
+    assert end["finish_reason"] == "cancelled"
+    await b.close()
+
+
+async def test_a_generation_is_not_resumable_after_a_normal_close_or_past_the_window(
+    tiny_server: RunningServer,
+) -> None:
+    a = await Client.connect(tiny_server.ws)
+    await a.send(story("bye", max_tokens=3000))
+    await read_until_seq(a, "bye", 1)
+    await a.close()  # 1000: the client is done with it
+    b = await Client.connect(tiny_server.ws)
+    await b.send({"type": "resume", "id": "bye", "after_seq": 0, "session": a.hello["session"]})
+    assert (await b.until(lambda m: m["type"] == "error"))["code"] == "not_found"
+
+    c = await Client.connect(tiny_server.ws)
+    await c.send(story("late", max_tokens=20))
+    await c.finish("late")
+    c.ws.transport.abort()
+    t0 = time.monotonic()
+    while True:  # resumable until the window has passed, not after
+        await b.send({"type": "resume", "id": "late", "after_seq": 0, "session": c.hello["session"]})
+        reply = await b.until(lambda m: m.get("id") == "late" and m["type"] in ("resumed", "error"))
+        if reply["type"] == "error":
+            assert reply["code"] == "not_found"
+            break
+        await b.until(lambda m: m.get("id") == "late" and m["type"] == "complete")
+        assert time.monotonic() - t0 < RESUME_WINDOW + scaled(2.0)
+        await asyncio.sleep(0.25)
+    assert time.monotonic() - t0 >= RESUME_WINDOW * 0.9
+    await b.close()
+
+
+async def test_only_the_same_api_key_can_resume(tiny_long_model_dir: Path) -> None:
+    with serve("--model", str(tiny_long_model_dir), "--device", "cpu", "--api-key", "k1,k2") as server:
+        a = await Client.connect(server.ws, subprotocols=["bearer.k1"])
+        await a.send(story("mine", max_tokens=400))
+        await read_until_seq(a, "mine", 1)
+        a.ws.transport.abort()
+        other = await Client.connect(server.ws, subprotocols=["bearer.k2"])
+        await other.send({"type": "resume", "id": "mine", "after_seq": 1, "session": a.hello["session"]})
+        assert (await other.until(lambda m: m["type"] == "error"))["code"] == "not_found"
+        same = await Client.connect(server.ws, subprotocols=["bearer.k1"])
+        await same.send({"type": "resume", "id": "mine", "after_seq": 1, "session": a.hello["session"]})
+        assert (await same.until(lambda m: m.get("id") == "mine"))["type"] == "resumed"
+        assert (await same.finish("mine"))["type"] == "complete"
+        for c in (other, same):
+            await c.close()
+
+
+async def test_resume_is_off_with_a_zero_window(tiny_long_model_dir: Path) -> None:
+    """--resume-window 0: a dropped connection aborts its generations at once, and nothing can be resumed."""
+    with serve("--model", str(tiny_long_model_dir), "--device", "cpu", "--resume-window", "0") as server:
+        a = await Client.connect(server.ws)
+        await a.send(story("g", max_tokens=3000))
+        await read_until_seq(a, "g", 1)
+        a.ws.transport.abort()
+        t0 = time.monotonic()
+        while server.get_json("/v1/stats")["engine"]["running"]:
+            assert time.monotonic() - t0 < scaled(2.0)
+            await asyncio.sleep(0.05)
+        b = await Client.connect(server.ws)
+        await b.send({"type": "resume", "id": "g", "after_seq": 1})
+        err = await b.until(lambda m: m["type"] == "error")
+        assert err["code"] == "not_found" and "resume is off" in err["content"]
+        await b.close()
+        metrics = server.metrics()
+        assert metrics["tokenwire_websocket_resumes_total{outcome=not_found}"] == 1
