@@ -1,5 +1,6 @@
 """deploy/nginx.conf in front of two real tokenwire processes: WebSocket and SSE pass through, unbuffered,
-spread over the backends, and a dead backend is skipped. nginx from Debian, on 127.0.0.1 only."""
+spread over the backends, a client reconnecting with its affinity token resumes on the same backend, and a
+dead backend is skipped. nginx from Debian, on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -79,6 +80,28 @@ async def test_websocket_through_nginx_is_balanced_over_the_backends(cluster: tu
     finally:
         for c in clients:
             await c.close()
+
+
+async def test_a_reconnect_with_the_same_affinity_token_resumes_through_nginx(cluster: tuple[str, list]) -> None:
+    """Three drops in a row: each reconnect with ?affinity= reaches the process that runs the generation, so the
+    resume succeeds every time (without affinity, least_conn would pick either process)."""
+    base, _ = cluster
+    url = base.replace("http", "ws", 1) + "/ws?affinity=tab-7f3a"
+    c = await Client.connect(url)
+    origin = c.hello["session"]
+    await c.send({"type": "generate", "id": "g", "prompt": "Hi", "max_tokens": 600, "ignore_eos": True})
+    seen = -1
+    for _ in range(3):
+        await c.until(lambda m, seen=seen: m.get("id") == "g" and m.get("seq", -1) > seen + 2)
+        seen = max(m["seq"] for m in c.by_id["g"] if "seq" in m)
+        c.ws.transport.abort()
+        c = await Client.connect(url)
+        await c.send({"type": "resume", "id": "g", "after_seq": seen, "session": origin})
+        resumed = await c.until(lambda m: m.get("id") == "g")
+        assert resumed["type"] == "resumed", resumed
+    done = await c.until(lambda m: m.get("id") == "g" and m["type"] == "complete")
+    assert done["usage"]["completion_tokens"] == 600
+    await c.close()
 
 
 def test_sse_through_nginx_is_not_buffered(cluster: tuple[str, list]) -> None:

@@ -15,6 +15,7 @@
   const KEY = "tokenwire.key";
   let needKey = false;
   const THEME = "tokenwire.theme";
+  const AFFINITY = "tokenwire.affinity";
 
   let ws = null;
   let attempt = 0;
@@ -54,16 +55,28 @@
     ui.send.disabled = state !== "open" || current !== null;
   }
 
+  // One token per browser tab, kept across reloads: a load balancer can send the tab's reconnections to the
+  // process that runs its answer (deploy/nginx.conf hashes ?affinity=), so that the answer can be resumed.
+  function affinity() {
+    let token = null;
+    try { token = sessionStorage.getItem(AFFINITY); } catch (e) { token = null; }
+    if (!token) {
+      token = Array.from(crypto.getRandomValues(new Uint8Array(9)), (b) => b.toString(16).padStart(2, "0")).join("");
+      try { sessionStorage.setItem(AFFINITY, token); } catch (e) { /* private mode: one token per page load */ }
+    }
+    return token;
+  }
+
   function connect() {
     clearTimeout(reconnectTimer);
-    let url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+    let url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws?affinity=${affinity()}`;
     setConn(attempt ? "reconnecting" : "connecting", attempt ? "reconnecting…" : "connecting…");
     // A key goes as the subprotocol bearer.KEY when it is a valid token, else as ?api_key= (browsers cannot set
     // an Authorization header on a WebSocket).
     const key = localStorage.getItem(KEY) || "";
     const protocols = [];
     if (key && /^[A-Za-z0-9._~-]+$/.test(key)) protocols.push(`bearer.${key}`);
-    else if (key) url += `?api_key=${encodeURIComponent(key)}`;
+    else if (key) url += `&api_key=${encodeURIComponent(key)}`;
     const sock = new WebSocket(url, protocols);
     ws = sock;
     sock.onopen = () => { attempt = 0; setConn("open", "connected"); };

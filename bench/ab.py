@@ -1,0 +1,168 @@
+"""Two revisions of tokenwire side by side, in one run on this machine: did a change make streaming slower?
+
+Exports each git revision (``--a``, ``--b``; ``WORKTREE`` means the files as they are now) into a temporary
+folder, starts ``tokenwire serve`` from each (``PYTHONPATH`` = that folder's ``src``, the same venv), and runs
+the same bench/loadgen.py load against them in turns, A B A B ..., so that drift of the machine hits both.
+Prints a Markdown table with B/A ratios and writes every result to ``--out`` (JSON) and ``.md`` next to it.
+
+    python bench/ab.py --a HEAD~1 --b WORKTREE --streams 1,32 --max-tokens 128 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import loadgen
+from compare import BENCH, free_port, start, stop, wait_ready
+
+WORKTREE = "WORKTREE"
+
+
+def export(rev: str, into: Path) -> str:
+    """Put revision ``rev`` of the repository into ``into``; returns the commit (or WORKTREE)."""
+    repo = BENCH.parent
+    if rev == WORKTREE:
+        files = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=repo,
+            capture_output=True,
+            check=True,
+        ).stdout.split(b"\0")
+        for name in filter(None, files):
+            src, dst = repo / name.decode(), into / name.decode()
+            if src.is_file():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                dst.write_bytes(src.read_bytes())
+        return WORKTREE
+    commit = subprocess.run(
+        ["git", "rev-parse", rev], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    archive = subprocess.run(["git", "archive", commit], cwd=repo, capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return commit
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="two revisions of tokenwire under the same load, in turns")
+    p.add_argument("--a", default="HEAD", help="git revision A (the baseline), or WORKTREE")
+    p.add_argument("--b", default=WORKTREE, help="git revision B (the change), or WORKTREE")
+    p.add_argument("--streams", default="1,32", help="comma-separated concurrent stream counts")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3, help="A B turns per stream count")
+    p.add_argument("--prompt", default=loadgen.DEFAULT_PROMPT)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--model", default=None, help="--model for both (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--server-args", default="", help="more flags for both servers, one string")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--out", default=None, help="JSON result (default: bench/results/ab-DATE.json)")
+    a = p.parse_args(argv)
+    a.streams_list = sorted({int(s) for s in a.streams.split(",") if s.strip()})
+    if not a.streams_list or min(a.streams_list) < 1 or a.max_tokens < 1 or a.rounds < 1:
+        p.error("--streams values, --max-tokens and --rounds must be >= 1")
+    return a
+
+
+def markdown(results: list[dict[str, Any]], names: dict[str, str]) -> str:
+    lines = [
+        "| streams | build | runs | tok/s (median) | TTFT p50 ms | ITL p50 ms | ITL p99 ms | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    ratios = ["", "| streams | B / A tok/s | B / A ITL p50 |", "|---:|---:|---:|"]
+    for n in sorted({r["streams"] for r in results}):
+        med: dict[str, dict[str, float]] = {}
+        for build in ("A", "B"):
+            rs = [r for r in results if r["streams"] == n and r["build"] == build]
+            m = {
+                "tps": statistics.median(r["tokens_per_s"] for r in rs),
+                "ttft": statistics.median(r["ttft_ms"]["p50"] or 0 for r in rs),
+                "itl": statistics.median(r["itl_ms"]["p50"] or 0 for r in rs),
+                "itl99": statistics.median(r["itl_ms"]["p99"] or 0 for r in rs),
+            }
+            med[build] = m
+            errors = sum(r["errors"] for r in rs)
+            lines.append(
+                f"| {n} | {build} ({names[build]}) | {len(rs)} | {m['tps']:.1f} | {m['ttft']:.0f} | "
+                f"{m['itl']:.1f} | {m['itl99']:.1f} | {errors} |"
+            )
+        itl = med["B"]["itl"] / med["A"]["itl"] if med["A"]["itl"] else float("nan")
+        ratios.append(f"| {n} | {med['B']['tps'] / med['A']['tps']:.3f} | {itl:.3f} |")
+    return "\n".join(lines + ratios)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(a.out) if a.out else BENCH / "results" / f"ab-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    names: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="tokenwire-ab-") as tmp:
+        urls = {}
+        try:
+            for build, rev in (("A", a.a), ("B", a.b)):
+                tree = Path(tmp) / build
+                tree.mkdir()
+                names[build] = f"{rev} = {export(rev, tree)[:12]}"
+                port = free_port()
+                env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(tree / "src"))
+                argv_tw = [sys.executable, "-m", "tokenwire.cli", "serve", "--port", str(port)]
+                argv_tw += (["--model", a.model] if a.model else []) + a.server_args.split()
+                log_path = out.with_suffix(f".{build}.log")
+                print(f"{build}: {names[build]}", flush=True)
+                proc = start(argv_tw, log_path, env)
+                procs.append(proc)
+                wait_ready(proc, port, True, log_path)
+                urls[build] = f"ws://127.0.0.1:{port}/"
+            for n in a.streams_list:
+                for turn in range(a.rounds):
+                    for build in ("A", "B") if turn % 2 == 0 else ("B", "A"):
+                        cfg = loadgen.LoadConfig(
+                            url=urls[build],
+                            streams=n,
+                            max_tokens=a.max_tokens,
+                            prompt=a.prompt,
+                            temperature=a.temperature,
+                            mode="tokenwire",
+                            timeout=a.timeout,
+                            label=f"{build} x{n}",
+                        )
+                        summary = asyncio.run(loadgen.run_load(cfg))
+                        summary["build"] = build
+                        print(loadgen.format_summary(summary), flush=True)
+                        results.append(summary)
+        finally:
+            for proc in procs:
+                stop(proc)
+    table = markdown(results, names)
+    print()
+    print(table)
+    meta = {
+        "date": stamp,
+        "builds": names,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.platform(),
+        "python": platform.python_version(),
+        "args": {k: v for k, v in vars(a).items() if k != "streams_list"},
+    }
+    out.write_text(json.dumps({"meta": meta, "results": results, "markdown": table}, indent=2))
+    out.with_suffix(".md").write_text(table + "\n")
+    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    return 1 if any(r["errors"] or r["timed_out"] for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
