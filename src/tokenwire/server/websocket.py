@@ -145,6 +145,8 @@ class Connection:
         running = []
         producers = []
         for gen_id, h in held.items():
+            if h.journal.holder is not self:  # resumed on another connection meanwhile: it is theirs now
+                continue
             if h.journal.finished:
                 self.registry.detach(h.journal)
                 continue
