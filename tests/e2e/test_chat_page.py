@@ -165,6 +165,40 @@ async def test_a_dropped_socket_resumes_the_running_answer_without_losing_or_rep
         await page.screenshot(path=str(screenshot_path("chat-resumed.png")), full_page=True)
 
 
+async def test_a_reload_keeps_the_conversation_and_resumes_the_running_answer() -> None:
+    """Reloading the tab mid-answer: the conversation is back, the answer goes on from where the old page stopped
+    reading (no text lost or repeated, no new request), and the next question carries the whole history."""
+    reply = " ".join(f"r{i}" for i in range(200))
+    engine = FakeEngine(reply="First answer.", pieces=2)
+    async with serving(engine) as (base, _), browser_page() as page:
+        await open_chat(page, base)
+        await ask(page, "One")
+        await last_answer(page)
+        engine.reply, engine.pieces, engine.delay = reply, 200, 0.02
+        await ask(page, "Two")
+        await updates(page, 3)
+        await page.reload()
+        await page.wait_for_function("document.querySelectorAll('.msg.assistant[data-state=done]').length == 2")
+        bodies = await page.eval_on_selector_all(".msg.assistant .body", "els => els.map(e => e.textContent)")
+        assert bodies == ["First answer.", reply]
+        assert await page.eval_on_selector_all(".msg.user", "els => els.map(e => e.textContent)") == ["One", "Two"]
+        assert len(engine.requests) == 2 and not engine.aborted
+        engine.reply, engine.pieces, engine.delay = "Three.", 1, 0.0
+        await ask(page, "Three")
+        await page.wait_for_function("document.querySelectorAll('.msg.assistant[data-state=done]').length == 3")
+        assert [(m.role, m.content) for m in engine.requests[-1].messages or ()] == [
+            ("user", "One"),
+            ("assistant", "First answer."),
+            ("user", "Two"),
+            ("assistant", reply),
+            ("user", "Three"),
+        ]
+        await page.click("#new-chat")
+        await page.reload()
+        await page.wait_for_selector('#conn[data-state="open"]', timeout=MS)
+        assert await page.eval_on_selector_all(".msg", "e => e.length") == 0  # New chat is remembered too
+
+
 async def test_stop_while_disconnected_cancels_the_answer_once_reconnected() -> None:
     engine = FakeEngine(reply="slow " * 300, pieces=300, delay=0.02)
     async with serving(engine) as (base, state), browser_page() as page:

@@ -16,6 +16,7 @@
   let needKey = false;
   const THEME = "tokenwire.theme";
   const AFFINITY = "tokenwire.affinity";
+  const CHAT = "tokenwire.chat";  // this tab's conversation and running answer, kept across reloads
 
   let ws = null;
   let attempt = 0;
@@ -148,7 +149,7 @@
     if (msg.type === "started") {
       current.promptTokens = msg.prompt_tokens;
     } else if (msg.type === "token" || msg.type === "tokens") {
-      if (current.firstTokenAt === null) current.firstTokenAt = performance.now();
+      if (current.ttftMs === null) current.ttftMs = Math.round(performance.now() - current.sentAt);
       current.text += msg.content;
       current.tokens += msg.tokens || 1;
       scheduleRender();
@@ -205,7 +206,7 @@
     el.classList.add("typing");
     el.dataset.state = "streaming";
     current = {
-      id, el, session, lastSeq: -1, text: "", tokens: 0, sentAt: performance.now(), firstTokenAt: null, timings: null,
+      id, el, session, lastSeq: -1, text: "", tokens: 0, sentAt: performance.now(), ttftMs: null, timings: null,
       detached: false, resuming: false, stopRequested: false,
     };
     ws.send(JSON.stringify({
@@ -215,6 +216,7 @@
     }));
     ui.stop.hidden = false;
     setConn("open", "connected");
+    saveChat();
   }
 
   function setNote(answer, note) {
@@ -241,7 +243,7 @@
     const meta = answer.el.querySelector(".meta");
     meta.replaceChildren();
     const figures = [];
-    if (answer.firstTokenAt !== null) figures.push(`TTFT ${Math.round(answer.firstTokenAt - answer.sentAt)} ms`);
+    if (answer.ttftMs !== null) figures.push(`TTFT ${answer.ttftMs} ms`);
     if (answer.timings && answer.timings.tokens_per_second) figures.push(`${answer.timings.tokens_per_second.toFixed(1)} tok/s`);
     figures.push(`${answer.tokens} tokens`);
     const fig = document.createElement("span");
@@ -254,14 +256,62 @@
       n.textContent = note;
       meta.appendChild(n);
     }
+    addRegenerate(meta);
+    ui.stop.hidden = true;
+    setConn(ws ? "open" : "reconnecting", ws ? "connected" : ui.conn.textContent);
+    saveChat();
+  }
+
+  function addRegenerate(meta) {
     document.querySelectorAll(".msg .regen").forEach((b) => b.remove());
     const regen = document.createElement("button");
     regen.type = "button"; regen.className = "regen"; regen.textContent = "Regenerate";
     regen.setAttribute("aria-label", "Regenerate the last answer");
     regen.addEventListener("click", regenerate);
     meta.appendChild(regen);
-    ui.stop.hidden = true;
-    setConn(ws ? "open" : "reconnecting", ws ? "connected" : ui.conn.textContent);
+  }
+
+  // -- the conversation survives a reload of the tab; a running answer is resumed where it stopped
+  function saveChat() {
+    const answer = current && {
+      id: current.id, session: current.session, lastSeq: current.lastSeq, text: current.text,
+      tokens: current.tokens, ttftMs: current.ttftMs, stopRequested: current.stopRequested,
+    };
+    try { sessionStorage.setItem(CHAT, JSON.stringify({ conversation, answer })); } catch (e) { /* full or off */ }
+  }
+
+  function restoreChat() {
+    let saved = null;
+    try { saved = JSON.parse(sessionStorage.getItem(CHAT) || "null"); } catch (e) { saved = null; }
+    if (!saved || !Array.isArray(saved.conversation)) return;
+    conversation = saved.conversation.filter((t) => t && typeof t.content === "string"
+      && (t.role === "user" || t.role === "assistant"));
+    let last = null;
+    conversation.forEach((turn, i) => {
+      const el = addMessage(turn.role, turn.content);
+      if (turn.role === "assistant") {
+        el.querySelector(".body").replaceChildren(TokenwireMarkdown.render(turn.content));
+        el.dataset.state = "done";
+        el.dataset.turn = String(i);
+        last = el;
+      }
+    });
+    const a = saved.answer;
+    if (a && typeof a.id === "string" && Number.isInteger(a.lastSeq) && typeof a.text === "string") {
+      const el = addMessage("assistant", "");
+      el.classList.add("typing");
+      el.dataset.state = "streaming";
+      current = {
+        id: a.id, el, session: typeof a.session === "string" ? a.session : null, lastSeq: a.lastSeq, text: a.text,
+        tokens: Number(a.tokens) || 0, sentAt: performance.now(), ttftMs: Number.isFinite(a.ttftMs) ? a.ttftMs : null,
+        timings: null, detached: true, resuming: false, stopRequested: a.stopRequested === true,
+      };
+      renderAnswer(current);
+      setNote(current, "page reloaded; resuming…");
+      ui.stop.hidden = false;
+    } else if (last) {
+      addRegenerate(last.querySelector(".meta"));
+    }
   }
 
   function regenerate() {
@@ -308,6 +358,7 @@
     conversation = [];
     ui.messages.replaceChildren();
     ui.stop.hidden = true;
+    saveChat();
     setConn(ws ? "open" : "reconnecting", ws ? "connected" : ui.conn.textContent);
     ui.prompt.focus();
   });
@@ -333,8 +384,13 @@
     connect();
   });
 
+  // Reloading or leaving the page closes the socket with 1001: the server keeps the answer running for a
+  // while, and the reloaded page resumes it from the last seq saved here.
+  window.addEventListener("pagehide", saveChat);
+
   applyTheme(localStorage.getItem(THEME));
   loadSettings();
+  restoreChat();
   connect();
   ui.prompt.focus();
 })();
