@@ -1,7 +1,10 @@
-"""Start ``tokenwire serve`` as a real process on a free 127.0.0.1 port, and talk to it."""
+"""Start ``tokenwire serve`` as a real process on a free 127.0.0.1 port, and talk to it; or serve an app on a
+scripted engine with uvicorn inside the test's event loop (``serving``)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -9,13 +12,18 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import uvicorn
+
 from tests.conftest import scaled
+from tokenwire.engine.interface import Engine
+from tokenwire.server.app import ServerState, create_app
+from tokenwire.server.websocket import ConnectionSettings
 
 
 def free_port() -> int:
@@ -101,3 +109,25 @@ def serve(*args: str, startup_timeout: float = 120.0, log_path: Path | None = No
             proc.wait()
         if log is not None:
             log.close()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    engine: Engine, port: int | None = None, settings: ConnectionSettings | None = None
+) -> AsyncIterator[tuple[str, ServerState]]:
+    """A real uvicorn server on 127.0.0.1 in this event loop; yields (base URL, server state)."""
+    app = create_app(engine, settings or ConnectionSettings(heartbeat_interval=0))
+    port = port or free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    for _ in range(int(scaled(200))):
+        if server.started:
+            break
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}", app.state.tokenwire
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, scaled(10))

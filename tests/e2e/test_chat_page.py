@@ -8,37 +8,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import uvicorn
 from playwright.async_api import Page, async_playwright
 
 from tests.conftest import scaled
 from tests.e2e.browser import ARGS, require_chromium, screenshot_path
-from tests.e2e.server import free_port
+from tests.e2e.server import free_port, serving
 from tests.fakes import FakeEngine
-from tokenwire.server.app import create_app
-from tokenwire.server.websocket import ConnectionSettings
 
 MS = scaled(10) * 1000  # Playwright timeouts, in milliseconds
-
-
-@contextlib.asynccontextmanager
-async def serving(engine: FakeEngine, port: int | None = None) -> AsyncIterator[tuple[str, Any]]:
-    """A real uvicorn server on 127.0.0.1 in this event loop; yields (base URL, server state)."""
-    app = create_app(engine, ConnectionSettings(heartbeat_interval=0))
-    port = port or free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning")
-    )
-    task = asyncio.create_task(server.serve())
-    for _ in range(int(scaled(200))):
-        if server.started:
-            break
-        await asyncio.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", app.state.tokenwire
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, scaled(10))
 
 
 @contextlib.asynccontextmanager

@@ -8,14 +8,22 @@ beforehand, alone (run side by side, two greedy streams can part ways: batch sha
 from __future__ import annotations
 
 import asyncio
+import base64
+import random
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+import websockets
+
 from tests.conftest import scaled
 from tests.e2e.client import Client
 from tests.e2e.conftest import RESUME_WINDOW
-from tests.e2e.server import RunningServer, serve
+from tests.e2e.server import RunningServer, serve, serving
+from tests.fakes import FakeEngine
+from tokenwire.server.websocket import ConnectionSettings
 
 
 def story(gen_id: str, max_tokens: int = 600) -> dict[str, Any]:
@@ -240,3 +248,44 @@ async def test_resume_is_off_with_a_zero_window(tiny_long_model_dir: Path) -> No
         await b.close()
         metrics = server.metrics()
         assert metrics["tokenwire_websocket_resumes_total{outcome=not_found}"] == 1
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_can_resume_everything() -> None:
+    """A client whose reads stall (tiny receive buffer, nothing read) blocks the server's sends; after the slow
+    consumer timeout the server closes it (1008) and orphans the generation, which runs on; a new connection
+    resumes it from the start and gets the whole text."""
+    rng = random.Random(7)  # incompressible text: permessage-deflate would shrink repeated letters to nothing
+    reply = "".join(f"<{i:04d}>" + base64.b64encode(rng.randbytes(12_000)).decode() for i in range(1000))
+    engine = FakeEngine(reply=reply, pieces=1000, delay=0.002)
+    settings = ConnectionSettings(heartbeat_interval=0, slow_consumer_timeout=0.5)
+    async with serving(engine, settings=settings) as (base, state):
+        url = base.replace("http", "ws", 1) + "/ws"
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+        sock.setblocking(False)
+        stuck = await Client.connect(url, sock=sock, max_queue=1)  # websockets stops reading the socket too
+        await stuck.send({"type": "generate", "id": "big", "prompt": "x"})
+        for _ in range(int(scaled(200))):
+            held = [j for j in state.generations.journals() if j.gen_id == "big"]
+            if held and held[0].holder is None:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the stuck client was never dropped")
+        assert not engine.aborted
+
+        fresh = await Client.connect(url)
+        await fresh.send({"type": "resume", "id": "big", "session": stuck.hello["session"]})
+        end = await fresh.until(lambda m: m.get("id") == "big" and m["type"] == "complete")
+        assert end["finish_reason"] == "stop"
+        replay = fresh.by_id["big"][1:]
+        assert replay[0]["type"] == "started" and seqs(replay) == list(range(len(replay)))
+        assert text_of(replay) == reply
+        await fresh.close()
+
+        with pytest.raises(websockets.ConnectionClosed) as closed:  # the stuck socket was closed as a policy matter
+            for _ in range(10_000):
+                await stuck.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        assert len(stuck.by_id["big"]) < len(replay)  # what the socket buffers held when it was dropped, no more

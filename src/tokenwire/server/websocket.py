@@ -298,8 +298,15 @@ class Connection:
         except (WebSocketDisconnect, OSError):
             pass  # the read loop sees the disconnect and lets the generation go
         except _SlowConsumer:
-            if self._closer is None:  # the read loop then sees the disconnect, and the generations are orphaned
-                self._closer = asyncio.create_task(self._close(1008))
+            if self._closer is None:
+                self._closer = asyncio.create_task(self._drop_slow_consumer())
+
+    async def _drop_slow_consumer(self) -> None:
+        """The client stopped reading: orphan its generations now (it may resume them on a new connection), then
+        close. The close handshake needs the client to read, so nothing waits for it."""
+        self._closing = True
+        await self._let_go(abort=False)
+        await self._close(1008)
 
     def _release(self, gen_id: str, journal: Journal) -> None:
         held = self._held.get(gen_id)
