@@ -25,6 +25,7 @@ class FakeEngine:
         self.pieces = pieces
         self.delay = delay  # seconds between pieces
         self.aborted: set[str] = set()
+        self.closed_early: set[str] = set()  # streams closed before their end: what a real engine aborts
         self.fail_with: EngineError | None = None
         self.load_gate = asyncio.Event()
         self.load_gate.set()
@@ -55,6 +56,16 @@ class FakeEngine:
         if self.fail_with is not None:
             raise self.fail_with
         rid = request.request_id
+        finished = False
+        try:
+            async for out in self._outputs(rid):
+                finished = out.kind is OutputKind.FINISHED
+                yield out
+        finally:
+            if not finished:
+                self.closed_early.add(rid)
+
+    async def _outputs(self, rid: str) -> AsyncGenerator[RequestOutput, None]:
         yield RequestOutput(rid, OutputKind.STARTED, start=GenerationStart(7), prompt_tokens=7)
         step = max(1, len(self.reply) // self.pieces)
         chunks = [self.reply[i : i + step] for i in range(0, len(self.reply), step)]

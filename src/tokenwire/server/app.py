@@ -24,9 +24,11 @@ from starlette.websockets import WebSocket
 
 from tokenwire.engine.interface import Engine, ErrorCode
 from tokenwire.server import messages
+from tokenwire.server import realtime_protocol as rt
 from tokenwire.server.auth import AuthPolicy, bearer_token, origin_allowed, websocket_key
 from tokenwire.server.journal import Registry, owner_of
 from tokenwire.server.openai_api import OpenAIRoutes
+from tokenwire.server.realtime import RealtimeConnection
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.websocket import Connection, ConnectionSettings
 
@@ -154,7 +156,8 @@ def create_app(
     async def index(request: Request) -> Response:
         return HTMLResponse(chat_page)
 
-    async def websocket(ws: WebSocket) -> None:
+    def websocket_refusal(ws: WebSocket) -> tuple[str | None, str | None, str | None]:
+        """(API key, subprotocol to accept, why the upgrade is refused or None) for a WebSocket request."""
         subprotocols = ws.scope.get("subprotocols") or []
         key, subprotocol = websocket_key(ws.headers, ws.query_params, subprotocols)
         problem = None
@@ -162,11 +165,19 @@ def create_app(
             problem = "this page's origin may not open a WebSocket here (see --allowed-origins)"
         elif not policy.key_ok(key):
             problem = "an API key is required: send it as the subprotocol bearer.KEY, ?api_key=KEY or a Bearer header"
-        if problem is not None:  # accept, so that the client can read why, then close with 1008 (policy)
-            await ws.accept(subprotocol=subprotocol)
+        return key, subprotocol, problem
+
+    async def refuse(ws: WebSocket, subprotocol: str | None, message: dict[str, object]) -> None:
+        """Accept, so that the client can read why, then close with 1008 (policy)."""
+        await ws.accept(subprotocol=subprotocol)
+        await ws.send_text(messages.encode(message))
+        await ws.close(1008)
+
+    async def websocket(ws: WebSocket) -> None:
+        key, subprotocol, problem = websocket_refusal(ws)
+        if problem is not None:
             telemetry.error(ErrorCode.UNAUTHORIZED.value)
-            await ws.send_text(messages.encode(messages.error(ErrorCode.UNAUTHORIZED, problem)))
-            await ws.close(1008)
+            await refuse(ws, subprotocol, messages.error(ErrorCode.UNAUTHORIZED, problem))
             return
         conn = Connection(
             ws, state.engine, state.settings, telemetry, state.generations, owner_of(key if policy.enabled else None)
@@ -176,6 +187,22 @@ def create_app(
             await conn.run(subprotocol)
         finally:
             state.connections.discard(conn)
+
+    async def realtime(ws: WebSocket) -> None:
+        _, subprotocol, problem = websocket_refusal(ws)
+        model = ws.query_params.get("model")
+        if problem is None and model is not None and model != state.engine.model_name:
+            problem = f"the model {model!r} does not exist; this server serves {state.engine.model_name!r}"
+            code = "model_not_found"
+        else:
+            code = ErrorCode.UNAUTHORIZED.value
+        if problem is None and not state.engine.ready:
+            problem, code = "the model is still loading; try again shortly", ErrorCode.OVERLOADED.value
+        if problem is not None:
+            telemetry.error(code)
+            await refuse(ws, subprotocol, rt.error_event(rt.RealtimeError(problem, code), None))
+            return
+        await RealtimeConnection(ws, state.engine, state.settings.limits, telemetry).run(subprotocol)
 
     def require_key(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
@@ -259,6 +286,7 @@ def create_app(
             Mount("/static", StaticFiles(directory=str(web)), name="static"),  # web/ is a real folder once installed
             WebSocketRoute("/", websocket),
             WebSocketRoute("/ws", websocket),
+            WebSocketRoute("/v1/realtime", realtime),
             Route("/health", health),
             Route("/ready", ready),
             Route("/v1/stats", stats),

@@ -1,0 +1,262 @@
+"""``WS /v1/realtime``: one OpenAI Realtime-compatible connection, text only (events in realtime_protocol.py).
+
+The connection keeps a session and a conversation of items. ``response.create`` runs one generation over the
+conversation and streams it as ``response.output_text.delta`` events between ``response.created`` and
+``response.done``; the answer becomes an assistant item of the conversation. One response at a time may write
+to the conversation; out-of-band ones (``conversation: "none"``) may run beside it. A client that goes away
+aborts its responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from tokenwire.engine.interface import Engine, EngineError, FinishReason, GenerationRequest, OutputKind
+from tokenwire.server import messages
+from tokenwire.server.protocol import Limits
+from tokenwire.server.realtime_protocol import (
+    Item,
+    ItemCreate,
+    ItemDelete,
+    ItemRetrieve,
+    RealtimeError,
+    ResponseCancel,
+    ResponseCreate,
+    Session,
+    SessionUpdate,
+    build_request,
+    error_event,
+    event,
+    new_id,
+    parse_event,
+    update_session,
+    usage,
+)
+from tokenwire.server.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+_STATUS: dict[FinishReason, tuple[str, dict[str, Any] | None]] = {
+    FinishReason.STOP: ("completed", None),
+    FinishReason.LENGTH: ("incomplete", {"type": "incomplete", "reason": "max_output_tokens"}),
+    FinishReason.CANCELLED: ("cancelled", {"type": "cancelled", "reason": "client_cancelled"}),
+}
+
+
+@dataclass(slots=True)
+class _Running:
+    id: str
+    request_id: str
+    in_conversation: bool
+    task: asyncio.Task[None] | None = None
+
+
+class RealtimeConnection:
+    def __init__(
+        self, ws: WebSocket, engine: Engine, limits: Limits, telemetry: Telemetry, send_timeout: float = 30.0
+    ) -> None:
+        self.ws = ws
+        self.engine = engine
+        self.limits = limits
+        self.telemetry = telemetry
+        self.send_timeout = send_timeout
+        self.session = Session(model=engine.model_name)
+        self.conversation_id = new_id("conv")
+        self.items: list[Item] = []
+        self.responses: dict[str, _Running] = {}
+        self._send_lock = asyncio.Lock()
+        self._closer: asyncio.Task[None] | None = None
+
+    async def run(self, subprotocol: str | None) -> None:
+        await self.ws.accept(subprotocol=subprotocol)
+        try:
+            await self.send(event("session.created", session=self.session.as_dict()))
+            while True:
+                frame = await self.ws.receive()
+                if frame["type"] == "websocket.disconnect":
+                    return
+                data = frame.get("text")
+                if data is None:
+                    data = frame.get("bytes") or b""
+                await self._handle(data)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            running = [r.task for r in self.responses.values() if r.task is not None]
+            for task in running:
+                task.cancel()  # closing the engine stream aborts the request
+            await asyncio.gather(*running, return_exceptions=True)
+            if self.ws.application_state is WebSocketState.CONNECTED:
+                with contextlib.suppress(Exception):
+                    await self.ws.close(1000)
+
+    async def _handle(self, data: str | bytes) -> None:
+        client_event_id = None
+        try:
+            ev = parse_event(data, self.limits)
+            client_event_id = ev.event_id
+            if isinstance(ev, SessionUpdate):
+                self.session = update_session(self.session, ev.session, self.limits)
+                await self.send(event("session.updated", session=self.session.as_dict()))
+            elif isinstance(ev, ItemCreate):
+                await self._add_item(ev)
+            elif isinstance(ev, ItemDelete):
+                item = self._item(ev.item_id)
+                self.items.remove(item)
+                await self.send(event("conversation.item.deleted", item_id=item.id))
+            elif isinstance(ev, ItemRetrieve):
+                await self.send(event("conversation.item.retrieved", item=self._item(ev.item_id).as_dict()))
+            elif isinstance(ev, ResponseCreate):
+                self._start_response(ev)
+            elif isinstance(ev, ResponseCancel):
+                self._cancel(ev)
+        except RealtimeError as err:
+            self.telemetry.error(err.code)
+            await self.send(error_event(err, client_event_id))
+
+    def _item(self, item_id: str) -> Item:
+        for item in self.items:
+            if item.id == item_id:
+                return item
+        raise RealtimeError(f"no conversation item with id {item_id!r}", "item_not_found", "item_id")
+
+    async def _add_item(self, ev: ItemCreate) -> None:
+        if len(self.items) >= self.limits.max_messages:
+            raise RealtimeError(
+                f"the conversation already has {self.limits.max_messages} items; delete some first", param="item"
+            )
+        if any(it.id == ev.item.id for it in self.items):
+            raise RealtimeError(f"an item with id {ev.item.id!r} already exists", "duplicate_id", "item.id")
+        if ev.previous_item_id in (None, "") or (ev.previous_item_id == "root" and not self.items):
+            index = len(self.items)
+        elif ev.previous_item_id == "root":
+            index = 0
+        else:
+            index = self.items.index(self._item(ev.previous_item_id)) + 1
+        previous = self.items[index - 1].id if index else None
+        self.items.insert(index, ev.item)
+        await self.send(event("conversation.item.added", previous_item_id=previous, item=ev.item.as_dict()))
+        await self.send(event("conversation.item.done", previous_item_id=previous, item=ev.item.as_dict()))
+
+    def _start_response(self, create: ResponseCreate) -> None:
+        if create.use_conversation and any(r.in_conversation for r in self.responses.values()):
+            raise RealtimeError(
+                "a response is already writing to the conversation; wait for its response.done or cancel it",
+                "conversation_already_has_active_response",
+            )
+        if len(self.responses) >= self.limits.max_generations_per_connection:
+            raise RealtimeError(
+                f"this connection already runs {self.limits.max_generations_per_connection} responses",
+                "rate_limited",
+            )
+        chat, params = build_request(self.session, create, self.items, self.limits)
+        rid = new_id("resp")
+        running = _Running(rid, f"{self.session.id}:{rid}", create.use_conversation)
+        self.responses[rid] = running
+        running.task = asyncio.create_task(self._respond(running, create, chat, params))
+
+    def _cancel(self, ev: ResponseCancel) -> None:
+        if ev.response_id is not None:
+            running = self.responses.get(ev.response_id)
+        else:  # the one writing to the conversation, else the only one
+            found = [r for r in self.responses.values() if r.in_conversation] or list(self.responses.values())
+            running = found[0] if len(found) == 1 else None
+        if running is None:
+            raise RealtimeError("there is no such response in progress to cancel", "response_cancel_not_active")
+        self.engine.abort(running.request_id)
+
+    async def _respond(self, running: _Running, create: ResponseCreate, chat: Any, params: Any) -> None:
+        rid = running.id
+        item = Item(new_id("item"), "assistant", "", "in_progress")
+        response: dict[str, Any] = {
+            "id": rid,
+            "object": "realtime.response",
+            "status": "in_progress",
+            "status_details": None,
+            "output": [],
+            "conversation_id": self.conversation_id if create.use_conversation else None,
+            "output_modalities": ["text"],
+            "max_output_tokens": params.max_tokens,
+            "metadata": create.metadata,
+            "usage": None,
+        }
+        where = {"response_id": rid, "item_id": item.id, "output_index": 0, "content_index": 0}
+        trace = self.telemetry.trace(running.request_id, self.session.id, "realtime")
+        prompt_tokens = completion_tokens = 0
+        status: str = "failed"
+        details: dict[str, Any] | None = None
+        try:
+            await self.send(event("response.created", response=response))
+            previous = self.items[-1].id if self.items and create.use_conversation else None
+            if create.use_conversation:
+                self.items.append(item)
+            await self.send(event("response.output_item.added", response_id=rid, output_index=0, item=item.as_dict()))
+            if create.use_conversation:
+                await self.send(event("conversation.item.added", previous_item_id=previous, item=item.as_dict()))
+            await self.send(event("response.content_part.added", **where, part={"type": "text", "text": ""}))
+            request = GenerationRequest(running.request_id, params, messages=chat, truncate=True)
+            try:
+                stream = self.engine.generate(request)
+                async with contextlib.aclosing(stream):
+                    async for out in stream:
+                        if out.kind is OutputKind.STARTED:
+                            prompt_tokens = out.prompt_tokens
+                            continue
+                        if out.text:
+                            trace.delta(out.text, out.num_tokens)
+                            item.text += out.text
+                            await self.send(event("response.output_text.delta", **where, delta=out.text))
+                        if out.kind is OutputKind.FINISHED:
+                            trace.finished(out)
+                            prompt_tokens, completion_tokens = out.prompt_tokens, out.completion_tokens
+                            status, details = _STATUS[out.finish_reason or FinishReason.STOP]
+            except EngineError as err:
+                trace.failed(err.code.value)
+                self.telemetry.error(err.code.value)
+                details = {"type": "failed", "error": {"type": "invalid_request_error", "code": err.code.value}}
+                await self.send(error_event(RealtimeError(err.message, err.code.value, err.param), create.event_id))
+            item.status = "completed" if status == "completed" else "incomplete"
+            part = {"type": "text", "text": item.text}
+            await self.send(event("response.output_text.done", **where, text=item.text))
+            await self.send(event("response.content_part.done", **where, part=part))
+            await self.send(event("response.output_item.done", response_id=rid, output_index=0, item=item.as_dict()))
+            if create.use_conversation:
+                await self.send(event("conversation.item.done", previous_item_id=previous, item=item.as_dict()))
+            response.update(
+                status=status,
+                status_details=details,
+                output=[item.as_dict()],
+                usage=usage(prompt_tokens, completion_tokens),
+            )
+            await self.send(event("response.done", response=response))
+        except (asyncio.CancelledError, WebSocketDisconnect):
+            pass  # the connection is going away
+        except Exception:  # a bug: say so on this response, keep the connection
+            log.exception("realtime response %s failed", running.request_id)
+            with contextlib.suppress(Exception):
+                await self.send(error_event(RealtimeError("the response failed", "server_error"), create.event_id))
+        finally:
+            trace.abandoned()
+            self.responses.pop(rid, None)
+            if item.status == "in_progress":
+                item.status = "incomplete"
+
+    async def send(self, message: dict[str, Any]) -> None:
+        data = messages.encode(message)
+        async with self._send_lock:
+            try:
+                await asyncio.wait_for(self.ws.send_text(data), self.send_timeout)
+            except TimeoutError:  # the client does not read: close (nothing waits for its close handshake)
+                log.warning("closing realtime connection %s: the client does not read", self.session.id)
+                if self._closer is None:
+                    self._closer = asyncio.create_task(self.ws.close(1008))
+                raise WebSocketDisconnect(1008) from None
+            except RuntimeError as exc:  # sending after close
+                raise WebSocketDisconnect(1006) from exc
+        self.telemetry.websocket_sent(data)
