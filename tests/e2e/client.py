@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
-from typing import Any
+from typing import Any, ClassVar
 
 import websockets
 
@@ -13,8 +13,11 @@ from tests.conftest import scaled
 
 
 class Client:
+    open_clients: ClassVar[list[Client]] = []  # closed by the autouse fixture in conftest.py after each test
+
     def __init__(self, ws: Any) -> None:
         self.ws = ws
+        Client.open_clients.append(self)
         self.by_id: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.other: list[dict[str, Any]] = []
 
@@ -68,3 +71,8 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
+
+    async def vanish(self) -> None:
+        """Drop the TCP connection without a close handshake, as a lost network does; wait until it is gone."""
+        self.ws.transport.abort()
+        await asyncio.wait_for(self.ws.wait_closed(), scaled(10))

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.client import Client
 from tests.e2e.server import RunningServer, serve
 
 RESUME_WINDOW = 3.0  # seconds; short, so that tests can watch orphaned generations expire
@@ -33,3 +36,18 @@ def tiny_server(tiny_long_model_dir: Path) -> Iterator[RunningServer]:
         str(RESUME_WINDOW),
     ) as server:
         yield server
+
+
+@pytest.fixture(autouse=True)
+async def close_clients() -> AsyncIterator[None]:
+    """Close the test clients a test left open (a failed assertion, say) in the test's own event loop, so that
+    their sockets are not collected later, as warnings, in the middle of another test."""
+    Client.open_clients.clear()
+    yield
+    for client in Client.open_clients:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.ws.close(), 2)
+        with contextlib.suppress(Exception):
+            client.ws.transport.abort()
+            await asyncio.wait_for(client.ws.wait_closed(), 2)
+    Client.open_clients.clear()

@@ -94,7 +94,7 @@ async def test_a_reconnect_with_the_same_affinity_token_resumes_through_nginx(cl
     for _ in range(3):
         await c.until(lambda m, seen=seen: m.get("id") == "g" and m.get("seq", -1) > seen + 2)
         seen = max(m["seq"] for m in c.by_id["g"] if "seq" in m)
-        c.ws.transport.abort()
+        await c.vanish()
         c = await Client.connect(url)
         await c.send({"type": "resume", "id": "g", "after_seq": seen, "session": origin})
         resumed = await c.until(lambda m: m.get("id") == "g")

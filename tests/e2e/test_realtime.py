@@ -20,6 +20,8 @@ from tests.conftest import scaled
 from tests.e2e.server import RunningServer, serve, serving
 from tests.fakes import FakeEngine
 from tokenwire.engine.interface import EngineError, ErrorCode
+from tokenwire.server.protocol import Limits
+from tokenwire.server.websocket import ConnectionSettings
 
 RESPONSE_EVENTS = [
     "response.created",
@@ -222,6 +224,24 @@ async def test_each_bad_event_gets_an_error_naming_it_and_the_connection_goes_on
         await ws.send(json.dumps({"type": "response.create"}))
         done, _ = await until(ws, "response.done")
         assert done["response"]["output"][0]["content"][0]["text"] == "Fine."
+
+
+async def test_a_conversation_holds_a_bounded_amount_of_text() -> None:
+    """Items are bounded in number and, together, in size (4 x --max-message-bytes of text): a client cannot
+    grow a connection's memory without end."""
+    engine = FakeEngine()
+    settings = ConnectionSettings(limits=Limits(max_message_bytes=10_000))
+    async with (
+        serving(engine, settings=settings) as (base, _),
+        websockets.connect(base.replace("http", "ws", 1) + "/v1/realtime") as ws,
+    ):
+        await recv(ws)
+        for _ in range(4):
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": user("x" * 9_000)}))
+            assert (await until(ws, "conversation.item.done"))[0]["item"]["role"] == "user"
+        await ws.send(json.dumps({"type": "conversation.item.create", "item": user("x" * 9_000)}))
+        err, _ = await until(ws, "error")
+        assert "delete some items" in err["error"]["message"] and err["error"]["param"] == "item"
 
 
 async def test_items_can_be_retrieved_inserted_and_deleted() -> None:

@@ -68,7 +68,7 @@ async def test_resume_after_a_dropped_connection_continues_without_loss_or_repea
     await a.send(story("g"))
     await read_until_seq(a, "g", 5)
     before = list(a.by_id["g"])
-    a.ws.transport.abort()
+    await a.vanish()
     await asyncio.sleep(0.3)  # the generation goes on meanwhile, with nobody reading
 
     b = await Client.connect(tiny_server.ws)
@@ -95,7 +95,7 @@ async def test_a_generation_that_ended_while_orphaned_is_replayed_with_its_compl
     await a.send(story("short", max_tokens=40))
     await read_until_seq(a, "short", 1)
     seen = a.by_id["short"][-1]["seq"]
-    a.ws.transport.abort()
+    await a.vanish()
     for _ in range(200):  # until it has ended
         if tiny_server.get_json("/v1/stats")["engine"]["running"] == 0:
             break
@@ -170,7 +170,7 @@ async def test_the_same_id_from_two_connections_needs_the_session(tiny_server: R
         c = await Client.connect(tiny_server.ws)
         await c.send(story("twin", max_tokens=2000))
         await read_until_seq(c, "twin", 1)
-        c.ws.transport.abort()
+        await c.vanish()
         dropped.append(c.hello["session"])
     b = await Client.connect(tiny_server.ws)
     await b.send({"type": "resume", "id": "twin", "after_seq": 0})
@@ -191,6 +191,10 @@ async def test_a_generation_is_not_resumable_after_a_normal_close_or_past_the_wi
     await a.send(story("bye", max_tokens=3000))
     await read_until_seq(a, "bye", 1)
     await a.close()  # 1000: the client is done with it
+    for _ in range(200):  # the close handshake ends before the server has let go of the connection: wait for that
+        if a.hello["session"] not in [c["session"] for c in tiny_server.get_json("/v1/stats")["connections"]]:
+            break
+        await asyncio.sleep(0.02)
     b = await Client.connect(tiny_server.ws)
     await b.send({"type": "resume", "id": "bye", "after_seq": 0, "session": a.hello["session"]})
     assert (await b.until(lambda m: m["type"] == "error"))["code"] == "not_found"
@@ -198,7 +202,7 @@ async def test_a_generation_is_not_resumable_after_a_normal_close_or_past_the_wi
     c = await Client.connect(tiny_server.ws)
     await c.send(story("late", max_tokens=20))
     await c.finish("late")
-    c.ws.transport.abort()
+    await c.vanish()
     t0 = time.monotonic()
     while True:  # resumable until the window has passed, not after
         await b.send({"type": "resume", "id": "late", "after_seq": 0, "session": c.hello["session"]})
@@ -218,7 +222,7 @@ async def test_only_the_same_api_key_can_resume(tiny_long_model_dir: Path) -> No
         a = await Client.connect(server.ws, subprotocols=["bearer.k1"])
         await a.send(story("mine", max_tokens=400))
         await read_until_seq(a, "mine", 1)
-        a.ws.transport.abort()
+        await a.vanish()
         other = await Client.connect(server.ws, subprotocols=["bearer.k2"])
         await other.send({"type": "resume", "id": "mine", "after_seq": 1, "session": a.hello["session"]})
         assert (await other.until(lambda m: m["type"] == "error"))["code"] == "not_found"
@@ -236,7 +240,7 @@ async def test_resume_is_off_with_a_zero_window(tiny_long_model_dir: Path) -> No
         a = await Client.connect(server.ws)
         await a.send(story("g", max_tokens=3000))
         await read_until_seq(a, "g", 1)
-        a.ws.transport.abort()
+        await a.vanish()
         t0 = time.monotonic()
         while server.get_json("/v1/stats")["engine"]["running"]:
             assert time.monotonic() - t0 < scaled(2.0)

@@ -258,7 +258,7 @@ async def test_dropped_connections_run_on_for_the_resume_window_then_free_the_en
         await c.until(lambda m, i=i: m.get("id") == f"s{i}" and m["type"] == "token")
     assert tiny_server.get_json("/v1/stats")["engine"]["running"] > 0
     for c in clients:
-        c.ws.transport.abort()  # no close handshake: the client just vanishes
+        await c.vanish()  # no close handshake: the client just vanishes
     t0 = time.monotonic()
     await asyncio.sleep(RESUME_WINDOW / 2)
     stats = tiny_server.get_json("/v1/stats")

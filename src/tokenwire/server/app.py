@@ -202,7 +202,9 @@ def create_app(
             telemetry.error(code)
             await refuse(ws, subprotocol, rt.error_event(rt.RealtimeError(problem, code), None))
             return
-        await RealtimeConnection(ws, state.engine, state.settings.limits, telemetry).run(subprotocol)
+        settings = state.settings
+        conn = RealtimeConnection(ws, state.engine, settings.limits, telemetry, settings.slow_consumer_timeout)
+        await conn.run(subprotocol)
 
     def require_key(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:

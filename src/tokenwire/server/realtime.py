@@ -131,6 +131,13 @@ class RealtimeConnection:
             raise RealtimeError(
                 f"the conversation already has {self.limits.max_messages} items; delete some first", param="item"
             )
+        held = sum(len(it.text) for it in self.items)
+        cap = 4 * self.limits.max_message_bytes
+        if held + len(ev.item.text) > cap:
+            raise RealtimeError(
+                f"the conversation would hold more than {cap} characters of text; delete some items first",
+                param="item",
+            )
         if any(it.id == ev.item.id for it in self.items):
             raise RealtimeError(f"an item with id {ev.item.id!r} already exists", "duplicate_id", "item.id")
         if ev.previous_item_id in (None, "") or (ev.previous_item_id == "root" and not self.items):
