@@ -293,7 +293,8 @@ async def test_a_normal_close_aborts_the_connections_generations_at_once(tiny_se
 
 
 async def test_server_shutdown_ends_generations_with_shutting_down_and_closes_1001(tiny_long_model_dir: Path) -> None:
-    """SIGTERM: each running generation gets error shutting_down, then the socket closes with 1001."""
+    """SIGTERM: each running generation gets what was generated, then error shutting_down (the next seq), then
+    the socket closes with 1001."""
     from tests.e2e.server import serve
 
     with serve("--model", str(tiny_long_model_dir), "--device", "cpu") as server:
@@ -303,6 +304,8 @@ async def test_server_shutdown_ends_generations_with_shutting_down_and_closes_10
         server.proc.terminate()
         err = await c.until(lambda m: m["type"] == "error", timeout=20)
         assert err["code"] == "shutting_down" and err["id"] == "g"
+        # every message generated before the stop arrived, then the error, numbered on: nothing lost
+        assert [m["seq"] for m in c.by_id["g"]] == list(range(len(c.by_id["g"])))
         with pytest.raises(websockets.ConnectionClosed) as info:
             for _ in range(10000):
                 await c.recv(timeout=20)

@@ -80,8 +80,9 @@ class Producer:
         except EngineError as err:
             trace.failed(err.code.value)
             self._emit(messages.error(err.code, err.message, gen_id, err.param, seq=self._seq), final=True)
-        except asyncio.CancelledError:
-            pass  # aborted: the client went for good, or the server stops; aclosing() aborted the request
+        except asyncio.CancelledError:  # aborted: the client went for good, or the server stops
+            if not self.journal.finished:
+                self._flush()  # text generated before the abort still reaches a client that is there to read it
         except Exception as exc:  # a bug: report it on this generation, keep the connection and the server
             log.exception("generation %s failed", request.request_id)
             trace.failed(ErrorCode.GENERATION_FAILED.value)

@@ -124,40 +124,59 @@ class Connection:
             await self._let_go(abort=close_code == NORMAL_CLOSURE)
             await self._close(1000)
 
-    async def shutdown(self) -> None:
-        """The server stops: end each running generation with ``shutting_down``, then close with 1001."""
-        for gen_id in await self._let_go(abort=True):
+    async def shutdown(self, deliver_timeout: float = 2.0) -> None:
+        """The server stops: abort the running generations, send each client what was generated for it (for at
+        most ``deliver_timeout`` seconds), end every generation that has no last message yet with
+        ``shutting_down``, then close with 1001."""
+        held = dict(self._held)
+        producers = [h.journal.task for h in held.values() if not h.journal.finished and h.journal.task]
+        for h in held.values():
+            self.registry.forget(h.journal)  # nothing is resumable on a server that stops
+        for task in producers:
+            task.cancel()
+        await asyncio.gather(*producers, return_exceptions=True)
+        pumps = [h.pump for h in held.values()]
+        if pumps:  # every journal is closed now: the pumps send what is left and stop
+            _, late = await asyncio.wait(pumps, timeout=deliver_timeout)
+            for pump in late:
+                pump.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        self._held = {}
+        for gen_id, h in held.items():
+            if h.journal.holder not in (self, None) or (h.journal.entries and h.journal.entries[-1].final):
+                continue  # resumed elsewhere, or ended with complete or error
             self.telemetry.error(ErrorCode.SHUTTING_DOWN.value)
             await self._send_quietly(
-                messages.error(ErrorCode.SHUTTING_DOWN, "the server is shutting down; try again later", gen_id)
+                messages.error(
+                    ErrorCode.SHUTTING_DOWN,
+                    "the server is shutting down; try again later",
+                    gen_id,
+                    seq=h.journal.last_seq + 1,
+                )
             )
         self._closing = True
         await self._close(1001)
 
-    async def _let_go(self, abort: bool) -> list[str]:
-        """Stop delivering every held generation; abort them (``abort`` or resume off) or leave them orphaned.
-
-        Returns the ids of those still running."""
+    async def _let_go(self, abort: bool) -> None:
+        """The socket is gone: stop delivering every held generation; abort them (``abort`` or resume off) or
+        leave them orphaned, for a resume."""
         held, self._held = self._held, {}
         for h in held.values():
             h.pump.cancel()
         await asyncio.gather(*(h.pump for h in held.values()), return_exceptions=True)
-        running = []
         producers = []
-        for gen_id, h in held.items():
+        for h in held.values():
             if h.journal.holder is not self:  # resumed on another connection meanwhile: it is theirs now
                 continue
             if h.journal.finished:
                 self.registry.detach(h.journal)
                 continue
-            running.append(gen_id)
             if self.registry.detach(h.journal) or abort:
                 self.registry.forget(h.journal)
                 if h.journal.task is not None:
                     h.journal.task.cancel()
                     producers.append(h.journal.task)
         await asyncio.gather(*producers, return_exceptions=True)
-        return running
 
     async def _close(self, code: int) -> None:
         if self.ws.application_state is WebSocketState.CONNECTED:
