@@ -200,10 +200,10 @@ async def test_a_generation_is_not_resumable_after_a_normal_close_or_past_the_wi
     assert (await b.until(lambda m: m["type"] == "error"))["code"] == "not_found"
 
     c = await Client.connect(tiny_server.ws)
+    t0 = time.monotonic()  # before it ends: its window cannot open earlier
     await c.send(story("late", max_tokens=20))
     await c.finish("late")
     await c.vanish()
-    t0 = time.monotonic()
     while True:  # resumable until the window has passed, not after
         await b.send({"type": "resume", "id": "late", "after_seq": 0, "session": c.hello["session"]})
         reply = await b.until(lambda m: m.get("id") == "late" and m["type"] in ("resumed", "error"))
