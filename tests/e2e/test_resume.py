@@ -126,7 +126,9 @@ async def test_resume_takes_a_generation_over_from_a_connection_still_open(tiny_
     await read_until_seq(a, "move", 3)
     b = await Client.connect(tiny_server.ws)
     await b.send({"type": "resume", "id": "move", "after_seq": 3, "session": a.hello["session"]})
-    await b.until(lambda m: m.get("id") == "move" and m["type"] == "token")
+    resumed = await b.until(lambda m: m.get("id") == "move")
+    assert resumed["type"] == "resumed" and resumed["running"] is True
+    await b.until(lambda m: m.get("id") == "move" and m["type"] in ("token", "tokens"))
     await b.send({"type": "cancel", "id": "move"})
     end = await b.finish("move")
     assert end["type"] == "complete" and end["finish_reason"] == "cancelled"

@@ -214,19 +214,22 @@ class Connection:
         elif isinstance(msg, Resume):
             await self._resume(msg)
 
-    def _room_for_one_more(self, gen_id: str) -> tuple[ErrorCode, str] | None:
-        if gen_id in self._held:
-            return ErrorCode.DUPLICATE_ID, f"a generation with id {gen_id!r} is already running"
+    async def _refused_room(self, gen_id: str) -> bool:
+        """Whether ``gen_id`` cannot run here (a duplicate id, or the connection's cap); sends the error if so."""
         cap = self.settings.limits.max_generations_per_connection
-        if len(self._held) >= cap:
-            return ErrorCode.RATE_LIMITED, f"this connection already runs {cap} generations; wait for one to end"
-        return None
+        if gen_id in self._held:
+            msg = f"a generation with id {gen_id!r} is already running"
+            await self.send_error(ErrorCode.DUPLICATE_ID, msg, gen_id, "id")
+        elif len(self._held) >= cap:
+            msg = f"this connection already runs {cap} generations; wait for one to end"
+            await self.send_error(ErrorCode.RATE_LIMITED, msg, gen_id)
+        else:
+            return False
+        return True
 
     async def _start_generation(self, msg: Generate) -> None:
         gen_id = msg.id if msg.id is not None else f"gen-{next(self._auto_ids)}"
-        problem = self._room_for_one_more(gen_id)
-        if problem is not None:
-            await self.send_error(*problem, gen_id, "id" if problem[0] is ErrorCode.DUPLICATE_ID else None)
+        if await self._refused_room(gen_id):
             return
         engine_id = f"{self.session}:{gen_id}"
         journal = Journal(self.session, gen_id, self.owner, engine_id)
@@ -270,11 +273,8 @@ class Connection:
             )
             return
         mine = self._held.get(msg.id)
-        if mine is None or mine.journal is not journal:
-            problem = self._room_for_one_more(msg.id)
-            if problem is not None:
-                await self.send_error(*problem, msg.id, "id" if problem[0] is ErrorCode.DUPLICATE_ID else None)
-                return
+        if (mine is None or mine.journal is not journal) and await self._refused_room(msg.id):
+            return
         previous = journal.holder
         if isinstance(previous, Connection):  # the old socket may be half-open: take the generation over
             await previous.hand_over(msg.id, journal)
@@ -289,8 +289,7 @@ class Connection:
             return
         del self._held[gen_id]
         held.pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await held.pump
+        await asyncio.wait({held.pump})  # unlike awaiting it, this does not raise the pump's cancellation here
 
     def _hold(self, journal: Journal, first_seq: int) -> None:
         self.registry.attach(journal, self)
