@@ -23,6 +23,7 @@ import uvicorn
 from tests.conftest import scaled
 from tokenwire.engine.interface import Engine
 from tokenwire.server.app import ServerState, create_app
+from tokenwire.server.auth import AuthPolicy
 from tokenwire.server.websocket import ConnectionSettings
 
 
@@ -113,10 +114,10 @@ def serve(*args: str, startup_timeout: float = 120.0, log_path: Path | None = No
 
 @contextlib.asynccontextmanager
 async def serving(
-    engine: Engine, port: int | None = None, settings: ConnectionSettings | None = None
+    engine: Engine, port: int | None = None, settings: ConnectionSettings | None = None, auth: AuthPolicy | None = None
 ) -> AsyncIterator[tuple[str, ServerState]]:
     """A real uvicorn server on 127.0.0.1 in this event loop; yields (base URL, server state)."""
-    app = create_app(engine, settings or ConnectionSettings(heartbeat_interval=0))
+    app = create_app(engine, settings or ConnectionSettings(heartbeat_interval=0), auth=auth)
     port = port or free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from tests.conftest import scaled
 from tests.e2e.browser import ARGS, require_chromium, screenshot_path
 from tests.e2e.server import free_port, serving
 from tests.fakes import FakeEngine
+from tokenwire.server.auth import AuthPolicy
 
 MS = scaled(10) * 1000  # Playwright timeouts, in milliseconds
 
@@ -56,7 +58,10 @@ async def test_answer_streams_in_steps_and_the_conversation_is_sent_as_messages(
         assert "The answer is 42." in (await body.inner_text())
         assert await body.eval_on_selector("strong", "e => e.textContent") == "42"
         assert await body.eval_on_selector_all("li", "els => els.length") == 2
-        assert "tokens" in (await answer.inner_text())
+        figures = await answer.eval_on_selector(".figures", "e => e.textContent")
+        chunks = -(-len(engine.reply) // (len(engine.reply) // 8))  # the fake engine's token count
+        assert re.fullmatch(rf"TTFT \d+ ms · 100\.0 tok/s · {chunks} tokens", figures), figures
+        assert await answer.get_attribute("aria-busy") == "false"
         await ask(page, "And then?")
         await page.wait_for_function("document.querySelectorAll('.msg.assistant[data-state=done]').length == 2")
         sent = engine.requests[-1].messages
@@ -310,3 +315,152 @@ async def test_phone_sized_viewport_fits_and_has_labels(scheme: str) -> None:
         await page.keyboard.press("Tab")
         assert await page.evaluate("document.activeElement.id") in ("send", "stop")
         await page.screenshot(path=str(screenshot_path(f"chat-phone-{scheme}.png")), full_page=True)
+
+
+async def active(page: Page) -> str:
+    """The focused element, as tag#id.class."""
+    return str(
+        await page.evaluate(
+            "(() => { const e = document.activeElement; return e.tagName.toLowerCase() + (e.id ? '#' + e.id : '')"
+            " + (e.className ? '.' + String(e.className).split(' ').join('.') : ''); })()"
+        )
+    )
+
+
+async def tab_to(page: Page, selector: str, most: int = 25) -> None:
+    """Press Tab until ``selector`` has the focus, as a keyboard user would; fail if it never gets it."""
+    for _ in range(most):
+        if await page.evaluate(f"document.activeElement.matches({selector!r})"):
+            return
+        await page.keyboard.press("Tab")
+    raise AssertionError(f"Tab never reached {selector}; the focus is on {await active(page)}")
+
+
+async def test_everything_works_with_the_keyboard_alone() -> None:
+    """No mouse: type and Enter; Escape stops; Tab reaches Stop, the settings (Escape closes them), Regenerate,
+    a code block's Copy and New chat, each working with Enter; after Stop the focus returns to the message box."""
+    engine = FakeEngine(reply="slow " * 300, pieces=300, delay=0.02)
+    async with (
+        serving(engine) as (base, _),
+        browser_page(permissions=["clipboard-read", "clipboard-write"]) as page,
+    ):
+        await open_chat(page, base)
+        assert await active(page) == "textarea#prompt"  # focused on load
+        await page.keyboard.type("Talk")
+        await page.keyboard.press("Enter")
+        await updates(page, 2)
+        await page.keyboard.press("Escape")
+        await last_answer(page, "stopped")
+        assert len(engine.aborted) == 1
+
+        await page.keyboard.type("More")
+        await page.keyboard.press("Enter")
+        await updates(page, 2)
+        await page.keyboard.press("Tab")  # Send is disabled while answering, so the next stop is Stop
+        assert await active(page) == "button#stop"
+        await page.keyboard.press("Enter")
+        await last_answer(page, "stopped")
+        assert len(engine.aborted) == 2 and await active(page) == "textarea#prompt"
+
+        await tab_to(page, "#settings-toggle")
+        await page.keyboard.press("Enter")
+        assert await page.is_visible("#settings")
+        assert await page.get_attribute("#settings-toggle", "aria-expanded") == "true"
+        await tab_to(page, "#system")
+        await page.keyboard.type("Be brief.")
+        await tab_to(page, "#max-tokens")
+        await page.keyboard.press("Control+A")
+        await page.keyboard.type("33")
+        await page.screenshot(path=str(screenshot_path("chat-settings-by-keyboard.png")), full_page=True)
+        await page.keyboard.press("Escape")
+        assert await page.is_hidden("#settings") and await active(page) == "button#settings-toggle"
+
+        engine.reply, engine.pieces, engine.delay = "Use:\n\n```sh\nls -la\n```\n", 3, 0.0
+        await tab_to(page, "#prompt")
+        await page.keyboard.type("How do I list files?")
+        await page.keyboard.press("Enter")
+        await page.wait_for_selector('.msg.assistant:last-child[data-state="done"]', timeout=MS)
+        req = engine.requests[-1]
+        assert req.params.max_tokens == 33
+        assert req.messages is not None and (req.messages[0].role, req.messages[0].content) == ("system", "Be brief.")
+
+        await tab_to(page, "pre .copy")
+        await page.keyboard.press("Enter")
+        await page.wait_for_function("document.querySelector('pre .copy').textContent === 'Copied'", timeout=MS)
+        assert await page.evaluate("navigator.clipboard.readText()") == "ls -la"
+
+        before = len(engine.requests)
+        await page.eval_on_selector(".msg.assistant:last-child", "e => { e.dataset.old = '1'; }")
+        await tab_to(page, ".regen")
+        await page.keyboard.press("Enter")
+        await page.wait_for_selector('.msg.assistant:last-child:not([data-old])[data-state="done"]', timeout=MS)
+        assert len(engine.requests) == before + 1 and await page.query_selector("[data-old]") is None
+
+        await tab_to(page, "#new-chat")
+        await page.keyboard.press("Enter")
+        assert await page.eval_on_selector_all(".msg", "e => e.length") == 0
+        assert await active(page) == "textarea#prompt"
+
+
+async def test_copy_works_where_the_clipboard_api_is_missing() -> None:
+    """Over plain http to another host there is no navigator.clipboard: Copy falls back to copying a selection."""
+    engine = FakeEngine(reply="```\nrm -rf build/\n```", pieces=2)
+    async with serving(engine) as (base, _), browser_page() as page:
+        await page.add_init_script(
+            """Object.defineProperty(Navigator.prototype, 'clipboard', {get: () => undefined});
+            window.__copied = [];
+            document.addEventListener('copy', () => {
+                const a = document.activeElement;
+                window.__copied.push(a.value.substring(a.selectionStart, a.selectionEnd));
+            });"""
+        )
+        await open_chat(page, base)
+        assert await page.evaluate("navigator.clipboard") is None
+        await ask(page, "Clean up")
+        answer = await last_answer(page)
+        await page.click("pre .copy")
+        assert await answer.eval_on_selector("pre .copy", "b => b.textContent") == "Copied"
+        assert await page.evaluate("window.__copied") == ["rm -rf build/"]
+        assert await page.evaluate("document.querySelectorAll('body > textarea').length") == 0  # the helper is gone
+
+
+async def test_theme_follows_the_system_and_the_button_switches_it_and_is_remembered() -> None:
+    engine = FakeEngine()
+    background = "getComputedStyle(document.body).backgroundColor"
+    async with serving(engine) as (base, _), browser_page(color_scheme="dark") as page:
+        await open_chat(page, base)
+        dark = await page.evaluate(background)
+        assert dark == "rgb(15, 20, 25)"
+        await page.click("#theme")
+        assert await page.evaluate(background) == "rgb(246, 247, 249)"
+        await page.reload()
+        await page.wait_for_selector('#conn[data-state="open"]', timeout=MS)
+        assert await page.evaluate(background) == "rgb(246, 247, 249)"  # light, though the system is dark
+        await page.click("#theme")
+        assert await page.evaluate(background) == dark
+
+
+@pytest.mark.parametrize("key", ["plain-token.key_1", "has spaces/+&=?#"])
+async def test_the_page_asks_for_the_key_says_when_it_is_wrong_and_sends_it(key: str) -> None:
+    """A key that is a valid token goes as the subprotocol bearer.KEY; any other as ?api_key= (URL-encoded)."""
+    engine = FakeEngine(reply="Welcome.", pieces=2)
+    async with serving(engine, auth=AuthPolicy(api_keys=(key,))) as (base, state), browser_page() as page:
+        await page.goto(base + "/")
+        await page.wait_for_selector("#key-form:not([hidden])", timeout=MS)
+        assert await page.text_content("#conn") == "API key needed"
+        assert await active(page) == "input#api-key"
+        await page.keyboard.type("wrong")
+        await page.keyboard.press("Enter")
+        await page.wait_for_function("document.getElementById('conn').textContent === 'API key rejected'", timeout=MS)
+        assert await page.is_visible("#key-form")
+        await page.screenshot(path=str(screenshot_path("chat-key-rejected.png")), full_page=True)
+        await page.fill("#api-key", key)
+        await page.press("#api-key", "Enter")
+        await page.wait_for_selector('#conn[data-state="open"]', timeout=MS)
+        (conn,) = state.connections
+        if key.startswith("plain"):
+            assert conn.ws.scope["subprotocols"] == [f"bearer.{key}"] and "api_key" not in conn.ws.query_params
+        else:
+            assert conn.ws.query_params["api_key"] == key and not conn.ws.scope.get("subprotocols")
+        await ask(page, "Hi")
+        assert "Welcome." in await (await last_answer(page)).inner_text()

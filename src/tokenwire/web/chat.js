@@ -14,6 +14,7 @@
   const STORE = "tokenwire.settings";
   const KEY = "tokenwire.key";
   let needKey = false;
+  let keySent = false;    // the last connection carried a key: an unauthorized answer means it was wrong
   const THEME = "tokenwire.theme";
   const AFFINITY = "tokenwire.affinity";
   const CHAT = "tokenwire.chat";  // this tab's conversation and running answer, kept across reloads
@@ -75,6 +76,7 @@
     // A key goes as the subprotocol bearer.KEY when it is a valid token, else as ?api_key= (browsers cannot set
     // an Authorization header on a WebSocket).
     const key = localStorage.getItem(KEY) || "";
+    keySent = key !== "";
     const protocols = [];
     if (key && /^[A-Za-z0-9._~-]+$/.test(key)) protocols.push(`bearer.${key}`);
     else if (key) url += `&api_key=${encodeURIComponent(key)}`;
@@ -96,7 +98,7 @@
         setNote(current, "connection lost; resuming…");
       }
       if (needKey) {  // no point retrying with the same key: ask for one
-        setConn("closed", "API key needed");
+        setConn("closed", keySent ? "API key rejected" : "API key needed");
         $("key-form").hidden = false;
         $("api-key").focus();
         return;
@@ -205,6 +207,7 @@
     const el = addMessage("assistant", "");
     el.classList.add("typing");
     el.dataset.state = "streaming";
+    el.setAttribute("aria-busy", "true");  // screen readers wait for the whole answer instead of every token
     current = {
       id, el, session, lastSeq: -1, text: "", tokens: 0, sentAt: performance.now(), ttftMs: null, timings: null,
       detached: false, resuming: false, stopRequested: false,
@@ -236,6 +239,7 @@
     renderAnswer(answer);
     answer.el.classList.remove("typing");
     answer.el.dataset.state = state;
+    answer.el.setAttribute("aria-busy", "false");
     if (state === "done" || (state === "stopped" && answer.text)) {
       conversation.push({ role: "assistant", content: answer.text });
       answer.el.dataset.turn = String(conversation.length - 1);
@@ -257,7 +261,9 @@
       meta.appendChild(n);
     }
     addRegenerate(meta);
+    const stopHadFocus = document.activeElement === ui.stop;
     ui.stop.hidden = true;
+    if (stopHadFocus) ui.prompt.focus();  // keyboard users are not left on a button that is gone
     setConn(ws ? "open" : "reconnecting", ws ? "connected" : ui.conn.textContent);
     saveChat();
   }
@@ -301,6 +307,7 @@
       const el = addMessage("assistant", "");
       el.classList.add("typing");
       el.dataset.state = "streaming";
+      el.setAttribute("aria-busy", "true");
       current = {
         id: a.id, el, session: typeof a.session === "string" ? a.session : null, lastSeq: a.lastSeq, text: a.text,
         tokens: Number(a.tokens) || 0, sentAt: performance.now(), ttftMs: Number.isFinite(a.ttftMs) ? a.ttftMs : null,
@@ -346,10 +353,22 @@
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
   });
   ui.prompt.addEventListener("input", autosize);
-  ui.stop.addEventListener("click", () => {
-    if (!current) return;
+  function stop() {
+    if (!current || current.stopRequested) return;
     current.stopRequested = true;  // sent after the resume when the connection is down
     if (ws && !current.detached) ws.send(JSON.stringify({ type: "cancel", id: current.id }));
+  }
+  ui.stop.addEventListener("click", stop);
+  // Escape closes the settings panel when focus is in it, else stops the running answer.
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Escape" || e.isComposing) return;
+    if (!ui.settings.hidden && ui.settings.contains(document.activeElement)) {
+      toggleSettings();
+      ui.settingsToggle.focus();
+    } else if (current) {
+      e.preventDefault();
+      stop();
+    }
   });
   ui.newChat.addEventListener("click", () => {
     if (current && current.detached) abandoned.push(current);
@@ -362,10 +381,11 @@
     setConn(ws ? "open" : "reconnecting", ws ? "connected" : ui.conn.textContent);
     ui.prompt.focus();
   });
-  ui.settingsToggle.addEventListener("click", () => {
+  function toggleSettings() {
     ui.settings.hidden = !ui.settings.hidden;
     ui.settingsToggle.setAttribute("aria-expanded", String(!ui.settings.hidden));
-  });
+  }
+  ui.settingsToggle.addEventListener("click", toggleSettings);
   for (const input of [ui.system, ui.temperature, ui.maxTokens]) input.addEventListener("input", saveSettings);
   ui.theme.addEventListener("click", () => {
     const dark = document.documentElement.dataset.theme === "dark"

@@ -67,8 +67,28 @@ const TokenwireMarkdown = (() => {
     const copy = el("button", "Copy");
     copy.type = "button"; copy.className = "copy"; copy.setAttribute("aria-label", "Copy code");
     copy.addEventListener("click", () => {
-      const done = () => { copy.textContent = "Copied"; setTimeout(() => { copy.textContent = "Copy"; }, 1200); };
-      if (navigator.clipboard) navigator.clipboard.writeText(code).then(done, () => {});
+      const show = (label) => { copy.textContent = label; setTimeout(() => { copy.textContent = "Copy"; }, 1500); };
+      // The Clipboard API exists only in secure contexts (https, localhost); a page opened as http://host:port
+      // falls back to copying a selection, and failing that leaves the code selected for Ctrl+C.
+      const fallback = () => {
+        const area = el("textarea");
+        area.value = code;
+        area.setAttribute("readonly", "");
+        area.style.position = "fixed"; area.style.opacity = "0";
+        document.body.appendChild(area);
+        area.select();
+        let ok = false;
+        try { ok = document.execCommand("copy"); } catch (e) { ok = false; }
+        area.remove();
+        if (ok) { show("Copied"); return; }
+        const range = document.createRange();
+        range.selectNodeContents(c);
+        const sel = window.getSelection();
+        sel.removeAllRanges(); sel.addRange(range);
+        show("Press Ctrl+C");
+      };
+      if (navigator.clipboard && window.isSecureContext) navigator.clipboard.writeText(code).then(() => show("Copied"), fallback);
+      else fallback();
     });
     pre.append(copy, c);
     return pre;
