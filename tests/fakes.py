@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator
 from tokenwire.engine.interface import (
     EngineError,
     EngineStats,
+    ErrorCode,
     FinishReason,
     GenerationRequest,
     GenerationStart,
@@ -31,6 +32,7 @@ class FakeEngine:
         self.load_gate.set()
         self._ready = False
         self.requests: list[GenerationRequest] = []
+        self.context_turns: int | None = None  # with truncate, turns beyond this many (oldest first) are dropped
 
     @property
     def model_name(self) -> str:
@@ -58,15 +60,23 @@ class FakeEngine:
         rid = request.request_id
         finished = False
         try:
-            async for out in self._outputs(rid):
+            async for out in self._outputs(rid, self._dropped_turns(request)):
                 finished = out.kind is OutputKind.FINISHED
                 yield out
         finally:
             if not finished:
                 self.closed_early.add(rid)
 
-    async def _outputs(self, rid: str) -> AsyncGenerator[RequestOutput, None]:
-        yield RequestOutput(rid, OutputKind.STARTED, start=GenerationStart(7), prompt_tokens=7)
+    def _dropped_turns(self, request: GenerationRequest) -> int:
+        turns = [m for m in request.messages or () if m.role != "system"]
+        if self.context_turns is None or len(turns) <= self.context_turns:
+            return 0
+        if not request.truncate:
+            raise EngineError(ErrorCode.PROMPT_TOO_LONG, "the conversation does not fit the context", "messages")
+        return len(turns) - self.context_turns
+
+    async def _outputs(self, rid: str, dropped: int) -> AsyncGenerator[RequestOutput, None]:
+        yield RequestOutput(rid, OutputKind.STARTED, start=GenerationStart(7, dropped), prompt_tokens=7)
         step = max(1, len(self.reply) // self.pieces)
         chunks = [self.reply[i : i + step] for i in range(0, len(self.reply), step)]
         sent = 0

@@ -464,3 +464,22 @@ async def test_the_page_asks_for_the_key_says_when_it_is_wrong_and_sends_it(key:
             assert conn.ws.query_params["api_key"] == key and not conn.ws.scope.get("subprotocols")
         await ask(page, "Hi")
         assert "Welcome." in await (await last_answer(page)).inner_text()
+
+
+async def test_a_conversation_longer_than_the_context_drops_its_oldest_turns_and_says_so() -> None:
+    engine = FakeEngine(reply="Noted.", pieces=1)
+    engine.context_turns = 2  # the fake model's context holds two turns
+    async with serving(engine) as (base, _), browser_page() as page:
+        await open_chat(page, base)
+        await ask(page, "One")
+        first = await last_answer(page)
+        assert await first.query_selector(".note") is None
+        await ask(page, "Two")
+        await page.wait_for_function("document.querySelectorAll('.msg.assistant[data-state=done]').length === 2")
+        assert engine.requests[-1].truncate
+        note = await page.eval_on_selector(".msg.assistant:last-child .note", "e => e.textContent")
+        assert note == "the oldest message was left out to fit the model's context"
+        await ask(page, "Three")
+        await page.wait_for_function("document.querySelectorAll('.msg.assistant[data-state=done]').length === 3")
+        note = await page.eval_on_selector(".msg.assistant:last-child .note", "e => e.textContent")
+        assert note == "the 3 oldest messages were left out to fit the model's context"

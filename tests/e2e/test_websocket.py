@@ -162,6 +162,29 @@ async def test_each_bad_input_gets_its_error_and_the_connection_and_others_go_on
         await c.close()
 
 
+async def test_a_conversation_over_the_context_fails_or_with_truncate_auto_drops_its_oldest_turns(
+    tiny_server: RunningServer,
+) -> None:
+    history = [{"role": "system", "content": "Be kind."}]
+    for i in range(8):
+        history.append({"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "word " * 700})
+    history.append({"role": "user", "content": "And now?"})
+    c = await Client.connect(tiny_server.ws)
+    try:
+        await c.send({"type": "generate", "id": "whole", "messages": history, "max_tokens": 2})
+        err = await c.finish("whole")
+        assert err["type"] == "error" and err["code"] == "prompt_too_long" and "truncate" in err["content"]
+        await c.send({"type": "generate", "id": "cut", "messages": history, "max_tokens": 2, "truncate": "auto"})
+        started = await c.until(lambda m: m.get("id") == "cut")
+        assert started["type"] == "started" and started["prompt_tokens"] < 4096
+        assert 1 <= started["truncated_messages"] < 8  # some of the eight old turns, never the system or last one
+        assert (await c.finish("cut"))["type"] == "complete"
+        await c.send({"type": "generate", "id": "short", "prompt": "Hi", "max_tokens": 2})
+        assert "truncated_messages" not in await c.until(lambda m: m.get("id") == "short")
+    finally:
+        await c.close()
+
+
 async def test_duplicate_running_id_is_refused_without_disturbing_the_first(tiny_server: RunningServer) -> None:
     c = await Client.connect(tiny_server.ws)
     try:

@@ -62,7 +62,8 @@ class Producer:
                     if out is None:  # a batch deadline passed with no new output
                         self._flush()
                     elif out.kind is OutputKind.STARTED:
-                        self._emit(messages.started(gen_id, self.engine.model_name, out.prompt_tokens))
+                        dropped = out.start.truncated_messages if out.start else 0
+                        self._emit(messages.started(gen_id, self.engine.model_name, out.prompt_tokens, dropped))
                     elif out.kind is OutputKind.DELTA:
                         trace.delta(out.text, out.num_tokens)
                         self._deliver(out)

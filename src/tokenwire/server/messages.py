@@ -24,8 +24,8 @@ def hello(session: str, model: str, limits: dict[str, int], heartbeat_s: float) 
     }
 
 
-def started(gen_id: str, model: str, prompt_tokens: int) -> dict[str, Any]:
-    return {
+def started(gen_id: str, model: str, prompt_tokens: int, truncated_messages: int = 0) -> dict[str, Any]:
+    msg: dict[str, Any] = {
         "type": "started",
         "id": gen_id,
         "seq": 0,
@@ -34,6 +34,9 @@ def started(gen_id: str, model: str, prompt_tokens: int) -> dict[str, Any]:
         "model": model,
         "prompt_tokens": prompt_tokens,
     }
+    if truncated_messages:  # truncate="auto" left out this many of the oldest turns to fit the context
+        msg["truncated_messages"] = truncated_messages
+    return msg
 
 
 def token(gen_id: str, seq: int, text: str, tokens: int, batched: bool) -> dict[str, Any]:

@@ -150,6 +150,7 @@
     }
     if (msg.type === "started") {
       current.promptTokens = msg.prompt_tokens;
+      current.truncated = Number(msg.truncated_messages) || 0;
     } else if (msg.type === "token" || msg.type === "tokens") {
       if (current.ttftMs === null) current.ttftMs = Math.round(performance.now() - current.sentAt);
       current.text += msg.content;
@@ -214,6 +215,7 @@
     };
     ws.send(JSON.stringify({
       type: "generate", id, messages,
+      truncate: "auto",  // a long conversation drops its oldest turns instead of failing
       temperature: parseFloat(ui.temperature.value),
       max_tokens: Math.max(1, parseInt(ui.maxTokens.value, 10) || 512),
     }));
@@ -254,10 +256,16 @@
     fig.className = "figures";
     fig.textContent = figures.join(" · ");
     meta.appendChild(fig);
-    if (note) {
+    const notes = [note];
+    if (answer.truncated) {
+      const n = answer.truncated;
+      const which = n === 1 ? "the oldest message was" : `the ${n} oldest messages were`;
+      notes.push(`${which} left out to fit the model's context`);
+    }
+    for (const text of notes.filter(Boolean)) {
       const n = document.createElement("span");
       n.className = "note";
-      n.textContent = note;
+      n.textContent = text;
       meta.appendChild(n);
     }
     addRegenerate(meta);
