@@ -15,7 +15,10 @@ from tests.conftest import scaled
 from tests.e2e.browser import ARGS, require_chromium, screenshot_path
 from tests.e2e.server import free_port, serving
 from tests.fakes import FakeEngine
+from tokenwire.engine.interface import EngineError, ErrorCode
 from tokenwire.server.auth import AuthPolicy
+from tokenwire.server.protocol import Limits
+from tokenwire.server.websocket import ConnectionSettings
 
 MS = scaled(10) * 1000  # Playwright timeouts, in milliseconds
 
@@ -483,3 +486,50 @@ async def test_a_conversation_longer_than_the_context_drops_its_oldest_turns_and
         await page.wait_for_function("document.querySelectorAll('.msg.assistant[data-state=done]').length === 3")
         note = await page.eval_on_selector(".msg.assistant:last-child .note", "e => e.textContent")
         assert note == "the 3 oldest messages were left out to fit the model's context"
+
+
+async def test_the_page_keeps_within_the_servers_limits_instead_of_losing_the_connection() -> None:
+    """hello's limits: a question bigger than max_message_bytes is refused on the page (the text stays in the
+    box, the connection stays up); a history that outgrows it leaves out its oldest turns, starting on a
+    question; max tokens is capped at the server's."""
+    engine = FakeEngine(reply="Ok.", pieces=1)
+    limits = Limits(max_message_bytes=1500, max_tokens=100)
+    settings = ConnectionSettings(limits=limits, heartbeat_interval=0)
+    async with serving(engine, settings=settings) as (base, state), browser_page() as page:
+        await open_chat(page, base)
+        (first_connection,) = state.connections
+        await ask(page, "é" * 1000)  # 2000 bytes of UTF-8
+        await page.wait_for_selector("#problem:not([hidden])", timeout=MS)
+        assert "at most 1500 bytes" in (await page.text_content("#problem") or "")
+        assert await page.input_value("#prompt") == "é" * 1000 and engine.requests == []
+        await page.fill("#prompt", "")
+        assert await page.is_hidden("#problem")
+        for n in range(3):
+            await ask(page, f"q{n} " + "x" * 500)
+            await page.wait_for_function(
+                f"document.querySelectorAll('.msg.assistant[data-state=done]').length === {n + 1}", timeout=MS
+            )
+        sent = engine.requests[-1].messages or ()
+        assert [m.content[:2] for m in sent] == ["q1", "Ok", "q2"]  # q0 and its answer were left out
+        assert engine.requests[-1].params.max_tokens == 100  # the page's 512, capped
+        note = await page.eval_on_selector(".msg.assistant:last-child .note", "e => e.textContent")
+        assert note == "the 2 oldest messages were left out to fit the model's context"
+        assert list(state.connections) == [first_connection]  # never dropped
+
+
+async def test_a_failed_answer_says_why_and_its_question_is_not_sent_again() -> None:
+    engine = FakeEngine(reply="Fine.", pieces=1)
+    engine.fail_with = EngineError(ErrorCode.OVERLOADED, "the server is busy; try again")
+    async with serving(engine) as (base, _), browser_page() as page:
+        await open_chat(page, base)
+        await ask(page, "First try")
+        failed = await last_answer(page, "error")
+        assert "the server is busy; try again" in await failed.inner_text()
+        engine.fail_with = None
+        await ask(page, "Something else")
+        await page.wait_for_selector('.msg.assistant:last-child[data-state="done"]', timeout=MS)
+        assert [(m.role, m.content) for m in engine.requests[-1].messages or ()] == [("user", "Something else")]
+        assert await page.eval_on_selector_all(".msg.user", "e => e.map(x => x.textContent)") == [
+            "First try",
+            "Something else",
+        ]

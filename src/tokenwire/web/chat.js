@@ -9,7 +9,7 @@
     messages: $("messages"), prompt: $("prompt"), send: $("send"), stop: $("stop"), conn: $("conn"),
     model: $("model"), form: $("composer"), settings: $("settings"), settingsToggle: $("settings-toggle"),
     system: $("system"), temperature: $("temperature"), temperatureValue: $("temperature-value"),
-    maxTokens: $("max-tokens"), newChat: $("new-chat"), theme: $("theme"),
+    maxTokens: $("max-tokens"), newChat: $("new-chat"), theme: $("theme"), problem: $("problem"),
   };
   const STORE = "tokenwire.settings";
   const KEY = "tokenwire.key";
@@ -26,7 +26,8 @@
   let conversation = [];  // finished turns: {role, content}
   let current = null;     // the answer being streamed
   let session = null;     // this connection's session (hello): with an id, it names a generation for resume
-  let abandoned = [];     // answers left running on a lost connection by New chat: cancelled once reconnected
+  let abandoned = [];
+  let limits = {};        // what the server accepts (hello's limits)     // answers left running on a lost connection by New chat: cancelled once reconnected
 
   // -- settings, remembered in the browser
   function loadSettings() {
@@ -115,6 +116,8 @@
   function hello(msg) {
     ui.model.textContent = msg.model || "";
     session = msg.session || null;
+    limits = msg.limits || {};
+    if (limits.max_tokens) ui.maxTokens.max = String(limits.max_tokens);
     for (const gone of abandoned) {
       ws.send(JSON.stringify({ type: "resume", id: gone.id, session: gone.session, after_seq: gone.lastSeq }));
       ws.send(JSON.stringify({ type: "cancel", id: gone.id }));
@@ -199,26 +202,55 @@
     if (nearBottom) ui.messages.scrollTop = ui.messages.scrollHeight;
   }
 
-  function startAnswer() {
-    const messages = [];
-    if (ui.system.value.trim()) messages.push({ role: "system", content: ui.system.value.trim() });
-    messages.push(...conversation);
+  // The generate message for ``turns`` as {data, dropped}: while it is over the server's limits (hello's
+  // max_message_bytes, max_messages) the oldest turns are left out; null when the last turn alone is too big.
+  const utf8 = new TextEncoder();
+  function buildRequest(id, turns) {
+    const system = ui.system.value.trim();
+    const head = system ? [{ role: "system", content: system }] : [];
+    const wanted = Math.max(1, parseInt(ui.maxTokens.value, 10) || 512);
+    const base = {
+      type: "generate", id, messages: head,
+      truncate: "auto",  // a conversation longer than the context drops its oldest turns on the server
+      temperature: parseFloat(ui.temperature.value),
+      max_tokens: limits.max_tokens ? Math.min(wanted, limits.max_tokens) : wanted,
+    };
+    const sizes = turns.map((t) => utf8.encode(JSON.stringify(t)).length + 1);  // each with its comma
+    let total = utf8.encode(JSON.stringify(base)).length + sizes.reduce((a, b) => a + b, 0);
+    const maxBytes = limits.max_message_bytes || Infinity;
+    const maxTurns = (limits.max_messages || Infinity) - head.length;
+    let dropped = 0;
+    while (total > maxBytes || turns.length - dropped > maxTurns) {
+      if (turns.length - dropped <= 1) return null;
+      total -= sizes[dropped];
+      dropped += 1;
+    }
+    while (dropped && turns.length - dropped > 1 && turns[dropped].role !== "user") dropped += 1;  // start on a question
+    base.messages = head.concat(turns.slice(dropped));
+    return { data: JSON.stringify(base), dropped };
+  }
+
+  function nextId() {
     counter += 1;
-    const id = `chat-${Date.now().toString(36)}-${counter}`;
+    return `chat-${Date.now().toString(36)}-${counter}`;
+  }
+
+  function showProblem(text) {
+    ui.problem.textContent = text;
+    ui.problem.hidden = !text;
+  }
+
+  function startAnswer(id, request) {
+    showProblem("");
     const el = addMessage("assistant", "");
     el.classList.add("typing");
     el.dataset.state = "streaming";
     el.setAttribute("aria-busy", "true");  // screen readers wait for the whole answer instead of every token
     current = {
       id, el, session, lastSeq: -1, text: "", tokens: 0, sentAt: performance.now(), ttftMs: null, timings: null,
-      detached: false, resuming: false, stopRequested: false,
+      detached: false, resuming: false, stopRequested: false, leftOut: request.dropped,
     };
-    ws.send(JSON.stringify({
-      type: "generate", id, messages,
-      truncate: "auto",  // a long conversation drops its oldest turns instead of failing
-      temperature: parseFloat(ui.temperature.value),
-      max_tokens: Math.max(1, parseInt(ui.maxTokens.value, 10) || 512),
-    }));
+    ws.send(request.data);
     ui.stop.hidden = false;
     setConn("open", "connected");
     saveChat();
@@ -257,8 +289,8 @@
     fig.textContent = figures.join(" · ");
     meta.appendChild(fig);
     const notes = [note];
-    if (answer.truncated) {
-      const n = answer.truncated;
+    const n = (answer.truncated || 0) + (answer.leftOut || 0);
+    if (n) {
       const which = n === 1 ? "the oldest message was" : `the ${n} oldest messages were`;
       notes.push(`${which} left out to fit the model's context`);
     }
@@ -337,17 +369,30 @@
       last.remove();
     }
     if (!conversation.length || conversation[conversation.length - 1].role !== "user") return;
-    startAnswer();
+    const id = nextId();
+    const request = buildRequest(id, conversation);
+    if (request) startAnswer(id, request);
+    else showProblem(tooLong());
+  }
+
+  function tooLong() {
+    return `This message is too long: the server accepts at most ${limits.max_message_bytes} bytes per request.`;
   }
 
   function send() {
     const text = ui.prompt.value;
     if (!text.trim() || !ws || ws.readyState !== WebSocket.OPEN || current) return;
-    conversation.push({ role: "user", content: text });
+    // A question whose answer failed stays on the page but is not sent again (Regenerate retries it).
+    const unanswered = conversation.length && conversation[conversation.length - 1].role === "user";
+    const turns = (unanswered ? conversation.slice(0, -1) : conversation).concat([{ role: "user", content: text }]);
+    const id = nextId();
+    const request = buildRequest(id, turns);
+    if (!request) { showProblem(tooLong()); return; }  // the text stays in the box, nothing is sent
+    conversation = turns;
     addMessage("user", text);
     ui.prompt.value = "";
     autosize();
-    startAnswer();
+    startAnswer(id, request);
   }
 
   function autosize() {
@@ -360,7 +405,7 @@
   ui.prompt.addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
   });
-  ui.prompt.addEventListener("input", autosize);
+  ui.prompt.addEventListener("input", () => { autosize(); showProblem(""); });
   function stop() {
     if (!current || current.stopRequested) return;
     current.stopRequested = true;  // sent after the resume when the connection is down
