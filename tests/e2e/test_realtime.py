@@ -316,3 +316,33 @@ async def test_with_an_api_key_realtime_needs_it(tiny_long_model_dir: Path) -> N
         good = openai.AsyncOpenAI(base_url=server.http + "/v1", api_key="sekret", max_retries=0)
         async with good.realtime.connect(model=model) as conn:
             assert (await asyncio.wait_for(conn.recv(), scaled(10))).type == "session.created"
+
+
+async def test_server_shutdown_ends_the_response_then_says_why_and_closes_1001() -> None:
+    """The server stops (what SIGTERM runs: ServerState.drain) with a response streaming: it ends with its
+    response.done (cancelled, reason server_shutting_down, holding the text sent so far), an error event
+    shutting_down follows and the socket closes with 1001. Until then the connection is counted in /v1/stats
+    and the connections gauge."""
+    engine = FakeEngine(reply="word " * 300, pieces=300, delay=0.02)
+    async with serving(engine) as (base, state), httpx.AsyncClient(base_url=base) as http:
+        async with websockets.connect(base.replace("http", "ws", 1) + "/v1/realtime") as ws:
+            await recv(ws)
+            assert (await http.get("/v1/stats")).json()["realtime_connections"] == 1
+            assert "tokenwire_websocket_connections 1.0" in (await http.get("/metrics")).text
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": user("Talk")}))
+            await ws.send(json.dumps({"type": "response.create"}))
+            first, _ = await until(ws, "response.output_text.delta")
+            draining = asyncio.create_task(state.drain())
+            done, before = await until(ws, "response.done")
+            deltas = "".join(e["delta"] for e in [first, *before] if e["type"] == "response.output_text.delta")
+            assert done["response"]["status"] == "cancelled"
+            assert done["response"]["status_details"]["reason"] == "server_shutting_down"
+            assert 0 < len(deltas) < len(engine.reply)
+            assert done["response"]["output"][0]["content"][0]["text"] == deltas
+            err = await recv(ws)
+            assert err["type"] == "error" and err["error"]["code"] == "shutting_down"
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await recv(ws)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+            await asyncio.wait_for(draining, scaled(5))
+        assert len(engine.aborted) == 1 and not state.realtime_connections

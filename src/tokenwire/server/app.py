@@ -49,6 +49,7 @@ class ServerState:
         self.engine = engine
         self.settings = settings
         self.connections: set[Connection] = set()
+        self.realtime_connections: set[RealtimeConnection] = set()
         self.generations = Registry(settings.resume_window, settings.resume_buffer_bytes)
         self.on_fatal = on_fatal
         self.load_error: str | None = None
@@ -58,7 +59,9 @@ class ServerState:
     async def drain(self) -> None:
         """Tell every client that the server stops (``shutting_down``, close 1001); /ready answers 503 from now."""
         self.draining = True
-        await asyncio.gather(*(c.shutdown() for c in list(self.connections)), return_exceptions=True)
+        closing = [c.shutdown() for c in list(self.connections)]
+        closing += [c.shutdown() for c in list(self.realtime_connections)]
+        await asyncio.gather(*closing, return_exceptions=True)
         for task in self.abandon_generations():  # orphans: nobody is left to tell
             task.cancel()
 
@@ -122,7 +125,7 @@ def create_app(
     state = ServerState(engine, settings or ConnectionSettings(), on_fatal, public_url)
     telemetry = Telemetry(
         engine.stats,
-        lambda: len(state.connections),
+        lambda: len(state.connections) + len(state.realtime_connections),
         lambda: (state.generations.orphaned, state.generations.nbytes),
     )
     api = OpenAIRoutes(engine, state.settings.limits, sse_keepalive_interval, telemetry)
@@ -204,7 +207,11 @@ def create_app(
             return
         settings = state.settings
         conn = RealtimeConnection(ws, state.engine, settings.limits, telemetry, settings.slow_consumer_timeout)
-        await conn.run(subprotocol)
+        state.realtime_connections.add(conn)
+        try:
+            await conn.run(subprotocol)
+        finally:
+            state.realtime_connections.discard(conn)
 
     def require_key(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
@@ -250,6 +257,7 @@ def create_app(
                     "steps": es.steps,
                 },
                 "active_connections": len(state.connections),
+                "realtime_connections": len(state.realtime_connections),
                 "resumable_generations": len(state.generations),
                 "orphaned_generations": state.generations.orphaned,
                 "connections": [

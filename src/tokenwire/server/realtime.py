@@ -72,6 +72,7 @@ class RealtimeConnection:
         self.responses: dict[str, _Running] = {}
         self._send_lock = asyncio.Lock()
         self._closer: asyncio.Task[None] | None = None
+        self._shutting_down = False
 
     async def run(self, subprotocol: str | None) -> None:
         await self.ws.accept(subprotocol=subprotocol)
@@ -152,6 +153,8 @@ class RealtimeConnection:
         await self.send(event("conversation.item.done", previous_item_id=previous, item=ev.item.as_dict()))
 
     def _start_response(self, create: ResponseCreate) -> None:
+        if self._shutting_down:
+            raise RealtimeError("the server is shutting down; reconnect later", "shutting_down")
         if create.use_conversation and any(r.in_conversation for r in self.responses.values()):
             raise RealtimeError(
                 "a response is already writing to the conversation; wait for its response.done or cancel it",
@@ -223,6 +226,8 @@ class RealtimeConnection:
                             trace.finished(out)
                             prompt_tokens, completion_tokens = out.prompt_tokens, out.completion_tokens
                             status, details = _STATUS[out.finish_reason or FinishReason.STOP]
+                            if status == "cancelled" and self._shutting_down:
+                                details = {"type": "cancelled", "reason": "server_shutting_down"}
             except EngineError as err:
                 trace.failed(err.code.value)
                 self.telemetry.error(err.code.value)
@@ -253,6 +258,25 @@ class RealtimeConnection:
             self.responses.pop(rid, None)
             if item.status == "in_progress":
                 item.status = "incomplete"
+
+    async def shutdown(self, deliver_timeout: float = 2.0) -> None:
+        """The server stops: each running response is cancelled and ends with its response.done (waiting at most
+        ``deliver_timeout`` seconds), then an error event says why and the socket closes with 1001."""
+        self._shutting_down = True
+        tasks = [r.task for r in self.responses.values() if r.task is not None]
+        for running in list(self.responses.values()):
+            self.engine.abort(running.request_id)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=deliver_timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        stopping = RealtimeError("the server is shutting down; reconnect later", "shutting_down")
+        with contextlib.suppress(WebSocketDisconnect, OSError):
+            await self.send(error_event(stopping, None))
+        if self.ws.application_state is WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await self.ws.close(1001)
 
     async def send(self, message: dict[str, Any]) -> None:
         data = messages.encode(message)
