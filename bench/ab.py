@@ -6,6 +6,11 @@ the same bench/loadgen.py load against them in turns, A B A B ..., so that drift
 Prints a Markdown table with B/A ratios and writes every result to ``--out`` (JSON) and ``.md`` next to it.
 
     python bench/ab.py --a HEAD~1 --b WORKTREE --streams 1,32 --max-tokens 128 --rounds 3
+
+The same revision with two settings: ``--a WORKTREE --b WORKTREE --b-args "--ws-compression none"``. Besides the
+client's figures, each run records the server's CPU time per 1,000 tokens streamed and its resident memory, and
+``--idle-connections N`` measures the server memory that N open, idle WebSockets take (each offers
+permessage-deflate, as browsers do).
 """
 
 from __future__ import annotations
@@ -65,21 +70,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--model", default=None, help="--model for both (default: SmolLM2-135M-Instruct)")
     p.add_argument("--server-args", default="", help="more flags for both servers, one string")
+    p.add_argument("--a-args", default="", help="more flags for server A only")
+    p.add_argument("--b-args", default="", help="more flags for server B only")
+    p.add_argument("--idle-connections", type=int, default=0, help="measure memory per idle WebSocket (N <= 5000)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--out", default=None, help="JSON result (default: bench/results/ab-DATE.json)")
     a = p.parse_args(argv)
     a.streams_list = sorted({int(s) for s in a.streams.split(",") if s.strip()})
     if not a.streams_list or min(a.streams_list) < 1 or a.max_tokens < 1 or a.rounds < 1:
         p.error("--streams values, --max-tokens and --rounds must be >= 1")
+    if not 0 <= a.idle_connections <= 5000:
+        p.error("--idle-connections must be between 0 and 5000")
     return a
 
 
-def markdown(results: list[dict[str, Any]], names: dict[str, str]) -> str:
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def idle_connections_kb(url: str, pid: int, n: int) -> float:
+    """Server memory per open, idle WebSocket: RSS with ``n`` of them open (each past its hello) minus before."""
+    from websockets.asyncio.client import connect
+
+    before = rss_mb(pid)
+    socks = []
+    try:
+        for _ in range(n):
+            ws = await connect(url, ping_interval=None, open_timeout=30)
+            await asyncio.wait_for(ws.recv(), 30)  # hello
+            socks.append(ws)
+        await asyncio.sleep(1.0)
+        return (rss_mb(pid) - before) * 1024 / n
+    finally:
+        await asyncio.gather(*(ws.close() for ws in socks), return_exceptions=True)
+
+
+def markdown(results: list[dict[str, Any]], names: dict[str, str], idle: dict[str, float]) -> str:
     lines = [
-        "| streams | build | runs | tok/s (median) | TTFT p50 ms | ITL p50 ms | ITL p99 ms | errors |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| streams | build | runs | tok/s (median) | TTFT p50 ms | ITL p50 ms | ITL p99 ms | server CPU ms / 1k tok "
+        "| server RSS MB | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    ratios = ["", "| streams | B / A tok/s | B / A ITL p50 |", "|---:|---:|---:|"]
+    ratios = ["", "| streams | B / A tok/s | B / A ITL p50 | B / A server CPU per token |", "|---:|---:|---:|---:|"]
     for n in sorted({r["streams"] for r in results}):
         med: dict[str, dict[str, float]] = {}
         for build in ("A", "B"):
@@ -89,15 +130,21 @@ def markdown(results: list[dict[str, Any]], names: dict[str, str]) -> str:
                 "ttft": statistics.median(r["ttft_ms"]["p50"] or 0 for r in rs),
                 "itl": statistics.median(r["itl_ms"]["p50"] or 0 for r in rs),
                 "itl99": statistics.median(r["itl_ms"]["p99"] or 0 for r in rs),
+                "cpu": statistics.median(r["server_cpu_ms_per_1k_tokens"] for r in rs),
+                "rss": max(r["server_rss_mb"] for r in rs),
             }
             med[build] = m
             errors = sum(r["errors"] for r in rs)
             lines.append(
                 f"| {n} | {build} ({names[build]}) | {len(rs)} | {m['tps']:.1f} | {m['ttft']:.0f} | "
-                f"{m['itl']:.1f} | {m['itl99']:.1f} | {errors} |"
+                f"{m['itl']:.1f} | {m['itl99']:.1f} | {m['cpu']:.0f} | {m['rss']:.0f} | {errors} |"
             )
         itl = med["B"]["itl"] / med["A"]["itl"] if med["A"]["itl"] else float("nan")
-        ratios.append(f"| {n} | {med['B']['tps'] / med['A']['tps']:.3f} | {itl:.3f} |")
+        cpu = med["B"]["cpu"] / med["A"]["cpu"] if med["A"]["cpu"] else float("nan")
+        ratios.append(f"| {n} | {med['B']['tps'] / med['A']['tps']:.3f} | {itl:.3f} | {cpu:.3f} |")
+    if idle:
+        ratios += ["", "| build | server memory per idle WebSocket, KB |", "|---|---:|"]
+        ratios += [f"| {build} ({names[build]}) | {kb:.1f} |" for build, kb in idle.items()]
     return "\n".join(lines + ratios)
 
 
@@ -121,12 +168,19 @@ def main(argv: list[str] | None = None) -> int:
                 env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(tree / "src"))
                 argv_tw = [sys.executable, "-m", "tokenwire.cli", "serve", "--port", str(port)]
                 argv_tw += (["--model", a.model] if a.model else []) + a.server_args.split()
+                argv_tw += (a.a_args if build == "A" else a.b_args).split()
+                names[build] += f" {' '.join(argv_tw[6:])}".rstrip()
                 log_path = out.with_suffix(f".{build}.log")
                 print(f"{build}: {names[build]}", flush=True)
                 proc = start(argv_tw, log_path, env)
                 procs.append(proc)
                 wait_ready(proc, port, True, log_path)
                 urls[build] = f"ws://127.0.0.1:{port}/"
+            pids = {"A": procs[0].pid, "B": procs[1].pid}
+            idle: dict[str, float] = {}
+            for build in ("A", "B") if a.idle_connections else ():
+                idle[build] = asyncio.run(idle_connections_kb(urls[build], pids[build], a.idle_connections))
+                print(f"{build}: {idle[build]:.1f} KB per idle WebSocket", flush=True)
             for n in a.streams_list:
                 for turn in range(a.rounds):
                     for build in ("A", "B") if turn % 2 == 0 else ("B", "A"):
@@ -140,18 +194,23 @@ def main(argv: list[str] | None = None) -> int:
                             timeout=a.timeout,
                             label=f"{build} x{n}",
                         )
+                        cpu_before = cpu_seconds(pids[build])
                         summary = asyncio.run(loadgen.run_load(cfg))
+                        cpu_ms = (cpu_seconds(pids[build]) - cpu_before) * 1000
+                        summary["server_cpu_ms_per_1k_tokens"] = cpu_ms * 1000 / max(1, summary["tokens"])
+                        summary["server_rss_mb"] = rss_mb(pids[build])
                         summary["build"] = build
                         print(loadgen.format_summary(summary), flush=True)
                         results.append(summary)
         finally:
             for proc in procs:
                 stop(proc)
-    table = markdown(results, names)
+    table = markdown(results, names, idle)
     print()
     print(table)
     meta = {
         "date": stamp,
+        "idle_connection_kb": idle,
         "builds": names,
         "cpu_count": os.cpu_count(),
         "machine": platform.platform(),
