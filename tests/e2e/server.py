@@ -21,9 +21,11 @@ from typing import Any
 import uvicorn
 
 from tests.conftest import scaled
+from tokenwire.config import Settings
 from tokenwire.engine.interface import Engine
 from tokenwire.server.app import ServerState, create_app
 from tokenwire.server.auth import AuthPolicy
+from tokenwire.server.serve import uvicorn_config
 from tokenwire.server.websocket import ConnectionSettings
 
 
@@ -114,14 +116,18 @@ def serve(*args: str, startup_timeout: float = 120.0, log_path: Path | None = No
 
 @contextlib.asynccontextmanager
 async def serving(
-    engine: Engine, port: int | None = None, settings: ConnectionSettings | None = None, auth: AuthPolicy | None = None
+    engine: Engine,
+    port: int | None = None,
+    settings: ConnectionSettings | None = None,
+    auth: AuthPolicy | None = None,
+    server_settings: Settings | None = None,
 ) -> AsyncIterator[tuple[str, ServerState]]:
-    """A real uvicorn server on 127.0.0.1 in this event loop; yields (base URL, server state)."""
+    """A real uvicorn server on 127.0.0.1 in this event loop, configured as ``tokenwire serve`` configures it
+    (``server_settings`` for its flags); yields (base URL, server state)."""
     app = create_app(engine, settings or ConnectionSettings(heartbeat_interval=0), auth=auth)
     port = port or free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, ws="websockets-sansio", log_level="warning")
-    )
+    flags = (server_settings or Settings()).replace(host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(uvicorn_config(flags, app))
     task = asyncio.create_task(server.serve())
     for _ in range(int(scaled(200))):
         if server.started:

@@ -14,7 +14,10 @@ import websockets
 from tests.conftest import scaled
 from tests.e2e.client import Client
 from tests.e2e.conftest import RESUME_WINDOW
-from tests.e2e.server import RunningServer
+from tests.e2e.server import RunningServer, serving
+from tests.fakes import FakeEngine
+from tokenwire.config import Settings
+from tokenwire.server.serve import uvicorn_config
 
 SEED = Path(__file__).resolve().parents[3] / "shared" / "seed" / "000_15d103f118269f62.txt"
 
@@ -335,3 +338,24 @@ async def test_server_shutdown_ends_generations_with_shutting_down_and_closes_10
         assert info.value.rcvd is not None and info.value.rcvd.code == 1001
         # the process ends promptly; uvicorn re-raises the signal after a clean shutdown, hence -SIGTERM
         assert server.proc.wait(timeout=scaled(20)) in (0, -signal.SIGTERM)
+
+
+@pytest.mark.parametrize(("compression", "negotiated"), [("deflate", True), ("none", False)])
+async def test_ws_compression_decides_whether_permessage_deflate_is_negotiated(
+    compression: str, negotiated: bool
+) -> None:
+    """Browsers offer permessage-deflate; --ws-compression none declines it (less memory and CPU per socket,
+    more bytes on the wire: bench/results/ab-compression-tiny-cpu.md)."""
+    async with serving(FakeEngine(), server_settings=Settings(ws_compression=compression)) as (base, _):
+        ws = await websockets.connect(base.replace("http", "ws", 1) + "/ws", compression="deflate")
+        try:
+            assert json.loads(await ws.recv())["type"] == "hello"
+            accepted = ws.response.headers.get("Sec-WebSocket-Extensions") if ws.response else None
+            assert (accepted is not None and "permessage-deflate" in accepted) is negotiated
+        finally:
+            await ws.close()
+
+
+def test_an_unknown_ws_compression_is_refused_naming_the_flag() -> None:
+    with pytest.raises(ValueError, match="--ws-compression must be deflate or none, not 'gzip'"):
+        uvicorn_config(Settings(ws_compression="gzip"), None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from typing import Any
 
 import uvicorn
 
@@ -51,8 +52,28 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
+    """uvicorn's settings for the app: the WebSocket implementation, frame limit, compression and pings."""
+    if settings.ws_compression not in ("deflate", "none"):
+        raise ValueError(f"--ws-compression must be deflate or none, not {settings.ws_compression!r}")
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        ws_max_size=settings.max_message_bytes,
+        ws_per_message_deflate=settings.ws_compression == "deflate",
+        ws_ping_interval=20.0,
+        ws_ping_timeout=20.0,
+        log_level=settings.log_level,
+        log_config=None,  # keep tokenwire's handlers (text or JSON) for uvicorn's loggers too
+        timeout_graceful_shutdown=5,
+    )
+
+
 def run(settings: Settings) -> int:
     """Serve until stopped; returns the process exit code (1 when the model could not be loaded)."""
+    uvicorn_config(settings, None)  # bad settings fail before the model loads
     engine = build_engine(settings)
     server: _Server | None = None
 
@@ -70,18 +91,7 @@ def run(settings: Settings) -> int:
     )
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", settings.host)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        ws="websockets-sansio",
-        ws_max_size=settings.max_message_bytes,
-        ws_ping_interval=20.0,
-        ws_ping_timeout=20.0,
-        log_level=settings.log_level,
-        log_config=None,  # keep tokenwire's handlers (text or JSON) for uvicorn's loggers too
-        timeout_graceful_shutdown=5,
-    )
+    config = uvicorn_config(settings, app)
     server = _Server(config, app.state.tokenwire)
     log.info("tokenwire %s: listening on http://%s:%d, loading the model", __version__, settings.host, settings.port)
     server.run()
