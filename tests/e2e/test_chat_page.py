@@ -46,7 +46,8 @@ async def ask(page: Page, text: str) -> None:
 
 
 async def last_answer(page: Page, state: str = "done") -> Any:
-    return await page.wait_for_selector(f'.msg.assistant[data-state="{state}"]', timeout=MS)
+    """The latest answer, once it is in ``state`` (an earlier answer in that state does not count)."""
+    return await page.wait_for_selector(f'.msg.assistant:last-child[data-state="{state}"]', timeout=MS)
 
 
 async def test_answer_streams_in_steps_and_the_conversation_is_sent_as_messages() -> None:
@@ -362,7 +363,7 @@ async def test_everything_works_with_the_keyboard_alone() -> None:
         await page.keyboard.press("Tab")  # Send is disabled while answering, so the next stop is Stop
         assert await active(page) == "button#stop"
         await page.keyboard.press("Enter")
-        await last_answer(page, "stopped")
+        await page.wait_for_selector('.msg.assistant:last-child[data-state="stopped"]', timeout=MS)
         assert len(engine.aborted) == 2 and await active(page) == "textarea#prompt"
 
         await tab_to(page, "#settings-toggle")
