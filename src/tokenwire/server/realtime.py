@@ -49,6 +49,10 @@ _STATUS: dict[FinishReason, tuple[str, dict[str, Any] | None]] = {
 }
 
 
+def _shutting_down() -> RealtimeError:
+    return RealtimeError("the server is shutting down; reconnect later", "shutting_down")
+
+
 @dataclass(slots=True)
 class _Running:
     id: str
@@ -154,7 +158,7 @@ class RealtimeConnection:
 
     def _start_response(self, create: ResponseCreate) -> None:
         if self._shutting_down:
-            raise RealtimeError("the server is shutting down; reconnect later", "shutting_down")
+            raise _shutting_down()
         if create.use_conversation and any(r.in_conversation for r in self.responses.values()):
             raise RealtimeError(
                 "a response is already writing to the conversation; wait for its response.done or cancel it",
@@ -271,9 +275,8 @@ class RealtimeConnection:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        stopping = RealtimeError("the server is shutting down; reconnect later", "shutting_down")
         with contextlib.suppress(WebSocketDisconnect, OSError):
-            await self.send(error_event(stopping, None))
+            await self.send(error_event(_shutting_down(), None))
         if self.ws.application_state is WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await self.ws.close(1001)

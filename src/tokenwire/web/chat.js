@@ -26,8 +26,8 @@
   let conversation = [];  // finished turns: {role, content}
   let current = null;     // the answer being streamed
   let session = null;     // this connection's session (hello): with an id, it names a generation for resume
-  let abandoned = [];
-  let limits = {};        // what the server accepts (hello's limits)     // answers left running on a lost connection by New chat: cancelled once reconnected
+  let abandoned = [];     // answers left running on a lost connection by New chat: cancelled once reconnected
+  let limits = {};        // what the server accepts (hello's limits)
 
   // -- settings, remembered in the browser
   function loadSettings() {
@@ -256,15 +256,17 @@
     saveChat();
   }
 
+  function noteSpan(text) {
+    const span = document.createElement("span");
+    span.className = "note";
+    span.textContent = text;
+    return span;
+  }
+
   function setNote(answer, note) {
     const meta = answer.el.querySelector(".meta");
     meta.replaceChildren();
-    if (note) {
-      const n = document.createElement("span");
-      n.className = "note";
-      n.textContent = note;
-      meta.appendChild(n);
-    }
+    if (note) meta.appendChild(noteSpan(note));
   }
 
   function finish(state, note) {
@@ -288,17 +290,11 @@
     fig.className = "figures";
     fig.textContent = figures.join(" · ");
     meta.appendChild(fig);
-    const notes = [note];
-    const n = (answer.truncated || 0) + (answer.leftOut || 0);
-    if (n) {
-      const which = n === 1 ? "the oldest message was" : `the ${n} oldest messages were`;
-      notes.push(`${which} left out to fit the model's context`);
-    }
-    for (const text of notes.filter(Boolean)) {
-      const n = document.createElement("span");
-      n.className = "note";
-      n.textContent = text;
-      meta.appendChild(n);
+    if (note) meta.appendChild(noteSpan(note));
+    const leftOut = (answer.truncated || 0) + (answer.leftOut || 0);  // by the server, and by buildRequest
+    if (leftOut) {
+      const which = leftOut === 1 ? "the oldest message was" : `the ${leftOut} oldest messages were`;
+      meta.appendChild(noteSpan(`${which} left out to fit the model's context`));
     }
     addRegenerate(meta);
     const stopHadFocus = document.activeElement === ui.stop;
