@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from tests.conftest import scaled
 from tokenwire.config import Settings
@@ -121,10 +123,22 @@ async def serving(
     settings: ConnectionSettings | None = None,
     auth: AuthPolicy | None = None,
     server_settings: Settings | None = None,
+    prefix: str = "",
 ) -> AsyncIterator[tuple[str, ServerState]]:
     """A real uvicorn server on 127.0.0.1 in this event loop, configured as ``tokenwire serve`` configures it
-    (``server_settings`` for its flags); yields (base URL, server state)."""
+    (``server_settings`` for its flags); yields (base URL, server state). With ``prefix`` ("/llm") the app is
+    served under that path, as a proxy that strips it would present it to browsers."""
     app = create_app(engine, settings or ConnectionSettings(heartbeat_interval=0), auth=auth)
+    state: ServerState = app.state.tokenwire
+    if prefix:
+        inner = app
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_: Starlette) -> AsyncIterator[None]:
+            async with inner.router.lifespan_context(inner):  # a mounted app's lifespan is not run otherwise
+                yield
+
+        app = Starlette(routes=[Mount(prefix, inner)], lifespan=lifespan)
     port = port or free_port()
     flags = (server_settings or Settings()).replace(host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(uvicorn_config(flags, app))
@@ -134,7 +148,7 @@ async def serving(
             break
         await asyncio.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}", app.state.tokenwire
+        yield f"http://127.0.0.1:{port}{prefix}", state
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, scaled(10))

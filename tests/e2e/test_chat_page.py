@@ -534,3 +534,20 @@ async def test_a_failed_answer_says_why_and_its_question_is_not_sent_again() -> 
             "First try",
             "Something else",
         ]
+
+
+async def test_the_page_and_the_dashboard_work_under_a_path_prefix() -> None:
+    """Behind a proxy that serves tokenwire under /llm/, every URL the pages use is relative: the styles load,
+    the WebSocket connects to /llm/ws and the dashboard reads /llm/v1/stats."""
+    engine = FakeEngine(reply="From under a prefix.", pieces=3)
+    async with serving(engine, prefix="/llm") as (base, state), browser_page() as page:
+        assert base.endswith("/llm")
+        await page.goto(base + "/")
+        await page.wait_for_selector('#conn[data-state="open"]', timeout=MS)
+        assert await page.evaluate("getComputedStyle(document.querySelector('.app')).display") == "flex"
+        (conn,) = state.connections
+        assert conn.ws.scope["root_path"] == "/llm" and conn.ws.query_params.get("affinity")
+        await ask(page, "Hi")
+        assert "From under a prefix." in await (await last_answer(page)).inner_text()
+        await page.goto(base + "/dashboard")
+        await page.wait_for_function("/^\\d+$/.test(document.getElementById('v-running').textContent)", timeout=MS)

@@ -72,7 +72,11 @@
 
   function connect() {
     clearTimeout(reconnectTimer);
-    let url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws?affinity=${affinity()}`;
+    // Relative to the page, so that it also works behind a proxy that serves tokenwire under a path (/llm/).
+    const url = new URL("ws", location.href);
+    url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+    url.search = url.hash = "";
+    url.searchParams.set("affinity", affinity());
     setConn(attempt ? "reconnecting" : "connecting", attempt ? "reconnecting…" : "connecting…");
     // A key goes as the subprotocol bearer.KEY when it is a valid token, else as ?api_key= (browsers cannot set
     // an Authorization header on a WebSocket).
@@ -80,8 +84,8 @@
     keySent = key !== "";
     const protocols = [];
     if (key && /^[A-Za-z0-9._~-]+$/.test(key)) protocols.push(`bearer.${key}`);
-    else if (key) url += `&api_key=${encodeURIComponent(key)}`;
-    const sock = new WebSocket(url, protocols);
+    else if (key) url.searchParams.set("api_key", key);
+    const sock = new WebSocket(url.href, protocols);
     ws = sock;
     sock.onopen = () => { attempt = 0; setConn("open", "connected"); };
     sock.onmessage = (event) => {
