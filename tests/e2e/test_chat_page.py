@@ -551,3 +551,28 @@ async def test_the_page_and_the_dashboard_work_under_a_path_prefix() -> None:
         assert "From under a prefix." in await (await last_answer(page)).inner_text()
         await page.goto(base + "/dashboard")
         await page.wait_for_function("/^\\d+$/.test(document.getElementById('v-running').textContent)", timeout=MS)
+
+
+async def test_reconnects_back_off_exponentially_and_the_page_comes_back_when_the_server_does() -> None:
+    """With the server gone, retries wait 0.5 s, 1 s, 2 s, ... (each +-25% jitter), shown in the header; once the
+    server is back on its port, the page connects again and works."""
+    port = free_port()
+    async with browser_page() as page:
+        async with serving(FakeEngine(), port) as (base, _):
+            await open_chat(page, base)
+            await page.evaluate(
+                """window.__waits = [];
+                new MutationObserver(() => {
+                    const m = /retrying in ([0-9.]+) s/.exec(document.getElementById('conn').textContent);
+                    if (m) window.__waits.push(parseFloat(m[1]));
+                }).observe(document.getElementById('conn'), {childList: true, characterData: true, subtree: true});"""
+            )
+        await page.wait_for_function("window.__waits.length >= 3", timeout=scaled(15) * 1000)
+        waits = await page.evaluate("window.__waits")
+        for i, wait in enumerate(waits[:3]):
+            assert 0.5 * 2**i * 0.75 - 0.05 <= wait <= 0.5 * 2**i * 1.25 + 0.05, waits
+        engine = FakeEngine(reply="Back.", pieces=1)
+        async with serving(engine, port):
+            await page.wait_for_selector('#conn[data-state="open"]', timeout=scaled(15) * 1000)
+            await ask(page, "Still there?")
+            assert "Back." in await (await last_answer(page)).inner_text()
