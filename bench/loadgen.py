@@ -1,4 +1,4 @@
-"""Asyncio WebSocket load generator for tokenwire and for the tutorial-style baseline server.
+"""Asyncio load generator: tokenwire's WebSocket protocol, the tutorial-style baseline, or OpenAI-style SSE.
 
 N concurrent connections each run R ``generate`` requests one after another. Per request it records the send
 time, the first token message (TTFT), every later token message (inter-token latency = the gaps between
@@ -8,7 +8,10 @@ consecutive token messages of that request) and the token count, and ends at ``c
         --prompt "Write a long story about a dragon who learns to paint." --json out.json
 
 Token counting: in ``tokenwire`` mode the ``tokens`` field of each ``token``/``tokens`` message (1 when absent);
-in ``tutorial`` mode 1 per ``token`` message. Aggregate tokens/s = all tokens / (last end - first send).
+in ``tutorial`` mode 1 per ``token`` message; in ``openai`` mode (``POST /v1/chat/completions`` with
+``stream: true`` to ``--url http://127.0.0.1:PORT``, any OpenAI-compatible server) the ``usage`` the server
+reports at the end (``stream_options.include_usage``), else 1 per chunk with content; TTFT and inter-token
+latency come from the chunks that carry content. Aggregate tokens/s = all tokens / (last end - first send).
 Everything is bounded by ``--timeout``: when it expires the run is aborted and what was measured is reported.
 """
 
@@ -37,7 +40,8 @@ class LoadConfig:
     max_tokens: int = 64
     prompt: str = DEFAULT_PROMPT
     temperature: float = 0.7
-    mode: str = "tokenwire"  # or "tutorial"
+    mode: str = "tokenwire"  # or "tutorial", or "openai" (SSE)
+    model: str = ""  # the "model" field in openai mode
     requests_per_stream: int = 1
     warmup: bool = True
     timeout: float = 600.0
@@ -62,10 +66,11 @@ class RequestRecord:
         return self.end is not None and self.error is None
 
 
-def check_url(url: str) -> None:
+def check_url(url: str, mode: str = "tokenwire") -> None:
     parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or parts.hostname != "127.0.0.1":
-        raise SystemExit(f"refusing {url!r}: only ws://127.0.0.1:PORT/ is allowed")
+    scheme = "http" if mode == "openai" else "ws"
+    if parts.scheme != scheme or parts.hostname != "127.0.0.1":
+        raise SystemExit(f"refusing {url!r}: only {scheme}://127.0.0.1:PORT/ is allowed in {mode} mode")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -138,6 +143,63 @@ async def run_request(ws: ClientConnection, cfg: LoadConfig, rec: RequestRecord,
         # hello, started, pong and unknown types are ignored
 
 
+async def run_sse_request(client: Any, cfg: LoadConfig, rec: RequestRecord, max_tokens: int) -> None:
+    """One streamed chat completion (OpenAI SSE), read to its end (fills ``rec``)."""
+    body = {
+        "model": cfg.model,
+        "messages": [{"role": "user", "content": cfg.prompt}],
+        "max_tokens": max_tokens,
+        "temperature": cfg.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chunks = 0
+    rec.send = time.perf_counter()
+    async with client.stream("POST", cfg.url.rstrip("/") + "/v1/chat/completions", json=body) as resp:
+        if resp.status_code != 200:
+            rec.end = time.perf_counter()
+            rec.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
+            return
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            now = time.perf_counter()
+            msg = json.loads(data)
+            if "error" in msg:
+                rec.error = str(msg["error"])[:200]
+                break
+            for choice in msg.get("choices") or []:
+                if (choice.get("delta") or {}).get("content"):
+                    if rec.first is None:
+                        rec.first = now
+                    rec.token_times.append(now)
+                    chunks += 1
+                rec.finish_reason = choice.get("finish_reason") or rec.finish_reason
+            usage = msg.get("usage")
+            if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+                rec.usage_completion_tokens = usage["completion_tokens"]
+    rec.end = time.perf_counter()
+    rec.tokens = rec.usage_completion_tokens if rec.usage_completion_tokens is not None else chunks
+
+
+async def run_sse_stream(cfg: LoadConfig, stream: int, records: list[RequestRecord]) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout)) as client:
+        for i in range(cfg.requests_per_stream):
+            rec = RequestRecord(stream, i)
+            records.append(rec)
+            try:
+                await run_sse_request(client, cfg, rec, cfg.max_tokens)
+            except Exception as exc:  # connection refused or dropped: record it and stop this stream
+                rec.end = time.perf_counter()
+                rec.error = f"{type(exc).__name__}: {exc}"
+                return
+
+
 def _connect(cfg: LoadConfig) -> Any:
     # No client keepalive pings: the tutorial server blocks its event loop while generating, and a missed
     # pong must not be what ends a measurement.
@@ -147,6 +209,9 @@ def _connect(cfg: LoadConfig) -> Any:
 
 
 async def run_stream(cfg: LoadConfig, stream: int, records: list[RequestRecord]) -> None:
+    if cfg.mode == "openai":
+        await run_sse_stream(cfg, stream, records)
+        return
     async with _connect(cfg) as ws:
         for i in range(cfg.requests_per_stream):
             rec = RequestRecord(stream, i)
@@ -160,6 +225,15 @@ async def run_stream(cfg: LoadConfig, stream: int, records: list[RequestRecord])
 
 
 async def warmup(cfg: LoadConfig) -> None:
+    if cfg.mode == "openai":
+        import httpx
+
+        async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout)) as client:
+            rec = RequestRecord(-1, 0)
+            await run_sse_request(client, cfg, rec, min(4, cfg.max_tokens))
+        if rec.error:
+            raise RuntimeError(f"warm-up request failed: {rec.error}")
+        return
     async with _connect(cfg) as ws:
         rec = RequestRecord(-1, 0)
         await run_request(ws, cfg, rec, "warmup", min(4, cfg.max_tokens))
@@ -205,7 +279,7 @@ def summarize(cfg: LoadConfig, records: list[RequestRecord], timed_out: bool, ab
 
 async def run_load(cfg: LoadConfig) -> dict[str, Any]:
     """Run the whole load (warm-up included) within ``cfg.timeout`` seconds and return the summary."""
-    check_url(cfg.url)
+    check_url(cfg.url, cfg.mode)
     records: list[RequestRecord] = []
     timed_out = False
     load_before = os.getloadavg()[0]  # other work on the machine skews every figure: keep a trace of it
@@ -245,12 +319,13 @@ def format_summary(s: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, str | None]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--url", required=True, help="ws://127.0.0.1:PORT/ (only 127.0.0.1 is allowed)")
+    p.add_argument("--url", required=True, help="ws://127.0.0.1:PORT/, or http://127.0.0.1:PORT in openai mode")
     p.add_argument("--streams", type=int, default=1, help="concurrent connections")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--mode", choices=("tokenwire", "tutorial"), default="tokenwire")
+    p.add_argument("--mode", choices=("tokenwire", "tutorial", "openai"), default="tokenwire")
+    p.add_argument("--model", default="", help='the "model" field in openai mode')
     p.add_argument("--requests-per-stream", type=int, default=1)
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True, help="one short request first")
     p.add_argument("--timeout", type=float, default=600.0, help="abort the whole run after this many seconds")
@@ -266,12 +341,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, str | None]:
         prompt=a.prompt,
         temperature=a.temperature,
         mode=a.mode,
+        model=a.model,
         requests_per_stream=a.requests_per_stream,
         warmup=a.warmup,
         timeout=a.timeout,
         label=a.label,
     )
-    check_url(cfg.url)
+    check_url(cfg.url, cfg.mode)
     return cfg, a.json_out
 
 
