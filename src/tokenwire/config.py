@@ -36,6 +36,13 @@ class Settings:
         default="auto",
         metadata={"help": "auto (bfloat16 on CUDA and bf16-capable CPUs, else float32), float32, bfloat16, float16"},
     )
+    quantize: str = field(
+        default="none",
+        metadata={
+            "help": "none, or int8: on CPU, small decode batches (<= 8 rows) use int8 weights, ~2x faster for one "
+            "stream (docs/benchmarks.md); costs a byte per weight and ~0.7%% error per product"
+        },
+    )
     max_model_len: int = field(default=8192, metadata={"help": "context window cap in tokens"})
     threads: int = field(default=0, metadata={"help": "CPU threads for the model (0: all cores)"})
     # scheduling

@@ -326,3 +326,30 @@ async def test_a_tokenizer_failure_fails_that_request_and_the_engine_goes_on(
     assert info.value.code is ErrorCode.INVALID_REQUEST and "tokenizer refused" in info.value.message
     ok = await run(engine, "good", prompt="Hello", max_tokens=3, ignore_eos=True)
     assert ok["completion"] == 3
+
+
+async def test_int8_engine_generates_and_an_unknown_quantize_is_refused(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="unknown quantize 'int4'; choose none or int8"):
+        HFEngine(HFEngineConfig(model=str(tiny_model_dir), quantize="int4"))
+    eng = HFEngine(HFEngineConfig(model=str(tiny_model_dir), device="cpu", dtype="bfloat16", quantize="int8"))
+    await eng.start()
+    try:
+        from tokenwire.engine.hf.quant import DualLinear
+
+        assert eng._runner is not None and any(isinstance(m, DualLinear) for m in eng._runner.model.modules())
+        out = await run(eng, "q", prompt="Hello there", max_tokens=12, ignore_eos=True, temperature=0)
+        assert out["reason"] is FinishReason.LENGTH and out["completion"] == 12 and out["text"]
+    finally:
+        await eng.shutdown()
+
+
+async def test_a_model_that_fails_to_load_fails_start_and_ends_its_thread(tiny_model_dir: Path, tmp_path: Path) -> None:
+    for f in tiny_model_dir.iterdir():  # the tiny model's tokenizer, with a config no transformers class reads
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    eng = HFEngine(HFEngineConfig(model=str(tmp_path), device="cpu"))
+    with pytest.raises(Exception, match="no-such-architecture"):
+        await eng.start()
+    assert not eng.ready and eng._thread is not None
+    eng._thread.join(timeout=scaled(5))
+    assert not eng._thread.is_alive()

@@ -15,6 +15,7 @@ def build_engine(settings: Settings) -> Engine:
             model=settings.model,
             device=settings.device,
             dtype=settings.dtype,
+            quantize=settings.quantize,
             max_model_len=settings.max_model_len,
             threads=settings.threads,
             scheduler=SchedulerConfig(

@@ -20,6 +20,7 @@ import torch
 
 from tokenwire.engine.detokenizer import IncrementalDetokenizer
 from tokenwire.engine.hf import loader
+from tokenwire.engine.hf.quant import quantize_int8
 from tokenwire.engine.hf.runner import ModelRunner
 from tokenwire.engine.hf.sampler import RowSampler
 from tokenwire.engine.interface import (
@@ -47,6 +48,7 @@ class HFEngineConfig:
     model: str | None = None  # None: the default model
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    quantize: str = "none"  # none | int8 (CPU: int8 weights for small decode batches, quant.py)
     max_model_len: int = 8192  # context window cap (the model's own limit if smaller)
     threads: int = 0  # torch intra-op threads on CPU; 0 = all cores
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -78,6 +80,8 @@ class HFEngine:
     def __init__(self, config: HFEngineConfig) -> None:
         """Resolves the model reference and checks the settings at once (ValueError); loading is in start()."""
         _pick_dtype(config.dtype, torch.device("cpu"))  # an unknown dtype fails here, not after a long load
+        if config.quantize not in ("none", "int8"):
+            raise ValueError(f"unknown quantize {config.quantize!r}; choose none or int8")
         self.config = config
         self._resolved = loader.resolve(config.model)
         self._model_name = self._resolved.name
@@ -116,10 +120,24 @@ class HFEngine:
     # -- lifecycle
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await asyncio.to_thread(self._load)
-        self._thread = threading.Thread(target=self._run, name="tokenwire-engine", daemon=True)
+        loaded: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._load_and_run, args=(loaded,), name="tokenwire-engine", daemon=True)
         self._thread.start()
+        await loaded
         self._ready = True
+
+    def _load_and_run(self, loaded: asyncio.Future[None]) -> None:
+        """Load the model, then run the loop, in this one thread. Every torch operation runs here, so there is one
+        OpenMP thread team: a second one, left idle by a separate loading thread, made each parallel region of the
+        later steps pay a wake-up (int8 decode steps took twice as long, bench/results/ab-int8-cpu.md)."""
+        assert self._loop is not None
+        try:
+            self._load()
+        except BaseException as exc:
+            self._loop.call_soon_threadsafe(_settle, loaded, exc)
+            return
+        self._loop.call_soon_threadsafe(_settle, loaded, None)
+        self._run()
 
     def _load(self) -> None:
         cfg = self.config
@@ -129,6 +147,11 @@ class HFEngine:
             torch.set_num_threads(cfg.threads)
         log.info("loading %s on %s as %s", self._model_name, device, str(dtype).removeprefix("torch."))
         model, tok = loader.load(self._resolved, str(device), dtype)
+        if cfg.quantize == "int8":
+            if device.type == "cpu":
+                log.info("int8 weights for small decode batches: %d layers", quantize_int8(model))
+            else:
+                log.warning("--quantize int8 is for CPU; %s uses the %s weights as they are", device, dtype)
         text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         model_len = getattr(text_cfg, "max_position_embeddings", None) or cfg.max_model_len
         self._max_context = min(cfg.max_model_len, int(model_len))
@@ -416,6 +439,15 @@ def _cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():  # the waiter was cancelled (a shutdown during the load)
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 def _pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
