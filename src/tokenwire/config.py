@@ -39,8 +39,8 @@ class Settings:
     quantize: str = field(
         default="none",
         metadata={
-            "help": "none, or int8: on CPU, small decode batches (<= 8 rows) use int8 weights, ~2x faster for one "
-            "stream (docs/benchmarks.md); costs a byte per weight and ~0.7%% error per product"
+            "help": "none, or int8: on CPU, decode steps of <= 8 streams use int8 weights: 1.6x the tokens/s for one "
+            "stream, for one more byte per weight and ~0.7%% error per product (docs/benchmarks.md)"
         },
     )
     max_model_len: int = field(default=8192, metadata={"help": "context window cap in tokens"})

@@ -8,6 +8,7 @@ outputs to the event loop in one ``call_soon_threadsafe``. The event loop never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -130,13 +131,16 @@ class HFEngine:
         """Load the model, then run the loop, in this one thread. Every torch operation runs here, so there is one
         OpenMP thread team: a second one, left idle by a separate loading thread, made each parallel region of the
         later steps pay a wake-up (int8 decode steps took twice as long, bench/results/ab-int8-cpu.md)."""
-        assert self._loop is not None
+        loop = self._loop
+        assert loop is not None
         try:
             self._load()
         except BaseException as exc:
-            self._loop.call_soon_threadsafe(_settle, loaded, exc)
+            with contextlib.suppress(RuntimeError):  # the event loop is already closed: nobody waits
+                loop.call_soon_threadsafe(_settle, loaded, exc)
             return
-        self._loop.call_soon_threadsafe(_settle, loaded, None)
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle, loaded, None)
         self._run()
 
     def _load(self) -> None:
