@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +107,20 @@ async def test_batch_messages_hold_at_most_max_tokens(default_server: RunningSer
         assert len(batched) >= 15 and done["usage"]["completion_tokens"] == 60
     finally:
         await c.close()
+
+
+async def test_with_int8_weights_the_default_model_still_answers_right(tmp_path: Path) -> None:
+    """--quantize int8: one stream decodes on int8 weights (every linear layer got a copy), and the answer is
+    still the right one."""
+    log = tmp_path / "server.log"
+    args = ("--heartbeat-interval", "0", "--quantize", "int8", "--device", "cpu", "--log-level", "info")
+    with serve(*args, log_path=log) as server:
+        c = await Client.connect(server.ws)
+        try:
+            prompt = "What is the capital of France?"
+            await c.send({"type": "generate", "id": "q", "prompt": prompt, "temperature": 0, "max_tokens": 40})
+            done = await c.finish("q")
+            assert done["type"] == "complete" and "Paris" in c.text("q")
+        finally:
+            await c.close()
+    assert "int8 weights for small decode batches: 211 layers" in log.read_text()  # 30 layers x 7, and the head
