@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -30,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import loadgen
-from compare import BENCH, free_port, start, stop, wait_ready
+from compare import BENCH, free_port, start, stop, wait_ready, write_results
 
 WORKTREE = "WORKTREE"
 
@@ -205,21 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for proc in procs:
                 stop(proc)
-    table = markdown(results, names, idle)
-    print()
-    print(table)
-    meta = {
-        "date": stamp,
-        "idle_connection_kb": idle,
-        "builds": names,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.platform(),
-        "python": platform.python_version(),
-        "args": {k: v for k, v in vars(a).items() if k != "streams_list"},
-    }
-    out.write_text(json.dumps({"meta": meta, "results": results, "markdown": table}, indent=2))
-    out.with_suffix(".md").write_text(table + "\n")
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    meta = {"date": stamp, "idle_connection_kb": idle, "builds": names}
+    write_results(out, a, meta, results, markdown(results, names, idle))
     return 1 if any(r["errors"] or r["timed_out"] for r in results) else 0
 
 

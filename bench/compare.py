@@ -114,6 +114,25 @@ def run_server(
     return results
 
 
+def write_results(
+    out: Path, args: argparse.Namespace, meta: dict[str, Any], results: list[dict[str, Any]], table: str, **extra: Any
+) -> None:
+    """Print the table; write it to ``out`` with ``.md``, and to ``out`` (JSON) with every result, ``extra``, the
+    machine and the arguments."""
+    print()
+    print(table)
+    meta = {
+        **meta,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.platform(),
+        "python": platform.python_version(),
+        "args": {k: v for k, v in vars(args).items() if k != "streams_list"},
+    }
+    out.write_text(json.dumps({"meta": meta, **extra, "results": results, "markdown": table}, indent=2))
+    out.with_suffix(".md").write_text(table + "\n")
+    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+
+
 def _fmt(v: float | None, digits: int = 0) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
@@ -246,20 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"tutorial: {exc}")
             print(f"tutorial failed: {exc}", file=sys.stderr)
 
-    table = markdown(results)
-    print()
-    print(table)
-    meta = {
-        "date": stamp,
-        "git_commit": _git_commit(),
-        "cpu_count": os.cpu_count(),
-        "machine": platform.platform(),
-        "python": platform.python_version(),
-        "args": {k: v for k, v in vars(a).items() if k != "streams_list"},
-    }
-    out.write_text(json.dumps({"meta": meta, "failures": failures, "results": results, "markdown": table}, indent=2))
-    out.with_suffix(".md").write_text(table + "\n")
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    meta = {"date": stamp, "git_commit": _git_commit()}
+    write_results(out, a, meta, results, markdown(results), failures=failures)
     return 1 if failures or any(r["errors"] or r["timed_out"] for r in results) else 0
 
 

@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import loadgen
-from compare import BENCH, free_port, start, stop, wait_ready
+from compare import BENCH, free_port, start, stop, wait_ready, write_results
 
 TOKENWIRE_WS, TOKENWIRE_SSE = "tokenwire (WebSocket)", "tokenwire (SSE)"
 
@@ -165,21 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for proc in procs:
             stop(proc)
-    table = markdown(results, peers)
-    print()
-    print(table)
-    meta = {
-        "date": stamp,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.platform(),
-        "python": platform.python_version(),
-        "model_folder": str(folder),
-        "gguf": str(gguf),
-        "args": {k: v for k, v in vars(a).items() if k != "streams_list"},
-    }
-    out.write_text(json.dumps({"meta": meta, "results": results, "markdown": table}, indent=2))
-    out.with_suffix(".md").write_text(table + "\n")
-    print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    meta = {"date": stamp, "model_folder": str(folder), "gguf": str(gguf)}
+    write_results(out, a, meta, results, markdown(results, peers))
     return 1 if any(r["errors"] or r["timed_out"] for r in results) else 0
 
 
