@@ -353,3 +353,84 @@ async def test_a_model_that_fails_to_load_fails_start_and_ends_its_thread(tiny_m
     assert not eng.ready and eng._thread is not None
     eng._thread.join(timeout=scaled(5))
     assert not eng._thread.is_alive()
+
+
+POISON_POSITION = 60  # only the poisoned request's prompt reaches this far; the healthy ones stay well below
+
+
+async def _one_poisoned_among_healthy(engine: HFEngine) -> tuple[list[Any], list[dict[str, Any]]]:
+    """Three healthy short requests and one long one, at once; returns the long one's outcome and the others'."""
+    healthy = [("h0", "Hello world!"), ("h1", "a"), ("h2", "日本語 😀")]
+    alone = [await run(engine, f"{rid}-alone", prompt=p, max_tokens=8, temperature=0) for rid, p in healthy]
+
+    async def poisoned() -> Any:
+        try:
+            return await run(engine, "poison", prompt="word " * 40, raw=True, max_tokens=8, temperature=0)
+        except EngineError as err:
+            return err
+
+    results = await asyncio.wait_for(
+        asyncio.gather(poisoned(), *[run(engine, rid, prompt=p, max_tokens=8, temperature=0) for rid, p in healthy]),
+        scaled(60),
+    )
+    for got, ref in zip(results[1:], alone, strict=True):
+        assert got["text"] == ref["text"]  # the healthy requests are served as if nothing happened
+    return results, alone
+
+
+async def test_a_forward_pass_that_fails_for_one_request_fails_only_that_request(engine: HFEngine) -> None:
+    """A batched forward pass that raises because of one request's rows is run again row by row: that request
+    ends with generation_failed, the requests that shared its step complete with their usual text."""
+    runner = engine._runner
+    assert runner is not None
+    real_forward = runner._forward
+
+    def forward(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if int(positions.max()) >= POISON_POSITION:
+            raise RuntimeError("this row cannot be computed")
+        return real_forward(ids, positions, mask)
+
+    runner._forward = forward  # type: ignore[method-assign]
+    results, _ = await _one_poisoned_among_healthy(engine)
+    err = results[0]
+    assert isinstance(err, EngineError) and err.code is ErrorCode.GENERATION_FAILED
+    assert "cannot be computed" in err.message
+    assert engine.stats().running == 0
+
+
+async def test_a_row_that_cannot_be_sampled_fails_only_its_request(engine: HFEngine) -> None:
+    """Logits that are NaN for one row (what a sampling value of 1e-300 once produced) fail that row's request in
+    the sampler; the other rows of the same step are sampled as usual."""
+    runner = engine._runner
+    assert runner is not None
+    real_decode, real_prefill = runner.decode, runner.prefill
+
+    @torch.inference_mode()
+    def poison(logits: torch.Tensor, last_positions: list[int]) -> torch.Tensor:
+        for row, pos in enumerate(last_positions):
+            if pos >= POISON_POSITION:
+                logits[row] = float("nan")
+        return logits
+
+    def decode(token_ids: list[int], positions: list[int], first_row: int = 0) -> torch.Tensor:
+        return poison(real_decode(token_ids, positions, first_row), positions)
+
+    def prefill(first_row: int, chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        lasts = [s + len(c) - 1 for c, s in zip(chunks, starts, strict=True)]
+        return poison(real_prefill(first_row, chunks, starts), lasts)
+
+    runner.decode, runner.prefill = decode, prefill  # type: ignore[method-assign]
+    results, _ = await _one_poisoned_among_healthy(engine)
+    err = results[0]
+    assert isinstance(err, EngineError) and err.code is ErrorCode.GENERATION_FAILED
+    assert "finite" in err.message
+
+
+def test_sampling_params_that_cannot_be_sampled_cannot_be_made() -> None:
+    """The engine's own check, whatever door a request came through: 1e-300 is refused, naming the parameter."""
+    from tokenwire.engine.interface import InvalidParam
+
+    for field, value in (("temperature", 1e-300), ("repetition_penalty", 1e-300), ("top_p", float("nan"))):
+        with pytest.raises(InvalidParam) as info:
+            SamplingParams(**{field: value})
+        assert info.value.param == field and field in str(info.value)

@@ -198,8 +198,56 @@ def test_numeric_id_is_accepted_as_a_string() -> None:
 
 
 def test_deeply_nested_json_is_an_error_not_a_crash() -> None:
+    """Nesting deeper than the parser (or than MAX_DEPTH) is refused; a ping whose ts nests 970 levels, which the
+    parser accepts, is refused too, naming ts (it once crashed the handler while echoing it)."""
     err = error_of("[" * 100000 + "]" * 100000)
-    assert err.code is ErrorCode.INVALID_JSON
+    assert err.code is ErrorCode.INVALID_REQUEST and "nested" in err.message
+    err = error_of('{"type": "ping", "ts": ' + "[" * 970 + "]" * 970 + "}")
+    assert err.code is ErrorCode.INVALID_REQUEST and "nested" in err.message
+    err = error_of('{"type": "ping", "ts": ' + "[" * 40 + "]" * 40 + "}")  # within the parser's reach: named
+    assert err.code is ErrorCode.INVALID_REQUEST and err.param == "ts" and '"ts"' in err.message
+    assert isinstance(parse({"type": "ping", "ts": [[[1]]]}), Ping)
+
+
+@pytest.mark.parametrize(
+    ("text", "param"),
+    [
+        ('{"type": "generate", "prompt": "x", "temperature": ' + "9" * 4000 + "}", "temperature"),
+        ('{"type": "generate", "prompt": "x", "top_k": ' + "9" * 5000 + "}", "top_k"),
+        ('{"type": "generate", "prompt": "x", "top_p": 1e999}', "top_p"),
+        ('{"type": "generate", "prompt": "x", "batch": {"max_tokens": 1e999}}', "batch.max_tokens"),
+        ('{"type": "generate", "prompt": "x", "batch": {"max_ms": -1e999}}', "batch.max_ms"),
+        ('{"type": "generate", "prompt": "x", "seed": ' + "1" * 350 + "}", "seed"),
+        ('{"type": "ping", "ts": 1e999}', "ts"),
+        ('{"type": "resume", "id": "g", "after_seq": 1e400}', "after_seq"),
+    ],
+)
+def test_numbers_python_cannot_convert_are_invalid_requests_naming_the_field(text: str, param: str) -> None:
+    """JSON numbers have no range, but a field does: 1e999 (inf to Python), a 4,000-digit integer (no float holds
+    it) are refused naming the field, never raised as a crash."""
+    err = error_of(text)
+    assert err.code is ErrorCode.INVALID_REQUEST and err.param == param and "out of range" in err.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"temperature": 1e-300}, "temperature"),
+        ({"temperature": 1e-5}, "temperature"),
+        ({"repetition_penalty": 1e-300}, "repetition_penalty"),
+    ],
+)
+def test_values_that_cannot_be_sampled_are_refused_naming_the_parameter(fields: dict[str, Any], param: str) -> None:
+    """Well typed but not samplable: dividing logits by 1e-300 gives inf, and the softmax NaN; such a request once
+    failed every generation sharing its step."""
+    err = error_of({"type": "generate", "prompt": "x", **fields})
+    assert err.code is ErrorCode.INVALID_REQUEST and err.param == param, err.message
+    assert param in err.message
+
+
+def test_the_smallest_samplable_values_are_accepted() -> None:
+    msg = parse({"type": "generate", "prompt": "x", "temperature": 0.001, "repetition_penalty": 0.01})
+    assert isinstance(msg, Generate) and msg.params.temperature == 0.001
 
 
 def test_a_lone_surrogate_escape_is_refused_naming_the_field() -> None:

@@ -9,6 +9,7 @@ engine frees its slot within one step. Failures are raised from the iterator as 
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,6 +38,7 @@ class ErrorCode(enum.StrEnum):
     SLOW_CONSUMER = "slow_consumer"
     GENERATION_FAILED = "generation_failed"
     SHUTTING_DOWN = "shutting_down"
+    INTERNAL_ERROR = "internal_error"
 
 
 class EngineError(Exception):
@@ -49,9 +51,29 @@ class EngineError(Exception):
         self.param = param
 
 
+# Below these, sampling is not numerically possible: logits / 1e-300 overflow float32 to inf, and a softmax over
+# inf is NaN. Every door refuses them (naming the parameter) and SamplingParams cannot hold them.
+MIN_TEMPERATURE = 1e-3  # other than 0 (greedy)
+MIN_REPETITION_PENALTY = 1e-2
+MAX_TEMPERATURE = 10.0
+MAX_REPETITION_PENALTY = 10.0
+
+
+class InvalidParam(ValueError):
+    """A sampling parameter out of its range; ``param`` names it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable them."""
+    """How to pick tokens. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable them.
+
+    Construction checks that every value can be sampled (:class:`InvalidParam` otherwise), so no request can
+    carry a value that would fail a batch it shares with others."""
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -64,6 +86,33 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # run to max_tokens even past the end-of-sequence token (benchmarks, tests)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, param: str, what: str) -> None:
+            if not ok:
+                raise InvalidParam(param, f'"{param}" must be {what}')
+
+        floats = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+        for name in floats:
+            need(math.isfinite(getattr(self, name)), name, "a finite number")
+        need(self.max_tokens >= 1, "max_tokens", "at least 1")
+        t = self.temperature
+        need(
+            t == 0.0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE,
+            "temperature",
+            f"0 (greedy) or from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}",
+        )
+        need(0.0 < self.top_p <= 1.0, "top_p", "greater than 0 and at most 1")
+        need(self.top_k >= 0, "top_k", "0 (off) or more")
+        need(0.0 <= self.min_p <= 1.0, "min_p", "from 0 to 1")
+        need(
+            MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+            "repetition_penalty",
+            f"from {MIN_REPETITION_PENALTY:g} to {MAX_REPETITION_PENALTY:g}",
+        )
+        need(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "from -2 to 2")
+        need(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "from -2 to 2")
+        need(self.seed is None or 0 <= self.seed < 1 << 63, "seed", "from 0 to 2^63-1")
 
     @property
     def greedy(self) -> bool:

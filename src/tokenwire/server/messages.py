@@ -9,7 +9,7 @@ from tokenwire.engine.interface import ErrorCode, FinishReason, Timings
 
 
 def encode(message: dict[str, Any]) -> str:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def hello(session: str, model: str, limits: dict[str, int], heartbeat_s: float) -> dict[str, Any]:

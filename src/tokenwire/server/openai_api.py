@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from tokenwire.engine.interface import Engine, EngineError, GenerationRequest, OutputKind, RequestOutput
 from tokenwire.server import openai_protocol as oa
+from tokenwire.server import strictjson
 from tokenwire.server.protocol import Limits
 from tokenwire.server.streams import with_deadlines
 from tokenwire.server.telemetry import Telemetry, Trace
@@ -108,9 +109,9 @@ class OpenAIRoutes:
 
     async def _complete(self, request: Request, chat: bool) -> Response:
         try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            return self._error(oa.APIError(400, "the request body is not valid JSON", code="invalid_json"))
+            body = strictjson.loads(await request.body(), "the request body")
+        except strictjson.JSONInputError as err:
+            return self._error(oa.json_input_error(err))
         try:
             req = oa.parse_completion_request(body, chat=chat, limits=self.limits, model_name=self.engine.model_name)
         except oa.APIError as err:

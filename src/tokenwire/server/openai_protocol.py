@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenwire.engine.interface import ErrorCode, FinishReason, SamplingParams
-from tokenwire.server.protocol import Generate, Limits, ProtocolError, parse_generate, require_valid_unicode
+from tokenwire.server import strictjson
+from tokenwire.server.protocol import Generate, Limits, ProtocolError, parse_generate
 
 # Fields shared with the WebSocket ``generate`` message, passed through as they are.
 _PASSTHROUGH = (
@@ -79,6 +80,10 @@ def api_error(code: ErrorCode, message: str, param: str | None = None) -> APIErr
     return APIError(status, message, code=code.value, param=param, retry_after=retry)
 
 
+def json_input_error(err: strictjson.JSONInputError) -> APIError:
+    return APIError(400, err.message, code="invalid_json" if err.syntax else "invalid_request", param=err.param)
+
+
 @dataclass(slots=True, frozen=True)
 class CompletionRequest:
     """A parsed ``/v1/chat/completions`` or ``/v1/completions`` body."""
@@ -111,9 +116,9 @@ def parse_completion_request(
         )
     _reject_unsupported(body)
     try:
-        require_valid_unicode(body, "the request")
-    except ProtocolError as err:
-        raise APIError(400, err.message, code="invalid_json") from None
+        strictjson.check(body, "the request")
+    except strictjson.JSONInputError as err:
+        raise json_input_error(err) from None
     msg: dict[str, Any] = {k: body[k] for k in _PASSTHROUGH if k in body}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:

@@ -6,12 +6,12 @@ field at fault (``param``) and says what was expected, so that a client author c
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
-from tokenwire.engine.interface import ChatMessage, ErrorCode, SamplingParams
+from tokenwire.engine.interface import ChatMessage, ErrorCode, InvalidParam, SamplingParams
+from tokenwire.server import strictjson
 
 PROTOCOL_VERSION = 1
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
@@ -98,24 +98,15 @@ class Resume:
 ClientMessage = Generate | Cancel | Ping | Pong | Resume
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def parse_message(data: str | bytes, limits: Limits) -> ClientMessage:
     """Parse one frame. Raises :class:`ProtocolError` for anything that is not a valid message."""
-    if isinstance(data, bytes):
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ProtocolError(ErrorCode.INVALID_JSON, "the frame is not UTF-8 text") from None
     try:
-        obj = json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise ProtocolError(ErrorCode.INVALID_JSON, f"the message is not valid JSON: {exc}") from None
+        obj = strictjson.loads(data)
+    except strictjson.JSONInputError as err:
+        code = ErrorCode.INVALID_JSON if err.syntax else ErrorCode.INVALID_REQUEST
+        raise ProtocolError(code, err.message, err.param) from None
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.INVALID_JSON, 'a message must be a JSON object with a "type" field')
-    require_valid_unicode(obj)
     mtype = obj.get("type")
     if mtype is None:
         raise ProtocolError(ErrorCode.INVALID_REQUEST, 'the message has no "type" field', "type")
@@ -149,25 +140,6 @@ def parse_message(data: str | bytes, limits: Limits) -> ClientMessage:
     )
 
 
-def require_valid_unicode(value: Any, where: str = "the message") -> None:
-    """JSON can escape a lone UTF-16 surrogate (``"\\ud800"``), which is no Unicode character: no tokenizer can
-    encode it and no reply could echo it. Refuse it here, naming where it is."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ProtocolError(
-                ErrorCode.INVALID_JSON, f"{where} holds a lone UTF-16 surrogate escape, which is not valid Unicode"
-            ) from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            require_valid_unicode(k, where)
-            require_valid_unicode(v, f'"{k}"' if isinstance(k, str) and k.isidentifier() else where)
-    elif isinstance(value, list):
-        for item in value:
-            require_valid_unicode(item, where)
-
-
 def parse_generate(obj: dict[str, Any], limits: Limits) -> Generate:
     gen_id = _optional_id(obj, limits)
 
@@ -193,7 +165,23 @@ def parse_generate(obj: dict[str, Any], limits: Limits) -> Generate:
         max_tokens = _int(obj, "max_tokens", limits.default_max_tokens, lo=1, hi=limits.max_tokens, id=gen_id)
     else:
         max_tokens = _int(obj, "max_length", limits.default_max_tokens, lo=1, hi=limits.max_tokens, id=gen_id)
-    params = SamplingParams(
+    try:
+        params = _sampling(obj, max_tokens, gen_id, limits, err)
+    except InvalidParam as bad:  # well typed, but not a value that can be sampled
+        raise err(bad.message, bad.param) from None
+    return Generate(
+        id=gen_id,
+        params=params,
+        prompt=prompt,
+        messages=messages,
+        raw=_bool(obj, "raw", err),
+        truncate=_truncate(obj.get("truncate"), err),
+        batch=_batch(obj.get("batch"), err),
+    )
+
+
+def _sampling(obj: dict[str, Any], max_tokens: int, gen_id: str | None, limits: Limits, err: Any) -> SamplingParams:
+    return SamplingParams(
         max_tokens=max_tokens,
         temperature=_float(obj, "temperature", 1.0, lo=0.0, hi=10.0, id=gen_id),
         top_p=_float(obj, "top_p", 1.0, lo=0.0, hi=1.0, id=gen_id, lo_open=True),
@@ -205,15 +193,6 @@ def parse_generate(obj: dict[str, Any], limits: Limits) -> Generate:
         seed=_seed(obj, gen_id),
         stop=_stop(obj.get("stop"), limits, err),
         ignore_eos=_bool(obj, "ignore_eos", err),
-    )
-    return Generate(
-        id=gen_id,
-        params=params,
-        prompt=prompt,
-        messages=messages,
-        raw=_bool(obj, "raw", err),
-        truncate=_truncate(obj.get("truncate"), err),
-        batch=_batch(obj.get("batch"), err),
     )
 
 

@@ -124,6 +124,13 @@ class RealtimeConnection:
         except RealtimeError as err:
             self.telemetry.error(err.code)
             await self.send(error_event(err, client_event_id))
+        except (WebSocketDisconnect, OSError):
+            raise
+        except Exception:  # a bug in handling one event: report it, keep the connection
+            log.exception("realtime connection %s could not handle an event", self.session.id)
+            self.telemetry.error("server_error")
+            failed = RealtimeError("the server failed to handle this event", "server_error")
+            await self.send(error_event(failed, client_event_id))
 
     def _item(self, item_id: str) -> Item:
         for item in self.items:

@@ -9,13 +9,13 @@ extension, validated by the WebSocket protocol's own code.
 
 from __future__ import annotations
 
-import json
 import secrets
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, SamplingParams
-from tokenwire.server.protocol import Limits, ProtocolError, parse_generate, require_valid_unicode
+from tokenwire.server import strictjson
+from tokenwire.server.protocol import Limits, ProtocolError, parse_generate
 
 # Sampling fields a session or a response may carry (an extension of OpenAI's events).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos")
@@ -140,15 +140,11 @@ _AUDIO_EVENTS = (
 def parse_event(data: str | bytes, limits: Limits) -> ClientEvent:
     """One client frame to a typed event. Raises :class:`RealtimeError` naming what is wrong."""
     try:
-        obj = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise RealtimeError(f"the event is not valid JSON: {exc}", "invalid_json") from None
+        obj = strictjson.loads(data, "the event")
+    except strictjson.JSONInputError as err:
+        raise RealtimeError(err.message, "invalid_json" if err.syntax else "invalid_request", err.param) from None
     if not isinstance(obj, dict):
         raise RealtimeError('an event must be a JSON object with a "type"', "invalid_json")
-    try:
-        require_valid_unicode(obj, "the event")
-    except ProtocolError as err:
-        raise RealtimeError(err.message, "invalid_json") from None
     event_id = obj.get("event_id") if isinstance(obj.get("event_id"), str) else None
     try:
         return _parse_object(obj, event_id, limits)

@@ -30,6 +30,7 @@ from tokenwire.server.generation import Producer
 from tokenwire.server.journal import Journal, Registry, ResumeRefused
 from tokenwire.server.protocol import (
     Cancel,
+    ClientMessage,
     Generate,
     Limits,
     Ping,
@@ -43,6 +44,7 @@ from tokenwire.server.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 NORMAL_CLOSURE = 1000
+INTERNAL_ERROR_CLOSURE = 1011
 
 
 @dataclass(slots=True, frozen=True)
@@ -100,6 +102,7 @@ class Connection:
         await self.ws.accept(subprotocol=subprotocol)
         heartbeat: asyncio.Task[None] | None = None
         close_code: int | None = None
+        reply_code = 1000
         try:
             await self.send(
                 messages.hello(
@@ -116,13 +119,16 @@ class Connection:
             close_code = exc.code
         except _SlowConsumer:
             pass
+        except Exception:  # a bug: say so with 1011 (not 1000, after which clients do not reconnect)
+            log.exception("connection %s failed", self.session)
+            reply_code = INTERNAL_ERROR_CLOSURE
         finally:
             self._closing = True
             if heartbeat is not None:
                 heartbeat.cancel()
             # A client that closed normally is done with its generations; any other loss may be resumed.
             await self._let_go(abort=close_code == NORMAL_CLOSURE)
-            await self._close(1000)
+            await self._close(reply_code)
 
     async def shutdown(self, deliver_timeout: float = 2.0) -> None:
         """The server stops: abort the running generations, send each client what was generated for it (for at
@@ -193,12 +199,18 @@ class Connection:
             data = frame.get("text")
             if data is None:
                 data = frame.get("bytes") or b""
+            msg: ClientMessage | None = None
             try:
                 msg = parse_message(data, self.settings.limits)
+                await self._dispatch(msg)
             except ProtocolError as err:
                 await self.send_error(err.code, err.message, err.id, err.param)
-                continue
-            await self._dispatch(msg)
+            except (WebSocketDisconnect, _SlowConsumer, OSError):
+                raise
+            except Exception:  # a bug in handling one message: report it, keep the connection and its generations
+                log.exception("connection %s could not handle a message (%s)", self.session, type(msg).__name__)
+                gen_id = getattr(msg, "id", None)
+                await self.send_error(ErrorCode.INTERNAL_ERROR, "the server failed to handle this message", gen_id)
 
     async def _dispatch(self, msg: Generate | Cancel | Ping | Pong | Resume) -> None:
         if isinstance(msg, Generate):

@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +23,7 @@ from tokenwire.engine.detokenizer import IncrementalDetokenizer
 from tokenwire.engine.hf import loader
 from tokenwire.engine.hf.quant import quantize_int8
 from tokenwire.engine.hf.runner import ModelRunner
-from tokenwire.engine.hf.sampler import RowSampler
+from tokenwire.engine.hf.sampler import RowSampler, SamplingFailure
 from tokenwire.engine.interface import (
     EngineError,
     EngineStats,
@@ -319,21 +319,38 @@ class HFEngine:
             # put. (Decoding first would let a finishing sequence reorder the prefill rows under the chunks.)
             chunks = [c for c in plan.prefill if c.seq.state is SeqState.PREFILL]
             if chunks:  # one batched forward for all of them
-                logits = runner.prefill(
-                    chunks[0].seq.row, [c.seq.prompt_ids[c.start : c.end] for c in chunks], [c.start for c in chunks]
+                ran, logits = self._forward_isolated(
+                    [c.seq for c in chunks],
+                    lambda: runner.prefill(
+                        chunks[0].seq.row,
+                        [c.seq.prompt_ids[c.start : c.end] for c in chunks],
+                        [c.start for c in chunks],
+                    ),
+                    lambda i: runner.prefill(
+                        chunks[i].seq.row,
+                        [chunks[i].seq.prompt_ids[chunks[i].start : chunks[i].end]],
+                        [chunks[i].start],
+                    ),
+                    out,
                 )
-                done = [i for i, c in enumerate(chunks) if c.is_last]
-                for c in chunks:
-                    c.seq.num_computed = c.end
-                for i in done:
-                    self._apply(sched.promote(chunks[i].seq))
+                for i in ran:
+                    chunks[i].seq.num_computed = chunks[i].end
+                done = [j for j, i in enumerate(ran) if chunks[i].is_last]
+                for j in done:
+                    self._apply(sched.promote(chunks[ran[j]].seq))
                 if done:
-                    self._sample_and_emit([chunks[i].seq for i in done], logits[done], out)
+                    self._sample_and_emit([chunks[ran[j]].seq for j in done], logits[done], out)
             if plan.num_decode:
                 decoding = sched.running[: plan.num_decode]
-                logits = runner.decode([s.output_ids[-1] for s in decoding], [s.length - 1 for s in decoding])
-                self._sample_and_emit(decoding, logits, out)
-        except Exception as exc:
+                ran, logits = self._forward_isolated(
+                    decoding,
+                    lambda: runner.decode([s.output_ids[-1] for s in decoding], [s.length - 1 for s in decoding]),
+                    lambda i: runner.decode([decoding[i].output_ids[-1]], [decoding[i].length - 1], decoding[i].row),
+                    out,
+                )
+                if ran:
+                    self._sample_and_emit([decoding[i] for i in ran], logits, out)
+        except Exception as exc:  # outside the forward passes (the cache could not grow): nothing is consistent
             log.exception("model step failed")
             for seq in list(sched.running):
                 err = EngineError(ErrorCode.GENERATION_FAILED, f"generation failed: {exc}")
@@ -342,6 +359,36 @@ class HFEngine:
             runner.cache.release()
         self._steps += 1
         self._emit(out)
+
+    def _forward_isolated(
+        self,
+        seqs: list[Sequence],
+        batched: Callable[[], torch.Tensor],
+        alone: Callable[[int], torch.Tensor],
+        out: list[_Item],
+    ) -> tuple[list[int], torch.Tensor]:
+        """Run ``batched`` (one forward pass for ``seqs``); if it fails, run each sequence ``alone`` so that only the
+        ones that fail by themselves fail. Returns the indexes into ``seqs`` that ran, and their logits [k, V].
+        Rewriting a row's KV positions is idempotent, so running a row again after a failed batch is safe."""
+        try:
+            return list(range(len(seqs))), batched()
+        except Exception as exc:
+            log.warning("a batched forward pass of %d requests failed (%s); running each alone", len(seqs), exc)
+        ran: list[int] = []
+        rows: list[torch.Tensor] = []
+        failed: list[tuple[Sequence, Exception]] = []
+        for i, seq in enumerate(seqs):
+            try:
+                rows.append(alone(i))
+                ran.append(i)
+            except Exception as exc:
+                log.exception("request %s failed in a forward pass of its own", seq.request_id)
+                failed.append((seq, exc))
+        for seq, error in failed:  # after every row ran: dropping moves rows
+            failure = EngineError(ErrorCode.GENERATION_FAILED, f"generation failed: {error}")
+            out.append(_Failure(seq.request_id, failure))
+            self._drop(seq)
+        return ran, torch.cat(rows) if rows else torch.empty(0)
 
     def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, out: list[_Item]) -> None:
         assert self._sampler is not None
@@ -355,6 +402,12 @@ class HFEngine:
         now = time.monotonic()
         for seq, token in zip(list(seqs), tokens, strict=True):
             if seq.state is SeqState.FINISHED:
+                continue
+            if isinstance(token, SamplingFailure):
+                log.warning("request %s could not be sampled: %s", seq.request_id, token.reason)
+                error = EngineError(ErrorCode.GENERATION_FAILED, f"generation failed: {token.reason}")
+                out.append(_Failure(seq.request_id, error))
+                self._drop(seq)
                 continue
             self._on_token(seq, token, now, out)
 

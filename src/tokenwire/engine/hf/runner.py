@@ -45,11 +45,11 @@ class ModelRunner:
         return self._forward(ids, pos, mask[:, None])
 
     @torch.inference_mode()
-    def decode(self, token_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each of rows ``0..n-1``, at the given positions; returns logits [n, V]."""
+    def decode(self, token_ids: list[int], positions: list[int], first_row: int = 0) -> torch.Tensor:
+        """One token for each of rows ``first_row..first_row+n-1``, at the given positions; returns logits [n, V]."""
         kv_len = max(positions) + 1
         pos = torch.tensor(positions, device=self.device)[:, None]  # [n, 1]
-        self.cache.plan(0, pos, kv_len)
+        self.cache.plan(first_row, pos, kv_len)
         ids = torch.tensor(token_ids, device=self.device)[:, None]  # [n, 1]
         mask = torch.arange(kv_len, device=self.device)[None, None, :] <= pos[:, :, None]  # [n, 1, kv]
         return self._forward(ids, pos, mask[:, None])

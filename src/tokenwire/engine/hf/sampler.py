@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 
 import torch
 
 from tokenwire.engine.interface import SamplingParams
+
+
+@dataclass(slots=True, frozen=True)
+class SamplingFailure:
+    """Why one row of a batch could not be sampled."""
+
+    reason: str
 
 
 class RowSampler:
@@ -32,19 +40,30 @@ class RowSampler:
         params: list[SamplingParams],
         prompt_ids: list[list[int]],
         output_ids: list[list[int]],
-    ) -> list[int]:
+    ) -> list[int | SamplingFailure]:
+        """One token per row, or a :class:`SamplingFailure` for a row that cannot be sampled (its logits or
+        probabilities are not finite, its penalties fail): that row's request fails, the other rows are served."""
         n = logits.shape[0]
+        result: list[int | SamplingFailure] = [0] * n
         for i, p in enumerate(params):
             if p.uses_penalties:
-                _apply_penalties(logits[i], p, prompt_ids[i], output_ids[i])
-        greedy = [p.greedy for p in params]
-        if all(greedy):
-            return [int(t) for t in logits.argmax(dim=-1).tolist()]
-        result = [0] * n
-        rows = [i for i in range(n) if not greedy[i]]
-        if len(rows) < n:
-            for i, t in zip(range(n), logits.argmax(dim=-1).tolist(), strict=True):
+                try:
+                    _apply_penalties(logits[i], p, prompt_ids[i], output_ids[i])
+                except Exception as exc:
+                    result[i] = SamplingFailure(f"the penalties could not be applied: {exc}")
+        unusable = torch.isnan(logits).any(dim=-1) | (logits == float("inf")).any(dim=-1)
+        unusable |= (logits == float("-inf")).all(dim=-1)
+        for i in unusable.nonzero().flatten().tolist():
+            result[i] = SamplingFailure("the model produced no finite scores for this request")
+        live = [i for i in range(n) if not isinstance(result[i], SamplingFailure)]
+        greedy = [i for i in live if params[i].greedy]
+        if greedy:
+            best = logits[greedy].argmax(dim=-1).tolist() if len(greedy) < n else logits.argmax(dim=-1).tolist()
+            for i, t in zip(greedy, best, strict=True):
                 result[i] = int(t)
+        rows = [i for i in live if not params[i].greedy]
+        if not rows:
+            return result
         sub = logits[rows] if len(rows) < n else logits
         sub_params = [params[i] for i in rows]
         temps = torch.tensor([p.temperature for p in sub_params], device=logits.device, dtype=logits.dtype)
@@ -52,8 +71,16 @@ class RowSampler:
         if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in sub_params):
             scaled = _filter(scaled, sub_params)
         probs = torch.softmax(scaled, dim=-1)
+        usable = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
         for j, i in enumerate(rows):
-            token = torch.multinomial(probs[j], 1, generator=self._generators[request_ids[i]])
+            if not usable[j]:
+                result[i] = SamplingFailure("the sampling distribution for this request is not finite")
+                continue
+            try:
+                token = torch.multinomial(probs[j], 1, generator=self._generators[request_ids[i]])
+            except RuntimeError as exc:
+                result[i] = SamplingFailure(f"sampling failed: {exc}")
+                continue
             result[i] = int(token.item())
         return result
 
