@@ -24,7 +24,18 @@ class Settings:
         default=None, metadata={"help": "API key(s), comma-separated; when set, every API call must carry one"}
     )
     allowed_origins: str = field(
-        default="", metadata={"help": "extra browser origins allowed to open WebSockets, comma-separated (* = any)"}
+        default="",
+        metadata={
+            "help": "extra browser origins allowed to open WebSockets and post non-JSON bodies, comma-separated "
+            "(* = any); the server's own origin and pages on localhost are always allowed"
+        },
+    )
+    null_origin: str = field(
+        default="allow",
+        metadata={
+            "help": "allow or refuse WebSocket upgrades from Origin null (pages opened from a file, like the "
+            "tutorial's client); HTTP requests from null are always treated as foreign"
+        },
     )
     # the model
     model: str | None = field(
@@ -52,6 +63,19 @@ class Settings:
     max_prefill_tokens: int = field(default=512, metadata={"help": "prompt tokens per step (long prompts chunk)"})
     # protocol limits
     max_message_bytes: int = field(default=1 << 20, metadata={"help": "largest client frame (bigger: close 1009)"})
+    max_body_bytes: int | None = field(
+        default=None,
+        metadata={
+            "help": "largest HTTP request body; larger gets 413 before it is read (default: --max-message-bytes)"
+        },
+    )
+    max_connections: int = field(
+        default=0,
+        metadata={
+            "help": "WebSockets and API requests held at once; more get 1013 or 503 (0: the open-file limit less "
+            "a 5%% reserve, which keeps /health answering)"
+        },
+    )
     max_tokens_limit: int = field(default=4096, metadata={"help": "largest max_tokens a request may ask for"})
     default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request gives none"})
     max_generations_per_connection: int = field(default=32, metadata={"help": "concurrent generations a socket"})

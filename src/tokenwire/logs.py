@@ -7,17 +7,34 @@ import logging
 import re
 import sys
 from typing import Any
+from urllib.parse import unquote_plus
 
-_KEY_IN_URL = re.compile(r"(api_key=)[^&\s\"']+")
+_QUERY_PAIR = re.compile(r"([?&;])([^=&;\s\"'?]+)=([^&;\s\"']*)")
+_SECRET_NAMES = ("key", "token", "secret", "password")
+
+
+def _redact_pair(match: re.Match[str]) -> str:
+    sep, name, value = match.groups()
+    decoded = unquote_plus(name).lower()  # api%5Fkey authenticates as api_key: it is hidden like it
+    if value and any(word in decoded for word in _SECRET_NAMES):
+        return f"{sep}{name}=[redacted]"
+    return match.group(0)
+
+
+def redact(message: str) -> str:
+    """The message with the value of every query parameter whose decoded name says key or token hidden."""
+    return _QUERY_PAIR.sub(_redact_pair, message) if "=" in message else message
 
 
 class RedactKeys(logging.Filter):
-    """Hides ``?api_key=...`` in any log line (uvicorn logs WebSocket paths with their query)."""
+    """Hides ``?api_key=...`` (however its name is spelled or encoded) in any log line: uvicorn logs WebSocket and
+    HTTP paths with their query."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "api_key=" in message:
-            record.msg, record.args = _KEY_IN_URL.sub(r"\1[redacted]", message), None
+        hidden = redact(message)
+        if hidden != message:
+            record.msg, record.args = hidden, None
         return True
 
 

@@ -114,7 +114,7 @@ class Metrics:
         self.ws_bytes = Counter("tokenwire_websocket_bytes_sent", "WebSocket payload bytes sent.", registry=r)
         self.resumes = Counter(
             "tokenwire_websocket_resumes",
-            "WebSocket resume requests by outcome (resumed, not_found, ambiguous, invalid).",
+            "WebSocket resume requests by outcome (resumed, not_found, ambiguous, invalid, refused: no resume_token).",
             ["outcome"],
             registry=r,
         )

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +71,11 @@ class RunningServer:
 
 
 @contextmanager
-def serve(*args: str, startup_timeout: float = 120.0, log_path: Path | None = None) -> Iterator[RunningServer]:
-    """Run ``tokenwire serve ARGS``; its output goes to ``log_path`` when given."""
+def serve(
+    *args: str, startup_timeout: float = 120.0, log_path: Path | None = None, preexec: Callable[[], None] | None = None
+) -> Iterator[RunningServer]:
+    """Run ``tokenwire serve ARGS``; its output goes to ``log_path`` when given; ``preexec`` runs in the child
+    before it starts (to set resource limits)."""
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
@@ -89,7 +92,7 @@ def serve(*args: str, startup_timeout: float = 120.0, log_path: Path | None = No
         *args,
     ]
     log = open(log_path, "w") if log_path is not None else None  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, preexec_fn=preexec)
     server = RunningServer(port, proc)
     try:
         deadline = time.monotonic() + scaled(startup_timeout)

@@ -13,7 +13,9 @@ import websockets
 
 from tests.conftest import scaled
 from tests.e2e.browser import ARGS, require_chromium
-from tests.e2e.server import RunningServer, serve
+from tests.e2e.server import RunningServer, serve, serving
+from tests.fakes import FakeEngine
+from tokenwire.server.auth import AuthPolicy
 
 KEY = "test-key-123"
 
@@ -88,9 +90,35 @@ async def test_websocket_from_a_foreign_origin_is_refused(keyed_server: RunningS
     assert first["type"] == "hello"
 
 
+async def test_an_origin_with_user_info_is_not_a_local_page(keyed_server: RunningServer) -> None:
+    """ "http://evil.example@localhost" once passed as localhost; origins are compared parsed, not as text. The
+    tutorial's file page (Origin null) and its localhost page on the server's port stay allowed."""
+    first, code = await ws_hello(keyed_server.ws + f"/ws?api_key={KEY}", origin="http://evil.example@localhost")
+    assert first["code"] == "unauthorized" and code == 1008
+    for origin in ("null", f"http://localhost:{keyed_server.port}", f"http://127.0.0.1:{keyed_server.port}"):
+        first, _ = await ws_hello(keyed_server.ws + f"/ws?api_key={KEY}", origin=origin)
+        assert first["type"] == "hello", origin
+
+
+async def test_null_origin_can_be_refused() -> None:
+    """--null-origin refuse: pages opened from files (and sandboxed frames) may not open a WebSocket."""
+    async with serving(FakeEngine(), auth=AuthPolicy(null_origin=False)) as (base, _):
+        ws_url = base.replace("http", "ws", 1)
+        first, code = await ws_hello(ws_url + "/ws", origin="null")
+        assert first["code"] == "unauthorized" and code == 1008
+        first, _ = await ws_hello(ws_url + "/ws")
+        assert first["type"] == "hello"
+
+
+async def test_a_percent_encoded_key_name_authenticates_and_is_redacted(keyed_server: RunningServer) -> None:
+    first, _ = await ws_hello(keyed_server.ws + f"/ws?api%5Fkey={KEY}")
+    assert first["type"] == "hello"  # the query name decodes to api_key
+
+
 def test_the_key_never_reaches_the_logs(keyed_server: RunningServer, log_path: Path) -> None:
     text = log_path.read_text()
     assert "api_key=[redacted]" in text  # the query-string connections above were logged, redacted
+    assert "api%5Fkey=[redacted]" in text
     assert KEY not in text and "second-key" not in text
 
 

@@ -155,6 +155,73 @@ async def test_a_dropped_socket_resumes_the_running_answer_without_losing_or_rep
         await page.screenshot(path=str(screenshot_path("chat-resumed.png")), full_page=True)
 
 
+class HalfOpeningProxy:
+    """A TCP proxy on 127.0.0.1 whose client sides can be cut while its server sides stay open: what a server sees
+    when a client's network goes away silently (a half-open socket, up to 40 s before pings tell)."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = free_port()
+        self._pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter, list[asyncio.Task[None]]]] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> HalfOpeningProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for client, upstream, pumps in self._pairs:
+            for task in pumps:
+                task.cancel()
+            for writer in (client, upstream):
+                writer.transport.abort()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        pumps = [asyncio.create_task(self._pipe(reader, up_writer)), asyncio.create_task(self._pipe(up_reader, writer))]
+        self._pairs.append((writer, up_writer, pumps))
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+
+    def cut_clients(self) -> None:
+        """Drop every client side at once; the server sides stay open and hear nothing."""
+        for client, _, pumps in self._pairs:
+            for task in pumps:
+                task.cancel()
+            client.transport.abort()
+
+
+async def test_a_half_open_socket_hands_the_answer_over_to_the_reconnected_page() -> None:
+    """The page's network goes away but the server still holds its connection open. The page reconnects and
+    resumes with the answer's resume_token, which takes the answer over from the open connection: the answer ends
+    whole, with no new request (without the token, the server would refuse to hand it over)."""
+    reply = " ".join(f"h{i}" for i in range(240))
+    engine = FakeEngine(reply=reply, pieces=240, delay=0.02)
+    async with (
+        serving(engine) as (base, state),
+        HalfOpeningProxy(int(base.rsplit(":", 1)[1])) as proxy,
+        browser_page() as page,
+    ):
+        await open_chat(page, f"http://127.0.0.1:{proxy.port}")
+        await ask(page, "Count for me")
+        await updates(page, 5)
+        old = list(state.connections)
+        proxy.cut_clients()
+        answer = await last_answer(page)
+        assert await answer.eval_on_selector(".body", "e => e.textContent") == reply
+        assert len(engine.requests) == 1 and not engine.aborted
+        assert len(old) == 1 and old[0].is_open and old[0] in state.connections  # it was taken from an open one
+        journal = state.generations.journals()[0]
+        assert journal.bound is not old[0] and journal.bound in state.connections
+
+
 async def test_a_reload_keeps_the_conversation_and_resumes_the_running_answer() -> None:
     """Reloading the tab mid-answer: the conversation is back, the answer goes on from where the old page stopped
     reading (no text lost or repeated, no new request), and the next question carries the whole history."""

@@ -5,7 +5,11 @@ before the fix."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import signal
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -14,7 +18,7 @@ import websockets
 
 from tests.conftest import scaled
 from tests.e2e.client import Client
-from tests.e2e.server import RunningServer
+from tests.e2e.server import RunningServer, serve
 
 LONG = {"prompt": "Tell me a story", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
 
@@ -114,3 +118,173 @@ async def test_realtime_refuses_a_huge_number_with_an_error_event_and_stays_open
         await ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "instructions": "Hi."}}))
         updated = await next_event()
         assert updated["type"] == "session.updated" and updated["session"]["instructions"] == "Hi."
+
+
+def raw_http(port: int, head: str, body: bytes = b"", read_timeout: float = 10.0) -> tuple[int, dict[str, Any]]:
+    """Send a request by hand (a body announced but not all sent, or chunked) and read the status and JSON."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=scaled(read_timeout)) as sock:
+        sock.sendall(head.encode() + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data.split(b"\r\n\r\n", 1)[1] or b"{}")
+
+
+def _length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 1 << 30
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_read(tiny_server: RunningServer) -> None:
+    """100 MB announced (1 KB sent): 413 at once, not after reading it whole; a chunked body that grows past the
+    limit (the frame limit, 64 KiB here) gets 413 as soon as it does. One just under the limit is served."""
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        "Content-Length: 100000000\r\n\r\n"
+    )
+    status, body = raw_http(tiny_server.port, head, b"{" + b" " * 1023)
+    assert status == 413 and body["error"]["code"] == "request_too_large" and "100000000" in body["error"]["message"]
+    chunk = b" " * 16384
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(5))
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    )
+    status, body = raw_http(tiny_server.port, head, chunked)
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    padded = json.dumps({"prompt": "Hi", "max_tokens": 2, "pad": "x" * 60000})
+    r = httpx.post(tiny_server.http + "/v1/completions", content=padded, timeout=scaled(30))
+    assert r.status_code == 200, r.text
+
+
+def test_a_cross_site_form_post_is_refused_but_curl_d_works(tiny_server: RunningServer) -> None:
+    """A page elsewhere can make a browser post text/plain or a form to 127.0.0.1 without asking first: with a
+    foreign Origin (or null) such a body is refused with 403. curl -d sends a form body without an Origin: served.
+    A JSON body from another origin needs a preflight, which browsers send first; it is served to non-browsers."""
+    body = json.dumps({"prompt": "Hi", "max_tokens": 2})
+    url = tiny_server.http + "/v1/completions"
+    for origin in ("https://evil.example", "null", "http://evil.example@localhost"):
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            r = httpx.post(url, content=body, headers={"content-type": kind, "origin": origin}, timeout=scaled(30))
+            assert r.status_code == 403, (origin, kind, r.text)
+            assert r.json()["error"]["code"] == "forbidden_origin"
+    curl = {"content-type": "application/x-www-form-urlencoded"}
+    assert httpx.post(url, content=body, headers=curl, timeout=scaled(30)).status_code == 200
+    local = {"content-type": "text/plain", "origin": "http://localhost:3000"}
+    assert httpx.post(url, content=body, headers=local, timeout=scaled(30)).status_code == 200
+    own = {"content-type": "text/plain", "origin": tiny_server.http}
+    assert httpx.post(url, content=body, headers=own, timeout=scaled(30)).status_code == 200
+    foreign_json = {"content-type": "application/json", "origin": "https://evil.example"}
+    assert httpx.post(url, content=body, headers=foreign_json, timeout=scaled(30)).status_code == 200
+
+
+async def test_huge_prompts_do_not_stall_the_streams_already_running(tiny_long_model_dir: Path) -> None:
+    """4 MB prompts (a server allowing 8 MB frames) once stalled every stream while the model thread tokenized
+    them. A prompt that cannot fit is refused before any tokenizer time, and tokenizing happens off the model
+    thread: a live stream's longest pause between tokens stays far below a second."""
+    with serve("--model", str(tiny_long_model_dir), "--device", "cpu", "--max-message-bytes", "8000000") as server:
+        live = await Client.connect(server.ws)
+        flood = await Client.connect(server.ws)
+        try:
+            await live.send({"type": "generate", "id": "live", **{**LONG, "max_tokens": 2000}})
+            await live.until(lambda m: m.get("id") == "live" and m["type"] == "token")
+            arrivals: list[float] = []
+
+            async def watch() -> None:
+                while True:
+                    msg = await live.recv()
+                    arrivals.append(time.monotonic())
+                    if msg.get("type") == "complete":
+                        return
+
+            watcher = asyncio.create_task(watch())
+            for i in range(3):
+                await flood.send({"type": "generate", "id": f"big{i}", "prompt": "word " * 800_000})
+                err = await flood.finish(f"big{i}")
+                assert err["type"] == "error" and err["code"] == "prompt_too_long"
+            await asyncio.wait_for(watcher, scaled(120))
+            gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+            assert len(arrivals) > 100 and max(gaps) < 0.5, max(gaps)
+        finally:
+            await live.close()
+            await flood.close()
+
+
+async def test_sigterm_ends_http_requests_with_an_error_never_a_cut(tiny_long_model_dir: Path) -> None:
+    """On SIGTERM an SSE stream in flight once just stopped (no error event, no [DONE]) and a non-streaming request
+    got a plain-text 500. Now the stream ends with an error event of code shutting_down, then data: [DONE]; the
+    non-streaming request gets an OpenAI-shaped 503 of that code; WebSocket clients already got theirs."""
+    with serve("--model", str(tiny_long_model_dir), "--device", "cpu") as server:
+        body = {"prompt": "Hi", "max_tokens": 4000, "ignore_eos": True}
+        async with httpx.AsyncClient(base_url=server.http, timeout=scaled(60)) as http:
+            plain = asyncio.create_task(http.post("/v1/completions", json=body))
+            lines: list[str] = []
+            async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and not lines:
+                        server.proc.terminate()
+                    if line:
+                        lines.append(line)
+            answer = await plain
+        assert lines[-1] == "data: [DONE]"
+        error = json.loads(lines[-2].removeprefix("data: "))
+        assert error["error"]["code"] == "shutting_down"
+        assert all(json.loads(x[6:])["choices"][0]["text"] is not None for x in lines[:-2] if x.startswith("data: "))
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down"
+        assert server.proc.wait(timeout=scaled(20)) in (0, -signal.SIGTERM)
+
+
+async def test_with_descriptors_short_connections_are_refused_in_words_and_health_answers(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """With an open-file limit of 200, 260 WebSockets once exhausted the process: connections reset, /health
+    refused, nothing logged. Now the server caps connections below the limit: the extra sockets get an overloaded
+    error and close code 1013, /health and /ready still answer, one log line says why, and one says when it is over."""
+    import resource
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+
+    log_path = tmp_path / "server.log"
+    with serve(
+        "--model", str(tiny_model_dir), "--device", "cpu", "--log-level", "info", log_path=log_path, preexec=low_limit
+    ) as server:
+        opened: list[Any] = []
+        refusals = 0
+        try:
+            for _ in range(260):
+                ws = await websockets.connect(server.ws + "/ws", open_timeout=scaled(10))
+                first = json.loads(await asyncio.wait_for(ws.recv(), scaled(10)))
+                if first["type"] == "hello":
+                    opened.append(ws)
+                    continue
+                assert first["type"] == "error" and first["code"] == "overloaded"
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await asyncio.wait_for(ws.recv(), scaled(10))
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+                refusals += 1
+            assert 50 < len(opened) < 200 and refusals == 260 - len(opened)
+            async with httpx.AsyncClient(base_url=server.http, timeout=scaled(10)) as http:
+                assert (await http.get("/health")).status_code == 200
+                assert (await http.get("/ready")).status_code == 200
+                full = await http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+                assert full.status_code == 503 and full.json()["error"]["code"] == "overloaded"
+        finally:
+            for ws in opened:
+                await ws.close()
+        for _ in range(int(scaled(100))):
+            if "below the connection limit again" in log_path.read_text():
+                break
+            await asyncio.sleep(0.05)
+        text = log_path.read_text()
+        assert text.count("connection limit reached") == 1 and text.count("below the connection limit again") == 1
+        async with httpx.AsyncClient(base_url=server.http, timeout=scaled(10)) as http:
+            assert (await http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})).status_code == 200

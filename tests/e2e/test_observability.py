@@ -13,6 +13,7 @@ import httpx
 from tests.conftest import scaled
 from tests.e2e.client import Client
 from tests.e2e.server import RunningServer, free_port
+from tokenwire.server.telemetry import public_ref
 
 
 def scrape(server: RunningServer) -> dict[str, float]:
@@ -66,7 +67,9 @@ async def test_stats_report_connections_and_sessions(tiny_server: RunningServer)
         await c.send({"type": "generate", "id": "s", "prompt": "Hi", "max_tokens": 8, "ignore_eos": True})
         await c.finish("s")
         stats = tiny_server.get_json("/v1/stats")
-        mine = [x for x in stats["connections"] if x["session"] == c.hello["session"]]
+        text = tiny_server.get_text("/v1/stats")
+        assert c.hello["session"] not in text  # /v1/stats needs no key: nothing in it may resume a generation
+        mine = [x for x in stats["connections"] if x["connection"] == public_ref(c.hello["session"])]
         assert len(mine) == 1 and mine[0]["messages_sent"] >= 3 and mine[0]["tokens_generated"] == 8
         assert mine[0]["connected_at"] <= time.time()
         perf = stats["performance"]
@@ -74,6 +77,7 @@ async def test_stats_report_connections_and_sessions(tiny_server: RunningServer)
         assert {"average_duration", "average_tokens_per_second", "average_tokens_per_session"} <= set(perf)
         last = stats["completed_sessions"][-1]
         assert last["tokens_sent"] == 8 and last["finish_reason"] == "length" and last["api"] == "websocket"
+        assert last["connection"] == public_ref(c.hello["session"])
     finally:
         await c.close()
 

@@ -23,6 +23,7 @@ from tests.e2e.client import Client
 from tests.e2e.conftest import RESUME_WINDOW
 from tests.e2e.server import RunningServer, serve, serving
 from tests.fakes import FakeEngine
+from tokenwire.server.telemetry import public_ref
 from tokenwire.server.websocket import ConnectionSettings
 
 
@@ -119,13 +120,15 @@ async def test_a_generation_that_ended_while_orphaned_is_replayed_with_its_compl
 
 
 async def test_resume_takes_a_generation_over_from_a_connection_still_open(tiny_server: RunningServer) -> None:
-    """A half-open socket: the client reconnects while the server still holds the old connection. The resume
-    moves the generation: the new connection gets the rest, the old one nothing more of it; cancel works there."""
+    """A half-open socket: the client reconnects while the server still holds the old connection. The resume, with
+    the resume_token of the started message, moves the generation: the new connection gets the rest, the old one
+    nothing more of it; cancel works there."""
     a = await Client.connect(tiny_server.ws)
     await a.send(story("move", max_tokens=3000))
     await read_until_seq(a, "move", 3)
+    token = a.by_id["move"][0]["resume_token"]
     b = await Client.connect(tiny_server.ws)
-    await b.send({"type": "resume", "id": "move", "after_seq": 3, "session": a.hello["session"]})
+    await b.send({"type": "resume", "id": "move", "after_seq": 3, "session": a.hello["session"], "resume_token": token})
     resumed = await b.until(lambda m: m.get("id") == "move")
     assert resumed["type"] == "resumed" and resumed["running"] is True
     await b.until(lambda m: m.get("id") == "move" and m["type"] in ("token", "tokens"))
@@ -141,6 +144,34 @@ async def test_resume_takes_a_generation_over_from_a_connection_still_open(tiny_
     assert seqs(a.by_id["move"]) == list(range(len(a.by_id["move"])))
     await a.close()
     await b.close()
+
+
+async def test_without_its_token_no_other_connection_can_take_a_generation_whose_connection_is_open(
+    tiny_server: RunningServer,
+) -> None:
+    """A resume naming another open connection's generation, with no resume_token or a wrong one, is refused: the
+    owner keeps receiving it to its complete, and its cancel still works. (It once moved the answer to whoever
+    asked, leaving the owner with no end message and a not_found for its cancel.)"""
+    owner = await Client.connect(tiny_server.ws)
+    thief = await Client.connect(tiny_server.ws)
+    try:
+        await owner.send(story("mine", max_tokens=3000))
+        await read_until_seq(owner, "mine", 2)
+        for token in (None, "guess", owner.by_id["mine"][0]["resume_token"][:-1] + "x"):
+            msg = {"type": "resume", "id": "mine", "after_seq": -1, "session": owner.hello["session"]}
+            await thief.send(msg if token is None else {**msg, "resume_token": token})
+            err = await thief.until(lambda m: m.get("id") == "mine")
+            assert err["type"] == "error" and err["code"] == "invalid_request" and err["param"] == "resume_token"
+        assert all(m["type"] == "error" for m in thief.by_id["mine"])  # not one token of the answer
+        await read_until_seq(owner, "mine", 20)
+        await owner.send({"type": "cancel", "id": "mine"})
+        end = await owner.finish("mine")
+        assert end["type"] == "complete" and end["finish_reason"] == "cancelled"
+        owner.check_sequence("mine")
+        assert tiny_server.metrics()["tokenwire_websocket_resumes_total{outcome=refused}"] >= 3
+    finally:
+        await owner.close()
+        await thief.close()
 
 
 async def test_resume_of_an_unknown_id_or_a_seq_not_sent_yet_is_an_error_and_the_connection_goes_on(
@@ -194,7 +225,8 @@ async def test_a_generation_is_not_resumable_after_a_normal_close_or_past_the_wi
     await read_until_seq(a, "bye", 1)
     await a.close()  # 1000: the client is done with it
     for _ in range(200):  # the close handshake ends before the server has let go of the connection: wait for that
-        if a.hello["session"] not in [c["session"] for c in tiny_server.get_json("/v1/stats")["connections"]]:
+        connections = tiny_server.get_json("/v1/stats")["connections"]
+        if public_ref(a.hello["session"]) not in [c["connection"] for c in connections]:
             break
         await asyncio.sleep(0.02)
     b = await Client.connect(tiny_server.ws)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenwire.server.auth import AuthPolicy, bearer_token, origin_allowed, websocket_key
+from tokenwire.server.auth import AuthPolicy, Origin, bearer_token, origin_allowed, websocket_key
 
 KEYS = AuthPolicy(api_keys=("s3cret", "other"))
 
@@ -40,3 +40,37 @@ def test_origins() -> None:
     assert not origin_allowed("https://evil.example", "example.com:8765", policy)
     assert origin_allowed("https://app.example", "x:1", AuthPolicy(allowed_origins=("https://app.example",)))
     assert origin_allowed("https://evil.example", "x:1", AuthPolicy(allowed_origins=("*",)))
+
+
+def test_an_origin_is_compared_by_scheme_host_and_port_never_by_its_text() -> None:
+    """User info, paths or a bad port make it no origin at all: "http://evil.example@localhost" once passed as a
+    local page. The server's own origin is matched on host and port, localhost and 127.0.0.1 being one host."""
+    policy = AuthPolicy()
+    for forged in (
+        "http://evil.example@localhost",
+        "http://localhost@evil.example",
+        "http://evil.example/x",
+        "http://evil.example:99999",
+        "evil.example",
+        "http://",
+        "http://evil.example?localhost",
+    ):
+        assert Origin.parse(forged) is None or not Origin.parse(forged).is_local, forged  # type: ignore[union-attr]
+        assert not origin_allowed(forged, "example.com:8765", policy), forged
+    assert Origin.parse("http://LOCALHOST:8765") == Origin.parse("http://127.0.0.1:8765")
+    assert Origin.parse("http://[::1]:8765") == Origin.parse("http://localhost:8765")
+    assert Origin.parse("https://example.com") == Origin("https", "example.com", 443)
+    assert not origin_allowed("https://example.com:9999", "example.com:8765", policy)  # another port: another site
+    assert origin_allowed("https://example.com", "example.com", policy)  # default port on both sides
+    listed = AuthPolicy(allowed_origins=("https://app.example/",))  # a trailing slash in the setting is fine
+    assert origin_allowed("https://app.example", "x:1", listed)
+    assert not origin_allowed("http://app.example", "x:1", listed)  # the scheme counts
+
+
+def test_a_null_origin_is_allowed_for_websockets_unless_refused_and_is_foreign_over_http() -> None:
+    """The tutorial's page, opened from a file, sends Origin null: it keeps working by default. An HTTP request
+    from null is foreign (no API client sends it; sandboxed frames do)."""
+    assert origin_allowed("null", "example.com:8765", AuthPolicy())
+    assert not origin_allowed("null", "example.com:8765", AuthPolicy(null_origin=False))
+    assert not origin_allowed("null", "example.com:8765", AuthPolicy(), http=True)
+    assert origin_allowed("http://localhost:3000", "example.com:8765", AuthPolicy(), http=True)

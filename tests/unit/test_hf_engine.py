@@ -287,7 +287,8 @@ def test_a_request_finishing_in_the_step_where_others_prefill_together_keeps_eve
 
     def add(rid: str, prompt: str, n: int) -> None:
         req = GenerationRequest(rid, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), prompt=prompt)
-        eng._admit(_Add(req, 0.0), items)
+        assert eng._prompts is not None
+        eng._admit(_Add(req, eng._prompts.build(req), 0.0), items)
 
     add("a", PROMPTS[3], 2)
     eng._step()  # a: prefill and first token

@@ -18,13 +18,25 @@ class Prompt:
     dropped_turns: int = 0
 
 
+def longest_token_chars(tokenizer: Any) -> int:
+    """An upper bound on the characters one token decodes to: the longest entry of the vocabulary (byte-level and
+    SentencePiece vocabularies spell every character of a token with at least one character)."""
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return max((len(piece) for piece in vocab), default=64) or 64
+
+
 class PromptBuilder:
-    """Applies the tokenizer's chat template; ``max_prompt_tokens`` leaves room for at least one new token."""
+    """Applies the tokenizer's chat template; ``max_prompt_tokens`` leaves room for at least one new token.
+
+    A text longer than the context times the longest token cannot fit, whatever it says: such a prompt is refused
+    (or, with ``truncate``, cut to its most recent turns or characters) before it is tokenized, so that no request
+    can buy seconds of tokenizer time with a prompt that could never run."""
 
     def __init__(self, tokenizer: Any, max_context: int) -> None:
         self._tok = tokenizer
         self.max_context = max_context
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.max_chars = max_context * longest_token_chars(tokenizer)
 
     def build(self, request: GenerationRequest) -> Prompt:
         limit = self.max_context - 1
@@ -33,7 +45,12 @@ class PromptBuilder:
         assert request.prompt is not None  # guaranteed by the protocol layer
         if self.has_chat_template and not request.raw:
             return self._fit_messages([ChatMessage("user", request.prompt)], request.truncate, limit)
-        ids = self._encode_raw(request.prompt)
+        text = request.prompt
+        if len(text) > self.max_chars:
+            if not request.truncate:
+                raise self._too_long_text(len(text))
+            text = text[-self.max_chars :]
+        ids = self._encode_raw(text)
         if len(ids) > limit:
             if not request.truncate:
                 raise self._too_long(len(ids))
@@ -69,18 +86,41 @@ class PromptBuilder:
         return [int(t) for t in out]
 
     def _fit_messages(self, messages: list[ChatMessage], truncate: bool, limit: int) -> Prompt:
-        ids = self._apply_template(messages)
         dropped = 0
-        while len(ids) > limit and truncate:
-            first = 1 if messages and messages[0].role == "system" else 0
-            if len(messages) - first <= 1:
-                break  # only the last turn is left: it cannot be dropped
+        first = 1 if messages and messages[0].role == "system" else 0
+        while sum(len(m.content) for m in messages) > self.max_chars:  # cannot fit: no need to tokenize it
+            if not truncate or len(messages) - first <= 1:
+                raise self._too_long_text(sum(len(m.content) for m in messages))
             del messages[first]
             dropped += 1
-            ids = self._apply_template(messages)
+        ids = self._apply_template(messages)
+        if len(ids) > limit and truncate and len(messages) - first > 1:
+            # The fewest oldest turns to drop, by bisection: a few template passes, not one per turn.
+            def without(k: int) -> list[ChatMessage]:
+                return messages[:first] + messages[first + k :]
+
+            lo, hi = 1, len(messages) - first - 1  # dropping hi leaves only the last turn (and the system message)
+            best = self._apply_template(without(hi))
+            fits = hi if len(best) <= limit else None
+            while fits is not None and lo < fits:
+                mid = (lo + fits) // 2
+                trial = self._apply_template(without(mid))
+                if len(trial) <= limit:
+                    fits, best = mid, trial
+                else:
+                    lo = mid + 1
+            ids, dropped = best, dropped + (fits if fits is not None else hi)
         if len(ids) > limit:
             raise self._too_long(len(ids))
         return Prompt(ids, dropped)
+
+    def _too_long_text(self, n: int) -> EngineError:
+        return EngineError(
+            ErrorCode.PROMPT_TOO_LONG,
+            f"the prompt is {n} characters, more than the model's context of {self.max_context} tokens can hold "
+            f'whatever they say; shorten it or send truncate: "auto"',
+            "messages",
+        )
 
     def _too_long(self, n: int) -> EngineError:
         return EngineError(

@@ -16,6 +16,7 @@ from importlib import resources
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -23,16 +24,22 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from tokenwire.engine.interface import Engine, ErrorCode
+from tokenwire.metrics import Session
 from tokenwire.server import messages
 from tokenwire.server import realtime_protocol as rt
 from tokenwire.server.auth import AuthPolicy, bearer_token, origin_allowed, websocket_key
+from tokenwire.server.capacity import ConnectionGate, FdWatch, RequestCap
+from tokenwire.server.http_guard import RequestGuard
 from tokenwire.server.journal import Registry, owner_of
 from tokenwire.server.openai_api import OpenAIRoutes
 from tokenwire.server.realtime import RealtimeConnection
-from tokenwire.server.telemetry import Telemetry
+from tokenwire.server.telemetry import Telemetry, public_ref
 from tokenwire.server.websocket import Connection, ConnectionSettings
 
 log = logging.getLogger(__name__)
+
+TRY_AGAIN_LATER = 1013
+FULL = "the server holds as many connections as it may (--max-connections); try again later"
 
 
 class ServerState:
@@ -55,12 +62,15 @@ class ServerState:
         self.load_error: str | None = None
         self.draining = False
         self.load_task: asyncio.Task[None] | None = None
+        self.drainers: list[Callable[[], Awaitable[None]]] = []  # other doors' drains (the HTTP API's)
+        self.gate = ConnectionGate(settings.max_connections)
 
     async def drain(self) -> None:
         """Tell every client that the server stops (``shutting_down``, close 1001); /ready answers 503 from now."""
         self.draining = True
-        closing = [c.shutdown() for c in list(self.connections)]
+        closing: list[Awaitable[None]] = [c.shutdown() for c in list(self.connections)]
         closing += [c.shutdown() for c in list(self.realtime_connections)]
+        closing += [drain() for drain in self.drainers]
         await asyncio.gather(*closing, return_exceptions=True)
         for task in self.abandon_generations():  # orphans: nobody is left to tell
             task.cancel()
@@ -113,6 +123,21 @@ class ServerState:
                 self.on_fatal()
 
 
+def _public(session: Session) -> dict[str, object]:
+    """A session of the report, its ids replaced by digests (public_ref)."""
+    return {
+        **session.as_dict(),
+        "session_id": public_ref(session.session_id),
+        "connection": public_ref(session.connection),
+    }
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    """A bug in a route: an OpenAI-shaped 500 (the exception is logged by the server), never a plain-text page."""
+    error = {"message": "the server failed to handle this request", "type": "server_error", "param": None}
+    return JSONResponse({"error": {**error, "code": "internal_error"}}, status_code=500)
+
+
 def create_app(
     engine: Engine,
     settings: ConnectionSettings | None = None,
@@ -120,7 +145,9 @@ def create_app(
     sse_keepalive_interval: float = 15.0,
     public_url: str | None = None,
     auth: AuthPolicy | None = None,
+    max_body_bytes: int | None = None,
 ) -> Starlette:
+    """The app. ``max_body_bytes`` caps HTTP request bodies (None: the WebSocket frame limit)."""
     policy = auth or AuthPolicy()
     state = ServerState(engine, settings or ConnectionSettings(), on_fatal, public_url)
     telemetry = Telemetry(
@@ -129,6 +156,7 @@ def create_app(
         lambda: (state.generations.orphaned, state.generations.nbytes),
     )
     api = OpenAIRoutes(engine, state.settings.limits, sse_keepalive_interval, telemetry)
+    state.drainers.append(api.drain)
     web = resources.files("tokenwire.web")
     dashboard_page = web.joinpath("dashboard.html").read_text(encoding="utf-8")
     tutorial_page = web.joinpath("tutorial.html").read_text(encoding="utf-8")
@@ -170,17 +198,21 @@ def create_app(
             problem = "an API key is required: send it as the subprotocol bearer.KEY, ?api_key=KEY or a Bearer header"
         return key, subprotocol, problem
 
-    async def refuse(ws: WebSocket, subprotocol: str | None, message: dict[str, object]) -> None:
-        """Accept, so that the client can read why, then close with 1008 (policy)."""
+    async def refuse(ws: WebSocket, subprotocol: str | None, message: dict[str, object], code: int = 1008) -> None:
+        """Accept, so that the client can read why, then close with ``code`` (1008 policy, 1013 try again later)."""
         await ws.accept(subprotocol=subprotocol)
         await ws.send_text(messages.encode(message))
-        await ws.close(1008)
+        await ws.close(code)
 
     async def websocket(ws: WebSocket) -> None:
         key, subprotocol, problem = websocket_refusal(ws)
         if problem is not None:
             telemetry.error(ErrorCode.UNAUTHORIZED.value)
             await refuse(ws, subprotocol, messages.error(ErrorCode.UNAUTHORIZED, problem))
+            return
+        if not state.gate.enter():
+            telemetry.error(ErrorCode.OVERLOADED.value)
+            await refuse(ws, subprotocol, messages.error(ErrorCode.OVERLOADED, FULL), TRY_AGAIN_LATER)
             return
         conn = Connection(
             ws, state.engine, state.settings, telemetry, state.generations, owner_of(key if policy.enabled else None)
@@ -190,6 +222,7 @@ def create_app(
             await conn.run(subprotocol)
         finally:
             state.connections.discard(conn)
+            state.gate.leave()
 
     async def realtime(ws: WebSocket) -> None:
         _, subprotocol, problem = websocket_refusal(ws)
@@ -205,6 +238,11 @@ def create_app(
             telemetry.error(code)
             await refuse(ws, subprotocol, rt.error_event(rt.RealtimeError(problem, code), None))
             return
+        if not state.gate.enter():
+            telemetry.error(ErrorCode.OVERLOADED.value)
+            full = rt.error_event(rt.RealtimeError(FULL, ErrorCode.OVERLOADED.value), None)
+            await refuse(ws, subprotocol, full, TRY_AGAIN_LATER)
+            return
         settings = state.settings
         conn = RealtimeConnection(ws, state.engine, settings.limits, telemetry, settings.slow_consumer_timeout)
         state.realtime_connections.add(conn)
@@ -212,6 +250,7 @@ def create_app(
             await conn.run(subprotocol)
         finally:
             state.realtime_connections.discard(conn)
+            state.gate.leave()
 
     def require_key(endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
         async def guarded(request: Request) -> Response:
@@ -262,7 +301,7 @@ def create_app(
                 "orphaned_generations": state.generations.orphaned,
                 "connections": [
                     {
-                        "session": c.session,
+                        "connection": public_ref(c.session),
                         "connected_at": c.connected_at,
                         "messages_sent": c.messages_sent,
                         "tokens_generated": c.tokens_sent,
@@ -271,8 +310,8 @@ def create_app(
                     for c in list(state.connections)
                 ],
                 "performance": sessions.performance_report(),
-                "active_sessions": [s.as_dict() for s in list(sessions.current.values())],
-                "completed_sessions": [s.as_dict() for s in list(sessions.completed)[-50:]],
+                "active_sessions": [_public(s) for s in list(sessions.current.values())],
+                "completed_sessions": [_public(s) for s in list(sessions.completed)[-50:]],
             }
         )
 
@@ -280,10 +319,11 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         state.load_task = asyncio.create_task(state.load())
         sweeper = asyncio.create_task(state.sweep_generations())
+        watch = asyncio.create_task(FdWatch().run())
         try:
             yield
         finally:
-            for task in (state.load_task, sweeper, *state.abandon_generations()):
+            for task in (state.load_task, sweeper, watch, *state.abandon_generations()):
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
@@ -308,6 +348,16 @@ def create_app(
             Route("/v1/completions", require_key(api.completions), methods=["POST"]),
         ],
         lifespan=lifespan,
+        middleware=[
+            Middleware(RequestCap, gate=state.gate),
+            Middleware(
+                RequestGuard,
+                policy=policy,
+                max_body_bytes=max_body_bytes or state.settings.limits.max_message_bytes,
+                on_refused=telemetry.error,
+            ),
+        ],
+        exception_handlers={Exception: internal_error},
     )
     app.state.tokenwire = state
     return app

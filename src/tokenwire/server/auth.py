@@ -20,6 +20,7 @@ LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 class AuthPolicy:
     api_keys: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()  # besides the server's own origin and local pages; "*" allows any
+    null_origin: bool = True  # WebSocket upgrades from Origin "null" (file:// pages, like the tutorial's)
 
     @property
     def enabled(self) -> bool:
@@ -53,14 +54,64 @@ def websocket_key(
     return (key or None), None
 
 
-def origin_allowed(origin: str | None, host: str | None, policy: AuthPolicy) -> bool:
-    """Allowed: no Origin (not a browser), the server's own origin, pages on this machine (localhost, file://,
-    which browsers send as "null"), and the configured list ("*" for any)."""
-    if origin is None or "*" in policy.allowed_origins or origin in policy.allowed_origins:
+_DEFAULT_PORTS = {"http": 80, "ws": 80, "https": 443, "wss": 443}
+_LOOPBACK = "loopback"  # what localhost, 127.0.0.1 and ::1 compare as
+
+
+@dataclass(slots=True, frozen=True)
+class Origin:
+    """A browser origin, parsed: scheme, host (lower case; loopback names folded into one) and port."""
+
+    scheme: str
+    host: str
+    port: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> Origin | None:
+        """``scheme://host[:port]`` as browsers send it, or None for anything else (user info, a path, a query,
+        a bad port: ``http://evil.example@localhost`` is not an origin of localhost, it is no origin at all)."""
+        try:
+            parts = urlsplit(text.strip().rstrip("/"))
+            port = parts.port
+        except ValueError:
+            return None
+        if not parts.scheme or not parts.hostname or "@" in parts.netloc or parts.path or parts.query:
+            return None
+        if parts.fragment:
+            return None
+        scheme = parts.scheme.lower()
+        return cls(scheme, _fold(parts.hostname), port if port is not None else _DEFAULT_PORTS.get(scheme))
+
+    @property
+    def is_local(self) -> bool:
+        return self.host == _LOOPBACK
+
+
+def _fold(host: str) -> str:
+    host = host.lower().strip("[]")
+    return _LOOPBACK if host in LOCAL_HOSTS or host.startswith("127.") else host
+
+
+def _same_server(origin: Origin, host_header: str | None) -> bool:
+    """Whether ``origin`` names the host and port this request was sent to (its ``Host`` header)."""
+    if not host_header:
+        return False
+    served = Origin.parse(f"{origin.scheme}://{host_header}")
+    return served is not None and (served.host, served.port) == (origin.host, origin.port)
+
+
+def origin_allowed(origin: str | None, host: str | None, policy: AuthPolicy, *, http: bool = False) -> bool:
+    """Allowed: no Origin (not a browser), the server's own origin, pages on this machine (localhost, 127.0.0.1,
+    ::1, any port), and the configured list ("*" for any). ``null`` (a page opened from a file, as the tutorial's
+    page is) is allowed for WebSocket upgrades unless ``policy.null_origin`` is False, and is foreign for HTTP
+    requests (``http``): nothing legitimate posts to the API from a file page, and sandboxed frames send it too."""
+    if origin is None or "*" in policy.allowed_origins:
         return True
-    if origin == "null":
+    if origin.strip() == "null":
+        return policy.null_origin and not http
+    parsed = Origin.parse(origin)
+    if parsed is None:
+        return False
+    if parsed.is_local or _same_server(parsed, host):
         return True
-    parts = urlsplit(origin)
-    if host is not None and parts.netloc == host:
-        return True
-    return (parts.hostname or "") in LOCAL_HOSTS or f"[{parts.hostname}]" in LOCAL_HOSTS
+    return any(Origin.parse(allowed) == parsed for allowed in policy.allowed_origins)

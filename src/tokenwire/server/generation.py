@@ -63,7 +63,8 @@ class Producer:
                         self._flush()
                     elif out.kind is OutputKind.STARTED:
                         dropped = out.start.truncated_messages if out.start else 0
-                        self._emit(messages.started(gen_id, self.engine.model_name, out.prompt_tokens, dropped))
+                        model, token = self.engine.model_name, self.journal.resume_token
+                        self._emit(messages.started(gen_id, model, out.prompt_tokens, token, dropped))
                     elif out.kind is OutputKind.DELTA:
                         trace.delta(out.text, out.num_tokens)
                         self._deliver(out)

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(slots=True, frozen=True)
@@ -28,11 +31,23 @@ class Entry:
     final: bool = False  # complete or error: the generation's last message
 
 
+class Holder(Protocol):
+    """A connection that delivers journals."""
+
+    @property
+    def is_open(self) -> bool: ...
+
+
 class Journal:
-    """The messages of one generation, in ``seq`` order: entry ``i`` has ``seq == i``."""
+    """The messages of one generation, in ``seq`` order: entry ``i`` has ``seq == i``.
+
+    ``resume_token`` is a secret sent only in ``started`` (so only to whoever may read the generation): while the
+    connection that holds or last held the journal (``bound``) is open, only a ``resume`` carrying it may take the
+    generation over; once that connection is gone, the generation's id is enough (PROTOCOL.md)."""
 
     __slots__ = (
         "_grew",
+        "bound",
         "engine_id",
         "entries",
         "finished",
@@ -41,6 +56,7 @@ class Journal:
         "idle_since",
         "nbytes",
         "owner",
+        "resume_token",
         "session",
         "task",
     )
@@ -53,7 +69,9 @@ class Journal:
         self.entries: list[Entry] = []
         self.finished = False  # no more entries will come
         self.nbytes = 0
-        self.holder: object | None = None  # the connection delivering it, or None
+        self.holder: Holder | None = None  # the connection delivering it, or None
+        self.bound: Holder | None = None  # the connection that holds or last held it (see the class docstring)
+        self.resume_token = secrets.token_urlsafe(16)
         self.idle_since: float | None = None  # when it finished or lost its holder (None: running and held)
         self.task: asyncio.Task[None] | None = None  # the task producing the entries
         self._grew = asyncio.Event()
@@ -154,8 +172,8 @@ class Registry:
         if not self.enabled:
             self.forget(journal)
 
-    def attach(self, journal: Journal, holder: object) -> None:
-        journal.holder = holder
+    def attach(self, journal: Journal, holder: Holder) -> None:
+        journal.holder = journal.bound = holder
         if not journal.finished:
             journal.idle_since = None
 
@@ -169,6 +187,14 @@ class Registry:
             return True
         journal.idle_since = self.clock()
         return False
+
+    @staticmethod
+    def may_take_over(journal: Journal, holder: Holder, token: str | None) -> bool:
+        """Whether ``holder`` may take ``journal``: it is its own, its connection is gone, or ``token`` is right."""
+        bound = journal.bound
+        if bound is None or bound is holder or not bound.is_open:
+            return True
+        return token is not None and hmac.compare_digest(token.encode(), journal.resume_token.encode())
 
     def find(self, owner: str | None, gen_id: str, session: str | None) -> Journal:
         """The journal a ``resume`` names. Raises :class:`ResumeRefused` when there is none, or several."""

@@ -24,7 +24,10 @@ def hello(session: str, model: str, limits: dict[str, int], heartbeat_s: float) 
     }
 
 
-def started(gen_id: str, model: str, prompt_tokens: int, truncated_messages: int = 0) -> dict[str, Any]:
+def started(
+    gen_id: str, model: str, prompt_tokens: int, resume_token: str, truncated_messages: int = 0
+) -> dict[str, Any]:
+    """``resume_token`` lets the client take the generation over from a connection the server still holds open."""
     msg: dict[str, Any] = {
         "type": "started",
         "id": gen_id,
@@ -33,6 +36,7 @@ def started(gen_id: str, model: str, prompt_tokens: int, truncated_messages: int
         "finished": False,
         "model": model,
         "prompt_tokens": prompt_tokens,
+        "resume_token": resume_token,
     }
     if truncated_messages:  # truncate="auto" left out this many of the oldest turns to fit the context
         msg["truncated_messages"] = truncated_messages

@@ -20,7 +20,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tokenwire.engine.interface import Engine, EngineError, GenerationRequest, OutputKind, RequestOutput
+from tokenwire.engine.interface import (
+    Engine,
+    EngineError,
+    ErrorCode,
+    FinishReason,
+    GenerationRequest,
+    OutputKind,
+    RequestOutput,
+)
 from tokenwire.server import openai_protocol as oa
 from tokenwire.server import strictjson
 from tokenwire.server.protocol import Limits
@@ -33,6 +41,10 @@ T = TypeVar("T")
 def error_response(err: oa.APIError) -> JSONResponse:
     headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def _shutting_down() -> oa.APIError:
+    return oa.api_error(ErrorCode.SHUTTING_DOWN, "the server is shutting down; try again later")
 
 
 def sse(data: dict[str, Any] | str) -> bytes:
@@ -93,6 +105,19 @@ class OpenAIRoutes:
         self.keepalive_interval = keepalive_interval
         self.created = int(time.time())
         self._ids = itertools.count(1)
+        self._in_flight: set[str] = set()  # engine request ids of the requests being answered
+        self._draining = False
+
+    async def drain(self, timeout: float = 2.0) -> None:
+        """The server stops: new requests get 503 shutting_down; each request in flight is aborted and ends with
+        an error of code ``shutting_down`` (an SSE error event, then ``data: [DONE]``; a 503 when not streaming),
+        never with a cut connection. Waits at most ``timeout`` seconds for them to end."""
+        self._draining = True
+        for request_id in list(self._in_flight):
+            self.engine.abort(request_id)
+        deadline = time.monotonic() + timeout
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
 
     async def models(self, request: Request) -> Response:
         return JSONResponse(oa.model_list(self.engine.model_name, self.created))
@@ -116,6 +141,8 @@ class OpenAIRoutes:
             req = oa.parse_completion_request(body, chat=chat, limits=self.limits, model_name=self.engine.model_name)
         except oa.APIError as err:
             return self._error(err)
+        if self._draining:
+            return self._error(_shutting_down())
         if not self.engine.ready:
             return self._error(
                 oa.APIError(503, "the model is still loading; try again shortly", code="overloaded", retry_after=1)
@@ -131,7 +158,7 @@ class OpenAIRoutes:
             raw=gen.raw,
             truncate=gen.truncate,
         )
-        stream = self.engine.generate(engine_req)
+        stream = self._tracked(engine_req)
         trace = self.telemetry.trace(engine_req.request_id, "http", "openai")
         try:
             await anext(stream)  # STARTED: tokenized and queued; prompt errors surface here, before any byte
@@ -153,6 +180,26 @@ class OpenAIRoutes:
         use = oa.usage(out.prompt_tokens, out.completion_tokens)
         body_out = (oa.chat_completion if chat else oa.text_completion)(ids, text, reason, use)
         return JSONResponse(body_out)
+
+    async def _tracked(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
+        """The engine stream of ``request``, counted in flight (for drain) until it ends or is closed. A request
+        the drain aborted ends with :func:`_shutting_down` raised instead of a ``cancelled`` finish."""
+        rid = request.request_id
+        self._in_flight.add(rid)
+        try:
+            async with contextlib.aclosing(self.engine.generate(request)) as stream:
+                async for out in stream:
+                    if (
+                        self._draining
+                        and out.kind is OutputKind.FINISHED
+                        and out.finish_reason is FinishReason.CANCELLED
+                    ):
+                        if out.text:
+                            yield RequestOutput(rid, OutputKind.DELTA, text=out.text, num_tokens=out.num_tokens)
+                        raise EngineError(ErrorCode.SHUTTING_DOWN, _shutting_down().message)
+                    yield out
+        finally:
+            self._in_flight.discard(rid)
 
     async def _collect(
         self, stream: AsyncGenerator[RequestOutput, None], trace: Trace

@@ -93,6 +93,7 @@ class Resume:
     id: str
     after_seq: int = -1
     session: str | None = None
+    resume_token: str | None = None  # from ``started``: needed to take over a generation whose connection is open
 
 
 ClientMessage = Generate | Cancel | Ping | Pong | Resume
@@ -131,7 +132,15 @@ def parse_message(data: str | bytes, limits: Limits) -> ClientMessage:
                 "session",
                 gen_id,
             )
-        return Resume(gen_id, after, session)
+        token = obj.get("resume_token")
+        if token is not None and (not isinstance(token, str) or not 0 < len(token) <= limits.max_id_length):
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f'"resume_token" must be the string from the started message (1 to {limits.max_id_length} characters)',
+                "resume_token",
+                gen_id,
+            )
+        return Resume(gen_id, after, session, token)
     shown = mtype if len(mtype) <= 40 else mtype[:40] + "..."
     raise ProtocolError(
         ErrorCode.UNKNOWN_TYPE,

@@ -13,6 +13,7 @@ from tokenwire.config import Settings
 from tokenwire.engine.factory import build_engine
 from tokenwire.server.app import ServerState, create_app
 from tokenwire.server.auth import AuthPolicy
+from tokenwire.server.capacity import auto_max_connections, raise_fd_limit
 from tokenwire.server.protocol import Limits
 from tokenwire.server.websocket import ConnectionSettings
 
@@ -22,7 +23,9 @@ log = logging.getLogger(__name__)
 def auth_policy(settings: Settings) -> AuthPolicy:
     keys = tuple(k.strip() for k in (settings.api_key or "").split(",") if k.strip())
     origins = tuple(o.strip() for o in settings.allowed_origins.split(",") if o.strip())
-    return AuthPolicy(api_keys=keys, allowed_origins=origins)
+    if settings.null_origin not in ("allow", "refuse"):
+        raise ValueError(f"--null-origin must be allow or refuse, not {settings.null_origin!r}")
+    return AuthPolicy(api_keys=keys, allowed_origins=origins, null_origin=settings.null_origin == "allow")
 
 
 def connection_settings(settings: Settings) -> ConnectionSettings:
@@ -37,6 +40,7 @@ def connection_settings(settings: Settings) -> ConnectionSettings:
         slow_consumer_timeout=settings.slow_consumer_timeout,
         resume_window=max(0.0, settings.resume_window),
         resume_buffer_bytes=int(max(0.0, settings.resume_buffer_mb) * (1 << 20)),
+        max_connections=settings.max_connections if settings.max_connections > 0 else auto_max_connections(),
     )
 
 
@@ -74,6 +78,7 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
 def run(settings: Settings) -> int:
     """Serve until stopped; returns the process exit code (1 when the model could not be loaded)."""
     uvicorn_config(settings, None)  # bad settings fail before the model loads
+    fds = raise_fd_limit()
     engine = build_engine(settings)
     server: _Server | None = None
 
@@ -88,11 +93,19 @@ def run(settings: Settings) -> int:
         sse_keepalive_interval=settings.sse_keepalive_interval,
         public_url=f"http://{settings.host}:{settings.port}",
         auth=auth_policy(settings),
+        max_body_bytes=settings.max_body_bytes,
     )
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", settings.host)
     config = uvicorn_config(settings, app)
     server = _Server(config, app.state.tokenwire)
-    log.info("tokenwire %s: listening on http://%s:%d, loading the model", __version__, settings.host, settings.port)
+    log.info(
+        "tokenwire %s: listening on http://%s:%d, loading the model; up to %s connections (open-file limit %s)",
+        __version__,
+        settings.host,
+        settings.port,
+        app.state.tokenwire.gate.limit or "any number of",
+        fds if fds is not None else "unknown",
+    )
     server.run()
     return 1 if app.state.tokenwire.load_error else 0

@@ -6,6 +6,7 @@ the end feeds the histograms, the session report and one log line (never the pro
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -14,6 +15,12 @@ from tokenwire.engine.interface import EngineStats, RequestOutput
 from tokenwire.metrics import Metrics, StreamingMetrics, Timeline
 
 request_log = logging.getLogger("tokenwire.requests")
+
+
+def public_ref(identifier: str) -> str:
+    """What /v1/stats shows instead of a session or generation id: a digest that tells them apart but cannot be
+    used to resume anything (resume trusts the ids, and /v1/stats needs no key)."""
+    return hashlib.sha256(identifier.encode("utf-8")).hexdigest()[:12]
 
 
 class Telemetry:

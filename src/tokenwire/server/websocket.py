@@ -54,6 +54,7 @@ class ConnectionSettings:
     slow_consumer_timeout: float = 30.0  # a send blocked this long closes the connection
     resume_window: float = 60.0  # seconds an orphaned or finished generation stays resumable; 0: no resume
     resume_buffer_bytes: int = 64 << 20  # messages kept for resume, all generations together
+    max_connections: int = 0  # WebSockets and API requests held at once (0: no cap); see capacity.py
 
 
 class _SlowConsumer(Exception):
@@ -97,6 +98,11 @@ class Connection:
     @property
     def running_generations(self) -> int:
         return len(self._held)
+
+    @property
+    def is_open(self) -> bool:
+        """False once the connection is closing: its generations are then resumable by id alone."""
+        return not self._closing
 
     async def run(self, subprotocol: str | None = None) -> None:
         await self.ws.accept(subprotocol=subprotocol)
@@ -282,6 +288,16 @@ class Connection:
                 f"after_seq {msg.after_seq} is past the last message of {msg.id!r} so far (seq {journal.last_seq})",
                 msg.id,
                 "after_seq",
+            )
+            return
+        if not self.registry.may_take_over(journal, self, msg.resume_token):
+            self.telemetry.resume("refused")
+            await self.send_error(
+                ErrorCode.INVALID_REQUEST,
+                f"generation {msg.id!r} is held by a connection that is still open; only a resume with the "
+                "resume_token of its started message can take it over",
+                msg.id,
+                "resume_token",
             )
             return
         mine = self._held.get(msg.id)

@@ -123,15 +123,23 @@
     limits = msg.limits || {};
     if (limits.max_tokens) ui.maxTokens.max = String(limits.max_tokens);
     for (const gone of abandoned) {
-      ws.send(JSON.stringify({ type: "resume", id: gone.id, session: gone.session, after_seq: gone.lastSeq }));
+      ws.send(JSON.stringify(resumeMessage(gone)));
       ws.send(JSON.stringify({ type: "cancel", id: gone.id }));
     }
     abandoned = [];
     if (current && current.detached) {
       current.resuming = true;
-      ws.send(JSON.stringify({ type: "resume", id: current.id, session: current.session, after_seq: current.lastSeq }));
+      ws.send(JSON.stringify(resumeMessage(current)));
       if (current.stopRequested) ws.send(JSON.stringify({ type: "cancel", id: current.id }));
     }
+  }
+
+  // The resume_token of the answer's started message proves it is ours: the server may still hold the old
+  // connection open (a half-open socket), and then it hands the answer over only to the token's holder.
+  function resumeMessage(answer) {
+    const msg = { type: "resume", id: answer.id, session: answer.session, after_seq: answer.lastSeq };
+    if (answer.resumeToken) msg.resume_token = answer.resumeToken;
+    return msg;
   }
 
   function handle(msg) {
@@ -156,6 +164,7 @@
       current.lastSeq = msg.seq;
     }
     if (msg.type === "started") {
+      current.resumeToken = typeof msg.resume_token === "string" ? msg.resume_token : null;
       current.promptTokens = msg.prompt_tokens;
       current.truncated = Number(msg.truncated_messages) || 0;
     } else if (msg.type === "token" || msg.type === "tokens") {
@@ -251,8 +260,8 @@
     el.dataset.state = "streaming";
     el.setAttribute("aria-busy", "true");  // screen readers wait for the whole answer instead of every token
     current = {
-      id, el, session, lastSeq: -1, text: "", tokens: 0, sentAt: performance.now(), ttftMs: null, timings: null,
-      detached: false, resuming: false, stopRequested: false, leftOut: request.dropped,
+      id, el, session, resumeToken: null, lastSeq: -1, text: "", tokens: 0, sentAt: performance.now(), ttftMs: null,
+      timings: null, detached: false, resuming: false, stopRequested: false, leftOut: request.dropped,
     };
     ws.send(request.data);
     ui.stop.hidden = false;
@@ -320,8 +329,8 @@
   // -- the conversation survives a reload of the tab; a running answer is resumed where it stopped
   function saveChat() {
     const answer = current && {
-      id: current.id, session: current.session, lastSeq: current.lastSeq, text: current.text,
-      tokens: current.tokens, ttftMs: current.ttftMs, stopRequested: current.stopRequested,
+      id: current.id, session: current.session, resumeToken: current.resumeToken, lastSeq: current.lastSeq,
+      text: current.text, tokens: current.tokens, ttftMs: current.ttftMs, stopRequested: current.stopRequested,
     };
     try { sessionStorage.setItem(CHAT, JSON.stringify({ conversation, answer })); } catch (e) { /* full or off */ }
   }
@@ -350,6 +359,7 @@
       el.setAttribute("aria-busy", "true");
       current = {
         id: a.id, el, session: typeof a.session === "string" ? a.session : null, lastSeq: a.lastSeq, text: a.text,
+        resumeToken: typeof a.resumeToken === "string" ? a.resumeToken : null,
         tokens: Number(a.tokens) || 0, sentAt: performance.now(), ttftMs: Number.isFinite(a.ttftMs) ? a.ttftMs : null,
         timings: null, detached: true, resuming: false, stopRequested: a.stopRequested === true,
       };

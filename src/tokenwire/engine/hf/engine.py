@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ from tokenwire.engine.interface import (
     OutputKind,
     RequestOutput,
 )
-from tokenwire.engine.prompt import PromptBuilder
+from tokenwire.engine.prompt import Prompt, PromptBuilder
 from tokenwire.engine.scheduler import Scheduler, SchedulerConfig, Swap
 from tokenwire.engine.sequence import SeqState, Sequence
 from tokenwire.engine.stop import StopStringFilter
@@ -58,6 +59,7 @@ class HFEngineConfig:
 @dataclass(slots=True, frozen=True)
 class _Add:
     request: GenerationRequest
+    prompt: Prompt
     submitted_at: float
 
 
@@ -98,6 +100,9 @@ class HFEngine:
         self._runner: ModelRunner | None = None
         self._sampler: RowSampler | None = None
         self._prompts: PromptBuilder | None = None
+        # Prompts are tokenized here, one at a time, never in the model thread: a long prompt costs its sender
+        # the time, not every running stream (the tokenizer releases the GIL while it works).
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenwire-tokenize")
         self._tokenizer: Any = None
         self._eos: set[int] = set()
 
@@ -172,6 +177,7 @@ class HFEngine:
         self._inbox.put(None)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
         for rid, q in list(self._streams.items()):
             q.put_nowait(_Failure(rid, EngineError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")))
 
@@ -191,9 +197,11 @@ class HFEngine:
         # and the stream ends after max_tokens steps.
         stream: asyncio.Queue[_Item] = asyncio.Queue()
         self._streams[rid] = stream
-        self._inbox.put(_Add(request, time.monotonic()))
+        submitted_at = time.monotonic()
         finished = False
         try:
+            prompt = await self._tokenize(request)
+            self._inbox.put(_Add(request, prompt, submitted_at))
             while True:
                 item = await stream.get()
                 if isinstance(item, _Failure) or item.kind is OutputKind.FINISHED:
@@ -208,6 +216,18 @@ class HFEngine:
             self._streams.pop(rid, None)
             if not finished:  # the consumer went away: free the slot
                 self._inbox.put(_Abort(rid))
+
+    async def _tokenize(self, request: GenerationRequest) -> Prompt:
+        prompts = self._prompts
+        assert prompts is not None
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._tokenizing, prompts.build, request)
+        except EngineError:
+            raise
+        except Exception as exc:  # the tokenizer refused the input: this request fails, nothing else
+            log.warning("could not tokenize request %s: %s", request.request_id, exc)
+            raise EngineError(ErrorCode.INVALID_REQUEST, f"the prompt could not be tokenized: {exc}", "prompt") from exc
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -267,18 +287,8 @@ class HFEngine:
         return True
 
     def _admit(self, msg: _Add, out: list[_Item]) -> None:
-        assert self._prompts is not None and self._sampler is not None
-        req = msg.request
-        try:
-            prompt = self._prompts.build(req)
-        except EngineError as err:
-            out.append(_Failure(req.request_id, err))
-            return
-        except Exception as exc:  # the tokenizer refused the input: this request fails, the loop goes on
-            log.warning("could not tokenize request %s: %s", req.request_id, exc)
-            failure = EngineError(ErrorCode.INVALID_REQUEST, f"the prompt could not be tokenized: {exc}", "prompt")
-            out.append(_Failure(req.request_id, failure))
-            return
+        assert self._sampler is not None
+        req, prompt = msg.request, msg.prompt
         room = self._max_context - len(prompt.token_ids)
         seq = Sequence(
             request=req,

@@ -1,0 +1,172 @@
+"""How many connections the process can hold: file descriptors, the connection cap, and saying so when full.
+
+Every open socket costs a file descriptor. A process that runs out can accept nothing, not even a health check,
+and nothing tells the operator why. So: the soft descriptor limit is raised to the hard one at start; WebSockets
+and API requests are capped below it (:class:`ConnectionGate`, ``--max-connections``), keeping a reserve for
+``/health``, ``/ready``, ``/metrics`` and the process's own files; and :class:`FdWatch` logs once per episode when
+descriptors run short anyway (connections that never send a request count too), and once when they recover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+PROBES = frozenset({"/health", "/ready", "/metrics"})  # always answered: they are how operators see trouble
+
+
+def fd_limit() -> int | None:
+    """The soft limit on open file descriptors, or None where it cannot be read."""
+    try:
+        import resource
+    except ImportError:  # not on a POSIX system
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def raise_fd_limit() -> int | None:
+    """Raise the soft descriptor limit to the hard limit (what the operator allowed); returns the new soft limit."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return fd_limit()
+
+
+def open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:  # no /proc (not Linux)
+        return None
+
+
+def reserve_for(limit: int) -> int:
+    """Descriptors kept back from connections: for probes, logs, model files, libraries."""
+    return max(64, limit // 20)
+
+
+def auto_max_connections() -> int:
+    """The connection cap when ``--max-connections`` is 0: the descriptor limit less what is open less a reserve.
+    0 (no cap) where the limit cannot be read."""
+    limit = fd_limit()
+    if limit is None:
+        return 0
+    return max(16, limit - (open_fds() or 0) - reserve_for(limit))
+
+
+@dataclass(slots=True)
+class ConnectionGate:
+    """Counts WebSockets and API requests against ``limit`` (0: no cap); logs once when it fills, once when not."""
+
+    limit: int = 0
+    open: int = 0
+    refused: int = 0
+    _full: bool = False
+
+    def enter(self) -> bool:
+        """Take a place; False (and nothing taken) when every place is taken."""
+        if self.limit and self.open >= self.limit:
+            self.refused += 1
+            if not self._full:
+                self._full = True
+                log.warning(
+                    "connection limit reached: %d open (--max-connections %d); refusing new WebSockets (1013) and "
+                    "API requests (503) until some close; /health and /ready still answer",
+                    self.open,
+                    self.limit,
+                )
+            return False
+        self.open += 1
+        return True
+
+    def leave(self) -> None:
+        self.open -= 1
+        if self._full and self.open < self.limit * 0.9:
+            self._full = False
+            log.warning("below the connection limit again: %d open, %d refused meanwhile", self.open, self.refused)
+            self.refused = 0
+
+
+class RequestCap:
+    """ASGI middleware: API requests past the gate's limit get 503 ``overloaded`` at once; probes always pass.
+    (WebSockets are gated by their routes, which answer in their own protocol.)"""
+
+    def __init__(self, app: ASGIApp, gate: ConnectionGate) -> None:
+        self.app = app
+        self.gate = gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _relative_path(scope) in PROBES or not self.gate.limit:
+            await self.app(scope, receive, send)
+            return
+        if not self.gate.enter():
+            body = (
+                b'{"error": {"message": "the server holds as many connections as it may; try again later", '
+                b'"type": "server_error", "param": null, "code": "overloaded"}}'
+            )
+            headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.gate.leave()
+
+
+def _relative_path(scope: Scope) -> str:
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", ""))
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+class FdWatch:
+    """Logs once when open descriptors pass ``high`` of the limit, and once when they are back under ``low``."""
+
+    def __init__(self, interval: float = 1.0, high: float = 0.95, low: float = 0.85) -> None:
+        self.interval = interval
+        self.high = high
+        self.low = low
+        self.short_since: float | None = None
+
+    def check(self, used: int, limit: int) -> None:
+        if self.short_since is None and used >= limit * self.high:
+            self.short_since = time.monotonic()
+            log.error(
+                "running out of file descriptors: %d of %d open; new connections will fail until some close "
+                "(raise ulimit -n, or lower --max-connections; docs/deployment.md)",
+                used,
+                limit,
+            )
+        elif self.short_since is not None and used < limit * self.low:
+            log.warning(
+                "file descriptors recovered: %d of %d open, after %.0f s short",
+                used,
+                limit,
+                time.monotonic() - self.short_since,
+            )
+            self.short_since = None
+
+    async def run(self) -> None:
+        limit = fd_limit()
+        if limit is None or open_fds() is None:
+            return
+        while True:
+            await asyncio.sleep(self.interval)
+            used = open_fds()
+            if used is not None:
+                self.check(used, limit)

@@ -1,0 +1,113 @@
+"""What every HTTP request with a body passes before a route sees it: the origin rule and the body limit.
+
+- A browser sends a cross-site ``text/plain`` or form-encoded POST without asking first (no CORS preflight), so
+  any page a user visits could drive a local tokenwire. A request whose ``Origin`` is not allowed (auth.py) and
+  whose body is not JSON is refused with 403. ``curl -d`` sends a form-encoded body but no ``Origin``: it works.
+- A body larger than ``max_body_bytes`` is refused with 413: at once when ``Content-Length`` says so, else as
+  soon as the bytes read pass the limit. A body within the limit is read here and handed on unchanged.
+
+Refusals are OpenAI-shaped JSON errors. Pure ASGI, so that nothing is buffered before these checks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tokenwire.server.auth import AuthPolicy, origin_allowed
+
+_BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+
+
+def is_json_type(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+class RequestGuard:
+    def __init__(
+        self, app: ASGIApp, policy: AuthPolicy, max_body_bytes: int, on_refused: Callable[[str], None] | None = None
+    ) -> None:
+        self.app = app
+        self.policy = policy
+        self.max_body_bytes = max_body_bytes
+        self.on_refused = on_refused
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in _BODYLESS:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        origin = headers.get("origin")
+        if not is_json_type(headers.get("content-type")) and not origin_allowed(
+            origin, headers.get("host"), self.policy, http=True
+        ):
+            await self._refuse(
+                send,
+                403,
+                "forbidden_origin",
+                f"a request from the page at {origin!r} with a body that is not JSON is refused (a browser sends "
+                "those cross-site without asking); add the origin to --allowed-origins, or send Content-Type: "
+                "application/json",
+            )
+            return
+        limit = self.max_body_bytes
+        length = headers.get("content-length")
+        if length is not None and length.strip().isdigit() and int(length) > limit:
+            await self._too_large(send, int(length))
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await self._too_large(send, None)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: http.disconnect, which streaming routes watch for
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send, length: int | None) -> None:
+        size = f" ({length} bytes)" if length is not None else ""
+        await self._refuse(
+            send,
+            413,
+            "request_too_large",
+            f"the request body{size} is larger than the limit of {self.max_body_bytes} bytes (--max-body-bytes)",
+        )
+
+    async def _refuse(self, send: Send, status: int, code: str, message: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(code)
+        error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+        body = json.dumps({"error": error}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
