@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass
 
 import torch
 
 from tokenwire.engine.interface import SamplingParams
+
+NOT_FINITE = "the model gave this request scores that are not finite numbers"
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,16 +54,13 @@ class RowSampler:
                     _apply_penalties(logits[i], p, prompt_ids[i], output_ids[i])
                 except Exception as exc:
                     result[i] = SamplingFailure(f"the penalties could not be applied: {exc}")
-        unusable = torch.isnan(logits).any(dim=-1) | (logits == float("inf")).any(dim=-1)
-        unusable |= (logits == float("-inf")).all(dim=-1)
-        for i in unusable.nonzero().flatten().tolist():
-            result[i] = SamplingFailure("the model produced no finite scores for this request")
         live = [i for i in range(n) if not isinstance(result[i], SamplingFailure)]
         greedy = [i for i in live if params[i].greedy]
         if greedy:
-            best = logits[greedy].argmax(dim=-1).tolist() if len(greedy) < n else logits.argmax(dim=-1).tolist()
-            for i, t in zip(greedy, best, strict=True):
-                result[i] = int(t)
+            sub = logits[greedy] if len(greedy) < n else logits
+            best_scores, best = sub.max(dim=-1)  # a NaN anywhere in a row makes its max NaN
+            for i, score, t in zip(greedy, best_scores.tolist(), best.tolist(), strict=True):
+                result[i] = int(t) if not math.isnan(score) else SamplingFailure(NOT_FINITE)
         rows = [i for i in live if not params[i].greedy]
         if not rows:
             return result
@@ -70,18 +70,17 @@ class RowSampler:
         scaled = sub / temps[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in sub_params):
             scaled = _filter(scaled, sub_params)
-        probs = torch.softmax(scaled, dim=-1)
-        usable = (torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)).tolist()
-        for j, i in enumerate(rows):
-            if not usable[j]:
-                result[i] = SamplingFailure("the sampling distribution for this request is not finite")
-                continue
-            try:
-                token = torch.multinomial(probs[j], 1, generator=self._generators[request_ids[i]])
-            except RuntimeError as exc:
-                result[i] = SamplingFailure(f"sampling failed: {exc}")
-                continue
-            result[i] = int(token.item())
+        # Inverse-CDF sampling: one uniform number per row from the row's own generator (seeded requests are
+        # reproducible), against the cumulative distribution. torch.multinomial drew a random number per
+        # vocabulary entry: ~1.5 ms a row on this CPU, 50 ms a step at 32 streams.
+        cdf = torch.softmax(scaled, dim=-1).cumsum_(dim=-1)  # [k, V]
+        totals = cdf[:, -1]  # ~1; NaN or 0 when the row's scores were not finite
+        draws = torch.tensor(
+            [torch.rand((), generator=self._generators[request_ids[i]]).item() for i in rows], dtype=cdf.dtype
+        )
+        picked = torch.searchsorted(cdf, (draws * totals)[:, None]).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+        for i, total, t in zip(rows, totals.tolist(), picked.tolist(), strict=True):
+            result[i] = int(t) if math.isfinite(total) and total > 0 else SamplingFailure(NOT_FINITE)
         return result
 
 
