@@ -77,7 +77,7 @@ def reference_greedy(eng: HFEngine, prompt: str, max_new: int, ignore_eos: bool 
     ids = tok.apply_chat_template(
         [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
     )
-    model = eng._runner.model  # type: ignore[union-attr]
+    model = eng.backend.runner.model  # type: ignore[union-attr]
     with torch.inference_mode():
         x = torch.tensor([ids], device=model.device)
         out = model.generate(
@@ -112,7 +112,7 @@ async def test_concurrent_greedy_generations_equal_transformers_generate(
     tokens that transformers' generate() gives them alone. A budget of 16 prefills long prompts in chunks over
     several steps; 256 prefills prompts of different lengths together in one left-padded forward pass."""
     engine = await make_engine(tiny_model_dir, prefill_budget)
-    runner = engine._runner
+    runner = engine.backend.runner
     assert runner is not None
     batch_sizes: list[int] = []
     real_prefill = runner.prefill
@@ -209,7 +209,7 @@ async def test_truncate_auto_drops_oldest_turns_but_keeps_the_system_message(eng
         await run(engine, "t0", messages=tuple(history), max_tokens=3)
     r = await run(engine, "t1", messages=tuple(history), max_tokens=3, truncate=True)
     assert r["dropped"] > 0 and r["prompt_tokens"] < 256
-    kept = engine._prompts._fit_messages(list(history), True, 255)  # type: ignore[union-attr]
+    kept = engine.prompts._fit_messages(list(history), True, 255)  # type: ignore[union-attr]
     text = engine.tokenizer.decode(kept.token_ids)
     assert text.startswith("<|im_start|>system\nYou are terse.") and "last question" in text
 
@@ -271,7 +271,7 @@ def test_a_request_finishing_in_the_step_where_others_prefill_together_keeps_eve
     """Regression: one request's last decode token and three new prompts' batched prefill fall in the same step.
     The finishing request frees a KV row and rows move; each prompt must still be prefilled into its own row,
     so every request's greedy text equals transformers' generate(). The engine is stepped by hand, no thread."""
-    from tokenwire.engine.hf.engine import _Add
+    from tokenwire.engine.loop import _Add
 
     eng = HFEngine(
         HFEngineConfig(
@@ -281,26 +281,27 @@ def test_a_request_finishing_in_the_step_where_others_prefill_together_keeps_eve
             scheduler=SchedulerConfig(max_batch_size=8, max_prefill_tokens=256),
         )
     )
-    eng._load()
+    eng.load()
     items: list[Any] = []
-    eng._emit = items.extend  # type: ignore[method-assign]
+    eng.emit = items.extend  # type: ignore[method-assign]
+    sched = eng.backend.scheduler
 
     def add(rid: str, prompt: str, n: int) -> None:
         req = GenerationRequest(rid, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), prompt=prompt)
-        assert eng._prompts is not None
-        eng._admit(_Add(req, eng._prompts.build(req), 0.0), items)
+        assert eng.prompts is not None
+        eng.admit(_Add(req, eng.prompts.build(req), n, 0.0))
 
     add("a", PROMPTS[3], 2)
-    eng._step()  # a: prefill and first token
+    eng.step()  # a: prefill and first token
     add("b", PROMPTS[0], 12)
     add("c", PROMPTS[1], 12)
     add("d", PROMPTS[4], 12)
-    eng._step()  # a: second and last token (its row is freed); b, c, d: one batched prefill
-    assert eng._scheduler.get("a") is None and eng._scheduler.num_decode == 3
+    eng.step()  # a: second and last token (its row is freed); b, c, d: one batched prefill
+    assert sched.get("a") is None and sched.num_decode == 3
     for _ in range(100):
-        if not eng._scheduler.has_work:
+        if not sched.has_work:
             break
-        eng._step()
+        eng.step()
     texts: dict[str, str] = {}
     for item in items:
         if isinstance(item, RequestOutput):
@@ -312,7 +313,7 @@ def test_a_request_finishing_in_the_step_where_others_prefill_together_keeps_eve
 async def test_a_tokenizer_failure_fails_that_request_and_the_engine_goes_on(
     engine: HFEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    prompts = engine._prompts
+    prompts = engine.prompts
     assert prompts is not None
     real_build = prompts.build
 
@@ -337,7 +338,8 @@ async def test_int8_engine_generates_and_an_unknown_quantize_is_refused(tiny_mod
     try:
         from tokenwire.engine.hf.quant import DualLinear
 
-        assert eng._runner is not None and any(isinstance(m, DualLinear) for m in eng._runner.model.modules())
+        runner = eng.backend.runner
+        assert runner is not None and any(isinstance(m, DualLinear) for m in runner.model.modules())
         out = await run(eng, "q", prompt="Hello there", max_tokens=12, ignore_eos=True, temperature=0)
         assert out["reason"] is FinishReason.LENGTH and out["completion"] == 12 and out["text"]
     finally:
@@ -382,7 +384,7 @@ async def _one_poisoned_among_healthy(engine: HFEngine) -> tuple[list[Any], list
 async def test_a_forward_pass_that_fails_for_one_request_fails_only_that_request(engine: HFEngine) -> None:
     """A batched forward pass that raises because of one request's rows is run again row by row: that request
     ends with generation_failed, the requests that shared its step complete with their usual text."""
-    runner = engine._runner
+    runner = engine.backend.runner
     assert runner is not None
     real_forward = runner._forward
 
@@ -402,7 +404,7 @@ async def test_a_forward_pass_that_fails_for_one_request_fails_only_that_request
 async def test_a_row_that_cannot_be_sampled_fails_only_its_request(engine: HFEngine) -> None:
     """Logits that are NaN for one row (what a sampling value of 1e-300 once produced) fail that row's request in
     the sampler; the other rows of the same step are sampled as usual."""
-    runner = engine._runner
+    runner = engine.backend.runner
     assert runner is not None
     real_decode, real_prefill = runner.decode, runner.prefill
 

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from tokenwire.engine.interface import GenerationRequest, SamplingParams
+from tokenwire.engine.interface import SamplingParams
 from tokenwire.engine.scheduler import Scheduler, SchedulerConfig
 from tokenwire.engine.sequence import SeqState, Sequence
-from tokenwire.engine.stop import StopStringFilter
-
-
-class _NoDecode:
-    def decode(self, *a: Any, **k: Any) -> str:
-        return ""
 
 
 def seq(rid: str, prompt_len: int = 4, max_new: int = 8) -> Sequence:
-    from tokenwire.engine.detokenizer import IncrementalDetokenizer
-
-    return Sequence(
-        request=GenerationRequest(rid, SamplingParams(max_tokens=max_new), prompt="x"),
-        prompt_ids=list(range(prompt_len)),
-        max_new_tokens=max_new,
-        detokenizer=IncrementalDetokenizer(_NoDecode()),
-        stop_filter=StopStringFilter(()),
-    )
+    return Sequence(rid, list(range(prompt_len)), max_new, SamplingParams(max_tokens=max_new))
 
 
 def rows_are_consistent(s: Scheduler) -> None:

@@ -42,6 +42,7 @@ class PrefillChunk:
 class SchedulerOutput:
     prefill: list[PrefillChunk] = field(default_factory=list)
     num_decode: int = 0  # rows 0..num_decode-1 decode one token each
+    admitted: list[Sequence] = field(default_factory=list)  # given a row at this step
 
 
 Swap = tuple[int, int]
@@ -105,8 +106,8 @@ class Scheduler:
         return swaps
 
     def schedule(self, now: float) -> SchedulerOutput:
-        self._admit(now)
-        out = SchedulerOutput(num_decode=self.num_decode)
+        out = SchedulerOutput(admitted=self._admit(now))
+        out.num_decode = self.num_decode
         budget = self.config.max_prefill_tokens
         for seq in self.running[self.num_decode :]:
             if budget <= 0:
@@ -116,8 +117,9 @@ class Scheduler:
             budget -= end - seq.num_computed
         return out
 
-    def _admit(self, now: float) -> None:
+    def _admit(self, now: float) -> list[Sequence]:
         cfg = self.config
+        admitted: list[Sequence] = []
         while self.waiting and len(self.running) < cfg.max_batch_size:
             seq = self.waiting[0]
             longest = max([seq.reserved_length] + [s.reserved_length for s in self.running])
@@ -128,6 +130,8 @@ class Scheduler:
             seq.row = len(self.running)
             seq.scheduled_at = now
             self.running.append(seq)
+            admitted.append(seq)
+        return admitted
 
     def _swap(self, i: int, j: int, swaps: list[Swap]) -> None:
         if i == j:

@@ -1,0 +1,349 @@
+"""The engine core every backend shares: the event-loop side and the model loop; a backend is load + step.
+
+Event-loop side (:class:`LoopEngine`, the :class:`~tokenwire.engine.interface.Engine` the server sees): a request
+is tokenized in a worker thread (never the model thread: a long prompt costs its sender the time, not the running
+streams), answered with ``STARTED``, and put in the model thread's inbox; its outputs come back through one queue
+per request; closing the iterator aborts it.
+
+Model loop (one thread owns the model): drain the inbox (adds, aborts), ``backend.step()``, then the output side
+(output.py) turns each request's new token ids into deltas and ends; a request that ended leaves the backend
+before the next step. One step's outputs reach the event loop in one ``call_soon_threadsafe``::
+
+    while running:
+        inbox -> backend.add / backend.remove
+        step = backend.step()                       # StepOutput: token ids per request
+        outputs = output_processor(step)            # StepOutput --> RequestOutput
+        ended -> backend.remove;  outputs -> event loop
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncGenerator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tokenwire.engine.interface import (
+    EngineError,
+    EngineStats,
+    ErrorCode,
+    FinishReason,
+    GenerationRequest,
+    GenerationStart,
+    OutputKind,
+    RequestOutput,
+    SamplingParams,
+)
+from tokenwire.engine.output import OutputProcessor
+from tokenwire.engine.prompt import Prompt, PromptBuilder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, frozen=True)
+class LoadedModel:
+    """What a backend's load gives the engine core."""
+
+    tokenizer: Any
+    eos_ids: frozenset[int]
+    max_context: int
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """One step of a backend: the new token ids of each request that got some (in order), the requests scheduled
+    for the first time, and the requests that failed (already removed from the backend)."""
+
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+    scheduled: list[str] = field(default_factory=list)
+    failed: dict[str, EngineError] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """A model and how to step it. Every method runs in the model thread, except :meth:`stats`."""
+
+    name: str
+
+    def load(self) -> LoadedModel: ...
+
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int) -> None:
+        """Queue a request; it joins the running batch at a coming step."""
+
+    def remove(self, request_id: str) -> None:
+        """Free a request's slot (it ended or was aborted); unknown ids are ignored."""
+
+    @property
+    def has_work(self) -> bool: ...
+
+    def step(self) -> StepOutput: ...
+
+    def idle(self) -> None:
+        """Nothing runs: give memory back."""
+
+    def stats(self) -> EngineStats: ...
+
+
+@dataclass(slots=True, frozen=True)
+class _Add:
+    request: GenerationRequest
+    prompt: Prompt
+    max_new_tokens: int
+    submitted_at: float
+
+
+@dataclass(slots=True, frozen=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(slots=True, frozen=True)
+class _Failure:
+    request_id: str
+    error: EngineError
+
+
+_Item = RequestOutput | _Failure
+
+
+class LoopEngine:
+    """The :class:`~tokenwire.engine.interface.Engine` for a backend run by a model thread in this process."""
+
+    def __init__(self, backend: Backend, model_name: str, max_in_flight: int) -> None:
+        self.backend = backend
+        self._model_name = model_name
+        self._max_in_flight = max_in_flight
+        self._max_context = 0
+        self._ready = False
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[_Item]] = {}
+        self._thread: threading.Thread | None = None
+        self._steps = 0
+        self.prompts: PromptBuilder | None = None
+        self.tokenizer: Any = None
+        self._outputs: OutputProcessor | None = None
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenwire-tokenize")
+
+    # -- Engine properties
+    @property
+    def model_name(self) -> str:
+        return self._model_name
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    # -- lifecycle
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        loaded: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._load_and_run, args=(loaded,), name="tokenwire-engine", daemon=True)
+        self._thread.start()
+        await loaded
+        self._ready = True
+
+    def _load_and_run(self, loaded: asyncio.Future[None]) -> None:
+        """Load, then run the loop, in this one thread: the backend's libraries keep one thread team (an idle
+        OpenMP team left by a separate loading thread doubled int8 decode steps, bench/results/ab-int8-cpu.md)."""
+        loop = self._loop
+        assert loop is not None
+        try:
+            self.load()
+        except BaseException as exc:
+            with contextlib.suppress(RuntimeError):  # the event loop is already closed: nobody waits
+                loop.call_soon_threadsafe(_settle, loaded, exc)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle, loaded, None)
+        self._run()
+
+    def load(self) -> None:
+        """Load the backend's model (in the calling thread) and set up the prompt and output sides."""
+        model = self.backend.load()
+        self._max_context = model.max_context
+        self.tokenizer = model.tokenizer
+        self.prompts = PromptBuilder(model.tokenizer, model.max_context)
+        self._outputs = OutputProcessor(model.tokenizer, model.eos_ids)
+
+    async def shutdown(self) -> None:
+        self._ready = False
+        self._stopping = True
+        self._inbox.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+        self._tokenizing.shutdown(wait=False, cancel_futures=True)
+        for rid, q in list(self._streams.items()):
+            q.put_nowait(_Failure(rid, EngineError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")))
+
+    # -- requests (event loop side)
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
+        if not self._ready:
+            raise EngineError(
+                ErrorCode.SHUTTING_DOWN if self._stopping else ErrorCode.OVERLOADED, "the engine is not ready"
+            )
+        rid = request.request_id
+        if rid in self._streams:
+            raise EngineError(ErrorCode.DUPLICATE_ID, f"request id {rid!r} is already running", "id")
+        if len(self._streams) >= self._max_in_flight:
+            raise EngineError(ErrorCode.OVERLOADED, "too many requests are in flight; try again later")
+        # Unbounded in type, bounded in fact: the model thread puts at most one item per step per request,
+        # and the stream ends after max_tokens steps.
+        stream: asyncio.Queue[_Item] = asyncio.Queue()
+        self._streams[rid] = stream
+        submitted_at = time.monotonic()
+        finished = False
+        try:
+            prompt = await self._tokenize(request)
+            n = len(prompt.token_ids)
+            self._inbox.put(_Add(request, prompt, min(request.params.max_tokens, self._max_context - n), submitted_at))
+            yield RequestOutput(
+                rid, OutputKind.STARTED, start=GenerationStart(n, prompt.dropped_turns), prompt_tokens=n
+            )
+            while True:
+                item = await stream.get()
+                if isinstance(item, _Failure) or item.kind is OutputKind.FINISHED:
+                    finished = True
+                    self._streams.pop(rid, None)  # the id is free again before the consumer sees the end
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+                if finished:
+                    return
+        except EngineError:
+            finished = True  # nothing to abort: it failed (or never reached the model thread)
+            raise
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:  # the consumer went away: free the slot
+                self._inbox.put(_Abort(rid))
+
+    async def _tokenize(self, request: GenerationRequest) -> Prompt:
+        prompts = self.prompts
+        assert prompts is not None
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._tokenizing, prompts.build, request)
+        except EngineError:
+            raise
+        except Exception as exc:  # the tokenizer refused the input: this request fails, nothing else
+            log.warning("could not tokenize request %s: %s", request.request_id, exc)
+            raise EngineError(ErrorCode.INVALID_REQUEST, f"the prompt could not be tokenized: {exc}", "prompt") from exc
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    def stats(self) -> EngineStats:
+        s = self.backend.stats()
+        return EngineStats(
+            s.running, s.waiting, s.max_batch_size, s.kv_cache_tokens_used, s.kv_cache_tokens_capacity, self._steps
+        )
+
+    def _deliver(self, items: list[_Item]) -> None:
+        """Event loop: route one step's outputs to their streams."""
+        for item in items:
+            stream = self._streams.get(item.request_id)
+            if stream is not None:  # None: the consumer left; its abort is on the way
+                stream.put_nowait(item)
+
+    # -- the model thread
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                if not self._drain_inbox(block=not self.backend.has_work):
+                    break
+                if self.backend.has_work:
+                    self.step()
+        except Exception:  # pragma: no cover - a bug in the loop itself
+            log.exception("engine loop crashed")
+            self._ready = False
+        finally:
+            self._fail_all(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued adds and aborts. Returns False when asked to stop."""
+        out: list[_Item] = []
+        try:
+            msg = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                if msg is None:
+                    return False
+                if isinstance(msg, _Add):
+                    self.admit(msg)
+                else:
+                    self._abort(msg.request_id, out)
+                msg = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        finally:
+            self.emit(out)
+        if block and not self.backend.has_work:
+            self.backend.idle()
+        return True
+
+    def admit(self, msg: _Add) -> None:
+        assert self._outputs is not None
+        rid = msg.request.request_id
+        self._outputs.add(rid, msg.request.params, len(msg.prompt.token_ids), msg.max_new_tokens, msg.submitted_at)
+        self.backend.add(rid, msg.prompt.token_ids, msg.request.params, msg.max_new_tokens)
+
+    def _abort(self, request_id: str, out: list[_Item]) -> None:
+        assert self._outputs is not None
+        if request_id not in self._outputs:
+            return
+        self.backend.remove(request_id)
+        end = self._outputs.finish(request_id, FinishReason.CANCELLED)
+        if end is not None:
+            out.append(end)
+
+    def step(self) -> None:
+        """One backend step, and its outputs: ``StepOutput --> RequestOutput``."""
+        outputs = self._outputs
+        assert outputs is not None
+        result = self.backend.step()
+        now = time.monotonic()
+        out: list[_Item] = []
+        for rid in result.scheduled:
+            outputs.scheduled(rid, now)
+        for rid, error in result.failed.items():
+            outputs.drop(rid)
+            out.append(_Failure(rid, error))
+        for rid, tokens in result.tokens.items():
+            made, ended = outputs.tokens(rid, tokens, now)
+            out.extend(made)
+            if ended:
+                self.backend.remove(rid)
+        self._steps += 1
+        self.emit(out)
+
+    def _fail_all(self, code: ErrorCode, message: str) -> None:
+        out: list[_Item] = []
+        for rid in list(self._streams):
+            self.backend.remove(rid)
+            if self._outputs is not None:
+                self._outputs.drop(rid)
+            out.append(_Failure(rid, EngineError(code, message)))
+        self.emit(out)
+
+    def emit(self, items: list[_Item]) -> None:
+        if items and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, items)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():  # the waiter was cancelled (a shutdown during the load)
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
