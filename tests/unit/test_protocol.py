@@ -186,6 +186,8 @@ def test_cancel_without_id_is_invalid() -> None:
         ({"id": "g", "after_seq": "3"}, "after_seq"),
         ({"id": "g", "session": 7}, "session"),
         ({"id": "g", "session": ""}, "session"),
+        ({"id": "g", "resume_token": 5}, "resume_token"),
+        ({"id": "g", "resume_token": "x" * 1000}, "resume_token"),
     ],
 )
 def test_invalid_resume_fields_name_the_parameter(fields: dict[str, Any], param: str) -> None:

@@ -124,22 +124,8 @@ def parse_message(data: str | bytes, limits: Limits) -> ClientMessage:
     if mtype == "resume":
         gen_id = _required_id(obj, limits)
         after = _int(obj, "after_seq", -1, lo=-1, hi=1 << 62, id=gen_id)
-        session = obj.get("session")
-        if session is not None and (not isinstance(session, str) or not 0 < len(session) <= limits.max_id_length):
-            raise ProtocolError(
-                ErrorCode.INVALID_REQUEST,
-                f'"session" must be the session string from hello (1 to {limits.max_id_length} characters)',
-                "session",
-                gen_id,
-            )
-        token = obj.get("resume_token")
-        if token is not None and (not isinstance(token, str) or not 0 < len(token) <= limits.max_id_length):
-            raise ProtocolError(
-                ErrorCode.INVALID_REQUEST,
-                f'"resume_token" must be the string from the started message (1 to {limits.max_id_length} characters)',
-                "resume_token",
-                gen_id,
-            )
+        session = _token_field(obj, "session", "the session string from hello", limits, gen_id)
+        token = _token_field(obj, "resume_token", "the string from the started message", limits, gen_id)
         return Resume(gen_id, after, session, token)
     shown = mtype if len(mtype) <= 40 else mtype[:40] + "..."
     raise ProtocolError(
@@ -203,6 +189,19 @@ def _sampling(obj: dict[str, Any], max_tokens: int, gen_id: str | None, limits: 
         stop=_stop(obj.get("stop"), limits, err),
         ignore_eos=_bool(obj, "ignore_eos", err),
     )
+
+
+def _token_field(obj: dict[str, Any], name: str, what: str, limits: Limits, gen_id: str) -> str | None:
+    """An optional string the server handed out (a session, a resume token), 1 to ``max_id_length`` long."""
+    value = obj.get(name)
+    if value is not None and (not isinstance(value, str) or not 0 < len(value) <= limits.max_id_length):
+        raise ProtocolError(
+            ErrorCode.INVALID_REQUEST,
+            f'"{name}" must be {what} (1 to {limits.max_id_length} characters)',
+            name,
+            gen_id,
+        )
+    return value
 
 
 def _optional_id(obj: dict[str, Any], limits: Limits) -> str | None:
