@@ -22,12 +22,12 @@ def test_new_request_joins_the_running_batch_at_the_next_step() -> None:
     s = Scheduler(SchedulerConfig(max_batch_size=4))
     a = seq("a")
     s.add(a)
-    out = s.schedule(0.0)
+    out = s.schedule()
     assert [c.seq for c in out.prefill] == [a] and out.num_decode == 0
     s.promote(a)
     b = seq("b")
     s.add(b)
-    out = s.schedule(1.0)
+    out = s.schedule()
     assert out.num_decode == 1 and [c.seq for c in out.prefill] == [b]
     rows_are_consistent(s)
 
@@ -37,7 +37,7 @@ def test_batch_size_limit_keeps_the_rest_waiting() -> None:
     seqs = [seq(str(i)) for i in range(3)]
     for q in seqs:
         s.add(q)
-    s.schedule(0.0)
+    s.schedule()
     assert len(s.running) == 2 and list(s.waiting) == [seqs[2]]
 
 
@@ -46,8 +46,8 @@ def test_long_prompt_is_prefilled_in_chunks() -> None:
     a = seq("a", prompt_len=250)
     s.add(a)
     spans = []
-    for step in range(3):
-        chunk = s.schedule(float(step)).prefill[0]
+    for _ in range(3):
+        chunk = s.schedule().prefill[0]
         spans.append((chunk.start, chunk.end, chunk.is_last))
         a.num_computed = chunk.end
     assert spans == [(0, 100, False), (100, 200, False), (200, 250, True)]
@@ -58,14 +58,14 @@ def test_kv_budget_limits_admission() -> None:
     s.add(seq("a", prompt_len=30, max_new=10))  # reserves 40
     s.add(seq("b", prompt_len=30, max_new=10))  # 2 x 40 = 80 fits
     s.add(seq("c", prompt_len=30, max_new=10))  # 3 x 40 = 120 does not
-    s.schedule(0.0)
+    s.schedule()
     assert [q.request_id for q in s.running] == ["a", "b"] and len(s.waiting) == 1
 
 
 def test_a_request_larger_than_the_budget_still_runs_alone() -> None:
     s = Scheduler(SchedulerConfig(kv_cache_tokens=10))
     s.add(seq("big", prompt_len=30))
-    s.schedule(0.0)
+    s.schedule()
     assert len(s.running) == 1
 
 
@@ -74,7 +74,7 @@ def test_removing_a_decoding_row_keeps_rows_compact_and_decoders_first() -> None
     seqs = [seq(str(i)) for i in range(5)]
     for q in seqs:
         s.add(q)
-    s.schedule(0.0)
+    s.schedule()
     for q in seqs[:3]:
         s.promote(q)
     rows_are_consistent(s)
@@ -93,7 +93,7 @@ def test_swaps_replayed_on_a_list_give_the_same_rows() -> None:
     seqs = [seq(str(i)) for i in range(6)]
     for q in seqs:
         s.add(q)
-    s.schedule(0.0)
+    s.schedule()
     rows: list[str | None] = [q.request_id for q in s.running] + [None, None]
     swaps = []
     for q in (seqs[2], seqs[0], seqs[5]):
@@ -110,5 +110,5 @@ def test_waiting_request_can_be_removed() -> None:
     a, b = seq("a"), seq("b")
     s.add(a)
     s.add(b)
-    s.schedule(0.0)
+    s.schedule()
     assert s.remove(b) == [] and not s.waiting

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -244,10 +245,7 @@ class LoopEngine:
         self._inbox.put(_Abort(request_id))
 
     def stats(self) -> EngineStats:
-        s = self.backend.stats()
-        return EngineStats(
-            s.running, s.waiting, s.max_batch_size, s.kv_cache_tokens_used, s.kv_cache_tokens_capacity, self._steps
-        )
+        return dataclasses.replace(self.backend.stats(), steps=self._steps)
 
     def _deliver(self, items: list[_Item]) -> None:
         """Event loop: route one step's outputs to their streams."""

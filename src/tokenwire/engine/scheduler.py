@@ -105,8 +105,8 @@ class Scheduler:
         seq.state = SeqState.DECODE
         return swaps
 
-    def schedule(self, now: float) -> SchedulerOutput:
-        out = SchedulerOutput(admitted=self._admit(now))
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(admitted=self._admit())
         out.num_decode = self.num_decode
         budget = self.config.max_prefill_tokens
         for seq in self.running[self.num_decode :]:
@@ -117,7 +117,7 @@ class Scheduler:
             budget -= end - seq.num_computed
         return out
 
-    def _admit(self, now: float) -> list[Sequence]:
+    def _admit(self) -> list[Sequence]:
         cfg = self.config
         admitted: list[Sequence] = []
         while self.waiting and len(self.running) < cfg.max_batch_size:
@@ -128,7 +128,6 @@ class Scheduler:
             self.waiting.popleft()
             seq.state = SeqState.PREFILL
             seq.row = len(self.running)
-            seq.scheduled_at = now
             self.running.append(seq)
             admitted.append(seq)
         return admitted

@@ -25,7 +25,6 @@ class Sequence:
     row: int = -1  # slot index in the KV cache while running
     num_computed: int = 0  # prompt tokens already in the KV cache
     output_ids: list[int] = field(default_factory=list)
-    scheduled_at: float | None = None
 
     @property
     def length(self) -> int:

@@ -204,15 +204,21 @@ def create_app(
         await ws.send_text(messages.encode(message))
         await ws.close(code)
 
+    async def take_place(ws: WebSocket, subprotocol: str | None, full: dict[str, object]) -> bool:
+        """A place under --max-connections (the caller leaves it when done), or ``full`` sent and close 1013."""
+        if state.gate.enter():
+            return True
+        telemetry.error(ErrorCode.OVERLOADED.value)
+        await refuse(ws, subprotocol, full, TRY_AGAIN_LATER)
+        return False
+
     async def websocket(ws: WebSocket) -> None:
         key, subprotocol, problem = websocket_refusal(ws)
         if problem is not None:
             telemetry.error(ErrorCode.UNAUTHORIZED.value)
             await refuse(ws, subprotocol, messages.error(ErrorCode.UNAUTHORIZED, problem))
             return
-        if not state.gate.enter():
-            telemetry.error(ErrorCode.OVERLOADED.value)
-            await refuse(ws, subprotocol, messages.error(ErrorCode.OVERLOADED, FULL), TRY_AGAIN_LATER)
+        if not await take_place(ws, subprotocol, messages.error(ErrorCode.OVERLOADED, FULL)):
             return
         conn = Connection(
             ws, state.engine, state.settings, telemetry, state.generations, owner_of(key if policy.enabled else None)
@@ -238,10 +244,9 @@ def create_app(
             telemetry.error(code)
             await refuse(ws, subprotocol, rt.error_event(rt.RealtimeError(problem, code), None))
             return
-        if not state.gate.enter():
-            telemetry.error(ErrorCode.OVERLOADED.value)
-            full = rt.error_event(rt.RealtimeError(FULL, ErrorCode.OVERLOADED.value), None)
-            await refuse(ws, subprotocol, full, TRY_AGAIN_LATER)
+        if not await take_place(
+            ws, subprotocol, rt.error_event(rt.RealtimeError(FULL, ErrorCode.OVERLOADED.value), None)
+        ):
             return
         settings = state.settings
         conn = RealtimeConnection(ws, state.engine, settings.limits, telemetry, settings.slow_consumer_timeout)

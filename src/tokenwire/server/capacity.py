@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tokenwire.server.http_guard import send_error
+
 log = logging.getLogger(__name__)
 
 PROBES = frozenset({"/health", "/ready", "/metrics"})  # always answered: they are how operators see trouble
@@ -114,13 +116,8 @@ class RequestCap:
             await self.app(scope, receive, send)
             return
         if not self.gate.enter():
-            body = (
-                b'{"error": {"message": "the server holds as many connections as it may; try again later", '
-                b'"type": "server_error", "param": null, "code": "overloaded"}}'
-            )
-            headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
-            await send({"type": "http.response.start", "status": 503, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            message = "the server holds as many connections as it may; try again later"
+            await send_error(send, 503, "overloaded", message, "server_error", [(b"retry-after", b"1")])
             return
         try:
             await self.app(scope, receive, send)

@@ -97,17 +97,19 @@ class RequestGuard:
     async def _refuse(self, send: Send, status: int, code: str, message: str) -> None:
         if self.on_refused is not None:
             self.on_refused(code)
-        error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
-        body = json.dumps({"error": error}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await send_error(send, status, code, message, extra_headers=[(b"connection", b"close")])
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    kind: str = "invalid_request_error",
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """Answer with an OpenAI-shaped JSON error, from ASGI middleware (before any route runs)."""
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

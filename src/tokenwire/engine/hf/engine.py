@@ -8,7 +8,6 @@ core's (engine/output.py); a request that ended is removed before the next step.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,7 +120,7 @@ class HFBackend:
     def step(self) -> StepOutput:
         assert self.runner is not None
         runner, sched = self.runner, self.scheduler
-        plan = sched.schedule(time.monotonic())
+        plan = sched.schedule()
         out = StepOutput(scheduled=[s.request_id for s in plan.admitted])
         try:
             if sched.running:
@@ -152,7 +151,7 @@ class HFBackend:
                 for j in done:
                     self._apply(sched.promote(chunks[ran[j]].seq))
                 if done:
-                    self._sample_and_emit([chunks[ran[j]].seq for j in done], logits[done], out)
+                    self._sample([chunks[ran[j]].seq for j in done], logits[done], out)
             if plan.num_decode:
                 decoding = sched.running[: plan.num_decode]
                 ran, logits = self._forward_isolated(
@@ -162,7 +161,7 @@ class HFBackend:
                     out,
                 )
                 if ran:
-                    self._sample_and_emit([decoding[i] for i in ran], logits, out)
+                    self._sample([decoding[i] for i in ran], logits, out)
         except Exception as exc:  # outside the forward passes (the cache could not grow): nothing is consistent
             log.exception("model step failed")
             for seq in list(sched.running):
@@ -201,7 +200,7 @@ class HFBackend:
             self._drop(seq)
         return ran, torch.cat(rows) if rows else torch.empty(0)
 
-    def _sample_and_emit(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
         assert self.sampler is not None
         tokens = self.sampler.sample(
             logits,
