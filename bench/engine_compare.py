@@ -66,10 +66,11 @@ def bench_tokenwire(n: int, max_tokens: int, model: str | None, device: str) -> 
 
 
 def load_plain(model: str | None, device: str) -> tuple[Any, Any]:
+    from tokenwire.engine import models
     from tokenwire.engine.hf import loader
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    return loader.load(loader.resolve(model), device, dtype)
+    return loader.load(models.resolve(model), device, dtype)
 
 
 def bench_transformers_cb(model: Any, tok: Any, n: int, max_tokens: int) -> float:

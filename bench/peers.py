@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def default_model() -> tuple[Path, Path]:
     """The default model's GGUF file and tokenwire's converted folder of it (converted now if need be)."""
-    from tokenwire.engine.hf.loader import local_folder, resolve
+    from tokenwire.engine.hf.loader import local_folder
+    from tokenwire.engine.models import resolve
 
     resolved = resolve(None)
     assert resolved.gguf_file is not None

@@ -119,9 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
+    from tokenwire.engine import models
     from tokenwire.engine.hf import loader
 
-    model, tok = loader.load(loader.resolve(args.model), "cpu", torch.float32)
+    model, tok = loader.load(models.resolve(args.model), "cpu", torch.float32)
     log.info("model loaded (%d torch threads)", torch.get_num_threads())
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_forever(TransformerWebSocketServer(model, tok), args.port, args.keepalive))

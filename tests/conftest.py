@@ -32,6 +32,12 @@ def tiny_long_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tiny_long_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny long model as a GGUF file (float16 matrices): a model both engines load."""
+    return tiny.save_tiny_gguf(tiny_long_model_dir, tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.gguf")
+
+
+@pytest.fixture(scope="session")
 def byte_tokenizer() -> Any:
     return tiny.byte_level_tokenizer()
 

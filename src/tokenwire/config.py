@@ -42,24 +42,44 @@ class Settings:
         default=None,
         metadata={"help": "local Hugging Face folder, .gguf file or hub id (default: SmolLM2-135M-Instruct)"},
     )
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    engine: str = field(
+        default="auto",
+        metadata={
+            "help": "auto, openvino or transformers. auto: openvino on CPU for GGUF files and OpenVINO IR folders, "
+            "transformers on CUDA, for transformers folders and hub ids, and for --quantize int8"
+        },
+    )
+    device: str = field(
+        default="auto",
+        metadata={"help": "auto, cpu, cuda or cuda:N (transformers); auto, cpu or gpu, an Intel GPU (openvino)"},
+    )
     dtype: str = field(
         default="auto",
-        metadata={"help": "auto (bfloat16 on CUDA and bf16-capable CPUs, else float32), float32, bfloat16, float16"},
+        metadata={
+            "help": "auto, float32, bfloat16 or float16: the weights' type (transformers; auto: bfloat16 on CUDA and "
+            "bf16-capable CPUs, else float32) or the inference precision (openvino; auto: OpenVINO's pick for the CPU)"
+        },
     )
     quantize: str = field(
-        default="none",
+        default="auto",
         metadata={
-            "help": "none, or int8: on CPU, decode steps of <= 8 streams use int8 weights: 1.6x the tokens/s for one "
+            "help": "auto, none or int8. openvino: auto uses the weights as the model file stores them. transformers: "
+            "auto is none; int8 (CPU) decodes steps of <= 8 streams with int8 weights: 1.6x the tokens/s for one "
             "stream, for one more byte per weight and ~0.7%% error per product (docs/benchmarks.md)"
         },
     )
     max_model_len: int = field(default=8192, metadata={"help": "context window cap in tokens"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for the model (0: all cores)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for the model, either engine (0: all cores)"})
     # scheduling
     max_batch_size: int = field(default=64, metadata={"help": "sequences decoded together at most"})
     max_waiting: int = field(default=1024, metadata={"help": "queued requests beyond the batch; more is overloaded"})
-    kv_cache_tokens: int = field(default=1 << 17, metadata={"help": "KV-cache budget: rows x reserved length"})
+    kv_cache_tokens: int = field(
+        default=1 << 17,
+        metadata={
+            "help": "KV-cache budget in tokens (transformers: rows x reserved length, grown on demand; openvino: "
+            "blocks of 32 tokens, the KV bytes per token depend on the model)"
+        },
+    )
     max_prefill_tokens: int = field(default=512, metadata={"help": "prompt tokens per step (long prompts chunk)"})
     # protocol limits
     max_message_bytes: int = field(default=1 << 20, metadata={"help": "largest client frame (bigger: close 1009)"})

@@ -13,13 +13,25 @@ from tests.e2e.server import RunningServer, serve
 RESUME_WINDOW = 3.0  # seconds; short, so that tests can watch orphaned generations expire
 
 
+ENGINES = ("transformers", "openvino")
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def engine_name(request: pytest.FixtureRequest) -> str:
+    """Each engine in turn: the suites that use ``tiny_server`` run against both."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
-def tiny_server(tiny_long_model_dir: Path) -> Iterator[RunningServer]:
+def tiny_server(engine_name: str, tiny_long_model_dir: Path, tiny_gguf: Path) -> Iterator[RunningServer]:
     """A real server process on the tiny random model (4096-token context), with short heartbeats, a small
-    frame limit and a resume window of RESUME_WINDOW seconds."""
+    frame limit and a resume window of RESUME_WINDOW seconds; on the transformers engine from the model folder,
+    on the OpenVINO engine from the same model written as a GGUF file."""
     with serve(
+        "--engine",
+        engine_name,
         "--model",
-        str(tiny_long_model_dir),
+        str(tiny_gguf if engine_name == "openvino" else tiny_long_model_dir),
         "--device",
         "cpu",
         "--heartbeat-interval",

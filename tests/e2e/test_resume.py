@@ -130,7 +130,7 @@ async def test_resume_takes_a_generation_over_from_a_connection_still_open(tiny_
     b = await Client.connect(tiny_server.ws)
     await b.send({"type": "resume", "id": "move", "after_seq": 3, "session": a.hello["session"], "resume_token": token})
     resumed = await b.until(lambda m: m.get("id") == "move")
-    assert resumed["type"] == "resumed" and resumed["running"] is True
+    assert resumed["type"] == "resumed" and resumed["running"] is True, resumed
     await b.until(lambda m: m.get("id") == "move" and m["type"] in ("token", "tokens"))
     await b.send({"type": "cancel", "id": "move"})
     end = await b.finish("move")

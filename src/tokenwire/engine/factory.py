@@ -2,12 +2,84 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+
 from tokenwire.config import Settings
+from tokenwire.engine import models
 from tokenwire.engine.interface import Engine
 from tokenwire.engine.scheduler import SchedulerConfig
 
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "openvino", "transformers")
+
+
+def choose_engine(settings: Settings) -> tuple[str, str]:
+    """Which engine serves ``settings``, and why (for the log). ``auto``: OpenVINO wherever it can run the model."""
+    if settings.engine not in ENGINES:
+        raise ValueError(f"unknown engine {settings.engine!r}; choose one of {', '.join(ENGINES)}")
+    if settings.engine != "auto":
+        return settings.engine, "--engine " + settings.engine
+    if settings.device.startswith("cuda"):
+        return "transformers", f"--device {settings.device}"
+    if settings.quantize == "int8":
+        return "transformers", "--quantize int8 is the transformers engine's"
+    try:
+        models.openvino_source(models.resolve(settings.model))
+    except models.NotForOpenVINO as exc:
+        return "transformers", str(exc).split("; ", 1)[-1].split(" (", 1)[0]
+    if importlib.util.find_spec("openvino_genai") is None:
+        return "transformers", "openvino-genai is not installed"
+    if settings.device == "auto" and _cuda_available():
+        return "transformers", "a CUDA device is present"
+    return "openvino", "the model is a GGUF file or an OpenVINO IR folder and runs on the CPU"
+
+
+def _cuda_available() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def prepare_model(settings: Settings) -> str:
+    """Fill the caches a first start with ``settings`` fills; returns a line saying what is ready."""
+    kind, why = choose_engine(settings)
+    log.info("engine: %s (%s)", kind, why)
+    resolved = models.resolve(settings.model)
+    if kind == "openvino":
+        from tokenwire.engine.openvino.model import prepare
+
+        source = models.openvino_source(resolved)
+        prepared = prepare(resolved, source, settings.max_model_len)
+        return f"openvino: {source} (context {prepared.max_context} tokens) is ready"
+    from tokenwire.engine.hf import loader  # imports torch
+
+    return f"transformers: {loader.local_folder(resolved)} is ready"
+
 
 def build_engine(settings: Settings) -> Engine:
+    kind, why = choose_engine(settings)
+    log.info("engine: %s (%s)", kind, why)
+    if kind == "openvino":
+        from tokenwire.engine.openvino.engine import OVEngine, OVEngineConfig
+
+        return OVEngine(
+            OVEngineConfig(
+                model=settings.model,
+                device=settings.device,
+                dtype=settings.dtype,
+                quantize=settings.quantize,
+                max_model_len=settings.max_model_len,
+                threads=settings.threads,
+                max_batch_size=settings.max_batch_size,
+                max_waiting=settings.max_waiting,
+                kv_cache_tokens=settings.kv_cache_tokens,
+                max_prefill_tokens=settings.max_prefill_tokens,
+            )
+        )
     from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig  # imports torch
 
     return HFEngine(
@@ -15,7 +87,7 @@ def build_engine(settings: Settings) -> Engine:
             model=settings.model,
             device=settings.device,
             dtype=settings.dtype,
-            quantize=settings.quantize,
+            quantize="none" if settings.quantize == "auto" else settings.quantize,
             max_model_len=settings.max_model_len,
             threads=settings.threads,
             scheduler=SchedulerConfig(

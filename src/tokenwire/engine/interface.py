@@ -186,6 +186,7 @@ class EngineStats:
     kv_cache_tokens_used: int = 0
     kv_cache_tokens_capacity: int = 0
     steps: int = 0
+    backend: str = ""  # the engine that runs the model: transformers, openvino
 
 
 class Engine(Protocol):

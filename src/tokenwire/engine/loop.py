@@ -59,19 +59,31 @@ class LoadedModel:
 @dataclass(slots=True)
 class StepOutput:
     """One step of a backend: the new token ids of each request that got some (in order), the requests scheduled
-    for the first time, and the requests that failed (already removed from the backend)."""
+    for the first time, the requests that failed and those the backend ended by itself (both already removed
+    from the backend), and how many model steps this was (a backend in another process may report several)."""
 
     tokens: dict[str, list[int]] = field(default_factory=dict)
     scheduled: list[str] = field(default_factory=list)
     failed: dict[str, EngineError] = field(default_factory=dict)
+    finished: dict[str, FinishReason] = field(default_factory=dict)
+    steps: int = 1
 
 
 class Backend(Protocol):
     """A model and how to step it. Every method runs in the model thread, except :meth:`stats`."""
 
-    name: str
+    name: str  # the model's
+    kind: str  # the engine's: transformers, openvino
 
     def load(self) -> LoadedModel: ...
+
+    @property
+    def alive(self) -> bool:
+        """False once the backend cannot run anything any more (its process died)."""
+        ...
+
+    def close(self) -> None:
+        """Stop for good (the model thread ends)."""
 
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int) -> None:
         """Queue a request; it joins the running batch at a coming step."""
@@ -245,7 +257,7 @@ class LoopEngine:
         self._inbox.put(_Abort(request_id))
 
     def stats(self) -> EngineStats:
-        return dataclasses.replace(self.backend.stats(), steps=self._steps)
+        return dataclasses.replace(self.backend.stats(), steps=self._steps, backend=self.backend.kind)
 
     def _deliver(self, items: list[_Item]) -> None:
         """Event loop: route one step's outputs to their streams."""
@@ -262,11 +274,16 @@ class LoopEngine:
                     break
                 if self.backend.has_work:
                     self.step()
+                if not self.backend.alive:
+                    log.error("the %s engine stopped; the server is not ready any more", self.backend.kind)
+                    self._ready = False
+                    break
         except Exception:  # pragma: no cover - a bug in the loop itself
             log.exception("engine loop crashed")
             self._ready = False
         finally:
             self._fail_all(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+            self.backend.close()
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued adds and aborts. Returns False when asked to stop."""
@@ -321,7 +338,11 @@ class LoopEngine:
             out.extend(made)
             if ended:
                 self.backend.remove(rid)
-        self._steps += 1
+        for rid, reason in result.finished.items():
+            end = outputs.finish(rid, reason)  # None: the output side ended it already
+            if end is not None:
+                out.append(end)
+        self._steps += result.steps
         self.emit(out)
 
     def _fail_all(self, code: ErrorCode, message: str) -> None:

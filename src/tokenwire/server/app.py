@@ -107,10 +107,11 @@ class ServerState:
             if self.public_url:
                 url, ws = self.public_url, self.public_url.replace("http", "ws", 1)
                 log.info(
-                    "ready in %.1f s: %s is served at %s (chat page), %s/ws (WebSocket), %s/v1 (OpenAI API), "
-                    "%s/dashboard",
+                    "ready in %.1f s: %s (%s engine) is served at %s (chat page), %s/ws (WebSocket), "
+                    "%s/v1 (OpenAI API), %s/dashboard",
                     time.monotonic() - started,
                     self.engine.model_name,
+                    self.engine.stats().backend,
                     url + "/",
                     ws,
                     url,
@@ -299,6 +300,7 @@ def create_app(
                     "kv_cache_tokens_used": es.kv_cache_tokens_used,
                     "kv_cache_tokens_capacity": es.kv_cache_tokens_capacity,
                     "steps": es.steps,
+                    "backend": es.backend,
                 },
                 "active_connections": len(state.connections),
                 "realtime_connections": len(state.realtime_connections),

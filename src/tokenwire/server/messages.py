@@ -12,13 +12,14 @@ def encode(message: dict[str, Any]) -> str:
     return json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def hello(session: str, model: str, limits: dict[str, int], heartbeat_s: float) -> dict[str, Any]:
+def hello(session: str, model: str, limits: dict[str, int], heartbeat_s: float, engine: str = "") -> dict[str, Any]:
     return {
         "type": "hello",
         "content": f"tokenwire ready: {model}",
         "finished": False,
         "session": session,
         "model": model,
+        "engine": engine,
         "protocol": 1,
         "limits": {**limits, "heartbeat_s": heartbeat_s},
     }

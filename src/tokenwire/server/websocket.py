@@ -116,6 +116,7 @@ class Connection:
                     self.engine.model_name,
                     {**self.settings.limits.as_dict(), "context_tokens": self.engine.max_context},
                     self.settings.heartbeat_interval,
+                    self.engine.stats().backend,
                 )
             )
             if self.settings.heartbeat_interval > 0:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from tokenwire.engine import models
 from tokenwire.engine.hf import loader
 from tokenwire.engine.hf.quant import quantize_int8
 from tokenwire.engine.hf.runner import ModelRunner
@@ -54,12 +55,15 @@ class HFEngine(LoopEngine):
 class HFBackend:
     """A transformers model over a slot KV cache, stepped by the engine loop's thread."""
 
+    kind = "transformers"
+    alive = True
+
     def __init__(self, config: HFEngineConfig) -> None:
         _pick_dtype(config.dtype, torch.device("cpu"))  # an unknown dtype fails here, not after a long load
         if config.quantize not in ("none", "int8"):
             raise ValueError(f"unknown quantize {config.quantize!r}; choose none or int8")
         self.config = config
-        self._resolved = loader.resolve(config.model)
+        self._resolved = models.resolve(config.model)
         self.name = self._resolved.name
         self.scheduler = Scheduler(config.scheduler)
         self.runner: ModelRunner | None = None
@@ -100,6 +104,9 @@ class HFBackend:
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
+
+    def close(self) -> None:
+        pass  # the model goes with the process
 
     def idle(self) -> None:
         if self.runner is not None and self.runner.cache.rows_cap:

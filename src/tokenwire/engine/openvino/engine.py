@@ -1,0 +1,233 @@
+"""The OpenVINO engine: OpenVINO GenAI's continuous-batching pipeline, stepped in a child process.
+
+The engine core (engine/loop.py) runs here as for every backend: tokenizing (with tokenwire's own tokenizer, so
+both engines feed a model the same prompt tokens), the output side (end-of-sequence, stop strings, max_tokens,
+detokenizing) and the queues to the event loop. Only the model step is elsewhere: :class:`OVBackend` forwards
+adds and removes to the worker process (worker.py) and each of its steps returns what the worker's steps made.
+
+    event loop --GenerationRequest--> tokenize --> model thread --Add/Remove--> worker process (pipeline.step())
+    event loop <--RequestOutput------ output side <--------------- Stepped (token ids) --/
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+from dataclasses import dataclass
+from itertools import count
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from tokenwire.engine import models
+from tokenwire.engine.interface import EngineError, EngineStats, ErrorCode, FinishReason, SamplingParams
+from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
+from tokenwire.engine.openvino import worker
+from tokenwire.engine.openvino.model import prepare
+
+log = logging.getLogger(__name__)
+
+BLOCK_TOKENS = 32  # the CPU pipeline's KV-cache block (tokens); --kv-cache-tokens is rounded up to blocks
+STEP_WAIT_S = 0.005  # how long a model-thread step waits for the worker before looking at its inbox again
+_PRECISIONS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+_DEVICES = {"cpu": "CPU", "gpu": "GPU"}
+
+
+@dataclass(slots=True, frozen=True)
+class OVEngineConfig:
+    model: str | None = None  # None: the default model
+    device: str = "auto"  # auto (CPU) | cpu | gpu (an Intel GPU)
+    dtype: str = "auto"  # inference precision: auto (OpenVINO's choice for the CPU) | float32 | bfloat16 | float16
+    quantize: str = "auto"  # weights: auto = as the model file stores them
+    max_model_len: int = 8192
+    threads: int = 0  # 0: all cores
+    max_batch_size: int = 64
+    max_waiting: int = 1024
+    kv_cache_tokens: int = 1 << 17
+    max_prefill_tokens: int = 512
+    prefix_caching: bool = True
+
+
+class OVEngine(LoopEngine):
+    """Serves a GGUF file or an OpenVINO IR folder with OpenVINO GenAI's continuous batching."""
+
+    backend: OVBackend
+
+    def __init__(self, config: OVEngineConfig) -> None:
+        """Resolves the model and checks the settings at once (ValueError); loading is in start()."""
+        backend = OVBackend(config)
+        super().__init__(backend, backend.name, config.max_batch_size + config.max_waiting)
+
+
+class OVBackend:
+    """The model thread's side of the worker process: a :class:`~tokenwire.engine.loop.Backend`."""
+
+    kind = "openvino"
+
+    def __init__(self, config: OVEngineConfig) -> None:
+        if config.dtype not in ("auto", *_PRECISIONS):
+            raise ValueError(f"unknown dtype {config.dtype!r}; choose one of auto, {', '.join(_PRECISIONS)}")
+        if config.device not in ("auto", *_DEVICES):
+            raise ValueError(f"the openvino engine runs on cpu or gpu (an Intel GPU), not {config.device!r}")
+        if config.quantize not in ("auto", "none"):
+            raise ValueError(
+                f"--quantize {config.quantize} is not available on the openvino engine: it uses the weights as the "
+                "model file stores them (auto); pick a quantized GGUF file, or --engine transformers"
+            )
+        self.config = config
+        self.resolved = models.resolve(config.model)
+        self.source = models.openvino_source(self.resolved)  # ModelNotFoundError if OpenVINO cannot read it
+        self.name = self.resolved.name
+        self._keys: dict[str, int] = {}  # request id -> worker key
+        self._rids: dict[int, str] = {}
+        self._next_key = count(1)
+        self._conn: Connection | None = None
+        self._process: BaseProcess | None = None
+        self._alive = False
+        self._last = worker.Stepped()
+
+    # -- lifecycle
+    def load(self) -> LoadedModel:
+        """Start the worker (it loads the weights), read the tokenizer meanwhile, then wait for the worker."""
+        cfg = self.config
+        properties: dict[str, str | int] = {"CACHE_DIR": str(models.cache_dir() / "openvino-kernels")}
+        if cfg.threads > 0:
+            properties["INFERENCE_NUM_THREADS"] = cfg.threads
+        if cfg.dtype != "auto":
+            properties["INFERENCE_PRECISION_HINT"] = _PRECISIONS[cfg.dtype]
+        wcfg = worker.WorkerConfig(
+            model=self.source,
+            device=_DEVICES.get(cfg.device, "CPU"),
+            properties=properties,
+            max_num_seqs=cfg.max_batch_size,
+            kv_cache_blocks=max(1, -(-cfg.kv_cache_tokens // BLOCK_TOKENS)),
+            max_batched_tokens=max(cfg.max_prefill_tokens, cfg.max_batch_size),
+            prefix_caching=cfg.prefix_caching,
+        )
+        log.info("loading %s with OpenVINO on %s in a worker process", self.name, wcfg.device)
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        process = ctx.Process(target=worker.main, args=(theirs, wcfg), name="tokenwire-openvino", daemon=True)
+        process.start()
+        theirs.close()
+        try:
+            prepared = prepare(self.resolved, self.source, cfg.max_model_len)
+            loaded = ours.recv()
+        except EOFError:
+            process.join(5)
+            raise RuntimeError(f"the OpenVINO worker process exited while loading (code {process.exitcode})") from None
+        except BaseException:
+            process.kill()
+            raise
+        if loaded.error is not None:
+            process.join(5)
+            raise RuntimeError(f"OpenVINO could not load {self.source}: {loaded.error}")
+        self._conn, self._process, self._alive = ours, process, True
+        log.info(
+            "model ready: %s, context %d tokens (OpenVINO, weights loaded in %.1f s)",
+            self.name,
+            prepared.max_context,
+            loaded.seconds,
+        )
+        return LoadedModel(prepared.tokenizer, prepared.eos_ids, prepared.max_context)
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    def close(self) -> None:
+        conn, process = self._conn, self._process
+        self._alive = False
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+            conn.close()
+        if process is not None:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+
+    # -- requests
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int) -> None:
+        key = next(self._next_key)
+        self._keys[request_id] = key
+        self._rids[key] = request_id
+        self._send(worker.Add(key, list(prompt_ids), params, max_new_tokens))
+
+    def remove(self, request_id: str) -> None:
+        key = self._keys.pop(request_id, None)
+        if key is not None and self._rids.pop(key, None) is not None:
+            self._send(worker.Remove(key))
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._keys)
+
+    def idle(self) -> None:
+        pass  # the worker frees a request's KV blocks when it ends
+
+    def stats(self) -> EngineStats:
+        last = self._last
+        capacity = -(-self.config.kv_cache_tokens // BLOCK_TOKENS) * BLOCK_TOKENS
+        busy = bool(self._keys)  # the worker reports only while it has requests: its last counters may be stale
+        return EngineStats(
+            running=last.scheduled if busy else 0,
+            waiting=max(0, last.requests - last.scheduled) if busy else 0,
+            max_batch_size=self.config.max_batch_size,
+            kv_cache_tokens_used=round(capacity * last.cache_usage / 100) if busy else 0,
+            kv_cache_tokens_capacity=capacity,
+            backend=self.kind,
+        )
+
+    # -- the step
+    def step(self) -> StepOutput:
+        """What the worker made since the last call (all of its steps, merged in order); waits a little for it."""
+        out = StepOutput(steps=0)
+        conn = self._conn
+        if conn is None or not self._alive:
+            return out
+        try:
+            if not conn.poll(STEP_WAIT_S):
+                return out
+            while conn.poll():
+                self._merge(conn.recv(), out)
+        except (EOFError, OSError):
+            self._died(out)
+        return out
+
+    def _merge(self, msg: worker.Stepped, out: StepOutput) -> None:
+        self._last = msg
+        out.steps += 1
+        for key, ids in msg.tokens.items():
+            rid = self._rids.get(key)
+            if rid is not None:  # None: removed here already; these are its last tokens, unwanted
+                out.tokens.setdefault(rid, []).extend(ids)
+        for key, reason in msg.ended.items():
+            rid = self._rids.pop(key, None)
+            if rid is None:
+                continue
+            del self._keys[rid]
+            if reason is None:  # finished in the pipeline: the output side most likely ended it already
+                out.finished[rid] = FinishReason.STOP
+            else:
+                out.failed[rid] = EngineError(ErrorCode.GENERATION_FAILED, reason)
+
+    def _died(self, out: StepOutput) -> None:
+        process = self._process
+        if process is not None:
+            process.join(1)
+        code = process.exitcode if process is not None else None
+        log.error("the OpenVINO worker process exited (code %s); failing its %d requests", code, len(self._keys))
+        for rid in self._keys:
+            out.failed[rid] = EngineError(ErrorCode.GENERATION_FAILED, f"the engine process exited (code {code})")
+        self._keys.clear()
+        self._rids.clear()
+        self._alive = False
+
+    def _send(self, msg: Any) -> None:
+        if self._conn is None or not self._alive:
+            return
+        with contextlib.suppress(OSError):  # the worker is gone; the next step notices and fails its requests
+            self._conn.send(msg)

@@ -1,0 +1,124 @@
+"""What the server's process needs of a model the OpenVINO worker runs: its tokenizer, end-of-sequence ids and
+context window.
+
+OpenVINO GenAI reads a GGUF file's weights itself (no conversion). tokenwire tokenizes with its own
+(transformers) tokenizer, the same one the transformers engine uses, so both engines give a model the same
+prompt tokens. Reading a GGUF file's tokenizer takes transformers ~10 s for the default model, so it is done once
+and kept in the cache directory (``<name>-<key>-tokenizer``) with a ``tokenwire.json`` written last: a folder
+without it, or one that does not load, is a partial or corrupt cache and is built again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenwire.engine import models
+
+log = logging.getLogger(__name__)
+
+MARKER = "tokenwire.json"
+MARKER_VERSION = 1
+
+
+@dataclass(slots=True, frozen=True)
+class Prepared:
+    tokenizer: Any
+    eos_ids: frozenset[int]
+    max_context: int
+
+
+def prepare(resolved: models.ResolvedModel, source: str, max_model_len: int) -> Prepared:
+    """The tokenizer and limits of ``resolved`` (whose OpenVINO source is ``source``)."""
+    from transformers import AutoTokenizer
+
+    if resolved.gguf_file is None:  # an OpenVINO IR folder: optimum writes the transformers files next to the IR
+        folder = Path(source)
+        info = _folder_info(folder)
+    else:
+        folder = tokenizer_folder(Path(source))
+        info = json.loads((folder / MARKER).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    eos = set(info.get("eos_ids") or [])
+    if isinstance(tokenizer.eos_token_id, int):
+        eos.add(tokenizer.eos_token_id)
+    context = int(info.get("max_context") or max_model_len)
+    return Prepared(tokenizer, frozenset(eos), min(max_model_len, context))
+
+
+def tokenizer_folder(gguf: Path) -> Path:
+    """The cached tokenizer folder of a GGUF file, built if missing, partial or corrupt."""
+    target = models.cache_dir() / f"{gguf.stem}-{models.gguf_cache_key(gguf)}-tokenizer"
+    if _valid(target):
+        return target
+    if target.exists():
+        log.warning("the cached tokenizer at %s is incomplete or corrupt; building it again", target)
+        shutil.rmtree(target, ignore_errors=True)
+    log.info("reading the tokenizer of %s (one time; cached at %s)", gguf.name, target)
+    _build(gguf, target)
+    return target
+
+
+def _valid(folder: Path) -> bool:
+    try:
+        info = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(info, dict) or info.get("version") != MARKER_VERSION:
+        return False
+    try:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(folder))
+    except Exception:
+        return False
+    return True
+
+
+def _build(gguf: Path, target: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    info = {
+        "version": MARKER_VERSION,
+        "source": gguf.name,
+        "max_context": getattr(text, "max_position_embeddings", None),
+        "eos_ids": _ids(getattr(config, "eos_token_id", None)),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(tmp)
+    (tmp / MARKER).write_text(json.dumps(info))  # last: its presence says the folder is whole
+    if target.exists():  # another process built it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def _folder_info(folder: Path) -> dict[str, Any]:
+    info: dict[str, Any] = {"eos_ids": []}
+    for name in ("config.json", "generation_config.json"):
+        try:
+            data = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        info["eos_ids"] += _ids(data.get("eos_token_id"))
+        if "max_position_embeddings" in data:
+            info["max_context"] = data["max_position_embeddings"]
+    return info
+
+
+def _ids(value: Any) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list | tuple):
+        return [int(x) for x in value if isinstance(x, int)]
+    return []

@@ -1,0 +1,63 @@
+"""--engine: which backend serves which settings, and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tokenwire.config import Settings
+from tokenwire.engine.factory import build_engine, choose_engine
+from tokenwire.engine.hf.engine import HFEngine
+from tokenwire.engine.openvino.engine import OVEngine
+
+
+def test_auto_runs_gguf_files_on_openvino_on_the_cpu(tiny_gguf: Path) -> None:
+    assert choose_engine(Settings(model=str(tiny_gguf), device="cpu"))[0] == "openvino"
+    assert choose_engine(Settings())[0] == "openvino"  # the default model is a GGUF file
+    assert isinstance(build_engine(Settings(model=str(tiny_gguf), device="cpu")), OVEngine)
+
+
+def test_auto_falls_back_to_transformers_and_says_why(tiny_model_dir: Path, tiny_gguf: Path) -> None:
+    kind, why = choose_engine(Settings(model=str(tiny_model_dir)))
+    assert kind == "transformers" and "GGUF" in why
+    kind, why = choose_engine(Settings(model=str(tiny_gguf), device="cuda"))
+    assert kind == "transformers" and "cuda" in why
+    kind, why = choose_engine(Settings(model=str(tiny_gguf), quantize="int8"))
+    assert kind == "transformers" and "int8" in why
+    assert isinstance(build_engine(Settings(model=str(tiny_model_dir), device="cpu")), HFEngine)
+
+
+def test_a_forced_engine_is_used_or_refused_with_a_reason(tiny_model_dir: Path, tiny_gguf: Path) -> None:
+    assert isinstance(build_engine(Settings(model=str(tiny_gguf), engine="transformers", device="cpu")), HFEngine)
+    with pytest.raises(ValueError, match="--engine transformers"):
+        build_engine(Settings(model=str(tiny_model_dir), engine="openvino"))
+    with pytest.raises(ValueError, match="unknown engine"):
+        choose_engine(Settings(engine="vllm"))
+
+
+def test_the_default_quantize_is_accepted_by_both_engines(tiny_model_dir: Path, tiny_gguf: Path) -> None:
+    assert Settings().quantize == "auto"
+    assert isinstance(build_engine(Settings(model=str(tiny_gguf), engine="openvino")), OVEngine)
+    assert isinstance(build_engine(Settings(model=str(tiny_model_dir), engine="transformers")), HFEngine)
+
+
+def test_prepare_fills_the_cache_and_a_partial_or_corrupt_cache_is_rebuilt(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tokenwire.cli import main
+    from tokenwire.engine.openvino.model import MARKER, tokenizer_folder
+
+    monkeypatch.setenv("TOKENWIRE_CACHE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as done:
+        main(["prepare", "--model", str(tiny_gguf)])
+    assert done.value.code == 0 and "openvino" in capsys.readouterr().out
+    folder = tokenizer_folder(tiny_gguf)
+    assert folder.parent == tmp_path and (folder / MARKER).is_file()
+    (folder / MARKER).unlink()  # a build that stopped half-way
+    assert (tokenizer_folder(tiny_gguf) / MARKER).is_file()
+    (folder / "tokenizer.json").write_text("{not json")  # a corrupt file
+    rebuilt = tokenizer_folder(tiny_gguf)
+    assert (rebuilt / "tokenizer.json").read_text().startswith("{\n") or "model" in (
+        rebuilt / "tokenizer.json"
+    ).read_text()

@@ -1,0 +1,212 @@
+"""The OpenVINO engine on a tiny random GGUF model: the same tokens as the transformers engine, every sampling
+parameter honoured, seeds, cancel, isolation of the worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import scaled
+from tokenwire.engine import ChatMessage, EngineError, ErrorCode, FinishReason, GenerationRequest, OutputKind
+from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig
+from tokenwire.engine.interface import SamplingParams
+from tokenwire.engine.models import NotForOpenVINO
+from tokenwire.engine.openvino.engine import OVEngine, OVEngineConfig
+from tokenwire.engine.scheduler import SchedulerConfig
+
+
+async def make_engine(model: Path, **kw: Any) -> OVEngine:
+    # float32 inference: the CPU's default may be bf16, which would make the comparison with transformers inexact
+    eng = OVEngine(OVEngineConfig(model=str(model), dtype="float32", max_batch_size=16, kv_cache_tokens=1 << 14, **kw))
+    await eng.start()
+    return eng
+
+
+@pytest.fixture
+async def engine(tiny_gguf: Path) -> AsyncIterator[OVEngine]:
+    eng = await make_engine(tiny_gguf)
+    yield eng
+    await eng.shutdown()
+
+
+async def run(eng: Any, rid: str, prompt: str = "Hello world!", **kw: Any) -> dict[str, Any]:
+    params = SamplingParams(**kw)
+    out: dict[str, Any] = {"text": "", "deltas": 0}
+    async for item in eng.generate(GenerationRequest(rid, params, messages=(ChatMessage("user", prompt),))):
+        if item.kind is OutputKind.STARTED:
+            out["prompt_tokens"] = item.prompt_tokens
+        out["text"] += item.text
+        out["deltas"] += item.kind is OutputKind.DELTA
+        if item.kind is OutputKind.FINISHED:
+            out.update(reason=item.finish_reason, completion=item.completion_tokens)
+    return out
+
+
+PROMPTS = ["Hello world!", "What is the capital of France? " * 3, "日本語 😀", "a", "Streaming tokens" * 6]
+
+
+async def test_greedy_text_and_prompt_tokens_equal_the_transformers_engine(tiny_gguf: Path) -> None:
+    """Both engines read the same GGUF file: the same messages give the same prompt tokens, and greedy decoding
+    (float32 on both) the same first 12 tokens, for requests running together on the OpenVINO engine. (Further
+    on, the two engines' kernels round differently, and a random model's near-ties can flip: one prompt in five
+    differed at token 22.)"""
+    hf = HFEngine(HFEngineConfig(model=str(tiny_gguf), device="cpu", dtype="float32", scheduler=SchedulerConfig()))
+    await hf.start()
+    try:
+        expected = [await run(hf, f"hf{i}", p, max_tokens=12, temperature=0) for i, p in enumerate(PROMPTS)]
+        hf_prompts = [hf.prompts.build(_chat(f"x{i}", p)).token_ids for i, p in enumerate(PROMPTS)]  # type: ignore[union-attr]
+    finally:
+        await hf.shutdown()
+    ov = await make_engine(tiny_gguf)
+    try:
+        got = await asyncio.gather(*(run(ov, f"ov{i}", p, max_tokens=12, temperature=0) for i, p in enumerate(PROMPTS)))
+        ov_prompts = [ov.prompts.build(_chat(f"x{i}", p)).token_ids for i, p in enumerate(PROMPTS)]  # type: ignore[union-attr]
+    finally:
+        await ov.shutdown()
+    assert ov_prompts == hf_prompts
+    assert [g["text"] for g in got] == [e["text"] for e in expected]
+    assert [g["completion"] for g in got] == [e["completion"] for e in expected]
+    assert len({g["text"] for g in got}) > 1  # the prompts make different texts: the comparison means something
+
+
+def _chat(rid: str, prompt: str) -> GenerationRequest:
+    return GenerationRequest(rid, SamplingParams(), messages=(ChatMessage("user", prompt),))
+
+
+async def test_a_seeded_request_alone_gives_the_same_text(engine: OVEngine) -> None:
+    a = await run(engine, "a", max_tokens=30, temperature=1.0, seed=7, ignore_eos=True)
+    b = await run(engine, "b", max_tokens=30, temperature=1.0, seed=7, ignore_eos=True)
+    c = await run(engine, "c", max_tokens=30, temperature=1.0, seed=8, ignore_eos=True)
+    assert a["text"] == b["text"]
+    assert c["text"] != a["text"]
+
+
+async def test_unseeded_requests_differ(engine: OVEngine) -> None:
+    """The pipeline's default seed is the same for every request; the engine draws one per request instead."""
+    texts = {(await run(engine, f"u{i}", max_tokens=30, temperature=1.0, ignore_eos=True))["text"] for i in range(3)}
+    assert len(texts) == 3
+
+
+@pytest.mark.parametrize(
+    "param",
+    [
+        {"repetition_penalty": 5.0},
+        {"presence_penalty": 2.0},
+        {"frequency_penalty": 2.0},
+        {"temperature": 1.5, "seed": 3, "top_k": 1},
+        {"temperature": 1.5, "seed": 3, "top_p": 0.01},
+        {"temperature": 1.5, "seed": 3, "min_p": 1.0},
+    ],
+)
+async def test_every_sampling_parameter_changes_the_output(engine: OVEngine, param: dict[str, Any]) -> None:
+    """Each parameter reaches the pipeline: the penalties change greedy text; top_k=1, a tiny top_p or min_p=1
+    turn hot sampling back into greedy decoding."""
+    prompt = "What is the capital of France? " * 3
+    greedy = await run(engine, "g", prompt, max_tokens=40, temperature=0, ignore_eos=True)
+    hot = await run(engine, "h", prompt, max_tokens=40, temperature=1.5, seed=3, ignore_eos=True)
+    got = await run(engine, "p", prompt, max_tokens=40, ignore_eos=True, **({"temperature": 0} | param))
+    assert hot["text"] != greedy["text"]
+    if "temperature" in param:
+        assert got["text"] == greedy["text"]
+    else:
+        assert got["text"] != greedy["text"]
+
+
+async def test_stop_max_tokens_and_ignore_eos(engine: OVEngine) -> None:
+    full = await run(engine, "f", max_tokens=40, temperature=0, ignore_eos=True)
+    assert full["completion"] == 40 and full["reason"] is FinishReason.LENGTH
+    stop = full["text"][10:13]
+    cut = await run(engine, "s", max_tokens=40, temperature=0, ignore_eos=True, stop=(stop,))
+    assert cut["reason"] is FinishReason.STOP
+    assert cut["text"] == full["text"][: full["text"].index(stop)]
+
+
+async def test_cancel_frees_the_request_and_others_go_on(engine: OVEngine) -> None:
+    req = GenerationRequest("long", SamplingParams(max_tokens=3000, ignore_eos=True), prompt="Hello")
+    stream = engine.generate(req)
+    other = asyncio.create_task(run(engine, "other", max_tokens=50, temperature=0, ignore_eos=True))
+    got = 0
+    async for item in stream:
+        got += item.kind is OutputKind.DELTA
+        if got == 5:
+            engine.abort("long")
+        if item.kind is OutputKind.FINISHED:
+            assert item.finish_reason is FinishReason.CANCELLED
+    assert (await asyncio.wait_for(other, scaled(30)))["completion"] == 50
+    for _ in range(100):
+        if engine.stats().running == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert engine.stats().running == 0 and not engine.backend.has_work
+
+
+async def test_a_closed_iterator_aborts(engine: OVEngine) -> None:
+    stream = engine.generate(GenerationRequest("gone", SamplingParams(max_tokens=3000, ignore_eos=True), prompt="x"))
+    async for item in stream:
+        if item.kind is OutputKind.DELTA:
+            break
+    await stream.aclose()
+    for _ in range(100):
+        if not engine.backend.has_work:
+            break
+        await asyncio.sleep(0.05)
+    assert not engine.backend.has_work
+    assert (await run(engine, "next", max_tokens=5, temperature=0, ignore_eos=True))["completion"] == 5
+
+
+async def test_a_dead_worker_fails_its_requests_and_the_engine_is_not_ready(tiny_gguf: Path) -> None:
+    eng = await make_engine(tiny_gguf)
+    try:
+        task = asyncio.create_task(run(eng, "victim", max_tokens=3000, ignore_eos=True))
+        await asyncio.sleep(0.5)
+        process = eng.backend._process
+        assert process is not None and process.pid is not None
+        os.kill(process.pid, signal.SIGKILL)
+        with pytest.raises(EngineError) as err:
+            await asyncio.wait_for(task, scaled(10))
+        assert err.value.code is ErrorCode.GENERATION_FAILED and "exited" in err.value.message
+        for _ in range(50):
+            if not eng.ready:
+                break
+            await asyncio.sleep(0.05)
+        assert not eng.ready
+    finally:
+        await eng.shutdown()
+
+
+def test_a_transformers_folder_is_refused_with_the_way_out(tiny_model_dir: Path) -> None:
+    with pytest.raises(NotForOpenVINO, match="--engine transformers"):
+        OVEngine(OVEngineConfig(model=str(tiny_model_dir)))
+
+
+def test_settings_it_cannot_honour_are_refused(tiny_gguf: Path) -> None:
+    with pytest.raises(ValueError, match="quantize"):
+        OVEngine(OVEngineConfig(model=str(tiny_gguf), quantize="int8"))
+    with pytest.raises(ValueError, match="cuda"):
+        OVEngine(OVEngineConfig(model=str(tiny_gguf), device="cuda"))
+    with pytest.raises(ValueError, match="dtype"):
+        OVEngine(OVEngineConfig(model=str(tiny_gguf), dtype="int3"))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"temperature": 1e-3, "top_p": 1e-9, "top_k": 1, "min_p": 0.0},
+        {"temperature": 10.0, "top_p": 1.0, "top_k": 10**9, "min_p": 1.0},
+        {"repetition_penalty": 0.01, "presence_penalty": -2.0, "frequency_penalty": -2.0, "seed": 0},
+        {"repetition_penalty": 10.0, "presence_penalty": 2.0, "frequency_penalty": 2.0, "seed": (1 << 63) - 1},
+        {"temperature": 0.0, "repetition_penalty": 10.0, "ignore_eos": True},
+    ],
+)
+def test_the_pipeline_accepts_every_value_the_protocol_allows(values: dict[str, Any]) -> None:
+    """The protocol's ranges (SamplingParams) are checked before a request is accepted; the pipeline's own check
+    must then never refuse one after ``started`` went out."""
+    from tokenwire.engine.openvino.worker import generation_config
+
+    generation_config(SamplingParams(**values), max_new_tokens=0).validate()
