@@ -1,13 +1,16 @@
 """tokenwire against the servers a user would otherwise pick, side by side in one run on this machine.
 
-Starts ``tokenwire serve`` (default model) and ``transformers serve --continuous-batching`` on the same weights
-(tokenwire's converted copy of the GGUF, a plain model folder), and llama.cpp's ``llama-server`` on the GGUF
-itself when ``--llama-server`` names its binary; see ../shared/PEERS.md for installing them outside this
-repository. All stay up, idle between runs; the same load (bench/loadgen.py) then runs against each in turns,
-``--rounds`` times per stream count, the order reversed every round so that the machine's drift hits all.
-tokenwire is measured twice: over its WebSocket protocol and over the same OpenAI SSE endpoint as the peers.
+Starts ``tokenwire serve`` (default model) on each engine of ``--engines``, ``transformers serve
+--continuous-batching`` on the same weights (tokenwire's converted copy of the GGUF, a plain model folder) when
+``--transformers`` names its command, and llama.cpp's ``llama-server`` on the GGUF itself when ``--llama-server``
+names its binary; see ../shared/PEERS.md for installing them outside this repository. All stay up, idle between
+runs; the same load (bench/loadgen.py) then runs against each in turns, ``--rounds`` times per stream count, the
+order reversed every round so that the machine's drift hits all. The first engine is measured twice: over
+tokenwire's WebSocket protocol and over the same OpenAI SSE endpoint as the peers. ``--in-process`` adds OpenVINO
+GenAI's pipeline run in process with no server (bench/ov_pipeline.py): the ceiling for the OpenVINO engine.
 
-    python bench/peers.py --transformers /tmp/peers-venv/bin/transformers --streams 1,8,32 --max-tokens 64
+    python bench/peers.py --llama-server /tmp/llama.cpp/build/bin/llama-server --engines openvino,transformers \
+        --in-process --streams 1,8,32,64 --max-tokens 64
 
 Prints a Markdown table (medians) with tokenwire / peer ratios and writes ``--out`` (JSON) and ``.md`` beside it.
 """
@@ -30,11 +33,13 @@ from typing import Any
 import loadgen
 from compare import BENCH, free_port, start, stop, wait_ready, write_results
 
-TOKENWIRE_WS, TOKENWIRE_SSE = "tokenwire (WebSocket)", "tokenwire (SSE)"
+IN_PROCESS = "OpenVINO pipeline in process (no server)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="tokenwire against transformers serve and llama-server, in turns")
+    p.add_argument("--engines", default="openvino", help="tokenwire engines to run, comma-separated (first: WS + SSE)")
+    p.add_argument("--in-process", action="store_true", help="also OpenVINO's pipeline in process (the ceiling)")
     p.add_argument("--transformers", default=None, help="the `transformers` command of a venv with [serving]")
     p.add_argument("--transformers-dtype", default="float32", help="its --dtype (PEERS.md: float32)")
     p.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (optional)")
@@ -51,19 +56,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.streams_list = sorted({int(s) for s in a.streams.split(",") if s.strip()})
     if not a.streams_list or min(a.streams_list) < 1 or a.max_tokens < 1 or a.rounds < 1:
         p.error("--streams values, --max-tokens and --rounds must be >= 1")
-    if not a.transformers and not a.llama_server:
-        p.error("name at least one peer: --transformers and/or --llama-server")
+    a.engines_list = [e.strip() for e in a.engines.split(",") if e.strip()]
+    if not a.engines_list:
+        p.error("--engines names no engine")
     return a
 
 
-def default_model() -> tuple[Path, Path]:
-    """The default model's GGUF file and tokenwire's converted folder of it (converted now if need be)."""
-    from tokenwire.engine.hf.loader import local_folder
+def default_gguf() -> Path:
     from tokenwire.engine.models import resolve
 
     resolved = resolve(None)
     assert resolved.gguf_file is not None
-    return Path(resolved.path) / resolved.gguf_file, Path(local_folder(resolved))
+    return Path(resolved.path) / resolved.gguf_file
+
+
+def converted_folder() -> Path:
+    """tokenwire's converted folder of the default model (converted now if need be), for transformers serve."""
+    from tokenwire.engine.hf.loader import local_folder
+    from tokenwire.engine.models import resolve
+
+    return Path(local_folder(resolve(None)))
+
+
+def cpu_model() -> dict[str, Any]:
+    """Which CPU the figures come from (it changes between sessions): its name and its vector extensions."""
+    name, flags = "", ""
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+        for line in f:
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1]
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+    return {"name": name, "cores": os.cpu_count(), "flags": [x for x in wanted if x in flags.split()]}
+
+
+def in_process(n: int, a: argparse.Namespace, log_path: Path) -> dict[str, Any]:
+    """One run of bench/ov_pipeline.py (its own process: nothing else shares its GIL)."""
+    argv = [sys.executable, str(Path(__file__).with_name("ov_pipeline.py")), "--streams", str(n)]
+    argv += ["--max-tokens", str(a.max_tokens), "--temperature", str(a.temperature), "--prompt", a.prompt]
+    with log_path.open("ab") as log:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=log, timeout=a.timeout, check=True)
+    summary: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    summary["label"] = f"{IN_PROCESS} x{n}"
+    return summary
 
 
 def served_model(port: int) -> str:
@@ -71,16 +107,17 @@ def served_model(port: int) -> str:
         return str(json.loads(r.read())["data"][0]["id"])
 
 
-def markdown(results: list[dict[str, Any]], peers: list[str]) -> str:
+def markdown(results: list[dict[str, Any]], ours: list[str], others: list[str]) -> str:
     lines = [
         "| streams | server | runs | tok/s (median) | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | errors |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    head = "| streams | " + " | ".join(f"{tw} / {peer} tok/s" for peer in peers for tw in ("WS", "SSE")) + " |"
-    ratios = ["", head, "|---:|" + "---:|" * (2 * len(peers))]
+    pairs = [(tw, other) for other in others for tw in ours]
+    head = "| streams | " + " | ".join(f"{tw} / {other} tok/s" for tw, other in pairs) + " |"
+    ratios = ["", head, "|---:|" + "---:|" * len(pairs)]
     for n in sorted({r["streams"] for r in results}):
         tps: dict[str, float] = {}
-        for server in [TOKENWIRE_WS, TOKENWIRE_SSE, *peers]:
+        for server in [*ours, *others]:
             rs = [r for r in results if r["streams"] == n and r["server"] == server]
             if not rs:
                 continue
@@ -94,11 +131,7 @@ def markdown(results: list[dict[str, Any]], peers: list[str]) -> str:
                 f"| {n} | {server} | {len(rs)} | {tps[server]:.1f} | {med('ttft_ms', 'p50')} | {med('ttft_ms', 'p99')} "
                 f"| {med('itl_ms', 'p50')} | {med('itl_ms', 'p99')} | {sum(r['errors'] for r in rs)} |"
             )
-        cells = [
-            f"{tps[tw] / tps[peer]:.2f}" if tps.get(peer) and tps.get(tw) else "-"
-            for peer in peers
-            for tw in (TOKENWIRE_WS, TOKENWIRE_SSE)
-        ]
+        cells = [f"{tps[tw] / tps[o]:.2f}" if tps.get(o) and tps.get(tw) else "-" for tw, o in pairs]
         ratios.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines + ratios)
 
@@ -109,21 +142,30 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(a.out) if a.out else BENCH / "results" / f"peers-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    gguf, folder = default_model()
+    gguf = default_gguf()
+    folder = converted_folder() if a.transformers else None
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     procs: list[subprocess.Popen[bytes]] = []
     targets: dict[str, tuple[str, str, str]] = {}  # server -> (mode, url, model)
     results: list[dict[str, Any]] = []
+    ours: list[str] = []
     peers: list[str] = []
     try:
-        port = free_port()
-        argv_tw = [sys.executable, "-m", "tokenwire.cli", "serve", "--port", str(port), *a.tokenwire_args.split()]
-        procs.append(start(argv_tw, out.with_suffix(".tokenwire.log"), env))
-        wait_ready(procs[-1], port, True, out.with_suffix(".tokenwire.log"))
-        model = served_model(port)
-        targets[TOKENWIRE_WS] = ("tokenwire", f"ws://127.0.0.1:{port}/", model)
-        targets[TOKENWIRE_SSE] = ("openai", f"http://127.0.0.1:{port}", model)
+        for i, engine in enumerate(a.engines_list):
+            port = free_port()
+            argv_tw = [sys.executable, "-m", "tokenwire.cli", "serve", "--port", str(port), "--engine", engine]
+            argv_tw += a.tokenwire_args.split()
+            log_path = out.with_suffix(f".tokenwire-{engine}.log")
+            procs.append(start(argv_tw, log_path, env))
+            wait_ready(procs[-1], port, True, log_path)
+            model = served_model(port)
+            targets[f"tokenwire {engine} (WebSocket)"] = ("tokenwire", f"ws://127.0.0.1:{port}/", model)
+            ours.append(f"tokenwire {engine} (WebSocket)")
+            if i == 0:
+                targets[f"tokenwire {engine} (SSE)"] = ("openai", f"http://127.0.0.1:{port}", model)
+                ours.append(f"tokenwire {engine} (SSE)")
         if a.transformers:
+            assert folder is not None
             port = free_port()
             name = f"transformers serve ({a.transformers_dtype})"
             argv_tf = [a.transformers, "serve", str(folder), "--continuous-batching", "--dtype", a.transformers_dtype]
@@ -142,10 +184,18 @@ def main(argv: list[str] | None = None) -> int:
             wait_ready(procs[-1], port, False, out.with_suffix(".llama.log"))
             targets[name] = ("openai", f"http://127.0.0.1:{port}", "default")
             peers.append(name)
-        order = list(targets)
+        if a.in_process:
+            peers.append(IN_PROCESS)
+        order = [*targets, *([IN_PROCESS] if a.in_process else [])]
         for n in a.streams_list:
             for turn in range(a.rounds):
                 for server in order if turn % 2 == 0 else order[::-1]:
+                    if server == IN_PROCESS:
+                        summary = in_process(n, a, out.with_suffix(".in-process.log"))
+                        summary["server"] = server
+                        print(loadgen.format_summary({**summary, "requests": n, "completed": n}), flush=True)
+                        results.append(summary)
+                        continue
                     mode, url, model = targets[server]
                     cfg = loadgen.LoadConfig(
                         url=url,
@@ -165,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for proc in procs:
             stop(proc)
-    meta = {"date": stamp, "model_folder": str(folder), "gguf": str(gguf)}
-    write_results(out, a, meta, results, markdown(results, peers))
+    meta = {"date": stamp, "model_folder": str(folder), "gguf": str(gguf), "cpu": cpu_model()}
+    write_results(out, a, meta, results, markdown(results, ours, peers))
     return 1 if any(r["errors"] or r["timed_out"] for r in results) else 0
 
 

@@ -80,6 +80,13 @@ class Settings:
             "blocks of 32 tokens, the KV bytes per token depend on the model)"
         },
     )
+    prefix_caching: str = field(
+        default="on",
+        metadata={
+            "help": "on or off: reuse the KV of a prompt's leading blocks computed before (a chat's history, a "
+            "shared system prompt); the openvino engine has it, the transformers engine has none"
+        },
+    )
     max_prefill_tokens: int = field(default=512, metadata={"help": "prompt tokens per step (long prompts chunk)"})
     # protocol limits
     max_message_bytes: int = field(default=1 << 20, metadata={"help": "largest client frame (bigger: close 1009)"})

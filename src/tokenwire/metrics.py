@@ -106,6 +106,12 @@ class Metrics:
         )
         self.prompt_tokens = Counter("tokenwire_prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("tokenwire_generation_tokens", "Tokens generated.", registry=r)
+        self.prefix_cache_queries = Counter(
+            "tokenwire_prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache.", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "tokenwire_prefix_cache_hits_tokens", "Prompt tokens whose KV came from the prefix cache.", registry=r
+        )
         self.requests = Counter(
             "tokenwire_requests", "Finished requests by finish reason and door.", ["finish_reason", "api"], registry=r
         )

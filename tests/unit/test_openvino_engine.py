@@ -210,3 +210,48 @@ def test_the_pipeline_accepts_every_value_the_protocol_allows(values: dict[str, 
     from tokenwire.engine.openvino.worker import generation_config
 
     generation_config(SamplingParams(**values), max_new_tokens=0).validate()
+
+
+SYSTEM = "You are a careful assistant. " * 30  # well over a few 32-token blocks
+
+
+async def chat_turn(eng: OVEngine, rid: str, turns: list[ChatMessage], **kw: Any) -> tuple[str, int]:
+    text, cached = "", -1
+    request = GenerationRequest(rid, SamplingParams(temperature=0, **kw), messages=tuple(turns))
+    async for item in eng.generate(request):
+        text += item.text
+        if item.kind is OutputKind.FINISHED:
+            cached = item.cached_tokens
+    return text, cached
+
+
+async def test_a_chats_next_turn_and_a_shared_system_prompt_come_from_the_prefix_cache(engine: OVEngine) -> None:
+    first = [ChatMessage("system", SYSTEM), ChatMessage("user", "Hello world!")]
+    answer, cached = await chat_turn(engine, "t1", first, max_tokens=20)
+    assert cached == 0
+    prompt_1 = engine.prompts.build(GenerationRequest("x", SamplingParams(), messages=tuple(first)))  # type: ignore[union-attr]
+    second = [*first, ChatMessage("assistant", answer), ChatMessage("user", "And then?")]
+    _, cached = await chat_turn(engine, "t2", second, max_tokens=20)
+    assert cached >= len(prompt_1.token_ids) - 32  # the whole history, to the last whole block
+    other = [ChatMessage("system", SYSTEM), ChatMessage("user", "Something else entirely")]
+    _, cached = await chat_turn(engine, "t3", other, max_tokens=5)
+    prompt_3 = engine.prompts.build(GenerationRequest("x", SamplingParams(), messages=tuple(other)))  # type: ignore[union-attr]
+    shared = next(i for i, (a, b) in enumerate(zip(prompt_1.token_ids, prompt_3.token_ids, strict=False)) if a != b)
+    assert shared > 600  # the system prompt
+    assert cached == shared // 32 * 32  # every whole block of the shared system prompt, nothing after it
+
+
+async def test_greedy_text_is_the_same_with_the_prefix_cache_on_and_off(tiny_gguf: Path) -> None:
+    first = [ChatMessage("system", SYSTEM), ChatMessage("user", "Hello world!")]
+    texts: dict[bool, list[str]] = {}
+    for on in (True, False):
+        eng = await make_engine(tiny_gguf, prefix_caching=on)
+        try:
+            answer, _ = await chat_turn(eng, "a", first, max_tokens=20)
+            second = [*first, ChatMessage("assistant", answer), ChatMessage("user", "And then?")]
+            follow, cached = await chat_turn(eng, "b", second, max_tokens=30)
+            assert (cached > 0) is on
+            texts[on] = [answer, follow]
+        finally:
+            await eng.shutdown()
+    assert texts[True] == texts[False]

@@ -19,6 +19,8 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
     """Which engine serves ``settings``, and why (for the log). ``auto``: OpenVINO wherever it can run the model."""
     if settings.engine not in ENGINES:
         raise ValueError(f"unknown engine {settings.engine!r}; choose one of {', '.join(ENGINES)}")
+    if settings.prefix_caching not in ("on", "off"):
+        raise ValueError(f"--prefix-caching must be on or off, not {settings.prefix_caching!r}")
     if settings.engine != "auto":
         return settings.engine, "--engine " + settings.engine
     if settings.device.startswith("cuda"):
@@ -28,7 +30,7 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
     try:
         models.openvino_source(models.resolve(settings.model))
     except models.NotForOpenVINO as exc:
-        return "transformers", str(exc).split("; ", 1)[-1].split(" (", 1)[0]
+        return "transformers", str(exc).split(" (use ", 1)[0]
     if importlib.util.find_spec("openvino_genai") is None:
         return "transformers", "openvino-genai is not installed"
     if settings.device == "auto" and _cuda_available():
@@ -78,6 +80,7 @@ def build_engine(settings: Settings) -> Engine:
                 max_waiting=settings.max_waiting,
                 kv_cache_tokens=settings.kv_cache_tokens,
                 max_prefill_tokens=settings.max_prefill_tokens,
+                prefix_caching=settings.prefix_caching == "on",
             )
         )
     from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig  # imports torch

@@ -175,6 +175,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None  # FINISHED
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # FINISHED: prompt tokens whose KV came from the prefix cache
     timings: Timings | None = None  # FINISHED
 
 

@@ -66,6 +66,7 @@ class StepOutput:
     scheduled: list[str] = field(default_factory=list)
     failed: dict[str, EngineError] = field(default_factory=dict)
     finished: dict[str, FinishReason] = field(default_factory=dict)
+    cached: dict[str, int] = field(default_factory=dict)  # prompt tokens a request found in the prefix cache
     steps: int = 1
 
 
@@ -330,6 +331,8 @@ class LoopEngine:
         out: list[_Item] = []
         for rid in result.scheduled:
             outputs.scheduled(rid, now)
+        for rid, cached in result.cached.items():
+            outputs.cached(rid, cached)
         for rid, error in result.failed.items():
             outputs.drop(rid)
             out.append(_Failure(rid, error))

@@ -32,6 +32,7 @@ class _Stream:
     first_token_at: float | None = None
     generated: int = 0
     unreported: int = 0  # tokens whose text is still held back
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
     def timings(self, now: float) -> Timings:
         start = self.submitted_at
@@ -71,6 +72,11 @@ class OutputProcessor:
         stream = self._streams.get(request_id)
         if stream is not None and stream.scheduled_at is None:
             stream.scheduled_at = now
+
+    def cached(self, request_id: str, cached_tokens: int) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.cached_tokens = cached_tokens
 
     def tokens(self, request_id: str, token_ids: Iterable[int], now: float) -> tuple[list[RequestOutput], bool]:
         """The outputs that ``token_ids`` (the request's next tokens, in order) make, and whether the request has
@@ -130,5 +136,6 @@ class OutputProcessor:
             finish_reason=reason,
             prompt_tokens=stream.prompt_tokens,
             completion_tokens=stream.generated,
+            cached_tokens=stream.cached_tokens,
             timings=stream.timings(time.monotonic()),
         )

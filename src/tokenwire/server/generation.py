@@ -76,7 +76,13 @@ class Producer:
                         self._flush()
                         assert out.finish_reason is not None
                         done = messages.complete(
-                            gen_id, self._seq, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.timings
+                            gen_id,
+                            self._seq,
+                            out.finish_reason,
+                            out.prompt_tokens,
+                            out.completion_tokens,
+                            out.timings,
+                            out.cached_tokens,
                         )
                         self._emit(done, final=True)
         except EngineError as err:

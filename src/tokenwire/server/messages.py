@@ -56,8 +56,15 @@ def token(gen_id: str, seq: int, text: str, tokens: int, batched: bool) -> dict[
 
 
 def complete(
-    gen_id: str, seq: int, reason: FinishReason, prompt_tokens: int, completion_tokens: int, timings: Timings | None
+    gen_id: str,
+    seq: int,
+    reason: FinishReason,
+    prompt_tokens: int,
+    completion_tokens: int,
+    timings: Timings | None,
+    cached_tokens: int = 0,
 ) -> dict[str, Any]:
+    """``usage.cached_tokens``: prompt tokens whose KV came from the prefix cache (0 on an engine without one)."""
     return {
         "type": "complete",
         "id": gen_id,
@@ -69,6 +76,7 @@ def complete(
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
+            "cached_tokens": cached_tokens,
         },
         "timings": {
             "queue_ms": timings.queue_ms if timings else 0.0,

@@ -177,7 +177,7 @@ class OpenAIRoutes:
             return error_response(result)
         text, out = result
         reason = oa.finish_reason(out.finish_reason) if out.finish_reason else "stop"
-        use = oa.usage(out.prompt_tokens, out.completion_tokens)
+        use = oa.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
         body_out = (oa.chat_completion if chat else oa.text_completion)(ids, text, reason, use)
         return JSONResponse(body_out)
 
@@ -252,7 +252,8 @@ class OpenAIRoutes:
                         reason = oa.finish_reason(out.finish_reason) if out.finish_reason else "stop"
                         yield sse(oa.chat_chunk(ids, {}, reason) if chat else oa.text_chunk(ids, "", reason))
                         if req.include_usage:
-                            yield sse(oa.usage_chunk(ids, chat, oa.usage(out.prompt_tokens, out.completion_tokens)))
+                            use = oa.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
+                            yield sse(oa.usage_chunk(ids, chat, use))
                         break
             except EngineError as err:  # after the headers: report it in the stream
                 trace.failed(err.code.value)

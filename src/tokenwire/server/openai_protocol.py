@@ -188,11 +188,12 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
 # -- response shapes
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -224,7 +225,7 @@ def text_chunk(ids: ResponseIds, text: str, reason: str | None) -> dict[str, Any
     return _envelope(ids, "text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}])
 
 
-def usage_chunk(ids: ResponseIds, chat: bool, use: dict[str, int]) -> dict[str, Any]:
+def usage_chunk(ids: ResponseIds, chat: bool, use: dict[str, Any]) -> dict[str, Any]:
     return _envelope(ids, "chat.completion.chunk" if chat else "text_completion", [], usage=use)
 
 

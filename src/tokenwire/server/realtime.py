@@ -209,7 +209,7 @@ class RealtimeConnection:
         }
         where = {"response_id": rid, "item_id": item.id, "output_index": 0, "content_index": 0}
         trace = self.telemetry.trace(running.request_id, self.session.id, "realtime")
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
         status: str = "failed"
         details: dict[str, Any] | None = None
         try:
@@ -236,6 +236,7 @@ class RealtimeConnection:
                         if out.kind is OutputKind.FINISHED:
                             trace.finished(out)
                             prompt_tokens, completion_tokens = out.prompt_tokens, out.completion_tokens
+                            cached_tokens = out.cached_tokens
                             status, details = _STATUS[out.finish_reason or FinishReason.STOP]
                             if status == "cancelled" and self._shutting_down:
                                 details = {"type": "cancelled", "reason": "server_shutting_down"}
@@ -255,7 +256,7 @@ class RealtimeConnection:
                 status=status,
                 status_details=details,
                 output=[item.as_dict()],
-                usage=usage(prompt_tokens, completion_tokens),
+                usage=usage(prompt_tokens, completion_tokens, cached_tokens),
             )
             await self.send(event("response.done", response=response))
         except (asyncio.CancelledError, WebSocketDisconnect):

@@ -347,11 +347,11 @@ def error_event(err: RealtimeError, client_event_id: str | None) -> dict[str, An
     )
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
     return {
         "total_tokens": prompt_tokens + completion_tokens,
         "input_tokens": prompt_tokens,
         "output_tokens": completion_tokens,
-        "input_token_details": {"text_tokens": prompt_tokens, "audio_tokens": 0, "cached_tokens": 0},
+        "input_token_details": {"text_tokens": prompt_tokens, "audio_tokens": 0, "cached_tokens": cached_tokens},
         "output_token_details": {"text_tokens": completion_tokens, "audio_tokens": 0},
     }

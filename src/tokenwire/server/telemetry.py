@@ -84,6 +84,8 @@ class Trace:
         reason = out.finish_reason.value if out.finish_reason else "stop"
         m.requests.labels(finish_reason=reason, api=self.api).inc()
         m.prompt_tokens.inc(out.prompt_tokens)
+        m.prefix_cache_queries.inc(out.prompt_tokens)
+        m.prefix_cache_hits.inc(out.cached_tokens)
         m.generation_tokens.inc(out.completion_tokens)
         tm = out.timings
         if tm is not None:

@@ -102,6 +102,7 @@ class OVBackend:
             properties=properties,
             max_num_seqs=cfg.max_batch_size,
             kv_cache_blocks=max(1, -(-cfg.kv_cache_tokens // BLOCK_TOKENS)),
+            block_tokens=BLOCK_TOKENS,
             max_batched_tokens=max(cfg.max_prefill_tokens, cfg.max_batch_size),
             prefix_caching=cfg.prefix_caching,
         )
@@ -204,6 +205,10 @@ class OVBackend:
             rid = self._rids.get(key)
             if rid is not None:  # None: removed here already; these are its last tokens, unwanted
                 out.tokens.setdefault(rid, []).extend(ids)
+        for key, cached in msg.cached.items():
+            rid = self._rids.get(key)
+            if rid is not None:
+                out.cached[rid] = cached
         for key, reason in msg.ended.items():
             rid = self._rids.pop(key, None)
             if rid is None:

@@ -26,6 +26,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from tokenwire.engine.interface import SamplingParams
+from tokenwire.engine.prefix import PrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class WorkerConfig:
     properties: dict[str, str | int]  # compile properties: INFERENCE_NUM_THREADS, KV_CACHE_PRECISION, CACHE_DIR...
     max_num_seqs: int  # sequences scheduled together at most
     kv_cache_blocks: int  # KV-cache size in blocks of the pipeline's block size
+    block_tokens: int  # the pipeline's block size (tokens)
     max_batched_tokens: int  # tokens per step (prefill chunks + decodes)
     prefix_caching: bool
 
@@ -68,6 +70,7 @@ class Stepped:
 
     tokens: dict[int, list[int]] = field(default_factory=dict)
     ended: dict[int, str | None] = field(default_factory=dict)
+    cached: dict[int, int] = field(default_factory=dict)  # prompt tokens found in the prefix cache, on admission
     requests: int = 0  # in the pipeline
     scheduled: int = 0  # of them, scheduled in this step
     cache_usage: float = 0.0  # percent of the KV cache in use
@@ -127,11 +130,13 @@ def main(conn: Connection, config: WorkerConfig) -> None:
         return
     conn.send(Loaded(seconds=time.monotonic() - started))
     with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):  # the server is gone
-        Worker(conn, pipe).run()
+        Worker(
+            conn, pipe, PrefixIndex(config.block_tokens, config.kv_cache_blocks) if config.prefix_caching else None
+        ).run()
 
 
 class Worker:
-    def __init__(self, conn: Connection, pipe: Any) -> None:
+    def __init__(self, conn: Connection, pipe: Any, prefix: PrefixIndex | None = None) -> None:
         import openvino as ov
         import openvino_genai as og
 
@@ -143,6 +148,11 @@ class Worker:
         self.handles: dict[int, Any] = {}
         self.cancelled: list[Any] = []  # handles cancelled since the last step, held until it ran
         self.pending = Stepped()  # what goes out with the next Stepped (failures outside a step)
+        # The prefix cache as the pipeline keeps it (it does not say what it reused): see engine/prefix.py. A
+        # prompt's blocks are cached once computed (its first token), the rest of a sequence when it ends.
+        self.prefix = prefix
+        self.sequences: dict[int, list[int]] = {}  # key -> prompt + generated ids (prefix caching only)
+        self.prompt_lens: dict[int, int] = {}
 
     def run(self) -> None:
         while True:
@@ -167,6 +177,7 @@ class Worker:
                 if handle is not None:
                     handle.cancel()
                     self.cancelled.append(handle)
+                    self.forget(msg.key)
         if self.pending.ended and not self.handles:
             self.flush(Stepped())
         return True
@@ -178,6 +189,10 @@ class Worker:
             ids = self._ov.Tensor(np.array([msg.prompt_ids], dtype=np.int64))
             config = generation_config(msg.params, msg.max_new_tokens)
             self.handles[msg.key] = self.pipe.add_request(msg.key, ids, config)
+            if self.prefix is not None:
+                self.pending.cached[msg.key] = self.prefix.match(msg.prompt_ids)
+                self.sequences[msg.key] = list(msg.prompt_ids)
+                self.prompt_lens[msg.key] = len(msg.prompt_ids)
         except Exception as exc:  # a request the pipeline refuses fails alone
             log.warning("request %d refused by the pipeline: %s", msg.key, exc)
             self.pending.ended[msg.key] = f"the OpenVINO pipeline refused the request: {exc}"
@@ -192,6 +207,8 @@ class Worker:
                 handle.cancel()
                 self.cancelled.append(handle)
                 out.ended[key] = f"generation failed: {exc}"
+                self.sequences.pop(key, None)
+                self.prompt_lens.pop(key, None)
             self.handles.clear()
         self.cancelled.clear()
         for key, handle in list(self.handles.items()):
@@ -201,18 +218,38 @@ class Worker:
                     got.extend(seq.generated_ids)
             if got:
                 out.tokens[key] = got
+                self.remember(key, got)
             status = handle.get_status()
             if status != self._running:
                 del self.handles[key]
                 out.ended[key] = None if status == self._finished else f"the pipeline dropped the request ({status})"
+                self.forget(key)
         metrics = self.pipe.get_metrics()
         out.requests = int(metrics.requests)
         out.scheduled = int(metrics.scheduled_requests)
         out.cache_usage = float(metrics.cache_usage)
         self.flush(out)
 
+    def remember(self, key: int, got: list[int]) -> None:
+        seq = self.sequences.get(key)
+        if seq is None or self.prefix is None:
+            return
+        if len(seq) == self.prompt_lens[key]:  # the first token: the prompt's KV is computed and shared from now
+            self.prefix.insert(seq)
+        seq.extend(got)
+
+    def forget(self, key: int) -> None:
+        """A sequence ended: the cache keeps the KV of all but its last token."""
+        seq = self.sequences.pop(key, None)
+        prompt_len = self.prompt_lens.pop(key, 0)
+        if seq is not None and self.prefix is not None and len(seq) > prompt_len:  # else: maybe never computed
+            self.prefix.insert(seq[:-1])
+
     def flush(self, out: Stepped) -> None:
         if self.pending.ended:
             out.ended = {**self.pending.ended, **out.ended}
             self.pending.ended.clear()
+        if self.pending.cached:
+            out.cached = {**self.pending.cached, **out.cached}
+            self.pending.cached.clear()
         self.conn.send(out)
