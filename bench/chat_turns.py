@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not 1 <= a.turns <= len(QUESTIONS) or a.rounds < 1:
         p.error(f"--turns from 1 to {len(QUESTIONS)}, --rounds >= 1")
-    with httpx.Client(timeout=300) as client:
+    # A new connection per request: some servers close an idle keep-alive connection between turns.
+    with httpx.Client(timeout=300, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         if not a.model:
             a.model = client.get(a.url + "/v1/models").json()["data"][0]["id"]
         chat(client, a.url, a.model, 1, 4, "warm-up")

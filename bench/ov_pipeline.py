@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--kv-cache-tokens", type=int, default=1 << 17)
     p.add_argument("--max-prefill-tokens", type=int, default=512)
+    p.add_argument("--property", action="append", default=[], help="an OpenVINO compile property, KEY=VALUE")
     a = p.parse_args(argv)
+    properties: dict[str, str | int] = dict(kv.split("=", 1) for kv in a.property)
     resolved = models.resolve(a.model)
     source = models.openvino_source(resolved)
     prepared = prepare(resolved, source, 8192)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         WorkerConfig(
             model=source,
             device="CPU",
-            properties={},
+            properties=properties,
             max_num_seqs=a.max_batch_size,
             kv_cache_blocks=-(-a.kv_cache_tokens // BLOCK_TOKENS),
             block_tokens=BLOCK_TOKENS,

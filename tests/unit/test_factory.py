@@ -18,20 +18,32 @@ def test_auto_runs_gguf_files_on_openvino_on_the_cpu(tiny_gguf: Path) -> None:
     assert isinstance(build_engine(Settings(model=str(tiny_gguf), device="cpu")), OVEngine)
 
 
-def test_auto_falls_back_to_transformers_and_says_why(tiny_model_dir: Path, tiny_gguf: Path) -> None:
-    kind, why = choose_engine(Settings(model=str(tiny_model_dir)))
-    assert kind == "transformers" and "GGUF" in why
+def test_auto_falls_back_to_transformers_and_says_why(tiny_model_dir: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    assert choose_engine(Settings(model=str(tiny_model_dir)))[0] == "openvino"  # a llama folder: converted
+    other = tmp_path / "gpt2-like"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    kind, why = choose_engine(Settings(model=str(other)))
+    assert kind == "transformers" and "GPT2LMHeadModel" in why
+    kind, why = choose_engine(Settings(model="HuggingFaceTB/SmolLM2-135M-Instruct"))
+    assert kind == "transformers" and "hub id" in why
     kind, why = choose_engine(Settings(model=str(tiny_gguf), device="cuda"))
     assert kind == "transformers" and "cuda" in why
     kind, why = choose_engine(Settings(model=str(tiny_gguf), quantize="int8"))
     assert kind == "transformers" and "int8" in why
-    assert isinstance(build_engine(Settings(model=str(tiny_model_dir), device="cpu")), HFEngine)
+    assert isinstance(build_engine(Settings(model=str(other), device="cpu")), HFEngine)
 
 
 def test_a_forced_engine_is_used_or_refused_with_a_reason(tiny_model_dir: Path, tiny_gguf: Path) -> None:
     assert isinstance(build_engine(Settings(model=str(tiny_gguf), engine="transformers", device="cpu")), HFEngine)
     with pytest.raises(ValueError, match="--engine transformers"):
-        build_engine(Settings(model=str(tiny_model_dir), engine="openvino"))
+        build_engine(Settings(model="HuggingFaceTB/SmolLM2-135M-Instruct", engine="openvino"))
+    with pytest.raises(ValueError, match="quantize"):  # a GGUF file's weights are used as stored
+        build_engine(Settings(model=str(tiny_gguf), engine="openvino", quantize="int8"))
     with pytest.raises(ValueError, match="unknown engine"):
         choose_engine(Settings(engine="vllm"))
 

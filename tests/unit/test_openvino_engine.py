@@ -180,9 +180,56 @@ async def test_a_dead_worker_fails_its_requests_and_the_engine_is_not_ready(tiny
         await eng.shutdown()
 
 
-def test_a_transformers_folder_is_refused_with_the_way_out(tiny_model_dir: Path) -> None:
-    with pytest.raises(NotForOpenVINO, match="--engine transformers"):
-        OVEngine(OVEngineConfig(model=str(tiny_model_dir)))
+def test_a_folder_it_cannot_convert_is_refused_with_the_reason_and_the_way_out(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    other = tmp_path / "gpt2-like"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(NotForOpenVINO, match=r"GPT2LMHeadModel.*--engine transformers"):
+        OVEngine(OVEngineConfig(model=str(other)))
+
+
+async def test_a_hugging_face_folder_is_converted_once_and_gives_the_transformers_text(
+    tiny_long_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A llama-family folder is written as a GGUF file (float16 with --quantize none) in the cache, keyed by its
+    content; the transformers engine reading that file gives the same greedy tokens; a partial or corrupt file
+    is converted again; int8 and int4 weights load and answer."""
+    from tokenwire.engine.openvino import convert
+
+    monkeypatch.setenv("TOKENWIRE_CACHE_DIR", str(tmp_path))
+    eng = await make_engine(tiny_long_model_dir, quantize="none")
+    try:
+        got = [await run(eng, f"c{i}", p, max_tokens=12, temperature=0) for i, p in enumerate(PROMPTS)]
+    finally:
+        await eng.shutdown()
+    gguf = convert.converted(tiny_long_model_dir, "none")
+    assert gguf.parent == tmp_path and eng.backend.source == str(gguf)
+    hf = HFEngine(HFEngineConfig(model=str(gguf), device="cpu", dtype="float32", scheduler=SchedulerConfig()))
+    await hf.start()
+    try:
+        expected = [await run(hf, f"h{i}", p, max_tokens=12, temperature=0) for i, p in enumerate(PROMPTS)]
+    finally:
+        await hf.shutdown()
+    assert [g["text"] for g in got] == [e["text"] for e in expected]
+    stamp = gguf.stat().st_mtime_ns
+    assert convert.converted(tiny_long_model_dir, "none").stat().st_mtime_ns == stamp  # cached
+    with gguf.open("r+b") as f:  # a conversion cut short
+        f.truncate(1000)
+    assert convert.converted(tiny_long_model_dir, "none").stat().st_size > 1000
+    gguf.with_suffix(".json").unlink()  # no marker: never finished
+    assert convert.converted(tiny_long_model_dir, "none").stat().st_mtime_ns != stamp
+    for fmt in ("int8", "int4"):
+        eng = await make_engine(tiny_long_model_dir, quantize=fmt)
+        try:
+            assert (await run(eng, fmt, max_tokens=5, temperature=0, ignore_eos=True))["completion"] == 5
+        finally:
+            await eng.shutdown()
 
 
 def test_settings_it_cannot_honour_are_refused(tiny_gguf: Path) -> None:

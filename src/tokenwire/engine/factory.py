@@ -25,16 +25,20 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
         return settings.engine, "--engine " + settings.engine
     if settings.device.startswith("cuda"):
         return "transformers", f"--device {settings.device}"
-    if settings.quantize == "int8":
-        return "transformers", "--quantize int8 is the transformers engine's"
+    from tokenwire.engine.openvino.model import plan
+
     try:
-        models.openvino_source(models.resolve(settings.model))
+        found = plan(models.resolve(settings.model))
     except models.NotForOpenVINO as exc:
         return "transformers", str(exc).split(" (use ", 1)[0]
+    if settings.quantize == "int8" and not found.convert:
+        return "transformers", "--quantize int8 of a GGUF file is the transformers engine's"
     if importlib.util.find_spec("openvino_genai") is None:
         return "transformers", "openvino-genai is not installed"
     if settings.device == "auto" and _cuda_available():
         return "transformers", "a CUDA device is present"
+    if found.convert:
+        return "openvino", "a llama-family Hugging Face folder, converted to GGUF once, on the CPU"
     return "openvino", "the model is a GGUF file or an OpenVINO IR folder and runs on the CPU"
 
 
@@ -52,9 +56,9 @@ def prepare_model(settings: Settings) -> str:
     log.info("engine: %s (%s)", kind, why)
     resolved = models.resolve(settings.model)
     if kind == "openvino":
-        from tokenwire.engine.openvino.model import prepare
+        from tokenwire.engine.openvino.model import plan, prepare
 
-        source = models.openvino_source(resolved)
+        source = plan(resolved).weights(settings.quantize)
         prepared = prepare(resolved, source, settings.max_model_len)
         return f"openvino: {source} (context {prepared.max_context} tokens) is ready"
     from tokenwire.engine.hf import loader  # imports torch

@@ -90,7 +90,8 @@ def openvino_source(resolved: ResolvedModel) -> str:
     if (folder / "openvino_model.xml").is_file():
         return str(folder)
     raise NotForOpenVINO(
-        f"the openvino engine reads GGUF files and OpenVINO IR folders; {resolved.path!r} is "
-        + ("a transformers folder" if folder.is_dir() else "a hub id")
-        + " (use --engine transformers, or export it with optimum-cli export openvino)"
+        f"the openvino engine reads GGUF files, OpenVINO IR folders and llama-family Hugging Face folders; "
+        f"{resolved.path!r} is "
+        + ("a Hugging Face folder" if folder.is_dir() else "a hub id")
+        + " (use --engine transformers)"
     )

@@ -23,8 +23,8 @@ from typing import Any
 from tokenwire.engine import models
 from tokenwire.engine.interface import EngineError, EngineStats, ErrorCode, FinishReason, SamplingParams
 from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
-from tokenwire.engine.openvino import worker
-from tokenwire.engine.openvino.model import prepare
+from tokenwire.engine.openvino import convert, worker
+from tokenwire.engine.openvino.model import plan, prepare
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,17 @@ class OVBackend:
             raise ValueError(f"unknown dtype {config.dtype!r}; choose one of auto, {', '.join(_PRECISIONS)}")
         if config.device not in ("auto", *_DEVICES):
             raise ValueError(f"the openvino engine runs on cpu or gpu (an Intel GPU), not {config.device!r}")
-        if config.quantize not in ("auto", "none"):
-            raise ValueError(
-                f"--quantize {config.quantize} is not available on the openvino engine: it uses the weights as the "
-                "model file stores them (auto); pick a quantized GGUF file, or --engine transformers"
-            )
         self.config = config
         self.resolved = models.resolve(config.model)
-        self.source = models.openvino_source(self.resolved)  # ModelNotFoundError if OpenVINO cannot read it
+        self.plan = plan(self.resolved)  # NotForOpenVINO (a ValueError) if OpenVINO cannot read it
+        allowed = ("auto", *convert.FORMATS) if self.plan.convert else ("auto",)
+        if config.quantize not in allowed:
+            raise ValueError(
+                f"--quantize {config.quantize} is not available here: the openvino engine uses the weights of a "
+                "GGUF file or IR folder as they are stored (auto); pick a quantized file, or convert a Hugging Face "
+                "folder (auto, none, int8, int4)"
+            )
+        self.source = str(self.plan.source)
         self.name = self.resolved.name
         self._keys: dict[str, int] = {}  # request id -> worker key
         self._rids: dict[int, str] = {}
@@ -91,6 +94,7 @@ class OVBackend:
     def load(self) -> LoadedModel:
         """Start the worker (it loads the weights), read the tokenizer meanwhile, then wait for the worker."""
         cfg = self.config
+        self.source = self.plan.weights(cfg.quantize)  # a Hugging Face folder is converted here, once
         properties: dict[str, str | int] = {"CACHE_DIR": str(models.cache_dir() / "openvino-kernels")}
         if cfg.threads > 0:
             properties["INFERENCE_NUM_THREADS"] = cfg.threads

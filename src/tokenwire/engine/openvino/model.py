@@ -27,6 +27,45 @@ MARKER_VERSION = 1
 
 
 @dataclass(slots=True, frozen=True)
+class Plan:
+    """How OpenVINO will read a model: a GGUF file or an IR folder as it is, or a folder converted to GGUF."""
+
+    source: Path  # the GGUF file or IR folder; for a conversion, the Hugging Face folder
+    convert: bool = False
+
+    def weights(self, quantize: str) -> str:
+        """The file or folder the worker loads (converting now, once, if that is the plan)."""
+        if not self.convert:
+            return str(self.source)
+        from tokenwire.engine.openvino import convert
+
+        return str(convert.converted(self.source, DEFAULT_CONVERTED_FORMAT if quantize == "auto" else quantize))
+
+
+# What --quantize auto writes when a Hugging Face folder is converted (docs/benchmarks.md: measured per format).
+DEFAULT_CONVERTED_FORMAT = "int8"
+
+
+def plan(resolved: models.ResolvedModel) -> Plan:
+    """How OpenVINO reads ``resolved``; :class:`~tokenwire.engine.models.NotForOpenVINO` (with the reason) if it
+    cannot. Cheap: nothing is converted here."""
+    from tokenwire.engine.openvino import convert
+
+    try:
+        return Plan(Path(models.openvino_source(resolved)))
+    except models.NotForOpenVINO:
+        folder = Path(resolved.path)
+        if not folder.is_dir():
+            raise
+    why = convert.unsupported(folder)
+    if why is not None:
+        raise models.NotForOpenVINO(
+            f"the openvino engine cannot read {resolved.path!r}: {why} (use --engine transformers)"
+        )
+    return Plan(folder, convert=True)
+
+
+@dataclass(slots=True, frozen=True)
 class Prepared:
     tokenizer: Any
     eos_ids: frozenset[int]
@@ -34,11 +73,11 @@ class Prepared:
 
 
 def prepare(resolved: models.ResolvedModel, source: str, max_model_len: int) -> Prepared:
-    """The tokenizer and limits of ``resolved`` (whose OpenVINO source is ``source``)."""
+    """The tokenizer and limits of ``resolved`` (whose OpenVINO source is ``source``, a GGUF file for a GGUF)."""
     from transformers import AutoTokenizer
 
-    if resolved.gguf_file is None:  # an OpenVINO IR folder: optimum writes the transformers files next to the IR
-        folder = Path(source)
+    if resolved.gguf_file is None:  # a Hugging Face folder, or an IR folder (optimum writes the tokenizer beside it)
+        folder = Path(resolved.path)
         info = _folder_info(folder)
     else:
         folder = tokenizer_folder(Path(source))

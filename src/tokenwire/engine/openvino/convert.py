@@ -1,0 +1,187 @@
+"""A Hugging Face model folder written as a GGUF file, once, so that OpenVINO GenAI can read it.
+
+OpenVINO GenAI reads GGUF files directly; its own route from a Hugging Face folder (``optimum-cli export
+openvino``) needs optimum-intel, whose releases pin transformers and torch below tokenwire's. So tokenwire writes
+the GGUF file itself, as llama.cpp's converter does, with the ``gguf`` package it already depends on: llama-family
+models (``LlamaForCausalLM``: Llama, SmolLM2, ...) with a byte-level BPE tokenizer. Weights are float16, or
+quantized by ``gguf`` (int8: Q8_0, int4: Q4_1). The file is kept in the cache directory under the SHA-256 of the
+folder's content (config, tokenizer, weights) and the format, with a ``.json`` marker written after it: a file
+without its marker or of another size than the marker says is a partial or corrupt conversion and is made again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from tokenwire.engine import models
+
+log = logging.getLogger(__name__)
+
+CONVERTER_VERSION = 1
+ARCHITECTURES = {"LlamaForCausalLM": "llama"}
+FORMATS = ("none", "int8", "int4")  # float16, Q8_0, Q4_1
+
+
+def unsupported(folder: Path) -> str | None:
+    """Why ``folder`` cannot be converted, or None if it can (cheap: reads config and tokenizer only)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"its config.json cannot be read ({exc})"
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch not in ARCHITECTURES:
+        return f"its architecture {arch} is not one the GGUF converter writes ({', '.join(ARCHITECTURES)})"
+    if config.get("rope_scaling"):
+        return "it uses rope scaling, which the GGUF converter does not write"
+    if not list(folder.glob("*.safetensors")):
+        return "it has no .safetensors weights"
+    try:
+        tok = json.loads((folder / "tokenizer.json").read_text())
+    except (OSError, ValueError):
+        return "it has no readable tokenizer.json"
+    if (tok.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(tok.get("pre_tokenizer")):
+        return "its tokenizer is not a byte-level BPE one (the GGUF converter writes only those)"
+    return None
+
+
+def content_key(folder: Path, fmt: str) -> str:
+    """SHA-256 of what the conversion reads, and how it writes."""
+    digest = hashlib.sha256(f"tokenwire-gguf|v{CONVERTER_VERSION}|{fmt}".encode())
+    names = ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    names += sorted(p.name for p in folder.glob("*.safetensors"))
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        digest.update(name.encode())
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()[:20]
+
+
+def converted(folder: Path, fmt: str) -> Path:
+    """The GGUF file of ``folder`` in format ``fmt``, written now if missing, partial or corrupt."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    target = models.cache_dir() / f"{folder.name}-{content_key(folder, fmt)}-{fmt}.gguf"
+    marker = target.with_suffix(".json")
+    try:
+        if json.loads(marker.read_text()).get("size") == target.stat().st_size:
+            return target
+        log.warning("the converted model at %s is incomplete or corrupt; converting again", target)
+    except (OSError, ValueError):
+        pass
+    marker.unlink(missing_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to GGUF (%s weights) for OpenVINO (one time; cached at %s)", folder, fmt, target)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    try:
+        write_gguf(folder, tmp, fmt)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    marker.write_text(json.dumps({"source": str(folder), "format": fmt, "size": target.stat().st_size}))
+    return target
+
+
+def _tensors(folder: Path) -> dict[str, Any]:
+    """Every weight as a float32 numpy array (bfloat16 files too: read through torch)."""
+    from safetensors import safe_open
+
+    out: dict[str, Any] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
+                out[name] = f.get_tensor(name).float().numpy()
+    return out
+
+
+def write_gguf(folder: Path, target: Path, fmt: str) -> None:
+    import gguf
+    import numpy as np
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    cfg = AutoConfig.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    weights = _tensors(folder)
+    qtype, file_type = {
+        "none": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+        "int8": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+        "int4": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
+    }[fmt]
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    w = gguf.GGUFWriter(str(target), ARCHITECTURES[cfg.architectures[0]])
+    w.add_name(folder.name)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(len(tok))
+    w.add_file_type(file_type)  # OpenVINO reads it
+    _write_tokenizer(w, tok)
+
+    def matrix(name: str, data: Any) -> None:
+        if qtype == gguf.GGMLQuantizationType.F16 or data.shape[-1] % 32:
+            w.add_tensor(name, data.astype(np.float16))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+    def rotary(data: Any, n: int) -> Any:  # llama.cpp's row order for Q and K
+        return data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+
+    matrix("token_embd.weight", weights["model.embed_tokens.weight"])
+    for i in tqdm(range(cfg.num_hidden_layers), desc="converting to GGUF", unit="layer"):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", weights[p + "input_layernorm.weight"])
+        matrix(f"blk.{i}.attn_q.weight", rotary(weights[p + "self_attn.q_proj.weight"], heads))
+        matrix(f"blk.{i}.attn_k.weight", rotary(weights[p + "self_attn.k_proj.weight"], kv_heads))
+        matrix(f"blk.{i}.attn_v.weight", weights[p + "self_attn.v_proj.weight"])
+        matrix(f"blk.{i}.attn_output.weight", weights[p + "self_attn.o_proj.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", weights[p + "post_attention_layernorm.weight"])
+        matrix(f"blk.{i}.ffn_gate.weight", weights[p + "mlp.gate_proj.weight"])
+        matrix(f"blk.{i}.ffn_up.weight", weights[p + "mlp.up_proj.weight"])
+        matrix(f"blk.{i}.ffn_down.weight", weights[p + "mlp.down_proj.weight"])
+    w.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    if not getattr(cfg, "tie_word_embeddings", False) and "lm_head.weight" in weights:
+        matrix("output.weight", weights["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _write_tokenizer(w: Any, tok: Any) -> None:
+    """The byte-level BPE vocabulary and merges, special tokens as control tokens, ids and the chat template."""
+    data = json.loads(tok.backend_tokenizer.to_str())
+    vocab = dict(data["model"]["vocab"])
+    special = {t["content"] for t in data.get("added_tokens", [])}
+    vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    for text, i in vocab.items():
+        tokens[i] = text
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in special else 1 for t in tokens])  # 3: control
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]])
+    for name, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("pad", tok.pad_token_id)):
+        if isinstance(value, int):
+            getattr(w, f"add_{name}_token_id")(value)
+    w.add_add_bos_token(False)
+    if tok.chat_template:
+        w.add_chat_template(tok.chat_template)
