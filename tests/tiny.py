@@ -119,70 +119,10 @@ def save_tiny_model(target: Path, max_positions: int = 256, seed: int = 0, init_
 
 
 def save_tiny_gguf(source: Path, target: Path) -> Path:
-    """Write the tiny model folder ``source`` (save_tiny_model) as a llama GGUF file, the way llama.cpp's
-    converter does: float16 matrices, float32 norms, Q and K rows permuted for llama.cpp's rotary layout, and the
-    byte-level tokenizer as a "gpt2" vocabulary with merges. Both engines read it (OpenVINO directly,
+    """Write the tiny model folder ``source`` (save_tiny_model) as a float16 GGUF file with tokenwire's own converter
+    (engine/openvino/convert.py: what llama.cpp's converter writes). Both engines read it (OpenVINO directly,
     transformers by converting it back), so the same file tests both and their outputs can be compared."""
-    import json
+    from tokenwire.engine.openvino.convert import write_gguf
 
-    import gguf
-    import numpy as np
-    from safetensors.numpy import load_file
-    from transformers import AutoConfig, AutoTokenizer
-
-    cfg = AutoConfig.from_pretrained(source)
-    tok = AutoTokenizer.from_pretrained(source)
-    weights = load_file(str(source / "model.safetensors"))
-    writer = gguf.GGUFWriter(str(target), "llama")
-    writer.add_name(source.name)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    writer.add_vocab_size(len(tok))
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    data = json.loads(tok.backend_tokenizer.to_str())
-    vocab = dict(data["model"]["vocab"])
-    special = {t["content"] for t in data["added_tokens"]}
-    vocab.update({t["content"]: t["id"] for t in data["added_tokens"]})
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in special else 1 for t in tokens])  # 3: control
-    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]])
-    writer.add_bos_token_id(tok.convert_tokens_to_ids("<|endoftext|>"))
-    writer.add_eos_token_id(tok.eos_token_id)
-    writer.add_pad_token_id(tok.pad_token_id)
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(tok.chat_template)
-
-    def f16(name: str) -> Any:
-        return weights[name].astype(np.float16)
-
-    def rotary(w: Any, heads: int) -> Any:  # llama.cpp's permutation of Q and K rows
-        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-    writer.add_tensor("token_embd.weight", f16("model.embed_tokens.weight"))
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", weights[p + "input_layernorm.weight"])
-        writer.add_tensor(f"blk.{i}.attn_q.weight", rotary(f16(p + "self_attn.q_proj.weight"), cfg.num_attention_heads))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", rotary(f16(p + "self_attn.k_proj.weight"), cfg.num_key_value_heads))
-        writer.add_tensor(f"blk.{i}.attn_v.weight", f16(p + "self_attn.v_proj.weight"))
-        writer.add_tensor(f"blk.{i}.attn_output.weight", f16(p + "self_attn.o_proj.weight"))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", weights[p + "post_attention_layernorm.weight"])
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", f16(p + "mlp.gate_proj.weight"))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", f16(p + "mlp.up_proj.weight"))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", f16(p + "mlp.down_proj.weight"))
-    writer.add_tensor("output_norm.weight", weights["model.norm.weight"])
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(source, target, "none")
     return target
