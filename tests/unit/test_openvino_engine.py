@@ -160,18 +160,29 @@ async def test_a_closed_iterator_aborts(engine: OVEngine) -> None:
     assert (await run(engine, "next", max_tokens=5, temperature=0, ignore_eos=True))["completion"] == 5
 
 
-async def test_a_dead_worker_fails_its_requests_and_the_engine_is_not_ready(tiny_gguf: Path) -> None:
+async def test_a_dead_worker_fails_its_requests_and_is_restarted_a_bounded_number_of_times(
+    tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killing the worker fails the requests it ran (generation_failed) and a new worker serves the next ones;
+    past MAX_RESTARTS deaths in the window the engine stops and is no longer ready (for the orchestrator)."""
+    from tokenwire.engine.openvino import engine as ov_engine
+
+    monkeypatch.setattr(ov_engine, "MAX_RESTARTS", 1)
     eng = await make_engine(tiny_gguf)
     try:
-        task = asyncio.create_task(run(eng, "victim", max_tokens=3000, ignore_eos=True))
-        await asyncio.sleep(0.5)
-        process = eng.backend._process
-        assert process is not None and process.pid is not None
-        os.kill(process.pid, signal.SIGKILL)
-        with pytest.raises(EngineError) as err:
-            await asyncio.wait_for(task, scaled(10))
-        assert err.value.code is ErrorCode.GENERATION_FAILED and "exited" in err.value.message
-        for _ in range(50):
+        for death in range(2):
+            task = asyncio.create_task(run(eng, f"victim{death}", max_tokens=3000, ignore_eos=True))
+            await asyncio.sleep(0.5)
+            process = eng.backend._process
+            assert process is not None and process.pid is not None and not task.done()
+            os.kill(process.pid, signal.SIGKILL)
+            with pytest.raises(EngineError) as err:
+                await asyncio.wait_for(task, scaled(10))
+            assert err.value.code is ErrorCode.GENERATION_FAILED and "exited" in err.value.message
+            if death == 0:  # restarted: served again
+                after = await asyncio.wait_for(run(eng, "after", max_tokens=5, ignore_eos=True), scaled(60))
+                assert after["completion"] == 5 and eng.ready
+        for _ in range(100):
             if not eng.ready:
                 break
             await asyncio.sleep(0.05)

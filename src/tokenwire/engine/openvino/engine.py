@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import time
 from dataclasses import dataclass
 from itertools import count
 from multiprocessing.connection import Connection
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 BLOCK_TOKENS = 32  # the CPU pipeline's KV-cache block (tokens); --kv-cache-tokens is rounded up to blocks
 STEP_WAIT_S = 0.005  # how long a model-thread step waits for the worker before looking at its inbox again
+MAX_RESTARTS = 3  # worker deaths within RESTART_WINDOW_S that are restarted; one more and the engine stops
+RESTART_WINDOW_S = 300.0
 _PRECISIONS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 _DEVICES = {"cpu": "CPU", "gpu": "GPU"}
 
@@ -89,6 +92,8 @@ class OVBackend:
         self._process: BaseProcess | None = None
         self._alive = False
         self._last = worker.Stepped()
+        self._deaths: list[float] = []  # when the worker died (restarts are bounded)
+        self._wcfg: worker.WorkerConfig | None = None
 
     # -- lifecycle
     def load(self) -> LoadedModel:
@@ -111,31 +116,43 @@ class OVBackend:
             prefix_caching=cfg.prefix_caching,
         )
         log.info("loading %s with OpenVINO on %s in a worker process", self.name, wcfg.device)
-        ctx = multiprocessing.get_context("spawn")
-        ours, theirs = ctx.Pipe()
-        process = ctx.Process(target=worker.main, args=(theirs, wcfg), name="tokenwire-openvino", daemon=True)
-        process.start()
-        theirs.close()
+        self._wcfg = wcfg
+        ours, process = self._start()
         try:
             prepared = prepare(self.resolved, self.source, cfg.max_model_len)
-            loaded = ours.recv()
-        except EOFError:
-            process.join(5)
-            raise RuntimeError(f"the OpenVINO worker process exited while loading (code {process.exitcode})") from None
+            seconds = self._await_loaded(ours, process)
         except BaseException:
-            process.kill()
+            if process.is_alive():
+                process.kill()
             raise
-        if loaded.error is not None:
-            process.join(5)
-            raise RuntimeError(f"OpenVINO could not load {self.source}: {loaded.error}")
         self._conn, self._process, self._alive = ours, process, True
         log.info(
             "model ready: %s, context %d tokens (OpenVINO, weights loaded in %.1f s)",
             self.name,
             prepared.max_context,
-            loaded.seconds,
+            seconds,
         )
         return LoadedModel(prepared.tokenizer, prepared.eos_ids, prepared.max_context)
+
+    def _start(self) -> tuple[Connection, BaseProcess]:
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = ctx.Pipe()
+        process = ctx.Process(target=worker.main, args=(theirs, self._wcfg), name="tokenwire-openvino", daemon=True)
+        process.start()
+        theirs.close()
+        return ours, process
+
+    def _await_loaded(self, ours: Connection, process: BaseProcess) -> float:
+        """Wait for the worker's Loaded; the seconds its load took (RuntimeError if it could not load)."""
+        try:
+            loaded = ours.recv()
+        except EOFError:
+            process.join(5)
+            raise RuntimeError(f"the OpenVINO worker process exited while loading (code {process.exitcode})") from None
+        if loaded.error is not None:
+            process.join(5)
+            raise RuntimeError(f"OpenVINO could not load {self.source}: {loaded.error}")
+        return float(loaded.seconds)
 
     @property
     def alive(self) -> bool:
@@ -233,7 +250,24 @@ class OVBackend:
             out.failed[rid] = EngineError(ErrorCode.GENERATION_FAILED, f"the engine process exited (code {code})")
         self._keys.clear()
         self._rids.clear()
-        self._alive = False
+        now = time.monotonic()
+        self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
+        if len(self._deaths) > MAX_RESTARTS:
+            log.error("the worker died %d times in %.0f s: not restarting it", len(self._deaths), RESTART_WINDOW_S)
+            self._alive = False
+            return
+        log.warning("restarting the OpenVINO worker; requests that arrive meanwhile wait for it")
+        try:
+            ours, process = self._start()
+            seconds = self._await_loaded(ours, process)
+        except Exception as exc:
+            log.error("the OpenVINO worker could not be restarted: %s", exc)
+            self._alive = False
+            return
+        if self._conn is not None:
+            self._conn.close()
+        self._conn, self._process = ours, process
+        log.info("the OpenVINO worker is back (weights loaded in %.1f s)", seconds)
 
     def _send(self, msg: Any) -> None:
         if self._conn is None or not self._alive:
