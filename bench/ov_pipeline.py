@@ -22,7 +22,7 @@ from typing import Any
 from tokenwire.engine import models
 from tokenwire.engine.interface import ChatMessage, GenerationRequest, SamplingParams
 from tokenwire.engine.openvino.engine import BLOCK_TOKENS
-from tokenwire.engine.openvino.model import prepare
+from tokenwire.engine.openvino.model import plan, prepare
 from tokenwire.engine.openvino.worker import WorkerConfig, generation_config, load
 from tokenwire.engine.prompt import PromptBuilder
 
@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--property", action="append", default=[], help="an OpenVINO compile property, KEY=VALUE")
     a = p.parse_args(argv)
     properties: dict[str, str | int] = dict(kv.split("=", 1) for kv in a.property)
-    resolved = models.resolve(a.model)
-    source = models.openvino_source(resolved)
-    prepared = prepare(resolved, source, 8192)
+    found = plan(models.resolve(a.model))
+    source = found.weights("auto")
+    prepared = prepare(found, 8192)
     prompt = PromptBuilder(prepared.tokenizer, prepared.max_context).build(
         GenerationRequest("x", SamplingParams(), messages=(ChatMessage("user", a.prompt),))
     )

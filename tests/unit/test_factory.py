@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from tokenwire.config import Settings
+from tokenwire.engine import GenerationRequest, OutputKind
 from tokenwire.engine.factory import build_engine, choose_engine
 from tokenwire.engine.hf.engine import HFEngine
+from tokenwire.engine.interface import SamplingParams
 from tokenwire.engine.openvino.engine import OVEngine
 
 
@@ -29,8 +31,8 @@ def test_auto_falls_back_to_transformers_and_says_why(tiny_model_dir: Path, tiny
     (other / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
     kind, why = choose_engine(Settings(model=str(other)))
     assert kind == "transformers" and "GPT2LMHeadModel" in why
-    kind, why = choose_engine(Settings(model="HuggingFaceTB/SmolLM2-135M-Instruct"))
-    assert kind == "transformers" and "hub id" in why
+    kind, why = choose_engine(Settings(model="HuggingFaceTB/SmolLM2-135M-Instruct"))  # offline, not cached
+    assert kind == "transformers" and "hub model" in why
     kind, why = choose_engine(Settings(model=str(tiny_gguf), device="cuda"))
     assert kind == "transformers" and "cuda" in why
     kind, why = choose_engine(Settings(model=str(tiny_gguf), quantize="int8"))
@@ -73,3 +75,34 @@ def test_prepare_fills_the_cache_and_a_partial_or_corrupt_cache_is_rebuilt(
     assert (rebuilt / "tokenizer.json").read_text().startswith("{\n") or "model" in (
         rebuilt / "tokenizer.json"
     ).read_text()
+
+
+async def test_a_hub_id_in_the_local_cache_is_converted_for_openvino(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub id whose snapshot is in the Hugging Face cache (offline here) runs on OpenVINO like its folder."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from tokenwire.engine import models
+    from tokenwire.engine.openvino.model import plan
+
+    repo = tmp_path / "hub" / "models--tiny--llama"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    found = plan(models.resolve("tiny/llama"))
+    assert found.convert and found.source == repo / "snapshots" / "0123abc"
+    assert choose_engine(Settings(model="tiny/llama"))[0] == "openvino"
+    monkeypatch.setenv("TOKENWIRE_CACHE_DIR", str(tmp_path / "cache"))
+    engine = build_engine(Settings(model="tiny/llama", max_batch_size=4, kv_cache_tokens=4096))
+    await engine.start()
+    try:
+        request = GenerationRequest("h", SamplingParams(max_tokens=5, ignore_eos=True), prompt="Hello")
+        outputs = [out async for out in engine.generate(request)]
+        assert outputs[-1].kind is OutputKind.FINISHED and outputs[-1].completion_tokens == 5
+        assert engine.stats().backend == "openvino" and engine.model_name == "llama"
+    finally:
+        await engine.shutdown()

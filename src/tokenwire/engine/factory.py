@@ -58,8 +58,9 @@ def prepare_model(settings: Settings) -> str:
     if kind == "openvino":
         from tokenwire.engine.openvino.model import plan, prepare
 
-        source = plan(resolved).weights(settings.quantize)
-        prepared = prepare(resolved, source, settings.max_model_len)
+        found = plan(resolved)
+        source = found.weights(settings.quantize)
+        prepared = prepare(found, settings.max_model_len)
         return f"openvino: {source} (context {prepared.max_context} tokens) is ready"
     from tokenwire.engine.hf import loader  # imports torch
 

@@ -119,7 +119,7 @@ class OVBackend:
         self._wcfg = wcfg
         ours, process = self._start()
         try:
-            prepared = prepare(self.resolved, self.source, cfg.max_model_len)
+            prepared = prepare(self.plan, cfg.max_model_len)
             seconds = self._await_loaded(ours, process)
         except BaseException:
             if process.is_alive():

@@ -56,13 +56,27 @@ def plan(resolved: models.ResolvedModel) -> Plan:
     except models.NotForOpenVINO:
         folder = Path(resolved.path)
         if not folder.is_dir():
-            raise
+            folder = _hub_snapshot(resolved.path)
     why = convert.unsupported(folder)
     if why is not None:
         raise models.NotForOpenVINO(
             f"the openvino engine cannot read {resolved.path!r}: {why} (use --engine transformers)"
         )
     return Plan(folder, convert=True)
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of a hub model: from the Hugging Face cache, or downloaded now unless HF_HUB_OFFLINE.
+    Only what the conversion reads is fetched (config, tokenizer, safetensors)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as exc:
+        raise models.NotForOpenVINO(
+            f"the openvino engine could not get hub model {repo_id!r} ({type(exc).__name__}: {exc}) "
+            "(use --engine transformers)"
+        ) from exc
 
 
 @dataclass(slots=True, frozen=True)
@@ -72,15 +86,15 @@ class Prepared:
     max_context: int
 
 
-def prepare(resolved: models.ResolvedModel, source: str, max_model_len: int) -> Prepared:
-    """The tokenizer and limits of ``resolved`` (whose OpenVINO source is ``source``, a GGUF file for a GGUF)."""
+def prepare(found: Plan, max_model_len: int) -> Prepared:
+    """The tokenizer and limits of the model ``found`` reads."""
     from transformers import AutoTokenizer
 
-    if resolved.gguf_file is None:  # a Hugging Face folder, or an IR folder (optimum writes the tokenizer beside it)
-        folder = Path(resolved.path)
+    if found.source.is_dir():  # a Hugging Face folder, or an IR folder (optimum writes the tokenizer beside it)
+        folder = found.source
         info = _folder_info(folder)
-    else:
-        folder = tokenizer_folder(Path(source))
+    else:  # a GGUF file
+        folder = tokenizer_folder(found.source)
         info = json.loads((folder / MARKER).read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     eos = set(info.get("eos_ids") or [])
