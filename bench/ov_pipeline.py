@@ -1,6 +1,6 @@
 """OpenVINO GenAI's continuous-batching pipeline in process, no server: the ceiling for tokenwire's OpenVINO engine.
 
-The same pipeline settings and sampling mapping as tokenwire's worker (tokenwire.engine.openvino.worker), the
+The same pipeline settings (engine.worker_config) and sampling mapping as tokenwire's worker, the
 same chat prompt tokens (tokenwire's tokenizer); all streams are added at once and stepped until done. Prints
 one JSON summary per run in bench/loadgen.py's shape (tokens/s over the wall time, TTFT, inter-token latency),
 so bench/peers.py can put it in its tables.
@@ -21,9 +21,9 @@ from typing import Any
 
 from tokenwire.engine import models
 from tokenwire.engine.interface import ChatMessage, GenerationRequest, SamplingParams
-from tokenwire.engine.openvino.engine import BLOCK_TOKENS
+from tokenwire.engine.openvino.engine import OVEngineConfig, worker_config
 from tokenwire.engine.openvino.model import plan, prepare
-from tokenwire.engine.openvino.worker import WorkerConfig, generation_config, load
+from tokenwire.engine.openvino.worker import generation_config, load
 from tokenwire.engine.prompt import PromptBuilder
 
 DEFAULT_PROMPT = "Write a long story about a dragon who learns to paint."
@@ -94,18 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     prompt = PromptBuilder(prepared.tokenizer, prepared.max_context).build(
         GenerationRequest("x", SamplingParams(), messages=(ChatMessage("user", a.prompt),))
     )
-    pipe = load(
-        WorkerConfig(
-            model=source,
-            device="CPU",
-            properties=properties,
-            max_num_seqs=a.max_batch_size,
-            kv_cache_blocks=-(-a.kv_cache_tokens // BLOCK_TOKENS),
-            block_tokens=BLOCK_TOKENS,
-            max_batched_tokens=max(a.max_prefill_tokens, a.max_batch_size),
-            prefix_caching=True,
-        )
+    settings = OVEngineConfig(
+        max_batch_size=a.max_batch_size, kv_cache_tokens=a.kv_cache_tokens, max_prefill_tokens=a.max_prefill_tokens
     )
+    pipe = load(worker_config(settings, source, properties))
     run_once(pipe, prompt.token_ids, 1, 4, a.temperature)  # warm-up
     for _ in range(a.runs):
         print(json.dumps(run_once(pipe, prompt.token_ids, a.streams, a.max_tokens, a.temperature)), flush=True)

@@ -78,20 +78,4 @@ def gguf_cache_key(gguf: Path) -> str:
 
 
 class NotForOpenVINO(ModelNotFoundError):
-    """OpenVINO cannot read this model as it is (a transformers folder or a hub id)."""
-
-
-def openvino_source(resolved: ResolvedModel) -> str:
-    """What OpenVINO GenAI loads for ``resolved``: the GGUF file itself, or an OpenVINO IR folder (one with
-    ``openvino_model.xml``, as ``optimum-cli export openvino`` writes)."""
-    if resolved.gguf_file is not None:
-        return str(Path(resolved.path) / resolved.gguf_file)
-    folder = Path(resolved.path)
-    if (folder / "openvino_model.xml").is_file():
-        return str(folder)
-    raise NotForOpenVINO(
-        f"the openvino engine reads GGUF files, OpenVINO IR folders and llama-family Hugging Face folders; "
-        f"{resolved.path!r} is "
-        + ("a Hugging Face folder" if folder.is_dir() else "a hub id")
-        + " (use --engine transformers)"
-    )
+    """The OpenVINO engine cannot run this model (engine/openvino/model.py says why)."""

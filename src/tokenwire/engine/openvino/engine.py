@@ -34,6 +34,13 @@ STEP_WAIT_S = 0.005  # how long a model-thread step waits for the worker before 
 MAX_RESTARTS = 3  # worker deaths within RESTART_WINDOW_S that are restarted; one more and the engine stops
 RESTART_WINDOW_S = 300.0
 _PRECISIONS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+
+
+def kv_blocks(kv_cache_tokens: int) -> int:
+    """The pipeline's KV-cache size in blocks for a budget in tokens (rounded up; at least one block)."""
+    return max(1, -(-kv_cache_tokens // BLOCK_TOKENS))
+
+
 _DEVICES = {"cpu": "CPU", "gpu": "GPU"}
 
 
@@ -50,6 +57,28 @@ class OVEngineConfig:
     kv_cache_tokens: int = 1 << 17
     max_prefill_tokens: int = 512
     prefix_caching: bool = True
+
+
+def worker_config(
+    cfg: OVEngineConfig, source: str, properties: dict[str, str | int] | None = None
+) -> worker.WorkerConfig:
+    """How the worker runs the pipeline on ``source`` for the settings ``cfg`` (``properties``: more compile
+    properties, for experiments)."""
+    props: dict[str, str | int] = {"CACHE_DIR": str(models.cache_dir() / "openvino-kernels")}
+    if cfg.threads > 0:
+        props["INFERENCE_NUM_THREADS"] = cfg.threads
+    if cfg.dtype != "auto":
+        props["INFERENCE_PRECISION_HINT"] = _PRECISIONS[cfg.dtype]
+    return worker.WorkerConfig(
+        model=source,
+        device=_DEVICES.get(cfg.device, "CPU"),
+        properties={**props, **(properties or {})},
+        max_num_seqs=cfg.max_batch_size,
+        kv_cache_blocks=kv_blocks(cfg.kv_cache_tokens),
+        block_tokens=BLOCK_TOKENS,
+        max_batched_tokens=max(cfg.max_prefill_tokens, cfg.max_batch_size),
+        prefix_caching=cfg.prefix_caching,
+    )
 
 
 class OVEngine(LoopEngine):
@@ -100,21 +129,7 @@ class OVBackend:
         """Start the worker (it loads the weights), read the tokenizer meanwhile, then wait for the worker."""
         cfg = self.config
         self.source = self.plan.weights(cfg.quantize)  # a Hugging Face folder is converted here, once
-        properties: dict[str, str | int] = {"CACHE_DIR": str(models.cache_dir() / "openvino-kernels")}
-        if cfg.threads > 0:
-            properties["INFERENCE_NUM_THREADS"] = cfg.threads
-        if cfg.dtype != "auto":
-            properties["INFERENCE_PRECISION_HINT"] = _PRECISIONS[cfg.dtype]
-        wcfg = worker.WorkerConfig(
-            model=self.source,
-            device=_DEVICES.get(cfg.device, "CPU"),
-            properties=properties,
-            max_num_seqs=cfg.max_batch_size,
-            kv_cache_blocks=max(1, -(-cfg.kv_cache_tokens // BLOCK_TOKENS)),
-            block_tokens=BLOCK_TOKENS,
-            max_batched_tokens=max(cfg.max_prefill_tokens, cfg.max_batch_size),
-            prefix_caching=cfg.prefix_caching,
-        )
+        wcfg = worker_config(cfg, self.source)
         log.info("loading %s with OpenVINO on %s in a worker process", self.name, wcfg.device)
         self._wcfg = wcfg
         ours, process = self._start()
@@ -192,7 +207,7 @@ class OVBackend:
 
     def stats(self) -> EngineStats:
         last = self._last
-        capacity = -(-self.config.kv_cache_tokens // BLOCK_TOKENS) * BLOCK_TOKENS
+        capacity = kv_blocks(self.config.kv_cache_tokens) * BLOCK_TOKENS
         busy = bool(self._keys)  # the worker reports only while it has requests: its last counters may be stale
         return EngineStats(
             running=last.scheduled if busy else 0,

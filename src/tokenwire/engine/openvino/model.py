@@ -51,12 +51,13 @@ def plan(resolved: models.ResolvedModel) -> Plan:
     cannot. Cheap: nothing is converted here."""
     from tokenwire.engine.openvino import convert
 
-    try:
-        return Plan(Path(models.openvino_source(resolved)))
-    except models.NotForOpenVINO:
-        folder = Path(resolved.path)
-        if not folder.is_dir():
-            folder = _hub_snapshot(resolved.path)
+    if resolved.gguf_file is not None:  # read as it is
+        return Plan(Path(resolved.path) / resolved.gguf_file)
+    folder = Path(resolved.path)
+    if (folder / "openvino_model.xml").is_file():  # an IR folder, as `optimum-cli export openvino` writes: as is
+        return Plan(folder)
+    if not folder.is_dir():
+        folder = _hub_snapshot(resolved.path)
     why = convert.unsupported(folder)
     if why is not None:
         raise models.NotForOpenVINO(
