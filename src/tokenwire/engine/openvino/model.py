@@ -10,6 +10,7 @@ without it, or one that does not load, is a partial or corrupt cache and is buil
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -66,9 +67,11 @@ def plan(resolved: models.ResolvedModel) -> Plan:
     return Plan(folder, convert=True)
 
 
+@functools.lru_cache(maxsize=8)
 def _hub_snapshot(repo_id: str) -> Path:
     """The local snapshot of a hub model: from the Hugging Face cache, or downloaded now unless HF_HUB_OFFLINE.
-    Only what the conversion reads is fetched (config, tokenizer, safetensors)."""
+    Only what the conversion reads is fetched (config, tokenizer, safetensors). Remembered: choosing the engine
+    and building it both plan the model, and the hub is asked once."""
     from huggingface_hub import snapshot_download
 
     try:
