@@ -95,12 +95,10 @@ def prepare(found: Plan, max_model_len: int) -> Prepared:
     from transformers import AutoTokenizer
 
     if found.source.is_dir():  # a Hugging Face folder, or an IR folder (optimum writes the tokenizer beside it)
-        folder = found.source
-        info = _folder_info(folder)
+        info = _folder_info(found.source)
+        tokenizer = AutoTokenizer.from_pretrained(str(found.source))
     else:  # a GGUF file
-        folder = tokenizer_folder(found.source)
-        info = json.loads((folder / MARKER).read_text())
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        _, tokenizer, info = cached_tokenizer(found.source)
     eos = set(info.get("eos_ids") or [])
     if isinstance(tokenizer.eos_token_id, int):
         eos.add(tokenizer.eos_token_id)
@@ -110,31 +108,40 @@ def prepare(found: Plan, max_model_len: int) -> Prepared:
 
 def tokenizer_folder(gguf: Path) -> Path:
     """The cached tokenizer folder of a GGUF file, built if missing, partial or corrupt."""
+    return cached_tokenizer(gguf)[0]
+
+
+def cached_tokenizer(gguf: Path) -> tuple[Path, Any, dict[str, Any]]:
+    """The cached tokenizer folder of a GGUF file (built if missing, partial or corrupt), the tokenizer loaded
+    from it and what its marker says."""
     target = models.cache_dir() / f"{gguf.stem}-{models.gguf_cache_key(gguf)}-tokenizer"
-    if _valid(target):
-        return target
-    if target.exists():
-        log.warning("the cached tokenizer at %s is incomplete or corrupt; building it again", target)
-        shutil.rmtree(target, ignore_errors=True)
-    log.info("reading the tokenizer of %s (one time; cached at %s)", gguf.name, target)
-    _build(gguf, target)
-    return target
+    loaded = _load(target)
+    if loaded is None:
+        if target.exists():
+            log.warning("the cached tokenizer at %s is incomplete or corrupt; building it again", target)
+            shutil.rmtree(target, ignore_errors=True)
+        log.info("reading the tokenizer of %s (one time; cached at %s)", gguf.name, target)
+        _build(gguf, target)
+        loaded = _load(target)
+        if loaded is None:
+            raise RuntimeError(f"the tokenizer read from {gguf} does not load back from {target}")
+    return target, *loaded
 
 
-def _valid(folder: Path) -> bool:
+def _load(folder: Path) -> tuple[Any, dict[str, Any]] | None:
+    """The tokenizer of a cached folder and its marker, or None if the folder is partial or corrupt."""
     try:
         info = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
-        return False
+        return None
     if not isinstance(info, dict) or info.get("version") != MARKER_VERSION:
-        return False
+        return None
     try:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(str(folder))
+        return AutoTokenizer.from_pretrained(str(folder)), info
     except Exception:
-        return False
-    return True
+        return None
 
 
 def _build(gguf: Path, target: Path) -> None:
