@@ -26,6 +26,7 @@ class FakeEngine:
         self.pieces = pieces
         self.delay = delay  # seconds between pieces
         self.aborted: set[str] = set()
+        self.paused: set[str] = set()  # what the server paused (the fake goes on regardless)
         self.closed_early: set[str] = set()  # streams closed before their end: what a real engine aborts
         self.fail_with: EngineError | None = None
         self.load_gate = asyncio.Event()
@@ -97,6 +98,12 @@ class FakeEngine:
 
     def abort(self, request_id: str) -> None:
         self.aborted.add(request_id)
+
+    def pause(self, request_id: str) -> None:
+        self.paused.add(request_id)
+
+    def unpause(self, request_id: str) -> None:
+        self.paused.discard(request_id)
 
     def stats(self) -> EngineStats:
         return EngineStats(running=0, waiting=0, max_batch_size=1)

@@ -73,6 +73,13 @@ class Settings:
     # scheduling
     max_batch_size: int = field(default=64, metadata={"help": "sequences decoded together at most"})
     max_waiting: int = field(default=1024, metadata={"help": "queued requests beyond the batch; more is overloaded"})
+    queue_timeout: float = field(
+        default=60.0,
+        metadata={
+            "help": "seconds a request may wait for a free row; then it fails overloaded with a retry hint (0: no "
+            "limit). Waiting requests are admitted fairly: round robin over API keys, then connections"
+        },
+    )
     kv_cache_tokens: int = field(
         default=1 << 17,
         metadata={

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import scaled
+from tests.pausing import paused_run
 from tokenwire.engine import (
     ChatMessage,
     EngineError,
@@ -290,6 +291,7 @@ def test_a_request_finishing_in_the_step_where_others_prefill_together_keeps_eve
         req = GenerationRequest(rid, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), prompt=prompt)
         assert eng.prompts is not None
         eng.admit(_Add(req, eng.prompts.build(req), n, 0.0))
+        eng.admit_waiting()
 
     add("a", PROMPTS[3], 2)
     eng.step()  # a: prefill and first token
@@ -437,3 +439,15 @@ def test_sampling_params_that_cannot_be_sampled_cannot_be_made() -> None:
         with pytest.raises(InvalidParam) as info:
             SamplingParams(**{field: value})
         assert info.value.param == field and field in str(info.value)
+
+
+async def test_a_paused_request_resumes_with_the_text_of_an_uninterrupted_run(engine: HFEngine) -> None:
+    """Paused mid-answer, a request makes no tokens; continued, its prompt plus its tokens so far rebuild its KV, and
+    its text and token count equal those of a run that never paused (greedy)."""
+    prompt = "Tell me a story about a dragon."
+    plain = await paused_run(engine, "plain", prompt, 48, pause_after=10_000, pause_s=0)
+    paused = await paused_run(engine, "paused", prompt, 48, pause_after=12, pause_s=0.3)
+    assert paused["paused_stats"] == 1 and paused["while_paused"] == 0
+    assert paused["completion"] == paused["tokens"] == plain["completion"] == 48
+    assert paused["text"] == plain["text"]
+    assert engine.stats().paused == 0

@@ -86,6 +86,7 @@ def build_engine(settings: Settings) -> Engine:
                 kv_cache_tokens=settings.kv_cache_tokens,
                 max_prefill_tokens=settings.max_prefill_tokens,
                 prefix_caching=settings.prefix_caching == "on",
+                queue_timeout=settings.queue_timeout,
             )
         )
     from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig  # imports torch
@@ -104,5 +105,6 @@ def build_engine(settings: Settings) -> Engine:
                 kv_cache_tokens=settings.kv_cache_tokens,
                 max_prefill_tokens=settings.max_prefill_tokens,
             ),
+            queue_timeout=settings.queue_timeout,
         )
     )

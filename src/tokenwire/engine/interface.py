@@ -44,11 +44,14 @@ class ErrorCode(enum.StrEnum):
 class EngineError(Exception):
     """A request the engine cannot serve; ``code`` is a protocol error code, ``param`` the field at fault."""
 
-    def __init__(self, code: ErrorCode, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, param: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
+        self.retry_after = retry_after  # seconds after which trying again may succeed (overloaded, rate_limited)
 
 
 # Below these, sampling is not numerically possible: logits / 1e-300 overflow float32 to inf, and a softmax over
@@ -139,6 +142,10 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] | None = None
     raw: bool = False  # a prompt is fed as-is instead of as one user turn of the chat template
     truncate: bool = False  # drop the oldest turns (keeping the system message) when the prompt is too long
+    # Who asked, for fair admission when requests wait for a row (admission.py): the API key's digest (or ""),
+    # and the connection it came on.
+    tenant: str = ""
+    connection: str = ""
 
 
 class OutputKind(enum.Enum):
@@ -184,6 +191,7 @@ class EngineStats:
     running: int
     waiting: int
     max_batch_size: int
+    paused: int = 0  # generations out of the batch until their reader catches up
     kv_cache_tokens_used: int = 0
     kv_cache_tokens_capacity: int = 0
     steps: int = 0
@@ -214,5 +222,12 @@ class Engine(Protocol):
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with ``FINISHED`` and ``FinishReason.CANCELLED``."""
+
+    def pause(self, request_id: str) -> None:
+        """Take a request out of the running batch until :meth:`unpause`: it computes nothing meanwhile. Unknown
+        ids are ignored."""
+
+    def unpause(self, request_id: str) -> None:
+        """Let a paused request go on where it stopped. Unknown or running ids are ignored."""
 
     def stats(self) -> EngineStats: ...

@@ -5,15 +5,22 @@ is tokenized in a worker thread (never the model thread: a long prompt costs its
 streams), answered with ``STARTED``, and put in the model thread's inbox; its outputs come back through one queue
 per request; closing the iterator aborts it.
 
-Model loop (one thread owns the model): drain the inbox (adds, aborts), ``backend.step()``, then the output side
-(output.py) turns each request's new token ids into deltas and ends; a request that ended leaves the backend
-before the next step. One step's outputs reach the event loop in one ``call_soon_threadsafe``::
+Model loop (one thread owns the model): drain the inbox (adds, aborts, pauses), admit waiting requests into free
+rows (admission.py: fair across tenants and connections), ``backend.step()``, then the output side (output.py)
+turns each request's new token ids into deltas and ends; a request that ended leaves the backend before the next
+step. One step's outputs reach the event loop in one ``call_soon_threadsafe``::
 
     while running:
-        inbox -> backend.add / backend.remove
+        inbox -> queue / abort / pause / unpause
+        queue -> backend.add, while rows are free   # fair: round robin over tenants, then connections
         step = backend.step()                       # StepOutput: token ids per request
         outputs = output_processor(step)            # StepOutput --> RequestOutput
         ended -> backend.remove;  outputs -> event loop
+
+A *paused* request (its reader is behind, or gone) leaves the backend: it costs no compute and frees its row and
+KV. It keeps its output state here; when it continues, it is queued ahead of new requests with its prompt plus the
+tokens generated so far as the prompt, so the backend rebuilds its KV (from the prefix cache where the backend
+has one) and the text goes on seamlessly.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tokenwire.engine.admission import AdmissionQueue
 from tokenwire.engine.interface import (
     EngineError,
     EngineStats,
@@ -117,6 +125,30 @@ class _Abort:
 
 
 @dataclass(slots=True, frozen=True)
+class _Pause:
+    request_id: str
+
+
+@dataclass(slots=True, frozen=True)
+class _Unpause:
+    request_id: str
+
+
+@dataclass(slots=True, frozen=True)
+class _Waiting:
+    """A request in the admission queue: what the backend gets when a row is free."""
+
+    request_id: str
+    tenant: str
+    connection: str
+    queued_at: float
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    fresh: bool = True  # False: it ran before a pause; it continues
+
+
+@dataclass(slots=True, frozen=True)
 class _Failure:
     request_id: str
     error: EngineError
@@ -128,15 +160,23 @@ _Item = RequestOutput | _Failure
 class LoopEngine:
     """The :class:`~tokenwire.engine.interface.Engine` for a backend run by a model thread in this process."""
 
-    def __init__(self, backend: Backend, model_name: str, max_in_flight: int) -> None:
+    def __init__(self, backend: Backend, model_name: str, max_in_flight: int, queue_timeout: float = 0.0) -> None:
         self.backend = backend
         self._model_name = model_name
         self._max_in_flight = max_in_flight
+        self._queue_timeout = queue_timeout  # seconds a new request may wait for a row (0: no limit)
         self._max_context = 0
         self._ready = False
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[_Add | _Abort | _Pause | _Unpause | None] = queue.SimpleQueue()
+        # model thread only: who waits for a row, who has one, who is paused, and what each asked for
+        self._waiting: AdmissionQueue[_Waiting] = AdmissionQueue()
+        self._in_backend: set[str] = set()
+        self._paused: set[str] = set()
+        self._requests: dict[str, _Waiting] = {}
+        self._rows = 0
+        self._next_expiry = 0.0
         self._streams: dict[str, asyncio.Queue[_Item]] = {}
         self._thread: threading.Thread | None = None
         self._steps = 0
@@ -189,6 +229,7 @@ class LoopEngine:
         self.tokenizer = model.tokenizer
         self.prompts = PromptBuilder(model.tokenizer, model.max_context)
         self._outputs = OutputProcessor(model.tokenizer, model.eos_ids)
+        self._rows = max(1, self.backend.stats().max_batch_size)
 
     async def shutdown(self) -> None:
         self._ready = False
@@ -257,8 +298,23 @@ class LoopEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
 
+    def pause(self, request_id: str) -> None:
+        """Take a request out of the running batch (no compute, its row and KV freed) until :meth:`unpause`."""
+        self._inbox.put(_Pause(request_id))
+
+    def unpause(self, request_id: str) -> None:
+        """Let a paused request continue: it is admitted ahead of new requests, its KV rebuilt."""
+        self._inbox.put(_Unpause(request_id))
+
     def stats(self) -> EngineStats:
-        return dataclasses.replace(self.backend.stats(), steps=self._steps, backend=self.backend.kind)
+        s = self.backend.stats()
+        return dataclasses.replace(
+            s,
+            waiting=s.waiting + len(self._waiting),
+            paused=len(self._paused),
+            steps=self._steps,
+            backend=self.backend.kind,
+        )
 
     def _deliver(self, items: list[_Item]) -> None:
         """Event loop: route one step's outputs to their streams."""
@@ -271,8 +327,9 @@ class LoopEngine:
     def _run(self) -> None:
         try:
             while not self._stopping:
-                if not self._drain_inbox(block=not self.backend.has_work):
+                if not self._drain_inbox(block=not self.backend.has_work and not self._waiting):
                     break
+                self.admit_waiting()
                 if self.backend.has_work:
                     self.step()
                 if not self.backend.alive:
@@ -296,8 +353,12 @@ class LoopEngine:
                     return False
                 if isinstance(msg, _Add):
                     self.admit(msg)
-                else:
+                elif isinstance(msg, _Abort):
                     self._abort(msg.request_id, out)
+                elif isinstance(msg, _Pause):
+                    self._pause(msg.request_id)
+                else:
+                    self._unpause(msg.request_id, out)
                 msg = self._inbox.get_nowait()
         except queue.Empty:
             pass
@@ -308,19 +369,104 @@ class LoopEngine:
         return True
 
     def admit(self, msg: _Add) -> None:
+        """Take a new request: its output state now, a row when one is free (fairly: admission.py)."""
         assert self._outputs is not None
-        rid = msg.request.request_id
-        self._outputs.add(rid, msg.request.params, len(msg.prompt.token_ids), msg.max_new_tokens, msg.submitted_at)
-        self.backend.add(rid, msg.prompt.token_ids, msg.request.params, msg.max_new_tokens)
+        request = msg.request
+        rid = request.request_id
+        self._outputs.add(rid, request.params, len(msg.prompt.token_ids), msg.max_new_tokens, msg.submitted_at)
+        waiting = _Waiting(
+            rid,
+            request.tenant,
+            request.connection,
+            msg.submitted_at,
+            msg.prompt.token_ids,
+            request.params,
+            msg.max_new_tokens,
+        )
+        self._requests[rid] = waiting
+        self._waiting.push(waiting)
+
+    def admit_waiting(self) -> None:
+        """Give free rows to waiting requests; fail those that waited past the queue timeout."""
+        while len(self._in_backend) < self._rows:
+            waiting = self._waiting.pop()
+            if waiting is None:
+                break
+            self._in_backend.add(waiting.request_id)
+            self.backend.add(waiting.request_id, waiting.prompt_ids, waiting.params, waiting.max_new_tokens)
+        if self._queue_timeout > 0 and self._waiting:
+            now = time.monotonic()
+            if now >= self._next_expiry:
+                self._next_expiry = now + min(0.25, self._queue_timeout / 4)
+                self._expire(now - self._queue_timeout)
+
+    def _expire(self, before: float) -> None:
+        out: list[_Item] = []
+        for waiting in self._waiting.expired(before):
+            rid = waiting.request_id
+            self._forget(rid)
+            error = EngineError(
+                ErrorCode.OVERLOADED,
+                f"no slot became free within the queue timeout ({self._queue_timeout:g} s); try again later",
+                retry_after=max(1.0, round(self._queue_timeout / 4)),
+            )
+            out.append(_Failure(rid, error))
+        self.emit(out)
+
+    def _forget(self, request_id: str) -> None:
+        """The request ended or failed: drop every trace of it here (the backend's row included)."""
+        assert self._outputs is not None
+        if request_id in self._in_backend:
+            self._in_backend.discard(request_id)
+            self.backend.remove(request_id)
+        self._waiting.remove(request_id)
+        self._paused.discard(request_id)
+        self._requests.pop(request_id, None)
+        self._outputs.drop(request_id)
 
     def _abort(self, request_id: str, out: list[_Item]) -> None:
         assert self._outputs is not None
         if request_id not in self._outputs:
             return
-        self.backend.remove(request_id)
         end = self._outputs.finish(request_id, FinishReason.CANCELLED)
+        self._forget(request_id)
         if end is not None:
             out.append(end)
+
+    def _pause(self, request_id: str) -> None:
+        if request_id not in self._requests or request_id in self._paused:
+            return
+        self._paused.add(request_id)
+        if request_id in self._in_backend:
+            self._in_backend.discard(request_id)
+            self.backend.remove(request_id)
+        self._waiting.remove(request_id)
+
+    def _unpause(self, request_id: str, out: list[_Item]) -> None:
+        """Queue a paused request first in line, its generated tokens now part of its prompt."""
+        outputs = self._outputs
+        assert outputs is not None
+        if request_id not in self._paused:
+            return
+        self._paused.discard(request_id)
+        first = self._requests[request_id]
+        generated = outputs.generated_ids(request_id)
+        left = first.max_new_tokens - len(generated)
+        if left <= 0:  # cannot happen: the output side ends a request at its last token
+            end = outputs.finish(request_id, FinishReason.LENGTH)
+            self._forget(request_id)
+            if end is not None:
+                out.append(end)
+            return
+        if not generated:  # paused before it ever ran: it waits as it did, in its place
+            self._waiting.push(first)
+            return
+        self._waiting.push_front(
+            dataclasses.replace(
+                first, prompt_ids=first.prompt_ids + generated, max_new_tokens=left, queued_at=time.monotonic()
+            )
+        )
+        outputs.continues(request_id)
 
     def step(self) -> None:
         """One backend step, and its outputs: ``StepOutput --> RequestOutput``."""
@@ -334,15 +480,18 @@ class LoopEngine:
         for rid, cached in result.cached.items():
             outputs.cached(rid, cached)
         for rid, error in result.failed.items():
-            outputs.drop(rid)
+            self._in_backend.discard(rid)  # the backend removed it already
+            self._forget(rid)
             out.append(_Failure(rid, error))
         for rid, tokens in result.tokens.items():
             made, ended = outputs.tokens(rid, tokens, now)
             out.extend(made)
             if ended:
-                self.backend.remove(rid)
+                self._forget(rid)
         for rid, reason in result.finished.items():
+            self._in_backend.discard(rid)
             end = outputs.finish(rid, reason)  # None: the output side ended it already
+            self._forget(rid)
             if end is not None:
                 out.append(end)
         self._steps += result.steps
@@ -351,9 +500,8 @@ class LoopEngine:
     def _fail_all(self, code: ErrorCode, message: str) -> None:
         out: list[_Item] = []
         for rid in list(self._streams):
-            self.backend.remove(rid)
             if self._outputs is not None:
-                self._outputs.drop(rid)
+                self._forget(rid)
             out.append(_Failure(rid, EngineError(code, message)))
         self.emit(out)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tokenwire.engine.detokenizer import IncrementalDetokenizer
@@ -33,6 +33,8 @@ class _Stream:
     generated: int = 0
     unreported: int = 0  # tokens whose text is still held back
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    token_ids: list[int] = field(default_factory=list)  # generated so far: a paused request continues from them
+    continued: bool = False  # it was paused and re-admitted: the backend's cache reports are not about its prompt
 
     def timings(self, now: float) -> Timings:
         start = self.submitted_at
@@ -75,8 +77,19 @@ class OutputProcessor:
 
     def cached(self, request_id: str, cached_tokens: int) -> None:
         stream = self._streams.get(request_id)
-        if stream is not None:
+        if stream is not None and not stream.continued:
             stream.cached_tokens = cached_tokens
+
+    def generated_ids(self, request_id: str) -> list[int]:
+        """The tokens a request generated so far (its prompt's continuation)."""
+        stream = self._streams.get(request_id)
+        return list(stream.token_ids) if stream is not None else []
+
+    def continues(self, request_id: str) -> None:
+        """A paused request goes on: what the backend reports of its new prompt is not news to the client."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.continued = True
 
     def tokens(self, request_id: str, token_ids: Iterable[int], now: float) -> tuple[list[RequestOutput], bool]:
         """The outputs that ``token_ids`` (the request's next tokens, in order) make, and whether the request has
@@ -90,6 +103,7 @@ class OutputProcessor:
             if stream.scheduled_at is None:
                 stream.scheduled_at = now
         for token in token_ids:
+            stream.token_ids.append(token)
             stream.generated += 1
             stream.unreported += 1
             if token in self._eos and not stream.params.ignore_eos:

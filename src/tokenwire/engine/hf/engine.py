@@ -38,6 +38,7 @@ class HFEngineConfig:
     max_model_len: int = 8192  # context window cap (the model's own limit if smaller)
     threads: int = 0  # torch intra-op threads on CPU; 0 = all cores
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    queue_timeout: float = 60.0  # seconds a new request may wait for a row before it fails overloaded (0: no limit)
 
 
 class HFEngine(LoopEngine):
@@ -49,7 +50,7 @@ class HFEngine(LoopEngine):
         """Resolves the model reference and checks the settings at once (ValueError); loading is in start()."""
         backend = HFBackend(config)
         limits = config.scheduler
-        super().__init__(backend, backend.name, limits.max_batch_size + limits.max_waiting)
+        super().__init__(backend, backend.name, limits.max_batch_size + limits.max_waiting, config.queue_timeout)
 
 
 class HFBackend:

@@ -57,6 +57,7 @@ class OVEngineConfig:
     kv_cache_tokens: int = 1 << 17
     max_prefill_tokens: int = 512
     prefix_caching: bool = True
+    queue_timeout: float = 60.0  # seconds a new request may wait for a row before it fails overloaded (0: no limit)
 
 
 def worker_config(
@@ -89,7 +90,7 @@ class OVEngine(LoopEngine):
     def __init__(self, config: OVEngineConfig) -> None:
         """Resolves the model and checks the settings at once (ValueError); loading is in start()."""
         backend = OVBackend(config)
-        super().__init__(backend, backend.name, config.max_batch_size + config.max_waiting)
+        super().__init__(backend, backend.name, config.max_batch_size + config.max_waiting, config.queue_timeout)
 
 
 class OVBackend:

@@ -1,0 +1,41 @@
+"""Pause a generation on a real engine part-way, let it continue, and report what its stream delivered."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tokenwire.engine.interface import GenerationRequest, OutputKind, SamplingParams
+
+
+async def paused_run(
+    engine: Any, rid: str, prompt: str, max_tokens: int, pause_after: int, pause_s: float
+) -> dict[str, Any]:
+    """Greedy, ``ignore_eos``: paused once ``pause_after`` tokens arrived, for ``pause_s`` seconds."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    out: dict[str, Any] = {"text": "", "tokens": 0, "while_paused": 0}
+    paused = False
+    async for item in engine.generate(GenerationRequest(rid, params, prompt=prompt)):
+        out["text"] += item.text
+        out["tokens"] += item.num_tokens
+        if not paused and out["tokens"] >= pause_after:
+            paused = True
+            engine.pause(rid)
+            await asyncio.sleep(0.2)  # tokens made before the pause reached the model loop may still arrive
+            before = _queued_tokens(engine, rid)
+            await asyncio.sleep(pause_s)
+            out["paused_stats"] = engine.stats().paused
+            out["while_paused"] = _queued_tokens(engine, rid) - before  # made while paused: should be none
+            engine.unpause(rid)
+        if item.kind is OutputKind.FINISHED:
+            out["completion"] = item.completion_tokens
+            out["reason"] = item.finish_reason
+    return out
+
+
+def _queued_tokens(engine: Any, rid: str) -> int:
+    """The tokens already delivered to the request's stream queue but not yet read by us."""
+    stream = engine._streams.get(rid)
+    if stream is None:
+        return 0
+    return sum(getattr(item, "num_tokens", 0) for item in list(stream._queue))

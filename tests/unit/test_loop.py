@@ -1,0 +1,267 @@
+"""The engine core every backend shares, on a scripted backend: pause and continue, fair admission, queue timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import scaled
+from tokenwire.engine.interface import (
+    EngineError,
+    EngineStats,
+    ErrorCode,
+    FinishReason,
+    GenerationRequest,
+    OutputKind,
+    RequestOutput,
+    SamplingParams,
+)
+from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
+
+EOS = 99_999
+
+
+class ScriptedBackend:
+    """Each step, every running request gets one token, a function of its whole sequence so far: so a request that
+    continues from its prompt plus the tokens it generated goes on exactly as if it had never stopped."""
+
+    name = "scripted"
+    kind = "scripted"
+
+    def __init__(self, tokenizer: Any, rows: int = 2, step_s: float = 0.002) -> None:
+        self.tokenizer = tokenizer
+        self.rows = rows
+        self.step_s = step_s
+        self.letters = [tokenizer.encode(c)[0] for c in "abcdefghijklmnop"]
+        self.running: dict[str, list[int]] = {}
+        self.added: list[tuple[str, int]] = []  # (request id, prompt length) in order of admission
+        self.max_running = 0
+        self.lock = threading.Lock()
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    def load(self) -> LoadedModel:
+        return LoadedModel(self.tokenizer, frozenset({EOS}), 4096)
+
+    def close(self) -> None:
+        pass
+
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int) -> None:
+        with self.lock:
+            self.running[request_id] = list(prompt_ids)
+            self.added.append((request_id, len(prompt_ids)))
+            self.max_running = max(self.max_running, len(self.running))
+
+    def remove(self, request_id: str) -> None:
+        with self.lock:
+            self.running.pop(request_id, None)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running)
+
+    def step(self) -> StepOutput:
+        time.sleep(self.step_s)
+        out = StepOutput()
+        with self.lock:
+            for rid, seq in self.running.items():
+                token = self.letters[(sum(seq) * 7 + len(seq)) % len(self.letters)]
+                seq.append(token)
+                out.tokens[rid] = [token]
+        return out
+
+    def idle(self) -> None:
+        pass
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self.running), waiting=0, max_batch_size=self.rows)
+
+
+def request(rid: str, max_tokens: int = 20, connection: str = "c1", tenant: str = "") -> GenerationRequest:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return GenerationRequest(rid, params, prompt="dragon", raw=True, tenant=tenant, connection=connection)
+
+
+async def started(backend: ScriptedBackend, queue_timeout: float = 0.0) -> LoopEngine:
+    engine = LoopEngine(backend, "scripted", 100, queue_timeout)
+    await engine.start()
+    return engine
+
+
+async def collect(engine: LoopEngine, req: GenerationRequest) -> list[RequestOutput]:
+    return [out async for out in engine.generate(req)]
+
+
+def text(outs: list[RequestOutput]) -> str:
+    return "".join(o.text for o in outs)
+
+
+async def wait_until(condition: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + scaled(timeout)
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
+
+
+async def test_a_paused_request_computes_nothing_and_continues_seamlessly(byte_tokenizer: Any) -> None:
+    """Paused, a request leaves the backend and gets no tokens; unpaused, it is re-admitted with its prompt plus
+    the tokens it generated, and its text and token count equal those of a run that never paused."""
+    backend = ScriptedBackend(byte_tokenizer, step_s=0.01)
+    engine = await started(backend)
+    try:
+        reference = await collect(engine, request("ref", 40))
+        outs: list[RequestOutput] = []
+
+        async def consume() -> None:
+            async for out in engine.generate(request("p", 40)):
+                outs.append(out)
+
+        task = asyncio.create_task(consume())
+        await wait_until(lambda: sum(o.num_tokens for o in outs) >= 5)
+        engine.pause("p")
+        await wait_until(lambda: "p" not in backend.running)
+        await wait_until(lambda: engine.stats().paused == 1)
+        frozen = sum(o.num_tokens for o in outs)
+        await asyncio.sleep(0.1)
+        assert sum(o.num_tokens for o in outs) == frozen, "a paused request got tokens"
+        engine.unpause("p")
+        await asyncio.wait_for(task, scaled(10))
+        assert text(outs) == text(reference)
+        end = outs[-1]
+        assert end.kind is OutputKind.FINISHED and end.finish_reason is FinishReason.LENGTH
+        assert end.completion_tokens == 40 == reference[-1].completion_tokens
+        prompt_len = reference[-1].prompt_tokens
+        readds = [n for rid, n in backend.added if rid == "p"]
+        assert readds[0] == prompt_len and readds[1] == prompt_len + frozen  # it continued from what it had made
+        assert engine.stats().paused == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_paused_request_frees_its_row_for_a_waiting_one(byte_tokenizer: Any) -> None:
+    """With one row, pausing the running request lets a waiting one run to its end."""
+    backend = ScriptedBackend(byte_tokenizer, rows=1, step_s=0.005)
+    engine = await started(backend)
+    try:
+        first = asyncio.create_task(collect(engine, request("a", 400)))
+        await wait_until(lambda: "a" in backend.running)
+        second = asyncio.create_task(collect(engine, request("b", 10, connection="c2")))
+        await asyncio.sleep(0.05)
+        assert not second.done()  # it waits for the only row
+        engine.pause("a")
+        outs = await asyncio.wait_for(second, scaled(5))
+        assert outs[-1].completion_tokens == 10
+        assert backend.max_running == 1
+        engine.abort("a")
+        a_outs = await asyncio.wait_for(first, scaled(5))
+        assert a_outs[-1].finish_reason is FinishReason.CANCELLED  # an abort ends a paused request
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_request_paused_before_it_had_a_row_keeps_its_place(byte_tokenizer: Any) -> None:
+    """Pausing a request that still waits takes it out of the queue; unpausing puts it back, and it runs whole."""
+    backend = ScriptedBackend(byte_tokenizer, rows=1, step_s=0.005)
+    engine = await started(backend)
+    try:
+        hog = asyncio.create_task(collect(engine, request("hog", 60)))
+        await wait_until(lambda: "hog" in backend.running)
+        waiting = asyncio.create_task(collect(engine, request("w", 5)))
+        await wait_until(lambda: engine.stats().waiting == 1)
+        engine.pause("w")
+        await wait_until(lambda: engine.stats().paused == 1)
+        await hog
+        assert not waiting.done()
+        engine.unpause("w")
+        outs = await asyncio.wait_for(waiting, scaled(5))
+        assert outs[-1].completion_tokens == 5
+    finally:
+        await engine.shutdown()
+
+
+async def test_admission_is_round_robin_over_connections(byte_tokenizer: Any) -> None:
+    """One connection's twelve queued requests do not hold up another connection's single request: with two rows,
+    it starts at the next free row."""
+    backend = ScriptedBackend(byte_tokenizer, rows=2, step_s=0.002)
+    engine = await started(backend)
+    try:
+        many = [asyncio.create_task(collect(engine, request(f"a{i}", 10, connection="A"))) for i in range(12)]
+        await wait_until(lambda: engine.stats().waiting >= 10)
+        single = asyncio.create_task(collect(engine, request("b", 10, connection="B")))
+        await asyncio.gather(single, *many)
+        order = [rid for rid, _ in backend.added]
+        assert order.index("b") <= 3, order  # the two running, at most one more of A's, then B's
+    finally:
+        await engine.shutdown()
+
+
+async def test_admission_is_round_robin_over_tenants_before_connections(byte_tokenizer: Any) -> None:
+    """A tenant (API key) with many connections does not outweigh another tenant: admissions alternate by key."""
+    backend = ScriptedBackend(byte_tokenizer, rows=1, step_s=0.002)
+    engine = await started(backend)
+    try:
+        hog = asyncio.create_task(collect(engine, request("hog", 40, connection="h", tenant="X")))
+        await wait_until(lambda: "hog" in backend.running)
+        tasks = [
+            asyncio.create_task(collect(engine, request(f"x{i}", 3, connection=f"x{i}", tenant="X"))) for i in range(6)
+        ]
+        await wait_until(lambda: engine.stats().waiting == 6)
+        tasks += [
+            asyncio.create_task(collect(engine, request(f"y{i}", 3, connection="y", tenant="Y"))) for i in range(2)
+        ]
+        await asyncio.gather(hog, *tasks)
+        order = [rid for rid, _ in backend.added][1:]
+        assert order[:4] == ["x0", "y0", "x1", "y1"], order
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_request_waiting_past_the_queue_timeout_fails_overloaded_with_a_retry_hint(
+    byte_tokenizer: Any,
+) -> None:
+    """When no row frees within the queue timeout, the waiting request ends with ``overloaded`` and retry_after;
+    the running one is untouched."""
+    backend = ScriptedBackend(byte_tokenizer, rows=1, step_s=0.01)
+    engine = await started(backend, queue_timeout=0.3)
+    try:
+        hog = asyncio.create_task(collect(engine, request("hog", 200)))
+        await wait_until(lambda: "hog" in backend.running)
+        with pytest.raises(EngineError) as err:
+            await asyncio.wait_for(collect(engine, request("late", 5, connection="c2")), scaled(5))
+        assert err.value.code is ErrorCode.OVERLOADED
+        assert err.value.retry_after is not None and err.value.retry_after >= 1
+        assert "queue timeout" in err.value.message
+        assert not hog.done()
+        engine.abort("hog")
+        assert (await hog)[-1].finish_reason is FinishReason.CANCELLED
+        assert engine.stats().waiting == 0
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_paused_request_does_not_time_out_in_the_queue(byte_tokenizer: Any) -> None:
+    """The queue timeout is for new requests: a paused one waits for its reader as long as the server keeps it."""
+    backend = ScriptedBackend(byte_tokenizer, rows=1, step_s=0.005)
+    engine = await started(backend, queue_timeout=0.2)
+    try:
+        outs: list[RequestOutput] = []
+
+        async def consume() -> None:
+            async for out in engine.generate(request("p", 30)):
+                outs.append(out)
+
+        task = asyncio.create_task(consume())
+        await wait_until(lambda: sum(o.num_tokens for o in outs) >= 3)
+        engine.pause("p")
+        await asyncio.sleep(0.5)
+        engine.unpause("p")
+        await asyncio.wait_for(task, scaled(5))
+        assert outs[-1].completion_tokens == 30
+    finally:
+        await engine.shutdown()
