@@ -114,12 +114,26 @@ class Settings:
     default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request gives none"})
     max_generations_per_connection: int = field(default=32, metadata={"help": "concurrent generations a socket"})
     heartbeat_interval: float = field(default=30.0, metadata={"help": "seconds between server pings (0: off)"})
-    slow_consumer_timeout: float = field(default=30.0, metadata={"help": "close a socket whose send blocks this long"})
+    max_unsent_tokens: int = field(
+        default=256,
+        metadata={
+            "help": "how far a WebSocket generation may run ahead of its reader, in tokens not yet written to the "
+            "socket: past it the generation is paused (no compute) until the reader is halfway back (0: no limit)"
+        },
+    )
+    slow_consumer_timeout: float = field(
+        default=30.0,
+        metadata={
+            "help": "close a WebSocket whose send has been blocked this long (the client reads nothing) with 1008; "
+            "its generations, paused by then, stay resumable for --resume-window"
+        },
+    )
     resume_window: float = field(
         default=60.0,
         metadata={
             "help": "seconds a WebSocket generation stays resumable after its connection drops or it ends; an "
-            "orphaned one keeps running that long (0: no resume, a drop aborts)"
+            "orphaned one is kept paused (no compute) and goes on when resumed, and ends after this (0: no resume, "
+            "a drop aborts)"
         },
     )
     resume_buffer_mb: float = field(

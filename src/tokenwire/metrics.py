@@ -42,6 +42,11 @@ class _Gauges(Collector):
         yield GaugeMetricFamily("tokenwire_num_requests_running", "Requests in the running batch.", value=s.running)
         yield GaugeMetricFamily("tokenwire_num_requests_waiting", "Requests waiting for a batch slot.", value=s.waiting)
         yield GaugeMetricFamily(
+            "tokenwire_num_requests_paused",
+            "Requests out of the batch until their reader catches up or resumes them.",
+            value=s.paused,
+        )
+        yield GaugeMetricFamily(
             "tokenwire_websocket_connections", "Open WebSocket connections.", value=self._connections()
         )
         yield GaugeMetricFamily(
@@ -60,7 +65,7 @@ class _Gauges(Collector):
             orphaned, kept = self._resumable()
             yield GaugeMetricFamily(
                 "tokenwire_orphaned_generations",
-                "WebSocket generations running with no connection, waiting to be resumed.",
+                "WebSocket generations whose connection dropped, kept (paused) to be resumed.",
                 value=orphaned,
             )
             yield GaugeMetricFamily(
@@ -118,6 +123,11 @@ class Metrics:
         self.errors = Counter("tokenwire_errors", "Errors sent to clients, by code.", ["code"], registry=r)
         self.ws_messages = Counter("tokenwire_websocket_messages_sent", "WebSocket messages sent.", registry=r)
         self.ws_bytes = Counter("tokenwire_websocket_bytes_sent", "WebSocket payload bytes sent.", registry=r)
+        self.flow_pauses = Counter(
+            "tokenwire_flow_pauses",
+            "Generations paused because their reader fell behind or went away (they compute nothing until it is back).",
+            registry=r,
+        )
         self.resumes = Counter(
             "tokenwire_websocket_resumes",
             "WebSocket resume requests by outcome (resumed, not_found, ambiguous, invalid, refused: no resume_token).",

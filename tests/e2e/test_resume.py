@@ -88,24 +88,32 @@ async def test_resume_after_a_dropped_connection_continues_without_loss_or_repea
     await b.close()
 
 
-async def test_a_generation_that_ended_while_orphaned_is_replayed_with_its_complete(tiny_server: RunningServer) -> None:
-    """The client vanishes; the generation finishes with nobody connected; a resume within the window replays the
-    rest, ending with complete, and after_seq -1 (the default) replays from started."""
+async def test_an_orphaned_generation_is_paused_and_a_resume_continues_it_to_its_complete(
+    tiny_server: RunningServer,
+) -> None:
+    """The client vanishes: its generation is paused (it computes nothing, counted in /v1/stats and /metrics) and
+    kept. A resume replays what was made and the generation goes on to its complete, the text whole; a resume
+    with after_seq -1 (the default) replays from started."""
     whole = await reference(tiny_server, story("short-ref", max_tokens=40))
     a = await Client.connect(tiny_server.ws)
     await a.send(story("short", max_tokens=40))
     await read_until_seq(a, "short", 1)
     seen = a.by_id["short"][-1]["seq"]
     await a.vanish()
-    for _ in range(200):  # until it has ended
-        if tiny_server.get_json("/v1/stats")["engine"]["running"] == 0:
+    engine: dict[str, int] = {}
+    for _ in range(200):  # until it is paused
+        engine = tiny_server.get_json("/v1/stats")["engine"]
+        if engine["paused"] == 1:
             break
         await asyncio.sleep(0.05)
+    assert engine["paused"] == 1 and engine["running"] == 0
+    assert tiny_server.metrics()["tokenwire_num_requests_paused"] == 1
+    assert tiny_server.metrics()["tokenwire_flow_pauses_total"] >= 1
 
     b = await Client.connect(tiny_server.ws)
     await b.send({"type": "resume", "id": "short", "after_seq": seen})
     resumed = await b.until(lambda m: m.get("id") == "short")
-    assert resumed["running"] is False
+    assert resumed["running"] is True
     end = await b.finish("short")
     assert end["type"] == "complete"
     rest = b.by_id["short"][1:]

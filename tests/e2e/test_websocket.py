@@ -264,11 +264,12 @@ async def test_too_many_generations_on_one_connection_is_rate_limited(tiny_serve
         await c.close()
 
 
-async def test_dropped_connections_run_on_for_the_resume_window_then_free_the_engine(
+async def test_dropped_connections_are_paused_for_the_resume_window_then_ended(
     tiny_server: RunningServer,
 ) -> None:
-    """32 streams decoding; every connection vanishes. Their generations go on (a client may resume them) until
-    the resume window has passed, then they are aborted: the engine is idle within 2 s of the window's end."""
+    """32 streams decoding; every connection vanishes. Their generations are paused at once (out of the batch, a
+    client may resume them) and kept until the resume window has passed, then ended: none is left within 2 s of
+    the window's end."""
     clients = [await Client.connect(tiny_server.ws) for _ in range(32)]
     for i, c in enumerate(clients):
         await c.send(
@@ -288,11 +289,11 @@ async def test_dropped_connections_run_on_for_the_resume_window_then_free_the_en
         await c.vanish()  # no close handshake: the client just vanishes
     await asyncio.sleep(RESUME_WINDOW / 2 - (time.monotonic() - t0))
     stats = tiny_server.get_json("/v1/stats")
-    assert stats["engine"]["running"] + stats["engine"]["waiting"] == 32, stats["engine"]
+    assert stats["engine"]["paused"] == 32 and stats["engine"]["running"] == 0, stats["engine"]
     assert stats["orphaned_generations"] == 32
     while True:
         engine = tiny_server.get_json("/v1/stats")["engine"]
-        if engine["running"] == 0 and engine["waiting"] == 0:
+        if engine["running"] == 0 and engine["waiting"] == 0 and engine["paused"] == 0:
             break
         assert time.monotonic() - t0 < RESUME_WINDOW + scaled(2.0), engine
         await asyncio.sleep(0.05)

@@ -28,6 +28,7 @@ from tokenwire.metrics import Session
 from tokenwire.server import messages
 from tokenwire.server import realtime_protocol as rt
 from tokenwire.server.auth import AuthPolicy, bearer_token, origin_allowed, websocket_key
+from tokenwire.server.backlog import ExposeTransport
 from tokenwire.server.capacity import ConnectionGate, FdWatch, RequestCap
 from tokenwire.server.http_guard import RequestGuard
 from tokenwire.server.journal import Registry, owner_of
@@ -296,6 +297,7 @@ def create_app(
                 "engine": {
                     "running": es.running,
                     "waiting": es.waiting,
+                    "paused": es.paused,
                     "max_batch_size": es.max_batch_size,
                     "kv_cache_tokens_used": es.kv_cache_tokens_used,
                     "kv_cache_tokens_capacity": es.kv_cache_tokens_capacity,
@@ -356,6 +358,7 @@ def create_app(
         ],
         lifespan=lifespan,
         middleware=[
+            Middleware(ExposeTransport),
             Middleware(RequestCap, gate=state.gate),
             Middleware(
                 RequestGuard,

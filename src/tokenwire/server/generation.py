@@ -3,6 +3,14 @@
 The producer runs as its own task and never touches a socket: whichever connection holds the journal sends
 what it holds (websocket.py). So a generation outlives a dropped connection, and a resumed one goes on from
 where the client stopped reading. Cancelling the task closes the engine stream, which aborts the request.
+
+Flow control: a generation runs at most ``FlowPolicy.max_unsent_tokens`` ahead of its reader (tokens generated
+but not yet written to the reader's socket, which takes no more while ``max_socket_bytes`` are unread in it).
+Past that, or as soon as the reader is gone (the connection dropped), the producer pauses it in the engine: it
+leaves the running batch and costs nothing until the reader has caught up to half that distance, or a ``resume``
+brings a reader back. Before that, a reader that falls behind gets its
+text merged into fewer, larger messages of the type it already receives (``token`` stays ``token``, carrying the
+count in ``tokens``), so a slow link is not flooded with small frames.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from tokenwire.engine.interface import Engine, EngineError, ErrorCode, GenerationRequest, OutputKind, RequestOutput
@@ -24,6 +33,16 @@ from tokenwire.server.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True, frozen=True)
+class FlowPolicy:
+    """How far a generation may run ahead of its reader (see the module docstring)."""
+
+    max_unsent_tokens: int = 256  # paused past this; continues at half of it (0: never paused for a slow reader)
+    coalesce_after: int = 4  # with this many messages unwritten, new text waits and goes out as one message
+    max_socket_bytes: int = 64 << 10  # a connection writes while its socket holds fewer unread bytes (backlog.py)
+    pause_orphans: bool = True  # a generation whose connection dropped is paused until it is resumed
+
+
 class Producer:
     """Writes one generation's messages into ``journal``: started (seq 0), token/tokens, complete or error."""
 
@@ -34,13 +53,20 @@ class Producer:
         registry: Registry,
         telemetry: Telemetry,
         batch: BatchPolicy | None,
+        flow: FlowPolicy | None = None,
     ) -> None:
         self.engine = engine
         self.journal = journal
         self.registry = registry
         self.telemetry = telemetry
         self.coalescer = Coalescer(batch) if batch else None
+        self.flow = flow or FlowPolicy()
+        self.paused = False
+        self.pauses = 0
         self._silent_tokens = 0  # generated tokens whose bytes never completed a character: no message of their own
+        self._held_text = ""  # text waiting for a reader that is behind (see FlowPolicy.coalesce_after)
+        self._held_tokens = 0
+        self._held_batched = False
 
     @property
     def _seq(self) -> int:
@@ -55,6 +81,7 @@ class Producer:
         gen_id = self.journal.gen_id
         coalescer = self.coalescer
         trace = self.telemetry.trace(request.request_id, connection, "websocket")
+        self.journal.on_progress = self._regulate
         try:
             stream = self.engine.generate(request)
             async with contextlib.aclosing(stream):
@@ -74,6 +101,7 @@ class Producer:
                         trace.finished(out)
                         self._deliver(out)
                         self._flush()
+                        self._release_held()
                         assert out.finish_reason is not None
                         done = messages.complete(
                             gen_id,
@@ -87,26 +115,72 @@ class Producer:
                         self._emit(done, final=True)
         except EngineError as err:
             trace.failed(err.code.value)
+            self._release_held()
             self._emit(messages.error(err.code, err.message, gen_id, err.param, seq=self._seq), final=True)
         except asyncio.CancelledError:  # aborted: the client went for good, or the server stops
             if not self.journal.finished:
                 self._flush()  # text generated before the abort still reaches a client that is there to read it
+                self._release_held()
         except Exception as exc:  # a bug: report it on this generation, keep the connection and the server
             log.exception("generation %s failed", request.request_id)
+            self._release_held()
             trace.failed(ErrorCode.GENERATION_FAILED.value)
             failed = messages.error(ErrorCode.GENERATION_FAILED, f"generation failed: {exc}", gen_id, seq=self._seq)
             self._emit(failed, final=True)
         finally:
+            self.journal.on_progress = None
             trace.abandoned()
             self.journal.close()
             self.registry.finished(self.journal)
+
+    # -- flow control
+    def _regulate(self) -> None:
+        """Pause the generation when its reader is gone or too far behind; let it go on once the reader caught up.
+        Called after every message and whenever the reader moves (journal.on_progress)."""
+        journal, flow = self.journal, self.flow
+        if journal.finished:
+            return
+        gone = journal.holder is None
+        if self._held_text and not gone and journal.unsent_messages < flow.coalesce_after:
+            self._release_held()  # the reader caught up: what waited goes out as one message
+        behind = journal.unsent_tokens + self._held_tokens
+        limit = flow.max_unsent_tokens
+        if not self.paused:
+            if (gone and flow.pause_orphans) or (limit > 0 and behind >= limit):
+                self.paused = True
+                self.pauses += 1
+                self._release_held()  # the reader (now or on resume) gets all that was generated
+                self.engine.pause(journal.engine_id)
+                self.telemetry.flow_paused()
+        elif not gone and (limit <= 0 or behind <= limit // 2):
+            self.paused = False
+            self.engine.unpause(journal.engine_id)
+
+    def _send_text(self, text: str, tokens: int, batched: bool) -> None:
+        """One message of text, unless the reader is behind: then it waits and merges with the next."""
+        if self._held_text or self.journal.unsent_messages >= self.flow.coalesce_after:
+            self._held_text += text
+            self._held_tokens += tokens
+            self._held_batched = self._held_batched or batched
+            if self.journal.unsent_messages < self.flow.coalesce_after:
+                self._release_held()
+        else:
+            self._emit(messages.token(self.journal.gen_id, self._seq, text, tokens, batched), tokens)
+        self._regulate()
+
+    def _release_held(self) -> None:
+        if not self._held_text:
+            return
+        text, tokens, batched = self._held_text, self._held_tokens, self._held_batched
+        self._held_text, self._held_tokens, self._held_batched = "", 0, False
+        self._emit(messages.token(self.journal.gen_id, self._seq, text, tokens, batched), tokens)
 
     def _deliver(self, out: RequestOutput) -> None:
         if not out.text:
             self._silent_tokens += out.num_tokens
             return
         if self.coalescer is None:
-            self._emit(messages.token(self.journal.gen_id, self._seq, out.text, out.num_tokens, False), out.num_tokens)
+            self._send_text(out.text, out.num_tokens, False)
             return
         if self.coalescer.would_overflow(out.num_tokens):
             self._flush()
@@ -120,6 +194,6 @@ class Producer:
             return
         text, tokens = coalescer.take()
         if text:
-            self._emit(messages.token(self.journal.gen_id, self._seq, text, tokens, batched=True), tokens)
+            self._send_text(text, tokens, batched=True)
         else:
             self._silent_tokens += tokens

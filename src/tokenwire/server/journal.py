@@ -4,6 +4,11 @@ Each generation writes its messages, encoded and numbered by ``seq``, into a :cl
 that holds it reads the journal from a cursor and sends. A ``resume`` on another connection attaches the
 journal there and reads from ``after_seq + 1``, so every message reaches the client once and in order.
 
+The journal also tells how far the reader is behind: the holder marks each message it wrote to its socket
+(:meth:`Journal.mark_sent`), and ``unsent_tokens`` is what was generated but not yet written. The generation's
+producer watches it (``on_progress`` is called whenever it moves, or the holder comes or goes) to pause the
+generation when its reader falls behind or is gone, and to let it go on when the reader catches up.
+
 The :class:`Registry` finds journals for ``resume`` and decides how long they live. A journal is *idle* once its
 generation finished or its connection went away (orphaned); an idle journal is kept for ``window`` seconds,
 then forgotten (an orphan that nobody resumed is aborted). All journals together stay under a memory budget:
@@ -55,10 +60,14 @@ class Journal:
         "holder",
         "idle_since",
         "nbytes",
+        "on_progress",
         "owner",
         "resume_token",
+        "sent_seq",
+        "sent_tokens",
         "session",
         "task",
+        "tokens",
     )
 
     def __init__(self, session: str, gen_id: str, owner: str | None, engine_id: str) -> None:
@@ -74,6 +83,10 @@ class Journal:
         self.resume_token = secrets.token_urlsafe(16)
         self.idle_since: float | None = None  # when it finished or lost its holder (None: running and held)
         self.task: asyncio.Task[None] | None = None  # the task producing the entries
+        self.tokens = 0  # tokens in all entries
+        self.sent_seq = -1  # the last message the holder wrote to its socket
+        self.sent_tokens = 0  # tokens in the entries up to sent_seq
+        self.on_progress: Callable[[], None] | None = None  # the reader moved, came or went (the producer's flow)
         self._grew = asyncio.Event()
 
     @property
@@ -91,10 +104,38 @@ class Journal:
             raise RuntimeError(f"generation {self.gen_id!r} already ended")
         self.entries.append(entry)
         self.nbytes += len(entry.data)
+        self.tokens += entry.tokens
         if entry.final:
             self.finished = True
         self._wake()
         return len(self.entries) - 1
+
+    @property
+    def unsent_tokens(self) -> int:
+        """Tokens generated but not yet written to the reader's socket."""
+        return self.tokens - self.sent_tokens
+
+    @property
+    def unsent_messages(self) -> int:
+        return self.last_seq - self.sent_seq
+
+    def mark_sent(self, seq: int) -> None:
+        """The holder wrote message ``seq`` (the one after ``sent_seq``) to its socket."""
+        if seq == self.sent_seq + 1 and seq < len(self.entries):
+            self.sent_seq = seq
+            self.sent_tokens += self.entries[seq].tokens
+            self.progressed()
+
+    def rewind(self, first_seq: int) -> None:
+        """A (new) holder sends from ``first_seq``: what came before counts as read."""
+        first_seq = max(0, min(first_seq, len(self.entries)))
+        self.sent_seq = first_seq - 1
+        self.sent_tokens = sum(e.tokens for e in self.entries[:first_seq])
+        self.progressed()
+
+    def progressed(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress()
 
     def close(self) -> None:
         """No more entries (the producer stopped without a final message: aborted or shut down)."""
@@ -172,10 +213,12 @@ class Registry:
         if not self.enabled:
             self.forget(journal)
 
-    def attach(self, journal: Journal, holder: Holder) -> None:
+    def attach(self, journal: Journal, holder: Holder, first_seq: int = 0) -> None:
+        """``holder`` delivers ``journal`` from ``first_seq`` on."""
         journal.holder = journal.bound = holder
         if not journal.finished:
             journal.idle_since = None
+        journal.rewind(first_seq)
 
     def detach(self, journal: Journal) -> bool:
         """Its connection went away. Returns True when the generation must be aborted now (resume is off)."""
@@ -186,6 +229,7 @@ class Registry:
             self.forget(journal)
             return True
         journal.idle_since = self.clock()
+        journal.progressed()  # no reader now: its producer pauses it
         return False
 
     @staticmethod

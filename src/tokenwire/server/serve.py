@@ -14,6 +14,7 @@ from tokenwire.engine.factory import build_engine
 from tokenwire.server.app import ServerState, create_app
 from tokenwire.server.auth import AuthPolicy
 from tokenwire.server.capacity import auto_max_connections, raise_fd_limit
+from tokenwire.server.generation import FlowPolicy
 from tokenwire.server.protocol import Limits
 from tokenwire.server.websocket import ConnectionSettings
 
@@ -41,6 +42,7 @@ def connection_settings(settings: Settings) -> ConnectionSettings:
         resume_window=max(0.0, settings.resume_window),
         resume_buffer_bytes=int(max(0.0, settings.resume_buffer_mb) * (1 << 20)),
         max_connections=settings.max_connections if settings.max_connections > 0 else auto_max_connections(),
+        flow=FlowPolicy(max_unsent_tokens=max(0, settings.max_unsent_tokens)),
     )
 
 

@@ -42,6 +42,9 @@ class Telemetry:
     def error(self, code: str) -> None:
         self.metrics.errors.labels(code=code).inc()
 
+    def flow_paused(self) -> None:
+        self.metrics.flow_pauses.inc()
+
     def resume(self, outcome: str) -> None:
         self.metrics.resumes.labels(outcome=outcome).inc()
 

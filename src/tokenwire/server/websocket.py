@@ -1,14 +1,16 @@
 """One WebSocket connection: read frames, start or resume generations, send their messages in order.
 
 A generation's messages are produced into its journal by its own task (generation.py); the connection holds
-the journal and a *pump* task that sends what the journal holds, from a cursor. All writes go through one
-lock, so messages of different generations interleave whole. When the connection goes away, its running
-generations are orphaned, not stopped: they go on for the resume window, and a ``resume`` on a new
-connection takes them over from the last ``seq`` the client saw. A client that closes normally (1000) is
-done with them, so they are aborted then, as they are when resume is off (window 0).
+the journal and a *pump* task that sends what the journal holds, from a cursor, marking each message written
+(the producer's flow control reads that: generation.py). All writes go through one lock, so messages of
+different generations interleave whole. When the connection goes away, its running generations are orphaned,
+not stopped: they are paused and kept for the resume window, and a ``resume`` on a new connection takes them
+over from the last ``seq`` the client saw, and they go on. A client that closes normally (1000) is done with
+them, so they are aborted then, as they are when resume is off (window 0).
 
-A client that stops reading blocks its own writes; after ``slow_consumer_timeout`` the connection is closed
-(its generations are orphaned, so the client can still resume them).
+A client that reads slowly gets fewer, larger messages, and its generations pause when it falls behind. One that
+stops reading blocks its own writes; after ``slow_consumer_timeout`` the connection is closed (its generations
+are orphaned, so the client can still resume them).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from tokenwire.engine.interface import Engine, ErrorCode, GenerationRequest
 from tokenwire.server import messages
-from tokenwire.server.generation import Producer
+from tokenwire.server.backlog import Backlog
+from tokenwire.server.generation import FlowPolicy, Producer
 from tokenwire.server.journal import Journal, Registry, ResumeRefused
 from tokenwire.server.protocol import (
     Cancel,
@@ -55,6 +58,7 @@ class ConnectionSettings:
     resume_window: float = 60.0  # seconds an orphaned or finished generation stays resumable; 0: no resume
     resume_buffer_bytes: int = 64 << 20  # messages kept for resume, all generations together
     max_connections: int = 0  # WebSockets and API requests held at once (0: no cap); see capacity.py
+    flow: FlowPolicy = field(default_factory=FlowPolicy)  # how far a generation may run ahead of its reader
 
 
 class _SlowConsumer(Exception):
@@ -90,6 +94,7 @@ class Connection:
         self.messages_sent = 0
         self.tokens_sent = 0
         self._send_lock = asyncio.Lock()
+        self.backlog = Backlog.of(ws.scope)
         self._held: dict[str, _Held] = {}
         self._auto_ids = itertools.count(1)
         self._closing = False
@@ -269,8 +274,10 @@ class Connection:
             messages=msg.messages,
             raw=msg.raw,
             truncate=msg.truncate,
+            tenant=self.owner or "",
+            connection=self.session,
         )
-        producer = Producer(self.engine, journal, self.registry, self.telemetry, msg.batch)
+        producer = Producer(self.engine, journal, self.registry, self.telemetry, msg.batch, self.settings.flow)
         journal.task = asyncio.create_task(producer.run(request, self.session))
         self._hold(journal, 0)
 
@@ -321,7 +328,7 @@ class Connection:
         await asyncio.wait({held.pump})  # unlike awaiting it, this does not raise the pump's cancellation here
 
     def _hold(self, journal: Journal, first_seq: int) -> None:
-        self.registry.attach(journal, self)
+        self.registry.attach(journal, self, first_seq)
         self._held[journal.gen_id] = _Held(journal, asyncio.create_task(self._pump(journal, first_seq)))
 
     # -- delivering one generation
@@ -336,8 +343,11 @@ class Connection:
                     entry = entries[seq]
                     if entry.final:  # the client may reuse the id as soon as it sees the last message
                         self._release(gen_id, journal)
+                    else:
+                        await self._room()
                     await self._send_encoded(entry.data)
                     self.tokens_sent += entry.tokens
+                    journal.mark_sent(seq)
                     seq += 1
                 if journal.finished:
                     self._release(gen_id, journal)
@@ -347,6 +357,19 @@ class Connection:
         except _SlowConsumer:
             if self._closer is None:
                 self._closer = asyncio.create_task(self._drop_slow_consumer())
+
+    async def _room(self) -> None:
+        """Wait until the socket holds fewer unread bytes than the flow policy allows (backlog.py); a reader that
+        takes nothing for ``slow_consumer_timeout`` is a slow consumer."""
+        limit = self.settings.flow.max_socket_bytes
+        if limit <= 0 or not self.backlog.known or self.backlog.unread_bytes() < limit:
+            return
+        deadline = time.monotonic() + self.settings.slow_consumer_timeout
+        while self.backlog.unread_bytes() >= limit:
+            if time.monotonic() >= deadline:
+                log.warning("closing connection %s: the client does not read", self.session)
+                raise _SlowConsumer()
+            await asyncio.sleep(0.02)
 
     async def _drop_slow_consumer(self) -> None:
         """The client stopped reading: orphan its generations now (it may resume them on a new connection), then

@@ -1,0 +1,75 @@
+"""How many bytes a WebSocket's reader has not taken yet: asyncio's write buffer plus the kernel's send queue.
+
+A client that reads slowly is not seen by ``send`` until every buffer on the way is full: asyncio's (64 KiB) and
+the kernel's, which on Linux grows to megabytes, thousands of token messages. Flow control needs to know sooner,
+so the connection asks the socket itself: ``SIOCOUTQ`` counts the bytes the peer has not acknowledged, which on a
+stalled reader is what its receive window refused. Where that cannot be read (not Linux, no transport), the
+backlog is unknown and only a blocked ``send`` shows a slow reader.
+
+The ASGI interface hides the transport, so :class:`ExposeTransport`, the outermost middleware, puts the server's
+transport into the WebSocket's scope on its way in.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import fcntl
+import termios
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+SCOPE_KEY = "tokenwire.transport"
+
+
+class ExposeTransport:
+    """ASGI middleware: for WebSockets, the server's transport (uvicorn's protocols have one) goes into the scope."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            transport = getattr(getattr(send, "__self__", None), "transport", None)
+            if transport is not None:
+                scope[SCOPE_KEY] = transport
+        await self.app(scope, receive, send)
+
+
+class Backlog:
+    """The unread bytes of one connection's socket (see the module docstring)."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self._fd: int | None = None
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self._fd = sock.fileno()
+
+    @classmethod
+    def of(cls, scope: Scope) -> Backlog:
+        return cls(scope.get(SCOPE_KEY))
+
+    @property
+    def known(self) -> bool:
+        return self._transport is not None
+
+    def unread_bytes(self) -> int:
+        """Bytes written but not taken by the peer yet (0 when unknown)."""
+        transport = self._transport
+        if transport is None:
+            return 0
+        try:
+            queued = int(transport.get_write_buffer_size())
+        except (AttributeError, RuntimeError):
+            return 0
+        if self._fd is not None:
+            buf = array.array("i", [0])
+            try:
+                fcntl.ioctl(self._fd, termios.TIOCOUTQ, buf)
+                queued += buf[0]
+            except OSError:
+                self._fd = None  # closed, or not a TCP socket: asyncio's buffer is all we know
+        return queued

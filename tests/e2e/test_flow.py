@@ -1,0 +1,81 @@
+"""Flow control over a real server, on both engines: a reader that falls behind pauses its own generation (and no
+one else's), is not cut, and gets everything once it reads again."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+from tests.conftest import scaled
+from tests.e2e.client import Client
+from tests.e2e.server import RunningServer
+
+
+async def wait_stats(server: RunningServer, pred: object, timeout: float = 20.0) -> dict[str, int]:
+    deadline = time.monotonic() + scaled(timeout)
+    while True:
+        engine: dict[str, int] = server.get_json("/v1/stats")["engine"]
+        if pred(engine):  # type: ignore[operator]
+            return engine
+        assert time.monotonic() < deadline, engine
+        await asyncio.sleep(0.05)
+
+
+async def test_a_reader_that_stops_reading_is_paused_not_cut_and_gets_everything_when_it_reads(
+    tiny_server: RunningServer,
+) -> None:
+    """A client with a tiny receive buffer that reads nothing: its generation stops being computed once it is a
+    bounded distance ahead (the socket buffers plus --max-unsent-tokens), the connection stays open, and another
+    client's generation runs to its end meanwhile. When the client reads again, the generation goes on: every seq
+    once and in order, every token counted, later text merged into fewer messages of the type it asked for."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", tiny_server.port))
+    sock.setblocking(False)
+    stuck = await Client.connect(tiny_server.ws + "/ws", sock=sock, max_queue=1)
+    await stuck.send(
+        {"type": "generate", "id": "big", "prompt": "Tell me a story", "max_tokens": 4000, "ignore_eos": True}
+    )
+    paused = await wait_stats(tiny_server, lambda e: e["paused"] == 1)
+    assert paused["running"] == 0
+    steps = tiny_server.get_json("/v1/stats")["engine"]["steps"]
+
+    other = await Client.connect(tiny_server.ws)
+    await other.send({"type": "generate", "id": "o", "prompt": "Hi", "max_tokens": 30, "ignore_eos": True})
+    end = await other.finish("o")
+    assert end["type"] == "complete" and end["usage"]["completion_tokens"] == 30
+    await other.close()
+    engine = tiny_server.get_json("/v1/stats")["engine"]
+    assert engine["paused"] == 1  # still paused: the stuck client read nothing
+    assert engine["steps"] - steps <= 40  # the other request's steps, not the paused one's
+
+    done = await stuck.finish("big", timeout=120)  # reading again: it continues
+    assert done["type"] == "complete" and done["usage"]["completion_tokens"] == 4000
+    stuck.check_sequence("big")
+    msgs = stuck.by_id["big"][1:-1]
+    assert sum(m["tokens"] for m in msgs) == 4000
+    assert all(m["type"] == "token" for m in msgs)  # it never asked for batches: still token messages
+    assert any(m["tokens"] > 1 for m in msgs)  # merged while it was behind
+    assert tiny_server.get_json("/v1/stats")["engine"]["paused"] == 0
+    await stuck.close()
+
+
+async def test_only_the_slow_reader_is_paused(tiny_server: RunningServer) -> None:
+    """Eight readers; one stops reading. Its generation is paused; the seven others run to their end unpaused."""
+    readers = [await Client.connect(tiny_server.ws) for _ in range(7)]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", tiny_server.port))
+    sock.setblocking(False)
+    slow = await Client.connect(tiny_server.ws + "/ws", sock=sock, max_queue=1)
+    request = {"type": "generate", "id": "g", "prompt": "Tell me a story", "max_tokens": 3000, "ignore_eos": True}
+    await slow.send(request)
+    for r in readers:
+        await r.send({**request, "max_tokens": 400})
+    ends = await asyncio.gather(*(r.finish("g", timeout=120) for r in readers))
+    assert all(e["type"] == "complete" and e["usage"]["completion_tokens"] == 400 for e in ends)
+    await wait_stats(tiny_server, lambda e: e["paused"] == 1 and e["running"] == 0)
+    for r in readers:
+        await r.close()
+    await slow.vanish()
