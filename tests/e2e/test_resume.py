@@ -313,7 +313,7 @@ async def test_resume_is_off_with_a_zero_window(tiny_long_model_dir: Path) -> No
 
 async def test_a_client_that_stops_reading_is_dropped_and_can_resume_everything() -> None:
     """A client whose reads stall (tiny receive buffer, nothing read) blocks the server's sends; after the slow
-    consumer timeout the server closes it (1008) and orphans the generation, which runs on; a new connection
+    consumer timeout the server closes it (1008) and orphans the generation, kept paused; a new connection
     resumes it from the start and gets the whole text."""
     rng = random.Random(7)  # incompressible text: permessage-deflate would shrink repeated letters to nothing
     reply = "".join(f"<{i:04d}>" + base64.b64encode(rng.randbytes(12_000)).decode() for i in range(1000))

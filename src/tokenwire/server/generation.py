@@ -116,7 +116,10 @@ class Producer:
         except EngineError as err:
             trace.failed(err.code.value)
             self._release_held()
-            self._emit(messages.error(err.code, err.message, gen_id, err.param, seq=self._seq), final=True)
+            self._emit(
+                messages.error(err.code, err.message, gen_id, err.param, seq=self._seq, retry_after=err.retry_after),
+                final=True,
+            )
         except asyncio.CancelledError:  # aborted: the client went for good, or the server stops
             if not self.journal.finished:
                 self._flush()  # text generated before the abort still reaches a client that is there to read it

@@ -88,10 +88,18 @@ def complete(
 
 
 def error(
-    code: ErrorCode, content: str, gen_id: str | None = None, param: str | None = None, seq: int | None = None
+    code: ErrorCode,
+    content: str,
+    gen_id: str | None = None,
+    param: str | None = None,
+    seq: int | None = None,
+    retry_after: float | None = None,
 ) -> dict[str, Any]:
-    """``seq`` is set when the error ends a generation (it is that generation's last message)."""
+    """``seq`` is set when the error ends a generation (it is that generation's last message); ``retry_after_s``
+    when trying again later may succeed (overloaded, rate_limited)."""
     msg: dict[str, Any] = {"type": "error", "code": code.value, "content": content, "finished": True}
+    if retry_after is not None:
+        msg["retry_after_s"] = retry_after
     if gen_id is not None:
         msg["id"] = gen_id
     if seq is not None:

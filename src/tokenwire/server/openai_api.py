@@ -31,6 +31,8 @@ from tokenwire.engine.interface import (
 )
 from tokenwire.server import openai_protocol as oa
 from tokenwire.server import strictjson
+from tokenwire.server.auth import bearer_token
+from tokenwire.server.journal import owner_of
 from tokenwire.server.protocol import Limits
 from tokenwire.server.streams import with_deadlines
 from tokenwire.server.telemetry import Telemetry, Trace
@@ -41,6 +43,12 @@ T = TypeVar("T")
 def error_response(err: oa.APIError) -> JSONResponse:
     headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def _peer(request: Request) -> str:
+    """The client's connection (keep-alive requests share one), for fair admission."""
+    client = request.client
+    return f"{client.host}:{client.port}" if client is not None else "http"
 
 
 def _shutting_down() -> oa.APIError:
@@ -157,6 +165,8 @@ class OpenAIRoutes:
             messages=gen.messages,
             raw=gen.raw,
             truncate=gen.truncate,
+            tenant=owner_of(bearer_token(request.headers)) or "",
+            connection=_peer(request),
         )
         stream = self._tracked(engine_req)
         trace = self.telemetry.trace(engine_req.request_id, "http", "openai")
@@ -164,7 +174,7 @@ class OpenAIRoutes:
             await anext(stream)  # STARTED: tokenized and queued; prompt errors surface here, before any byte
         except EngineError as err:
             trace.failed(err.code.value)
-            return error_response(oa.api_error(err.code, err.message, err.param))
+            return error_response(oa.api_error(err.code, err.message, err.param, err.retry_after))
         if req.stream:
             return EventStreamResponse(self._events(req, ids, stream, trace))
         result = await until_disconnect(self._collect(stream, trace), request.receive)
@@ -215,7 +225,7 @@ class OpenAIRoutes:
                         trace.finished(out)
                         return "".join(parts), out
             except EngineError as err:
-                return oa.api_error(err.code, err.message, err.param)
+                return oa.api_error(err.code, err.message, err.param, err.retry_after)
         return oa.APIError(500, "the generation ended without a result", code="generation_failed")
 
     async def _events(
@@ -257,7 +267,7 @@ class OpenAIRoutes:
                         break
             except EngineError as err:  # after the headers: report it in the stream
                 trace.failed(err.code.value)
-                yield sse(oa.api_error(err.code, err.message, err.param).body())
+                yield sse(oa.api_error(err.code, err.message, err.param, err.retry_after).body())
             finally:
                 trace.abandoned()  # a no-op unless the client left mid-stream
             yield sse("[DONE]")

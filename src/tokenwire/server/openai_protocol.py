@@ -6,6 +6,7 @@ so both doors accept the same values and name the same fields in their errors.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -73,10 +74,11 @@ _STATUS = {
 }
 
 
-def api_error(code: ErrorCode, message: str, param: str | None = None) -> APIError:
-    """Map a protocol or engine error code to its HTTP status (with Retry-After where waiting helps)."""
+def api_error(code: ErrorCode, message: str, param: str | None = None, retry_after: float | None = None) -> APIError:
+    """Map a protocol or engine error code to its HTTP status (with Retry-After where waiting helps: the engine's
+    hint, else 1 s)."""
     status = _STATUS.get(code, 500)
-    retry = 1 if status in (429, 503) else None
+    retry = (math.ceil(retry_after) if retry_after is not None else 1) if status in (429, 503) else None
     return APIError(status, message, code=code.value, param=param, retry_after=retry)
 
 

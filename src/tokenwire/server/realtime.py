@@ -221,7 +221,9 @@ class RealtimeConnection:
             if create.use_conversation:
                 await self.send(event("conversation.item.added", previous_item_id=previous, item=item.as_dict()))
             await self.send(event("response.content_part.added", **where, part={"type": "text", "text": ""}))
-            request = GenerationRequest(running.request_id, params, messages=chat, truncate=True)
+            request = GenerationRequest(
+                running.request_id, params, messages=chat, truncate=True, connection=self.session.id
+            )
             try:
                 stream = self.engine.generate(request)
                 async with contextlib.aclosing(stream):
