@@ -23,6 +23,13 @@ class Settings:
     api_key: str | None = field(
         default=None, metadata={"help": "API key(s), comma-separated; when set, every API call must carry one"}
     )
+    admin_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "the operator's key for /v1/admin/* (broadcast a notice to every WebSocket); separate from the "
+            "API keys, which do not open it (unset: admin routes are off)"
+        },
+    )
     allowed_origins: str = field(
         default="",
         metadata={
@@ -144,6 +151,14 @@ class Settings:
         metadata={
             "help": "none, or deflate: permessage-deflate when the client offers it (as browsers do); ~10x fewer "
             "payload bytes, but ~40 KB more memory per socket and up to ~15%% more server CPU per token"
+        },
+    )
+    drain_timeout: float = field(
+        default=25.0,
+        metadata={
+            "help": "on SIGTERM or Ctrl-C: seconds running generations may take to finish while new work is refused "
+            "and /ready answers 503; then they end with shutting_down (below Kubernetes' default 30 s grace "
+            "period; a second signal stops at once)"
         },
     )
     sse_keepalive_interval: float = field(

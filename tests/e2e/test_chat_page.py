@@ -643,3 +643,25 @@ async def test_reconnects_back_off_exponentially_and_the_page_comes_back_when_th
             await page.wait_for_selector('#conn[data-state="open"]', timeout=scaled(15) * 1000)
             await ask(page, "Still there?")
             assert "Back." in await (await last_answer(page)).inner_text()
+
+
+async def test_a_broadcast_notice_is_shown_above_the_conversation_and_can_be_dismissed() -> None:
+    """The operator's notice appears as text (never HTML) in an alert; its button hides it."""
+    import httpx
+
+    async with serving(FakeEngine(), admin_key="adm") as (base, _), browser_page() as page:
+        await open_chat(page, base)
+        async with httpx.AsyncClient(base_url=base) as http:
+            r = await http.post(
+                "/v1/admin/broadcast",
+                json={"message": "Back in <b>5</b> minutes", "level": "warning"},
+                headers={"Authorization": "Bearer adm"},
+            )
+            assert r.json() == {"delivered": 1}
+        notice = await page.wait_for_selector("#notice:not([hidden])", timeout=MS)
+        assert await notice.get_attribute("role") == "alert"
+        assert await notice.get_attribute("data-level") == "warning"
+        assert await page.inner_text("#notice-text") == "Back in <b>5</b> minutes"
+        await page.screenshot(path=str(screenshot_path("chat-notice.png")), full_page=True)
+        await page.click("#notice-close")
+        await page.wait_for_selector("#notice", state="hidden", timeout=MS)

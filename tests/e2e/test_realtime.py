@@ -319,7 +319,8 @@ async def test_with_an_api_key_realtime_needs_it(tiny_long_model_dir: Path) -> N
 
 
 async def test_server_shutdown_ends_the_response_then_says_why_and_closes_1001() -> None:
-    """The server stops (what SIGTERM runs: ServerState.drain) with a response streaming: it ends with its
+    """The server stops (what SIGTERM runs: ServerState.drain) with a response streaming that the drain timeout
+    does not let finish: it ends with its
     response.done (cancelled, reason server_shutting_down, holding the text sent so far), an error event
     shutting_down follows and the socket closes with 1001. Until then the connection is counted in /v1/stats
     and the connections gauge."""
@@ -332,6 +333,7 @@ async def test_server_shutdown_ends_the_response_then_says_why_and_closes_1001()
             await ws.send(json.dumps({"type": "conversation.item.create", "item": user("Talk")}))
             await ws.send(json.dumps({"type": "response.create"}))
             first, _ = await until(ws, "response.output_text.delta")
+            state.drain_timeout = 0.2
             draining = asyncio.create_task(state.drain())
             done, before = await until(ws, "response.done")
             deltas = "".join(e["delta"] for e in [first, *before] if e["type"] == "response.output_text.delta")

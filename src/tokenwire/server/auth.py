@@ -34,6 +34,11 @@ class AuthPolicy:
         return any(hmac.compare_digest(key.encode(), k.encode()) for k in self.api_keys)
 
 
+def key_matches(given: str | None, expected: str) -> bool:
+    """``given`` is ``expected``, compared in constant time."""
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
 def bearer_token(headers: Mapping[str, str]) -> str | None:
     value = headers.get("authorization", "")
     scheme, _, token = value.partition(" ")

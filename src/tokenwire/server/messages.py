@@ -131,3 +131,13 @@ def pong(ts: Any) -> dict[str, Any]:
 
 def ping(ts: float) -> dict[str, Any]:
     return {"type": "ping", "content": "", "finished": False, "ts": ts}
+
+
+def notice(content: str, level: str = "info", code: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A message for the person at the client (an operator's broadcast, the server restarting); not about any
+    generation. Clients that do not know the type ignore it (PROTOCOL.md)."""
+    msg: dict[str, Any] = {"type": "notice", "content": content, "finished": False, "level": level}
+    if code is not None:
+        msg["code"] = code
+    msg.update(extra)
+    return msg

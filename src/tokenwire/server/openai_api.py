@@ -116,6 +116,14 @@ class OpenAIRoutes:
         self._in_flight: set[str] = set()  # engine request ids of the requests being answered
         self._draining = False
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def stop_accepting(self) -> None:
+        """The server drains: new requests get 503 shutting_down; those in flight go on."""
+        self._draining = True
+
     async def drain(self, timeout: float = 2.0) -> None:
         """The server stops: new requests get 503 shutting_down; each request in flight is aborted and ends with
         an error of code ``shutting_down`` (an SSE error event, then ``data: [DONE]``; a 503 when not streaming),

@@ -77,6 +77,7 @@ class RealtimeConnection:
         self._send_lock = asyncio.Lock()
         self._closer: asyncio.Task[None] | None = None
         self._shutting_down = False
+        self._accepting = True  # False once the server drains: no new responses
 
     async def run(self, subprotocol: str | None) -> None:
         await self.ws.accept(subprotocol=subprotocol)
@@ -164,7 +165,7 @@ class RealtimeConnection:
         await self.send(event("conversation.item.done", previous_item_id=previous, item=ev.item.as_dict()))
 
     def _start_response(self, create: ResponseCreate) -> None:
-        if self._shutting_down:
+        if self._shutting_down or not self._accepting:
             raise _shutting_down()
         if create.use_conversation and any(r.in_conversation for r in self.responses.values()):
             raise RealtimeError(
@@ -272,6 +273,14 @@ class RealtimeConnection:
             self.responses.pop(rid, None)
             if item.status == "in_progress":
                 item.status = "incomplete"
+
+    @property
+    def running_responses(self) -> int:
+        return len(self.responses)
+
+    def stop_accepting(self) -> None:
+        """The server drains: running responses may finish, new ones are refused."""
+        self._accepting = False
 
     async def shutdown(self, deliver_timeout: float = 2.0) -> None:
         """The server stops: each running response is cancelled and ends with its response.done (waiting at most

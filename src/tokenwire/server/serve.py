@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -47,14 +48,22 @@ def connection_settings(settings: Settings) -> ConnectionSettings:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, but open WebSockets hear ``shutting_down`` and close with 1001 before the server stops."""
+    """uvicorn, but it drains first (lifecycle.py): running generations may finish within --drain-timeout while the
+    port still answers (refusing new work), then open WebSockets hear ``shutting_down`` and close with 1001. A
+    second signal (uvicorn sets ``force_exit``) cuts the wait short."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self._state = state
 
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """The first SIGTERM or SIGINT drains; a second of either stops at once (uvicorn's own: only SIGINT)."""
+        if self.should_exit:
+            self.force_exit = True
+        super().handle_exit(sig, frame)
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        await self._state.drain()
+        await self._state.drain(lambda: self.force_exit)
         await super().shutdown(sockets)
 
 
@@ -96,6 +105,8 @@ def run(settings: Settings) -> int:
         public_url=f"http://{settings.host}:{settings.port}",
         auth=auth_policy(settings),
         max_body_bytes=settings.max_body_bytes,
+        admin_key=settings.admin_key,
+        drain_timeout=max(0.0, settings.drain_timeout),
     )
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", settings.host)
@@ -110,4 +121,5 @@ def run(settings: Settings) -> int:
         fds if fds is not None else "unknown",
     )
     server.run()
-    return 1 if app.state.tokenwire.load_error else 0
+    state = app.state.tokenwire
+    return 1 if state.load_error or state.engine_error else 0

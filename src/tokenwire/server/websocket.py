@@ -21,6 +21,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,7 @@ class Connection:
         telemetry: Telemetry,
         registry: Registry,
         owner: str | None = None,
+        accepting: Callable[[], bool] = lambda: True,
     ) -> None:
         self.ws = ws
         self.telemetry = telemetry
@@ -89,6 +91,7 @@ class Connection:
         self.settings = settings
         self.registry = registry
         self.owner = owner  # who may resume what this connection starts (see journal.owner_of)
+        self.accepting = accepting  # False while the server drains: new generations are refused
         self.session = secrets.token_hex(6)
         self.connected_at = time.time()
         self.messages_sent = 0
@@ -175,6 +178,16 @@ class Connection:
         self._closing = True
         await self._close(1001)
 
+    async def notify(self, notice: dict[str, Any]) -> bool:
+        """Send a ``notice`` (an operator's broadcast, the drain); False if the client could not take it."""
+        if self._closing:
+            return False
+        try:
+            await self.send(notice)
+        except (WebSocketDisconnect, _SlowConsumer, OSError):
+            return False
+        return True
+
     async def _let_go(self, abort: bool) -> None:
         """The socket is gone: stop delivering every held generation; abort them (``abort`` or resume off) or
         leave them orphaned, for a resume."""
@@ -253,6 +266,10 @@ class Connection:
 
     async def _start_generation(self, msg: Generate) -> None:
         gen_id = msg.id if msg.id is not None else f"gen-{next(self._auto_ids)}"
+        if not self.accepting():
+            message = "the server is shutting down and starts no new generations; reconnect and try again shortly"
+            await self.send_error(ErrorCode.SHUTTING_DOWN, message, gen_id)
+            return
         if await self._refused_room(gen_id):
             return
         engine_id = f"{self.session}:{gen_id}"

@@ -10,6 +10,7 @@
     model: $("model"), form: $("composer"), settings: $("settings"), settingsToggle: $("settings-toggle"),
     system: $("system"), temperature: $("temperature"), temperatureValue: $("temperature-value"),
     maxTokens: $("max-tokens"), newChat: $("new-chat"), theme: $("theme"), problem: $("problem"),
+    notice: $("notice"), noticeText: $("notice-text"), noticeClose: $("notice-close"),
   };
   const STORE = "tokenwire.settings";
   const KEY = "tokenwire.key";
@@ -142,8 +143,16 @@
     return msg;
   }
 
+  // An operator's broadcast, or the server restarting: shown above the conversation until dismissed.
+  function showNotice(msg) {
+    ui.noticeText.textContent = String(msg.content || "");
+    ui.notice.dataset.level = msg.level === "warning" ? "warning" : "info";
+    ui.notice.hidden = !msg.content;
+  }
+
   function handle(msg) {
     if (msg.type === "hello") { hello(msg); return; }
+    if (msg.type === "notice") { showNotice(msg); return; }
     if (msg.type === "error" && msg.code === "unauthorized") { needKey = true; return; }
     if (msg.type === "ping") { if (ws) ws.send(JSON.stringify({ type: "pong", ts: msg.ts })); return; }
     if (!current || msg.id !== current.id) {
@@ -422,6 +431,7 @@
     if (ws && !current.detached) ws.send(JSON.stringify({ type: "cancel", id: current.id }));
   }
   ui.stop.addEventListener("click", stop);
+  ui.noticeClose.addEventListener("click", () => { ui.notice.hidden = true; ui.prompt.focus(); });
   // Escape closes the settings panel when focus is in it, else stops the running answer.
   document.addEventListener("keydown", (e) => {
     if (e.key !== "Escape" || e.isComposing) return;

@@ -1,0 +1,120 @@
+"""Graceful drain on SIGTERM, over a real server process: running answers finish, new work is refused meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+
+from tests.conftest import scaled
+from tests.e2e.client import Client
+from tests.e2e.server import RunningServer, serve
+
+
+def status_of(server: RunningServer, path: str) -> tuple[int, dict[str, Any], Any]:
+    try:
+        with urllib.request.urlopen(server.http + path, timeout=scaled(5)) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()), err.headers
+
+
+def post_completion(server: RunningServer, model: str) -> tuple[int, dict[str, Any], Any]:
+    body = json.dumps({"model": model, "prompt": "Hi", "max_tokens": 3}).encode()
+    req = urllib.request.Request(server.http + "/v1/completions", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=scaled(10)) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()), err.headers
+
+
+async def closed_with(client: Client) -> int | None:
+    with pytest.raises(websockets.ConnectionClosed) as info:
+        for _ in range(100_000):
+            await client.recv(timeout=30)
+    return info.value.rcvd.code if info.value.rcvd is not None else None
+
+
+async def test_sigterm_lets_the_running_answer_finish_and_refuses_new_work(tiny_long_model_dir: Path) -> None:
+    """SIGTERM with a generation streaming: /ready turns 503 at once, the client hears a notice, its new generate
+    gets shutting_down, a new WebSocket is refused (shutting_down, 1001), an HTTP request gets 503 with
+    Retry-After; the running generation ends with complete, all its tokens; then the socket closes with 1001 and
+    the process exits."""
+    with serve("--model", str(tiny_long_model_dir), "--device", "cpu", "--drain-timeout", "60") as server:
+        model = server.get_json("/v1/models")["data"][0]["id"]
+        c = await Client.connect(server.ws)
+        await c.send({"type": "generate", "id": "g", "prompt": "Hi", "max_tokens": 1500, "ignore_eos": True})
+        await c.until(lambda m: m.get("id") == "g" and m["type"] == "token")
+        server.proc.send_signal(signal.SIGTERM)
+
+        notice = await c.until(lambda m: m["type"] == "notice", timeout=10)
+        assert notice["code"] == "draining" and notice["drain_s"] == 60 and notice["finished"] is False
+        status, body, headers = status_of(server, "/ready")
+        assert status == 503 and body["status"] == "draining" and headers["Retry-After"] == "1"
+        assert server.get_json("/v1/stats")["draining"] is True
+
+        await c.send({"type": "generate", "id": "new", "prompt": "Hi", "max_tokens": 3})
+        refused = await c.until(lambda m: m.get("id") == "new")
+        assert refused["type"] == "error" and refused["code"] == "shutting_down"
+
+        late = await websockets.connect(server.ws + "/ws")
+        first = json.loads(await late.recv())
+        assert first["type"] == "error" and first["code"] == "shutting_down"
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            await late.recv()
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+
+        status, body, headers = post_completion(server, model)
+        assert status == 503 and body["error"]["code"] == "shutting_down" and int(headers["Retry-After"]) >= 1
+
+        end = await c.finish("g", timeout=60)
+        assert end["type"] == "complete" and end["usage"]["completion_tokens"] == 1500
+        c.check_sequence("g")
+        assert await closed_with(c) == 1001
+        assert server.proc.wait(timeout=scaled(20)) in (0, -signal.SIGTERM)
+
+
+async def test_a_second_sigterm_ends_the_drain_at_once(tiny_long_model_dir: Path) -> None:
+    """A long generation and a long drain timeout: the second SIGTERM ends it with shutting_down (every message
+    before it delivered, seq on) and the process exits, without waiting for the timeout."""
+    with serve("--model", str(tiny_long_model_dir), "--device", "cpu", "--drain-timeout", "120") as server:
+        c = await Client.connect(server.ws)
+        await c.send({"type": "generate", "id": "g", "prompt": "Hi", "max_tokens": 4000, "ignore_eos": True})
+        await c.until(lambda m: m.get("id") == "g" and m["type"] == "token")
+        server.proc.send_signal(signal.SIGTERM)
+        await c.until(lambda m: m["type"] == "notice", timeout=10)
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        err = await c.finish("g", timeout=30)
+        assert err["type"] == "error" and err["code"] == "shutting_down"
+        assert [m["seq"] for m in c.by_id["g"]] == list(range(len(c.by_id["g"])))
+        assert await closed_with(c) == 1001
+        server.proc.wait(timeout=scaled(20))
+        assert time.monotonic() - t0 < scaled(15)
+
+
+async def test_the_drain_timeout_ends_what_is_still_running_with_shutting_down(tiny_long_model_dir: Path) -> None:
+    """A generation that cannot finish within --drain-timeout ends with shutting_down when it is over, then the
+    socket closes with 1001."""
+    with serve("--model", str(tiny_long_model_dir), "--device", "cpu", "--drain-timeout", "1") as server:
+        c = await Client.connect(server.ws)
+        await c.send({"type": "generate", "id": "g", "prompt": "Hi", "max_tokens": 4000, "ignore_eos": True})
+        await c.until(lambda m: m.get("id") == "g" and m["type"] == "token")
+        t0 = time.monotonic()
+        server.proc.terminate()
+        err = await c.finish("g", timeout=30)
+        assert err["type"] == "error" and err["code"] == "shutting_down"
+        assert time.monotonic() - t0 >= 0.9  # it had its second
+        assert [m["seq"] for m in c.by_id["g"]] == list(range(len(c.by_id["g"])))
+        assert await closed_with(c) == 1001
+        assert server.proc.wait(timeout=scaled(20)) in (0, -signal.SIGTERM)
