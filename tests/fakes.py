@@ -27,6 +27,7 @@ class FakeEngine:
         self.delay = delay  # seconds between pieces
         self.aborted: set[str] = set()
         self.paused: set[str] = set()  # what the server paused (the fake goes on regardless)
+        self.failure: str | None = None  # set by a test: the engine stopped working
         self.closed_early: set[str] = set()  # streams closed before their end: what a real engine aborts
         self.fail_with: EngineError | None = None
         self.load_gate = asyncio.Event()
@@ -53,6 +54,9 @@ class FakeEngine:
 
     async def shutdown(self) -> None:
         self._ready = False
+
+    def health(self) -> str | None:
+        return self.failure
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
         self.requests.append(request)

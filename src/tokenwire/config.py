@@ -94,6 +94,14 @@ class Settings:
             "blocks of 32 tokens, the KV bytes per token depend on the model)"
         },
     )
+    engine_hang_timeout: float = field(
+        default=120.0,
+        metadata={
+            "help": "seconds one engine step may take before the engine counts as hung: its requests fail with "
+            "generation_failed and (transformers) the server exits non-zero for its supervisor to restart it, or "
+            "(openvino) the worker process is restarted (0: never)"
+        },
+    )
     prefix_caching: str = field(
         default="on",
         metadata={

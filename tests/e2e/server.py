@@ -128,11 +128,14 @@ async def serving(
     server_settings: Settings | None = None,
     prefix: str = "",
     admin_key: str | None = None,
+    on_fatal: Callable[[], None] | None = None,
 ) -> AsyncIterator[tuple[str, ServerState]]:
     """A real uvicorn server on 127.0.0.1 in this event loop, configured as ``tokenwire serve`` configures it
     (``server_settings`` for its flags); yields (base URL, server state). With ``prefix`` ("/llm") the app is
     served under that path, as a proxy that strips it would present it to browsers."""
-    app = create_app(engine, settings or ConnectionSettings(heartbeat_interval=0), auth=auth, admin_key=admin_key)
+    app = create_app(
+        engine, settings or ConnectionSettings(heartbeat_interval=0), on_fatal, auth=auth, admin_key=admin_key
+    )
     state: ServerState = app.state.tokenwire
     if prefix:
         inner = app

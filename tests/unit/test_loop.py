@@ -265,3 +265,84 @@ async def test_a_paused_request_does_not_time_out_in_the_queue(byte_tokenizer: A
         assert outs[-1].completion_tokens == 30
     finally:
         await engine.shutdown()
+
+
+async def test_an_exception_in_one_requests_output_fails_only_that_request(byte_tokenizer: Any) -> None:
+    """A bug that strikes one request's output side (its detokenizer, say) fails it with generation_failed; the
+    request next to it ends normally and the engine stays ready."""
+    backend = ScriptedBackend(byte_tokenizer, rows=2, step_s=0.005)
+    engine = await started(backend)
+    try:
+        outputs = engine._outputs
+        assert outputs is not None
+        real = outputs.tokens
+
+        def tokens(rid: str, ids: Any, now: float) -> Any:
+            if rid == "bad":
+                raise RuntimeError("boom")
+            return real(rid, ids, now)
+
+        outputs.tokens = tokens  # type: ignore[method-assign]
+        good = asyncio.create_task(collect(engine, request("good", 20)))
+        with pytest.raises(EngineError) as err:
+            await collect(engine, request("bad", 20, connection="c2"))
+        assert err.value.code is ErrorCode.GENERATION_FAILED and "boom" in err.value.message
+        assert (await good)[-1].completion_tokens == 20
+        assert engine.ready and engine.health() is None
+        assert "bad" not in backend.running
+    finally:
+        await engine.shutdown()
+
+
+class CrashingBackend(ScriptedBackend):
+    def step(self) -> StepOutput:
+        raise RuntimeError("the kernel exploded")
+
+
+async def test_a_crashed_model_loop_fails_its_requests_and_says_why(byte_tokenizer: Any) -> None:
+    """The loop dies: the running request fails with generation_failed (not a hang), health() names the cause,
+    the engine is not ready, and a new request is refused with the cause."""
+    engine = await started(CrashingBackend(byte_tokenizer))
+    try:
+        with pytest.raises(EngineError) as err:
+            await asyncio.wait_for(collect(engine, request("r")), scaled(5))
+        assert err.value.code is ErrorCode.GENERATION_FAILED
+        await wait_until(lambda: engine.health() is not None)
+        assert "the kernel exploded" in str(engine.health()) and not engine.ready
+        with pytest.raises(EngineError) as again:
+            await collect(engine, request("next"))
+        assert again.value.code is ErrorCode.GENERATION_FAILED and "crashed" in again.value.message
+    finally:
+        await engine.shutdown()
+
+
+class HangingBackend(ScriptedBackend):
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__(tokenizer)
+        self.release = threading.Event()
+
+    def step(self) -> StepOutput:
+        self.release.wait(30)
+        return StepOutput()
+
+
+async def test_a_hung_model_loop_is_detected_and_its_requests_fail_instead_of_waiting(byte_tokenizer: Any) -> None:
+    """A step that never ends: past the hang timeout, health() says the loop hangs, the waiting request fails with
+    generation_failed, and new requests are refused."""
+    backend = HangingBackend(byte_tokenizer)
+    engine = LoopEngine(backend, "scripted", 100, hang_timeout=0.3)
+    await engine.start()
+    try:
+        task = asyncio.create_task(collect(engine, request("r")))
+        await wait_until(lambda: "r" in backend.running)
+        assert engine.health() is None
+        await wait_until(lambda: engine.health() is not None)
+        assert "hangs" in str(engine.health()) and not engine.ready
+        with pytest.raises(EngineError) as err:
+            await asyncio.wait_for(task, scaled(5))
+        assert err.value.code is ErrorCode.GENERATION_FAILED
+        with pytest.raises(EngineError):
+            await collect(engine, request("next"))
+    finally:
+        backend.release.set()
+        await engine.shutdown()

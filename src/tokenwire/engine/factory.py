@@ -87,6 +87,7 @@ def build_engine(settings: Settings) -> Engine:
                 max_prefill_tokens=settings.max_prefill_tokens,
                 prefix_caching=settings.prefix_caching == "on",
                 queue_timeout=settings.queue_timeout,
+                hang_timeout=settings.engine_hang_timeout,
             )
         )
     from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig  # imports torch
@@ -106,5 +107,6 @@ def build_engine(settings: Settings) -> Engine:
                 max_prefill_tokens=settings.max_prefill_tokens,
             ),
             queue_timeout=settings.queue_timeout,
+            hang_timeout=settings.engine_hang_timeout,
         )
     )

@@ -213,6 +213,10 @@ class Engine(Protocol):
     async def start(self) -> None:
         """Load the model and start the model loop (off the event loop)."""
 
+    def health(self) -> str | None:
+        """None while the engine works; else why it stopped working (its loop died or hangs). The server stops
+        then, so that its supervisor starts a fresh process."""
+
     async def shutdown(self) -> None:
         """Abort everything and stop the model loop."""
 

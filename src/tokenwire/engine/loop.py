@@ -160,11 +160,21 @@ _Item = RequestOutput | _Failure
 class LoopEngine:
     """The :class:`~tokenwire.engine.interface.Engine` for a backend run by a model thread in this process."""
 
-    def __init__(self, backend: Backend, model_name: str, max_in_flight: int, queue_timeout: float = 0.0) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        model_name: str,
+        max_in_flight: int,
+        queue_timeout: float = 0.0,
+        hang_timeout: float = 120.0,
+    ) -> None:
         self.backend = backend
         self._model_name = model_name
         self._max_in_flight = max_in_flight
         self._queue_timeout = queue_timeout  # seconds a new request may wait for a row (0: no limit)
+        self._hang_timeout = hang_timeout  # a step running longer than this means the model loop hangs (0: never)
+        self._beat = time.monotonic()  # the model loop's last sign of life
+        self._failure: str | None = None  # why the engine stopped working, once it has
         self._max_context = 0
         self._ready = False
         self._stopping = False
@@ -197,6 +207,20 @@ class LoopEngine:
     @property
     def ready(self) -> bool:
         return self._ready
+
+    def health(self) -> str | None:
+        """None while the engine works; else why it stopped: its loop crashed, its backend died, or a step has not
+        ended for ``hang_timeout`` seconds. On a hang every running request fails at once with
+        ``generation_failed`` (the model thread cannot be stopped; the process should be restarted)."""
+        if self._failure is None and self._ready and self._hang_timeout > 0 and self._streams:
+            stuck = time.monotonic() - self._beat
+            if stuck > self._hang_timeout:
+                self._failure = f"the model loop has not finished a step for {stuck:.0f} s: it hangs"
+                log.error("%s; failing its %d requests", self._failure, len(self._streams))
+                self._ready = False
+                for rid, stream in list(self._streams.items()):
+                    stream.put_nowait(_Failure(rid, EngineError(ErrorCode.GENERATION_FAILED, self._failure)))
+        return self._failure
 
     # -- lifecycle
     async def start(self) -> None:
@@ -244,6 +268,8 @@ class LoopEngine:
     # -- requests (event loop side)
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
         if not self._ready:
+            if self._failure is not None:
+                raise EngineError(ErrorCode.GENERATION_FAILED, f"the engine failed ({self._failure}); try again later")
             raise EngineError(
                 ErrorCode.SHUTTING_DOWN if self._stopping else ErrorCode.OVERLOADED, "the engine is not ready"
             )
@@ -325,22 +351,28 @@ class LoopEngine:
 
     # -- the model thread
     def _run(self) -> None:
+        code, why = ErrorCode.SHUTTING_DOWN, "the server is shutting down"
         try:
             while not self._stopping:
+                self._beat = time.monotonic()
                 if not self._drain_inbox(block=not self.backend.has_work and not self._waiting):
                     break
                 self.admit_waiting()
                 if self.backend.has_work:
                     self.step()
                 if not self.backend.alive:
-                    log.error("the %s engine stopped; the server is not ready any more", self.backend.kind)
+                    self._failure = f"the {self.backend.kind} engine stopped (its backend died)"
+                    log.error("%s; the server is not ready any more", self._failure)
                     self._ready = False
+                    code, why = ErrorCode.GENERATION_FAILED, self._failure
                     break
-        except Exception:  # pragma: no cover - a bug in the loop itself
+        except Exception as exc:  # a bug in the loop or the backend: the engine cannot go on
             log.exception("engine loop crashed")
+            self._failure = f"the model loop crashed: {type(exc).__name__}: {exc}"
             self._ready = False
+            code, why = ErrorCode.GENERATION_FAILED, self._failure
         finally:
-            self._fail_all(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+            self._fail_all(code, why)
             self.backend.close()
 
     def _drain_inbox(self, block: bool) -> bool:
@@ -484,7 +516,13 @@ class LoopEngine:
             self._forget(rid)
             out.append(_Failure(rid, error))
         for rid, tokens in result.tokens.items():
-            made, ended = outputs.tokens(rid, tokens, now)
+            try:
+                made, ended = outputs.tokens(rid, tokens, now)
+            except Exception as exc:  # a bug for this request (its detokenizer, say): it fails, the others go on
+                log.exception("request %s failed in the output side", rid)
+                self._forget(rid)
+                out.append(_Failure(rid, EngineError(ErrorCode.GENERATION_FAILED, f"generation failed: {exc}")))
+                continue
             out.extend(made)
             if ended:
                 self._forget(rid)

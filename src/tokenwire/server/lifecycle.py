@@ -76,7 +76,7 @@ class ServerState:
     @property
     def accepting(self) -> bool:
         """New work is welcome: not draining, and the engine runs."""
-        return not self.draining and self.engine.ready
+        return not self.draining and self.engine.ready and self.engine_error is None
 
     def in_flight(self) -> int:
         """Generations with a client waiting for them, on every door."""
@@ -197,8 +197,8 @@ class ServerState:
         the process (``on_fatal``), so that its supervisor starts a fresh one."""
         while not self.draining:
             await asyncio.sleep(interval)
-            problem = getattr(self.engine, "failure", None)
-            if self.engine.ready and problem is None:
+            problem = self.engine.health()
+            if problem is None and self.engine.ready:
                 continue
             if self.draining:
                 return

@@ -39,6 +39,7 @@ class HFEngineConfig:
     threads: int = 0  # torch intra-op threads on CPU; 0 = all cores
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     queue_timeout: float = 60.0  # seconds a new request may wait for a row before it fails overloaded (0: no limit)
+    hang_timeout: float = 120.0  # a step longer than this means the model loop hangs: the server stops (0: never)
 
 
 class HFEngine(LoopEngine):
@@ -50,7 +51,9 @@ class HFEngine(LoopEngine):
         """Resolves the model reference and checks the settings at once (ValueError); loading is in start()."""
         backend = HFBackend(config)
         limits = config.scheduler
-        super().__init__(backend, backend.name, limits.max_batch_size + limits.max_waiting, config.queue_timeout)
+        super().__init__(
+            backend, backend.name, limits.max_batch_size + limits.max_waiting, config.queue_timeout, config.hang_timeout
+        )
 
 
 class HFBackend:

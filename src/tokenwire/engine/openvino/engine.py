@@ -58,6 +58,7 @@ class OVEngineConfig:
     max_prefill_tokens: int = 512
     prefix_caching: bool = True
     queue_timeout: float = 60.0  # seconds a new request may wait for a row before it fails overloaded (0: no limit)
+    hang_timeout: float = 120.0  # a worker silent this long while it has requests hangs: it is restarted (0: never)
 
 
 def worker_config(
@@ -90,7 +91,9 @@ class OVEngine(LoopEngine):
     def __init__(self, config: OVEngineConfig) -> None:
         """Resolves the model and checks the settings at once (ValueError); loading is in start()."""
         backend = OVBackend(config)
-        super().__init__(backend, backend.name, config.max_batch_size + config.max_waiting, config.queue_timeout)
+        super().__init__(
+            backend, backend.name, config.max_batch_size + config.max_waiting, config.queue_timeout, config.hang_timeout
+        )
 
 
 class OVBackend:
@@ -124,6 +127,7 @@ class OVBackend:
         self._last = worker.Stepped()
         self._deaths: list[float] = []  # when the worker died (restarts are bounded)
         self._wcfg: worker.WorkerConfig | None = None
+        self._heard = time.monotonic()  # the worker's last message, or when it was last given work while idle
 
     # -- lifecycle
     def load(self) -> LoadedModel:
@@ -189,6 +193,8 @@ class OVBackend:
 
     # -- requests
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int) -> None:
+        if not self._keys:
+            self._heard = time.monotonic()  # silence while idle is not a hang
         key = next(self._next_key)
         self._keys[request_id] = key
         self._rids[key] = request_id
@@ -228,12 +234,27 @@ class OVBackend:
             return out
         try:
             if not conn.poll(STEP_WAIT_S):
+                self._check_silence(out)
                 return out
             while conn.poll():
                 self._merge(conn.recv(), out)
+            self._heard = time.monotonic()
         except (EOFError, OSError):
             self._died(out)
         return out
+
+    def _check_silence(self, out: StepOutput) -> None:
+        """A worker with requests that has said nothing for ``hang_timeout`` hangs: kill it, which fails its
+        requests and starts a new one (as when it dies)."""
+        limit = self.config.hang_timeout
+        silent = time.monotonic() - self._heard
+        if limit <= 0 or not self._keys or silent <= limit:
+            return
+        log.error("the OpenVINO worker has not answered for %.0f s with %d requests: it hangs", silent, len(self._keys))
+        if self._process is not None:
+            self._process.kill()
+        self._died(out)
+        self._heard = time.monotonic()
 
     def _merge(self, msg: worker.Stepped, out: StepOutput) -> None:
         self._last = msg
