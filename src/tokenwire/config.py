@@ -125,6 +125,31 @@ class Settings:
             "a 5%% reserve, which keeps /health answering)"
         },
     )
+    max_connections_per_ip: int = field(
+        default=0,
+        metadata={
+            "help": "WebSockets and API requests one client address may hold (0: no cap); more get 1013 or 503. "
+            "Behind a proxy, set --trusted-proxies so that the address is the client's, not the proxy's"
+        },
+    )
+    trusted_proxies: str = field(
+        default="127.0.0.1",
+        metadata={
+            "help": "addresses (comma-separated, or *) whose X-Forwarded-For header names the client: the nginx in "
+            "front of tokenwire. Others' headers are ignored"
+        },
+    )
+    max_generations_per_key: int = field(
+        default=0,
+        metadata={"help": "generations one API key may run at once over all its connections (0: no cap)"},
+    )
+    rate_limit: int = field(
+        default=0,
+        metadata={
+            "help": "tokens (prompt and generated) one API key may use per minute; past it rate_limited / HTTP 429 "
+            "with the seconds until the budget refills (0: no limit)"
+        },
+    )
     max_tokens_limit: int = field(default=4096, metadata={"help": "largest max_tokens a request may ask for"})
     default_max_tokens: int = field(default=256, metadata={"help": "max_tokens when a request gives none"})
     max_generations_per_connection: int = field(default=32, metadata={"help": "concurrent generations a socket"})

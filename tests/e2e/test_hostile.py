@@ -221,8 +221,8 @@ async def test_huge_prompts_do_not_stall_the_streams_already_running(tiny_long_m
 async def test_sigterm_ends_http_requests_with_an_error_never_a_cut(tiny_long_model_dir: Path) -> None:
     """On SIGTERM an SSE stream in flight once just stopped (no error event, no [DONE]) and a non-streaming request
     got a plain-text 500. Now the stream ends with an error event of code shutting_down, then data: [DONE]; the
-    non-streaming request gets an OpenAI-shaped 503 of that code; WebSocket clients already got theirs."""
-    with serve("--model", str(tiny_long_model_dir), "--device", "cpu") as server:
+    non-streaming request gets an OpenAI-shaped 503 of that code, when the drain timeout ends them."""
+    with serve("--model", str(tiny_long_model_dir), "--device", "cpu", "--drain-timeout", "0.5") as server:
         body = {"prompt": "Hi", "max_tokens": 4000, "ignore_eos": True}
         async with httpx.AsyncClient(base_url=server.http, timeout=scaled(60)) as http:
             plain = asyncio.create_task(http.post("/v1/completions", json=body))

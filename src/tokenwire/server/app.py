@@ -55,7 +55,9 @@ def create_app(
         lambda: len(state.connections) + len(state.realtime_connections),
         lambda: (state.generations.orphaned, state.generations.nbytes),
     )
-    api = OpenAIRoutes(engine, state.settings.limits, sse_keepalive_interval, telemetry)
+    api = OpenAIRoutes(
+        engine, state.settings.limits, sse_keepalive_interval, telemetry, policy.enabled, state.key_limits
+    )
     state.doors.append(api)
     r = Routes(state, telemetry, policy, admin_key)
     app = Starlette(
@@ -80,7 +82,7 @@ def create_app(
         lifespan=lambda app: lifespan(state),
         middleware=[
             Middleware(ExposeTransport),
-            Middleware(RequestCap, gate=state.gate),
+            Middleware(RequestCap, gate=state.gate, per_ip=state.per_ip),
             Middleware(
                 RequestGuard,
                 policy=policy,

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -103,19 +103,65 @@ class ConnectionGate:
             self.refused = 0
 
 
-class RequestCap:
-    """ASGI middleware: API requests past the gate's limit get 503 ``overloaded`` at once; probes always pass.
-    (WebSockets are gated by their routes, which answer in their own protocol.)"""
+@dataclass(slots=True)
+class IpGate:
+    """Counts WebSockets and API requests per client address against ``limit`` (0: no cap). Behind a proxy the
+    address is the client's only when the proxy is trusted (``--trusted-proxies``: uvicorn then takes it from
+    X-Forwarded-For); otherwise every client has the proxy's. Memory: one entry per address with connections."""
 
-    def __init__(self, app: ASGIApp, gate: ConnectionGate) -> None:
+    limit: int = 0
+    _open: dict[str, int] = field(default_factory=dict)
+
+    def enter(self, ip: str) -> bool:
+        if not self.limit:
+            return True
+        n = self._open.get(ip, 0)
+        if n >= self.limit:
+            return False
+        self._open[ip] = n + 1
+        return True
+
+    def leave(self, ip: str) -> None:
+        if not self.limit:
+            return
+        n = self._open.get(ip, 0) - 1
+        if n > 0:
+            self._open[ip] = n
+        else:
+            self._open.pop(ip, None)
+
+    def open(self, ip: str) -> int:
+        return self._open.get(ip, 0)
+
+
+def client_ip(scope: Scope) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+PER_IP_FULL = "this address already holds {} connections (--max-connections-per-ip); close one or try again later"
+
+
+class RequestCap:
+    """ASGI middleware: API requests past the gate's limit, or past the per-address limit, get 503 ``overloaded``
+    at once; probes always pass. (WebSockets are gated by their routes, which answer in their own protocol.)"""
+
+    def __init__(self, app: ASGIApp, gate: ConnectionGate, per_ip: IpGate | None = None) -> None:
         self.app = app
         self.gate = gate
+        self.per_ip = per_ip or IpGate()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or _relative_path(scope) in PROBES or not self.gate.limit:
+        if scope["type"] != "http" or _relative_path(scope) in PROBES or not (self.gate.limit or self.per_ip.limit):
             await self.app(scope, receive, send)
             return
+        ip = client_ip(scope)
+        if not self.per_ip.enter(ip):
+            message = PER_IP_FULL.format(self.per_ip.limit)
+            await send_error(send, 503, "overloaded", message, "server_error", [(b"retry-after", b"1")])
+            return
         if not self.gate.enter():
+            self.per_ip.leave(ip)
             message = "the server holds as many connections as it may; try again later"
             await send_error(send, 503, "overloaded", message, "server_error", [(b"retry-after", b"1")])
             return
@@ -123,6 +169,7 @@ class RequestCap:
             await self.app(scope, receive, send)
         finally:
             self.gate.leave()
+            self.per_ip.leave(ip)
 
 
 def _relative_path(scope: Scope) -> str:

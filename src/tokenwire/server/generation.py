@@ -61,6 +61,7 @@ class Producer:
         self.telemetry = telemetry
         self.coalescer = Coalescer(batch) if batch else None
         self.flow = flow or FlowPolicy()
+        self.prompt_tokens = 0
         self.paused = False
         self.pauses = 0
         self._silent_tokens = 0  # generated tokens whose bytes never completed a character: no message of their own
@@ -90,6 +91,7 @@ class Producer:
                         self._flush()
                     elif out.kind is OutputKind.STARTED:
                         dropped = out.start.truncated_messages if out.start else 0
+                        self.prompt_tokens = out.prompt_tokens
                         model, token = self.engine.model_name, self.journal.resume_token
                         self._emit(messages.started(gen_id, model, out.prompt_tokens, token, dropped))
                     elif out.kind is OutputKind.DELTA:
@@ -135,6 +137,11 @@ class Producer:
             trace.abandoned()
             self.journal.close()
             self.registry.finished(self.journal)
+
+    @property
+    def used_tokens(self) -> int:
+        """Prompt and generated tokens so far (what a per-key budget is charged)."""
+        return self.prompt_tokens + self.journal.tokens + self._silent_tokens + self._held_tokens
 
     # -- flow control
     def _regulate(self) -> None:

@@ -24,8 +24,9 @@ from typing import Any, Protocol
 
 from tokenwire.engine.interface import Engine
 from tokenwire.server import messages
-from tokenwire.server.capacity import ConnectionGate, FdWatch
+from tokenwire.server.capacity import ConnectionGate, FdWatch, IpGate
 from tokenwire.server.journal import Registry
+from tokenwire.server.limits import KeyLimits
 from tokenwire.server.realtime import RealtimeConnection
 from tokenwire.server.websocket import Connection, ConnectionSettings
 
@@ -71,6 +72,8 @@ class ServerState:
         self.load_task: asyncio.Task[None] | None = None
         self.doors: list[Door] = []  # the HTTP API
         self.gate = ConnectionGate(settings.max_connections)
+        self.per_ip = IpGate(settings.max_connections_per_ip)
+        self.key_limits = KeyLimits(settings.max_generations_per_key, settings.rate_limit_tokens_per_minute)
 
     # -- what every route asks
     @property

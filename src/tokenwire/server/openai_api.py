@@ -33,6 +33,7 @@ from tokenwire.server import openai_protocol as oa
 from tokenwire.server import strictjson
 from tokenwire.server.auth import bearer_token
 from tokenwire.server.journal import owner_of
+from tokenwire.server.limits import KeyLimits
 from tokenwire.server.protocol import Limits
 from tokenwire.server.streams import with_deadlines
 from tokenwire.server.telemetry import Telemetry, Trace
@@ -106,8 +107,18 @@ async def until_disconnect(work: Awaitable[T], receive: Receive) -> T | None:
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: Engine, limits: Limits, keepalive_interval: float, telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        limits: Limits,
+        keepalive_interval: float,
+        telemetry: Telemetry,
+        keyed: bool = False,
+        key_limits: KeyLimits | None = None,
+    ) -> None:
         self.engine = engine
+        self.keyed = keyed  # API keys are on: a request's key names its tenant
+        self.key_limits = key_limits or KeyLimits()
         self.telemetry = telemetry
         self.limits = limits
         self.keepalive_interval = keepalive_interval
@@ -173,9 +184,14 @@ class OpenAIRoutes:
             messages=gen.messages,
             raw=gen.raw,
             truncate=gen.truncate,
-            tenant=owner_of(bearer_token(request.headers)) or "",
+            tenant=(owner_of(bearer_token(request.headers)) or "") if self.keyed else "",
             connection=_peer(request),
         )
+        try:
+            self.key_limits.acquire(engine_req.tenant)
+        except EngineError as err:
+            self.telemetry.error(err.code.value)
+            return error_response(oa.api_error(err.code, err.message, err.param, err.retry_after))
         stream = self._tracked(engine_req)
         trace = self.telemetry.trace(engine_req.request_id, "http", "openai")
         try:
@@ -204,9 +220,11 @@ class OpenAIRoutes:
         the drain aborted ends with :func:`_shutting_down` raised instead of a ``cancelled`` finish."""
         rid = request.request_id
         self._in_flight.add(rid)
+        used = 0
         try:
             async with contextlib.aclosing(self.engine.generate(request)) as stream:
                 async for out in stream:
+                    used += out.prompt_tokens if out.kind is OutputKind.STARTED else out.num_tokens
                     if (
                         self._draining
                         and out.kind is OutputKind.FINISHED
@@ -218,6 +236,7 @@ class OpenAIRoutes:
                     yield out
         finally:
             self._in_flight.discard(rid)
+            self.key_limits.release(request.tenant, used)
 
     async def _collect(
         self, stream: AsyncGenerator[RequestOutput, None], trace: Trace

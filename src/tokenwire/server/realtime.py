@@ -19,6 +19,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from tokenwire.engine.interface import Engine, EngineError, FinishReason, GenerationRequest, OutputKind
 from tokenwire.server import messages
+from tokenwire.server.limits import KeyLimits
 from tokenwire.server.protocol import Limits
 from tokenwire.server.realtime_protocol import (
     Item,
@@ -59,13 +60,23 @@ class _Running:
     request_id: str
     in_conversation: bool
     task: asyncio.Task[None] | None = None
+    used_tokens: int = 0  # prompt and generated, charged to the key's budget when it ends
 
 
 class RealtimeConnection:
     def __init__(
-        self, ws: WebSocket, engine: Engine, limits: Limits, telemetry: Telemetry, send_timeout: float = 30.0
+        self,
+        ws: WebSocket,
+        engine: Engine,
+        limits: Limits,
+        telemetry: Telemetry,
+        send_timeout: float = 30.0,
+        tenant: str = "",
+        key_limits: KeyLimits | None = None,
     ) -> None:
         self.ws = ws
+        self.tenant = tenant  # the API key's digest ("" without keys): fair admission and per-key limits
+        self.key_limits = key_limits or KeyLimits()
         self.engine = engine
         self.limits = limits
         self.telemetry = telemetry
@@ -178,10 +189,16 @@ class RealtimeConnection:
                 "rate_limited",
             )
         chat, params = build_request(self.session, create, self.items, self.limits)
+        try:
+            self.key_limits.acquire(self.tenant)
+        except EngineError as err:
+            raise RealtimeError(err.message, err.code.value) from None
         rid = new_id("resp")
         running = _Running(rid, f"{self.session.id}:{rid}", create.use_conversation)
         self.responses[rid] = running
         running.task = asyncio.create_task(self._respond(running, create, chat, params))
+        # A done callback, not _respond's finally: a task cancelled before it ran never runs that.
+        running.task.add_done_callback(lambda _: self.key_limits.release(self.tenant, running.used_tokens))
 
     def _cancel(self, ev: ResponseCancel) -> None:
         if ev.response_id is not None:
@@ -223,7 +240,12 @@ class RealtimeConnection:
                 await self.send(event("conversation.item.added", previous_item_id=previous, item=item.as_dict()))
             await self.send(event("response.content_part.added", **where, part={"type": "text", "text": ""}))
             request = GenerationRequest(
-                running.request_id, params, messages=chat, truncate=True, connection=self.session.id
+                running.request_id,
+                params,
+                messages=chat,
+                truncate=True,
+                tenant=self.tenant,
+                connection=self.session.id,
             )
             try:
                 stream = self.engine.generate(request)
@@ -270,6 +292,7 @@ class RealtimeConnection:
                 await self.send(error_event(RealtimeError("the response failed", "server_error"), create.event_id))
         finally:
             trace.abandoned()
+            running.used_tokens = prompt_tokens + completion_tokens
             self.responses.pop(rid, None)
             if item.status == "in_progress":
                 item.status = "incomplete"

@@ -5,8 +5,10 @@ The OpenAI HTTP routes are openai_api.py's; app.py puts them all in one table.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from importlib import resources
 
@@ -20,6 +22,7 @@ from tokenwire.metrics import Session
 from tokenwire.server import messages
 from tokenwire.server import realtime_protocol as rt
 from tokenwire.server.auth import AuthPolicy, bearer_token, key_matches, origin_allowed, websocket_key
+from tokenwire.server.capacity import PER_IP_FULL, client_ip, open_fds
 from tokenwire.server.journal import owner_of
 from tokenwire.server.lifecycle import ServerState
 from tokenwire.server.realtime import RealtimeConnection
@@ -44,6 +47,17 @@ def _public(session: Session) -> dict[str, object]:
         "session_id": public_ref(session.session_id),
         "connection": public_ref(session.connection),
     }
+
+
+def process_report() -> dict[str, object]:
+    """The server process's footprint: resident memory, open descriptors, asyncio tasks (what a soak watches)."""
+    rss_mb = None
+    try:
+        with open("/proc/self/statm") as f:
+            rss_mb = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"rss_mb": rss_mb, "open_fds": open_fds(), "tasks": len(asyncio.all_tasks())}
 
 
 def api_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -130,6 +144,7 @@ class Routes:
                     "steps": es.steps,
                     "backend": es.backend,
                 },
+                "process": process_report(),
                 "active_connections": len(state.connections),
                 "realtime_connections": len(state.realtime_connections),
                 "resumable_generations": len(state.generations),
@@ -206,13 +221,26 @@ class Routes:
         await ws.send_text(messages.encode(message))
         await ws.close(code)
 
-    async def _take_place(self, ws: WebSocket, subprotocol: str | None, full: dict[str, object]) -> bool:
-        """A place under --max-connections (the caller leaves it when done), or ``full`` sent and close 1013."""
-        if self.state.gate.enter():
+    async def _take_place(
+        self, ws: WebSocket, subprotocol: str | None, full: Callable[[str], dict[str, object]]
+    ) -> bool:
+        """A place under --max-connections and --max-connections-per-ip (the caller leaves both when done, with
+        :meth:`_leave`), or ``full(why)`` sent and close 1013."""
+        ip = client_ip(ws.scope)
+        if not self.state.per_ip.enter(ip):
+            why = PER_IP_FULL.format(self.state.per_ip.limit)
+        elif not self.state.gate.enter():
+            self.state.per_ip.leave(ip)
+            why = FULL
+        else:
             return True
         self.telemetry.error(ErrorCode.OVERLOADED.value)
-        await self._refuse(ws, subprotocol, full, TRY_AGAIN_LATER)
+        await self._refuse(ws, subprotocol, full(why), TRY_AGAIN_LATER)
         return False
+
+    def _leave(self, ws: WebSocket) -> None:
+        self.state.gate.leave()
+        self.state.per_ip.leave(client_ip(ws.scope))
 
     async def websocket(self, ws: WebSocket) -> None:
         state = self.state
@@ -225,22 +253,29 @@ class Routes:
             self.telemetry.error(ErrorCode.SHUTTING_DOWN.value)
             await self._refuse(ws, subprotocol, messages.error(ErrorCode.SHUTTING_DOWN, DRAINING), GOING_AWAY)
             return
-        if not await self._take_place(ws, subprotocol, messages.error(ErrorCode.OVERLOADED, FULL)):
+        if not await self._take_place(ws, subprotocol, lambda why: messages.error(ErrorCode.OVERLOADED, why)):
             return
         owner = owner_of(key if self.policy.enabled else None)
         conn = Connection(
-            ws, state.engine, state.settings, self.telemetry, state.generations, owner, lambda: not state.draining
+            ws,
+            state.engine,
+            state.settings,
+            self.telemetry,
+            state.generations,
+            owner,
+            lambda: not state.draining,
+            state.key_limits,
         )
         state.connections.add(conn)
         try:
             await conn.run(subprotocol)
         finally:
             state.connections.discard(conn)
-            state.gate.leave()
+            self._leave(ws)
 
     async def realtime(self, ws: WebSocket) -> None:
         state = self.state
-        _, subprotocol, problem = self._refusal(ws)
+        key, subprotocol, problem = self._refusal(ws)
         model = ws.query_params.get("model")
         close = 1008
         if problem is None and model is not None and model != state.engine.model_name:
@@ -256,14 +291,24 @@ class Routes:
             self.telemetry.error(code)
             await self._refuse(ws, subprotocol, rt.error_event(rt.RealtimeError(problem, code), None), close)
             return
-        full = rt.error_event(rt.RealtimeError(FULL, ErrorCode.OVERLOADED.value), None)
-        if not await self._take_place(ws, subprotocol, full):
+        if not await self._take_place(
+            ws, subprotocol, lambda why: rt.error_event(rt.RealtimeError(why, ErrorCode.OVERLOADED.value), None)
+        ):
             return
         settings = state.settings
-        conn = RealtimeConnection(ws, state.engine, settings.limits, self.telemetry, settings.slow_consumer_timeout)
+        tenant = owner_of(key if self.policy.enabled else None) or ""
+        conn = RealtimeConnection(
+            ws,
+            state.engine,
+            settings.limits,
+            self.telemetry,
+            settings.slow_consumer_timeout,
+            tenant,
+            state.key_limits,
+        )
         state.realtime_connections.add(conn)
         try:
             await conn.run(subprotocol)
         finally:
             state.realtime_connections.discard(conn)
-            state.gate.leave()
+            self._leave(ws)

@@ -44,6 +44,9 @@ def connection_settings(settings: Settings) -> ConnectionSettings:
         resume_buffer_bytes=int(max(0.0, settings.resume_buffer_mb) * (1 << 20)),
         max_connections=settings.max_connections if settings.max_connections > 0 else auto_max_connections(),
         flow=FlowPolicy(max_unsent_tokens=max(0, settings.max_unsent_tokens)),
+        max_connections_per_ip=max(0, settings.max_connections_per_ip),
+        max_generations_per_key=max(0, settings.max_generations_per_key),
+        rate_limit_tokens_per_minute=max(0, settings.rate_limit),
     )
 
 
@@ -82,6 +85,8 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
         ws_ping_timeout=20.0,
         log_level=settings.log_level,
         log_config=None,  # keep tokenwire's handlers (text or JSON) for uvicorn's loggers too
+        proxy_headers=True,  # the client's address from X-Forwarded-For, only from --trusted-proxies
+        forwarded_allow_ips=settings.trusted_proxies,
         timeout_graceful_shutdown=5,
     )
 

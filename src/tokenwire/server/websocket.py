@@ -27,11 +27,12 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from tokenwire.engine.interface import Engine, ErrorCode, GenerationRequest
+from tokenwire.engine.interface import Engine, EngineError, ErrorCode, GenerationRequest
 from tokenwire.server import messages
 from tokenwire.server.backlog import Backlog
 from tokenwire.server.generation import FlowPolicy, Producer
 from tokenwire.server.journal import Journal, Registry, ResumeRefused
+from tokenwire.server.limits import KeyLimits
 from tokenwire.server.protocol import (
     Cancel,
     ClientMessage,
@@ -60,6 +61,9 @@ class ConnectionSettings:
     resume_buffer_bytes: int = 64 << 20  # messages kept for resume, all generations together
     max_connections: int = 0  # WebSockets and API requests held at once (0: no cap); see capacity.py
     flow: FlowPolicy = field(default_factory=FlowPolicy)  # how far a generation may run ahead of its reader
+    max_connections_per_ip: int = 0  # WebSockets and API requests from one client address (0: no cap)
+    max_generations_per_key: int = 0  # generations one API key runs at once over every door (0: no cap)
+    rate_limit_tokens_per_minute: int = 0  # tokens (prompt and generated) one API key may use a minute (0: no cap)
 
 
 class _SlowConsumer(Exception):
@@ -84,6 +88,7 @@ class Connection:
         registry: Registry,
         owner: str | None = None,
         accepting: Callable[[], bool] = lambda: True,
+        key_limits: KeyLimits | None = None,
     ) -> None:
         self.ws = ws
         self.telemetry = telemetry
@@ -92,6 +97,7 @@ class Connection:
         self.registry = registry
         self.owner = owner  # who may resume what this connection starts (see journal.owner_of)
         self.accepting = accepting  # False while the server drains: new generations are refused
+        self.key_limits = key_limits or KeyLimits()  # per API key, over every connection (limits.py)
         self.session = secrets.token_hex(6)
         self.connected_at = time.time()
         self.messages_sent = 0
@@ -272,11 +278,18 @@ class Connection:
             return
         if await self._refused_room(gen_id):
             return
+        tenant = self.owner or ""
+        try:
+            self.key_limits.acquire(tenant)
+        except EngineError as err:
+            await self.send_error(err.code, err.message, gen_id, retry_after=err.retry_after)
+            return
         engine_id = f"{self.session}:{gen_id}"
         journal = Journal(self.session, gen_id, self.owner, engine_id)
         try:
             self.registry.add(journal)
         except KeyError:  # this connection's earlier generation of that id runs on, resumed elsewhere
+            self.key_limits.release(tenant, 0)
             await self.send_error(
                 ErrorCode.DUPLICATE_ID,
                 f"a generation with id {gen_id!r} started here still runs (resumed on another connection)",
@@ -291,11 +304,20 @@ class Connection:
             messages=msg.messages,
             raw=msg.raw,
             truncate=msg.truncate,
-            tenant=self.owner or "",
+            tenant=tenant,
             connection=self.session,
         )
-        producer = Producer(self.engine, journal, self.registry, self.telemetry, msg.batch, self.settings.flow)
+        producer = Producer(
+            self.engine,
+            journal,
+            self.registry,
+            self.telemetry,
+            msg.batch,
+            self.settings.flow,
+        )
         journal.task = asyncio.create_task(producer.run(request, self.session))
+        # A done callback, not the producer's own finally: a task cancelled before it ran never runs that.
+        journal.task.add_done_callback(lambda _: self.key_limits.release(tenant, producer.used_tokens))
         self._hold(journal, 0)
 
     async def _resume(self, msg: Resume) -> None:
@@ -403,9 +425,16 @@ class Connection:
                 journal.holder = None
 
     # -- writing
-    async def send_error(self, code: ErrorCode, content: str, gen_id: str | None, param: str | None = None) -> None:
+    async def send_error(
+        self,
+        code: ErrorCode,
+        content: str,
+        gen_id: str | None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         self.telemetry.error(code.value)
-        await self.send(messages.error(code, content, gen_id, param))
+        await self.send(messages.error(code, content, gen_id, param, retry_after=retry_after))
 
     async def send(self, message: dict[str, Any]) -> None:
         await self._send_encoded(messages.encode(message))
