@@ -54,7 +54,9 @@ async def test_a_reader_that_stops_reading_is_paused_not_cut_and_gets_everything
     assert done["type"] == "complete" and done["usage"]["completion_tokens"] == 4000
     stuck.check_sequence("big")
     msgs = stuck.by_id["big"][1:-1]
-    assert sum(m["tokens"] for m in msgs) == 4000
+    # Every token with text is in a message; tokens that decode to no text (a random model's special tokens)
+    # ride on the next message with text, and only those at the very end are counted in usage alone.
+    assert 4000 - 8 <= sum(m["tokens"] for m in msgs) <= 4000
     assert all(m["type"] == "token" for m in msgs)  # it never asked for batches: still token messages
     assert any(m["tokens"] > 1 for m in msgs)  # merged while it was behind
     assert tiny_server.get_json("/v1/stats")["engine"]["paused"] == 0
