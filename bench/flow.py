@@ -9,7 +9,9 @@ Runs two builds side by side (A: a revision before flow control, B: this tree; b
    generation is resumed from a new connection and read to its end: every seq once and in order, every token
    (checked, reported as ``resumed_whole``).
 3. **slow readers**: 8 live readers alone, then the same with 8 readers that never read (4 KiB receive buffer)
-   running long generations: the live readers' inter-token latency with them over without (target <= 1.1).
+   running long generations: the live readers' inter-token latency with them over without (target <= 1.1),
+   measured once the stuck readers' generations are paused (at most 30 s; the time it took is reported; a build
+   without flow control never pauses them, so its figure includes them decoding all along).
 
     python bench/flow.py --a aa9c5bf --b WORKTREE --out bench/results/flow-cpu.json
 
@@ -117,28 +119,36 @@ async def drops(url: str, port: int, n: int, max_tokens: int, live_tokens: int, 
     await asyncio.sleep(2.0)
     engine = stats(port)["engine"]
     live = await live_stream(url, live_tokens)
-    whole = 0
-    for gen_id, (session, last) in seen.items():
-        async with connect(url, max_size=None) as ws:
-            await hello(ws)
-            await ws.send(json.dumps({"type": "resume", "id": gen_id, "session": session, "after_seq": last}))
-            seqs, tokens, end = [], 0, None
-            while end is None:
-                msg = json.loads(await asyncio.wait_for(ws.recv(), 300))
-                if msg.get("id") != gen_id or msg["type"] == "resumed":
-                    continue
-                seqs.append(msg["seq"])
-                tokens += msg.get("tokens", 0) if msg["type"] in ("token", "tokens") else 0
-                if msg["type"] in ("complete", "error"):
-                    end = msg
-            ok = end["type"] == "complete" and seqs == list(range(last + 1, end["seq"] + 1))
-            whole += ok and end["usage"]["completion_tokens"] == max_tokens
+    outcomes = await asyncio.gather(*(resume_whole(url, g, s, last, max_tokens) for g, (s, last) in seen.items()))
     return {
-        "engine_2s_after_drop": {k: engine[k] for k in ("running", "waiting", "paused")},
+        "engine_2s_after_drop": {k: engine.get(k, 0) for k in ("running", "waiting", "paused")},
         "live_tokens_per_s": live["tokens_per_s"],
         "live_over_idle": live["tokens_per_s"] / idle_tps,
-        "resumed_whole": f"{whole}/{n}",
+        "resumed_whole": f"{sum(outcomes)}/{n}",
     }
+
+
+async def resume_whole(url: str, gen_id: str, session: str, last: int, max_tokens: int) -> bool:
+    """Resume ``gen_id`` after ``last`` and read it to the end: every seq once and in order, all its tokens."""
+    async with connect(url, max_size=None) as ws:
+        await hello(ws)
+        await ws.send(json.dumps({"type": "resume", "id": gen_id, "session": session, "after_seq": last}))
+        seqs, end = [], None
+        while end is None:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 300))
+            if msg.get("id") != gen_id or msg["type"] == "resumed":
+                continue
+            if "seq" not in msg:  # the resume was refused
+                print(f"resume of {gen_id} refused: {msg}", flush=True)
+                return False
+            seqs.append(msg["seq"])
+            if msg["type"] in ("complete", "error"):
+                end = msg
+    return bool(
+        end["type"] == "complete"
+        and seqs == list(range(last + 1, end["seq"] + 1))
+        and end["usage"]["completion_tokens"] == max_tokens
+    )
 
 
 async def stuck_reader(url: str, port: int, gen_id: str, max_tokens: int) -> ClientConnection:
@@ -162,8 +172,11 @@ async def readers(url: str, n: int, max_tokens: int) -> dict[str, float]:
 async def slow(url: str, port: int, n: int, live_tokens: int) -> dict[str, Any]:
     alone = await readers(url, n, live_tokens)
     await until_idle(port)
+    t0 = time.monotonic()
     stuck = [await stuck_reader(url, port, f"s{i}", 4000) for i in range(n)]
-    await asyncio.sleep(1.0)
+    while stats(port)["engine"].get("paused", 0) < n and time.monotonic() - t0 < 30:
+        await asyncio.sleep(0.1)
+    all_paused_s = time.monotonic() - t0
     mixed = await readers(url, n, live_tokens)
     engine = stats(port)["engine"]
     for ws in stuck:
@@ -171,7 +184,8 @@ async def slow(url: str, port: int, n: int, live_tokens: int) -> dict[str, Any]:
     return {
         "alone": alone,
         "with_stuck_readers": mixed,
-        "engine_at_end": {k: engine[k] for k in ("running", "waiting", "paused")},
+        "engine_at_end": {k: engine.get(k, 0) for k in ("running", "waiting", "paused")},
+        "seconds_until_stuck_paused": round(all_paused_s, 1),
         "itl_with_over_without": mixed["itl_ms_mean"] / alone["itl_ms_mean"],
     }
 
@@ -196,8 +210,9 @@ def markdown(results: dict[str, dict[str, Any]], names: dict[str, str], a: argpa
         *[f"- {b}: {n}" for b, n in names.items()],
         "",
         f"| build | idle tok/s (1 stream) | live tok/s 2 s after {a.drops} drops | ratio (target >= 0.85) | engine 2 s "
-        f"after the drops | resumed whole | live ITL with {a.readers} stuck readers / without (target <= 1.1) |",
-        "|---|---:|---:|---:|---|---:|---:|",
+        f"after the drops | resumed whole | live ITL with {a.readers} stuck readers / without (target <= 1.1) | "
+        "stuck readers paused after |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
     for build, r in results.items():
         d, s = r["drops"], r["slow_readers"]
@@ -206,7 +221,7 @@ def markdown(results: dict[str, dict[str, Any]], names: dict[str, str], a: argpa
             f"| {build} | {r['idle_tokens_per_s']:.1f} | {d['live_tokens_per_s']:.1f} | {d['live_over_idle']:.2f} | "
             f"running {e['running']}, paused {e['paused']} | {d['resumed_whole']} | "
             f"{s['itl_with_over_without']:.2f} ({s['with_stuck_readers']['itl_ms_mean']:.1f} / "
-            f"{s['alone']['itl_ms_mean']:.1f} ms) |"
+            f"{s['alone']['itl_ms_mean']:.1f} ms) | {s['seconds_until_stuck_paused']} s |"
         )
     return "\n".join(lines) + "\n"
 

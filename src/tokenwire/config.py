@@ -155,7 +155,7 @@ class Settings:
     max_generations_per_connection: int = field(default=32, metadata={"help": "concurrent generations a socket"})
     heartbeat_interval: float = field(default=30.0, metadata={"help": "seconds between server pings (0: off)"})
     max_unsent_tokens: int = field(
-        default=256,
+        default=64,
         metadata={
             "help": "how far a WebSocket generation may run ahead of its reader, in tokens not yet written to the "
             "socket: past it the generation is paused (no compute) until the reader is halfway back (0: no limit)"

@@ -103,7 +103,7 @@ async def test_an_orphaned_generation_is_paused_and_a_resume_continues_it_to_its
     engine: dict[str, int] = {}
     for _ in range(200):  # until it is paused
         engine = tiny_server.get_json("/v1/stats")["engine"]
-        if engine["paused"] == 1:
+        if engine["paused"] == 1 and engine["running"] == 0:
             break
         await asyncio.sleep(0.05)
     assert engine["paused"] == 1 and engine["running"] == 0

@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 class FlowPolicy:
     """How far a generation may run ahead of its reader (see the module docstring)."""
 
-    max_unsent_tokens: int = 256  # paused past this; continues at half of it (0: never paused for a slow reader)
+    max_unsent_tokens: int = 64  # paused past this; continues at half of it (0: never paused for a slow reader)
     coalesce_after: int = 4  # with this many messages unwritten, new text waits and goes out as one message
-    max_socket_bytes: int = 64 << 10  # a connection writes while its socket holds fewer unread bytes (backlog.py)
+    max_socket_bytes: int = 16 << 10  # a connection writes while its socket holds fewer unread bytes (backlog.py)
     pause_orphans: bool = True  # a generation whose connection dropped is paused until it is resumed
 
 
