@@ -10,7 +10,7 @@ Runs two builds side by side (A: a revision before flow control, B: this tree; b
    (checked, reported as ``resumed_whole``).
 3. **slow readers**: 8 live readers alone, then the same with 8 readers that never read (4 KiB receive buffer)
    running long generations: the live readers' inter-token latency with them over without (target <= 1.1),
-   measured once the stuck readers' generations are paused (at most 30 s; the time it took is reported; a build
+   measured once the stuck readers' generations are paused (at most 90 s; the time it took is reported; a build
    without flow control never pauses them, so its figure includes them decoding all along).
 
     python bench/flow.py --a aa9c5bf --b WORKTREE --out bench/results/flow-cpu.json
@@ -174,7 +174,7 @@ async def slow(url: str, port: int, n: int, live_tokens: int) -> dict[str, Any]:
     await until_idle(port)
     t0 = time.monotonic()
     stuck = [await stuck_reader(url, port, f"s{i}", 4000) for i in range(n)]
-    while stats(port)["engine"].get("paused", 0) < n and time.monotonic() - t0 < 30:
+    while stats(port)["engine"].get("paused", 0) < n and time.monotonic() - t0 < 90:
         await asyncio.sleep(0.1)
     all_paused_s = time.monotonic() - t0
     mixed = await readers(url, n, live_tokens)
