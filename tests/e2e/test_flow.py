@@ -4,6 +4,7 @@ one else's), is not cut, and gets everything once it reads again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 
@@ -37,8 +38,7 @@ async def test_a_reader_that_stops_reading_is_paused_not_cut_and_gets_everything
     await stuck.send(
         {"type": "generate", "id": "big", "prompt": "Tell me a story", "max_tokens": 4000, "ignore_eos": True}
     )
-    paused = await wait_stats(tiny_server, lambda e: e["paused"] == 1)
-    assert paused["running"] == 0
+    await wait_stats(tiny_server, lambda e: e["paused"] == 1 and e["running"] == 0)
     steps = tiny_server.get_json("/v1/stats")["engine"]["steps"]
 
     other = await Client.connect(tiny_server.ws)
@@ -81,3 +81,52 @@ async def test_only_the_slow_reader_is_paused(tiny_server: RunningServer) -> Non
     for r in readers:
         await r.close()
     await slow.vanish()
+
+
+async def test_an_sse_reader_that_stops_reading_is_paused_and_gets_everything_when_it_reads(
+    tiny_server: RunningServer,
+) -> None:
+    """The OpenAI streaming door: a client that reads nothing stalls the server's writes; the generation is paused
+    (no compute) instead of running to its end into buffers; reading again, the client gets every chunk, then
+    the usage (all tokens) and [DONE]."""
+    import json
+
+    model = tiny_server.get_json("/v1/models")["data"][0]["id"]
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": "Tell me a story",
+            "max_tokens": 4000,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", tiny_server.port, limit=1024)
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), scaled(30))
+    assert b" 200 " in head.split(b"\r\n")[0]
+    try:
+        writer.transport.pause_reading()  # read nothing more
+        await wait_stats(tiny_server, lambda e: e["paused"] == 1 and e["running"] == 0, timeout=60)
+        writer.transport.resume_reading()
+        data = b""
+        while b"data: [DONE]" not in data:
+            chunk = await asyncio.wait_for(reader.read(65536), scaled(60))
+            assert chunk, "the stream ended early"
+            data += chunk
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    events = [line[6:] for line in data.decode().split("\n") if line.startswith("data: {")]
+    usage = [json.loads(e)["usage"] for e in events if '"usage"' in e and json.loads(e).get("usage")]
+    assert usage and usage[-1]["completion_tokens"] == 4000
+    assert tiny_server.get_json("/v1/stats")["engine"]["paused"] == 0

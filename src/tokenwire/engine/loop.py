@@ -468,11 +468,11 @@ class LoopEngine:
     def _pause(self, request_id: str) -> None:
         if request_id not in self._requests or request_id in self._paused:
             return
-        self._paused.add(request_id)
         if request_id in self._in_backend:
             self._in_backend.discard(request_id)
             self.backend.remove(request_id)
         self._waiting.remove(request_id)
+        self._paused.add(request_id)  # last: stats never count it both running and paused
 
     def _unpause(self, request_id: str, out: list[_Item]) -> None:
         """Queue a paused request first in line, its generated tokens now part of its prompt."""

@@ -14,10 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from tokenwire.engine.interface import Engine
 from tokenwire.server.auth import AuthPolicy
-from tokenwire.server.backlog import ExposeTransport
+from tokenwire.server.backlog import expose_transport
 from tokenwire.server.capacity import RequestCap
 from tokenwire.server.http_guard import RequestGuard
 from tokenwire.server.lifecycle import ServerState, lifespan
@@ -27,6 +28,14 @@ from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.websocket import ConnectionSettings
 
 __all__ = ["ServerState", "create_app"]
+
+
+class App(Starlette):
+    """Starlette, but it first notes the server's transport in the scope (backlog.py: flow control reads it)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        expose_transport(scope, send)
+        await super().__call__(scope, receive, send)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
@@ -60,7 +69,7 @@ def create_app(
     )
     state.doors.append(api)
     r = Routes(state, telemetry, policy, admin_key)
-    app = Starlette(
+    app = App(
         routes=[
             Route("/", r.index),
             Route("/tutorial", r.tutorial),
@@ -81,7 +90,6 @@ def create_app(
         ],
         lifespan=lambda app: lifespan(state),
         middleware=[
-            Middleware(ExposeTransport),
             Middleware(RequestCap, gate=state.gate, per_ip=state.per_ip),
             Middleware(
                 RequestGuard,

@@ -6,8 +6,8 @@ so the connection asks the socket itself: ``SIOCOUTQ`` counts the bytes the peer
 stalled reader is what its receive window refused. Where that cannot be read (not Linux, no transport), the
 backlog is unknown and only a blocked ``send`` shows a slow reader.
 
-The ASGI interface hides the transport, so :class:`ExposeTransport`, the outermost middleware, puts the server's
-transport into the WebSocket's scope on its way in.
+The ASGI interface hides the transport, so :func:`expose_transport`, called first by the app (before any
+middleware wraps ``send``), puts the server's transport into the scope on its way in.
 """
 
 from __future__ import annotations
@@ -18,23 +18,17 @@ import fcntl
 import termios
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope, Send
 
 SCOPE_KEY = "tokenwire.transport"
 
 
-class ExposeTransport:
-    """ASGI middleware: for WebSockets, the server's transport (uvicorn's protocols have one) goes into the scope."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            transport = getattr(getattr(send, "__self__", None), "transport", None)
-            if transport is not None:
-                scope[SCOPE_KEY] = transport
-        await self.app(scope, receive, send)
+def expose_transport(scope: Scope, send: Send) -> None:
+    """Put the server's transport (uvicorn's protocols have one, as ``send``'s owner) into ``scope``."""
+    if scope["type"] in ("http", "websocket"):
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        if transport is not None:
+            scope[SCOPE_KEY] = transport
 
 
 class Backlog:

@@ -13,7 +13,7 @@ import itertools
 import json
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -32,6 +32,7 @@ from tokenwire.engine.interface import (
 from tokenwire.server import openai_protocol as oa
 from tokenwire.server import strictjson
 from tokenwire.server.auth import bearer_token
+from tokenwire.server.backlog import Backlog
 from tokenwire.server.journal import owner_of
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.protocol import Limits
@@ -62,25 +63,68 @@ def sse(data: dict[str, Any] | str) -> bytes:
 
 
 class EventStreamResponse(StreamingResponse):
-    """Streams ``events`` as ``text/event-stream``; a client disconnect cancels it (and so closes ``events``)."""
+    """Streams ``events`` as ``text/event-stream``; a client disconnect cancels it (and so closes ``events``).
 
-    def __init__(self, events: AsyncGenerator[bytes, None]) -> None:
+    Flow control: while the socket holds ``MAX_UNREAD`` bytes the client has not taken (backlog.py), or a write
+    stays blocked for ``STALL_S`` (where the backlog cannot be read), the generation is paused (``pause``); it goes
+    on (``unpause``) when the client has read half of that, or the write completes. So a stalled reader costs no
+    compute, and the text waiting for it is bounded."""
+
+    STALL_S = 0.2
+    MAX_UNREAD = 16 << 10
+
+    def __init__(
+        self,
+        events: AsyncGenerator[bytes, None],
+        pause: Callable[[], None] | None = None,
+        unpause: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__(
             events,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
         self._events = events
+        self._pause = pause
+        self._unpause = unpause
+        self._writing_since: float | None = None
+        self._backlog: Backlog | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._backlog = Backlog.of(scope)
+
         async def stream() -> None:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
             async with contextlib.aclosing(self._events) as events:
                 async for chunk in events:
+                    self._writing_since = time.monotonic()
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    self._writing_since = None
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-        await until_disconnect(stream(), receive)
+        watch = asyncio.create_task(self._watch()) if self._pause is not None else None
+        try:
+            await until_disconnect(stream(), receive)
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+    async def _watch(self) -> None:
+        """Pause the generation while a write is stalled; let it go on when the write completes."""
+        assert self._pause is not None and self._unpause is not None
+        backlog = self._backlog
+        paused = False
+        while True:
+            await asyncio.sleep(self.STALL_S / 2)
+            since = self._writing_since
+            blocked = since is not None and time.monotonic() - since >= self.STALL_S
+            unread = backlog.unread_bytes() if backlog is not None and backlog.known else 0
+            if not paused and (blocked or unread >= self.MAX_UNREAD):
+                self._pause()
+                paused = True
+            elif paused and not blocked and unread < self.MAX_UNREAD // 2:
+                self._unpause()
+                paused = False
 
 
 async def until_disconnect(work: Awaitable[T], receive: Receive) -> T | None:
@@ -200,7 +244,12 @@ class OpenAIRoutes:
             trace.failed(err.code.value)
             return error_response(oa.api_error(err.code, err.message, err.param, err.retry_after))
         if req.stream:
-            return EventStreamResponse(self._events(req, ids, stream, trace))
+            rid = engine_req.request_id
+            return EventStreamResponse(
+                self._events(req, ids, stream, trace),
+                pause=lambda: self.engine.pause(rid),
+                unpause=lambda: self.engine.unpause(rid),
+            )
         result = await until_disconnect(self._collect(stream, trace), request.receive)
         if result is None:  # the client left; until_disconnect closed the stream, which aborted the request
             await stream.aclose()
