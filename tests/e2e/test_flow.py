@@ -130,3 +130,27 @@ async def test_an_sse_reader_that_stops_reading_is_paused_and_gets_everything_wh
     usage = [json.loads(e)["usage"] for e in events if '"usage"' in e and json.loads(e).get("usage")]
     assert usage and usage[-1]["completion_tokens"] == 4000
     assert tiny_server.get_json("/v1/stats")["engine"]["paused"] == 0
+
+
+async def test_a_reader_that_reads_slowly_is_not_taken_for_a_slow_consumer() -> None:
+    """With a slow-consumer timeout of 0.5 s, a client with a tiny receive buffer that reads a message every 50 ms
+    (the server merges what waits into a few large messages, each taking longer than the timeout to pass through
+    that buffer) stays connected to the end: only a client that reads nothing at all for the timeout is closed."""
+    from tests.e2e.server import serving
+    from tests.fakes import FakeEngine
+    from tokenwire.server.websocket import ConnectionSettings
+
+    engine = FakeEngine(reply="x" * 600_000, pieces=600, delay=0.005)  # 1 KB pieces, faster than it reads
+    settings = ConnectionSettings(heartbeat_interval=0, slow_consumer_timeout=0.5)
+    async with serving(engine, settings=settings) as (base, _):
+        port = int(base.rsplit(":", 1)[1])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.setblocking(False)
+        slow = await Client.connect(base.replace("http", "ws", 1) + "/ws", sock=sock, max_queue=1)
+        await slow.send({"type": "generate", "id": "g", "prompt": "x"})
+        while (await slow.recv())["type"] != "complete":  # raises if the server closed it
+            await asyncio.sleep(0.05)
+        assert slow.text("g") == engine.reply
+        await slow.vanish()

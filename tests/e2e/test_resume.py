@@ -152,6 +152,8 @@ async def test_resume_takes_a_generation_over_from_a_connection_still_open(tiny_
         await a.close()
         await b.close()
     assert resumed["running"] is True, "the generation ended before every resume, 3 times"
+    await a.send({"type": "ping", "ts": 0})  # a reads what it was sent before the takeover (a reader, not stuck)
+    await a.until(lambda m: m["type"] == "pong")
     await b.until(lambda m: m.get("id") == gid and m["type"] in ("token", "tokens"))
     await b.send({"type": "cancel", "id": gid})
     end = await b.finish(gid)
