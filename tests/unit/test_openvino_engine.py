@@ -326,3 +326,25 @@ async def test_a_paused_request_resumes_with_the_text_of_an_uninterrupted_run(en
     assert paused["completion"] == paused["tokens"] == plain["completion"] == 48
     assert paused["text"] == plain["text"]
     assert engine.stats().paused == 0
+
+
+async def test_a_continued_request_finds_its_kv_in_the_prefix_cache(engine: OVEngine) -> None:
+    """Paused, a request's KV blocks stay in the pipeline's prefix cache (until memory is needed): when it
+    continues, the prompt plus the tokens it had generated are found there, not computed again (whole 32-token
+    blocks)."""
+    seen: list[dict[str, int]] = []
+    step = engine.backend.step
+
+    def spying_step() -> Any:
+        out = step()
+        if out.cached:
+            seen.append(dict(out.cached))
+        return out
+
+    engine.backend.step = spying_step  # type: ignore[method-assign]
+    prompt = "Tell me a story about a dragon. " * 4
+    paused = await paused_run(engine, "kv", prompt, 120, pause_after=70, pause_s=0.3)
+    assert paused["completion"] == 120
+    reports = [c["kv"] for c in seen if "kv" in c]
+    assert len(reports) >= 2, reports  # the first admission and the continuation
+    assert reports[-1] >= reports[0] + 64, reports  # the generated tokens' blocks too
