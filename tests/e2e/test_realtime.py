@@ -348,3 +348,31 @@ async def test_server_shutdown_ends_the_response_then_says_why_and_closes_1001()
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
             await asyncio.wait_for(draining, scaled(5))
         assert len(engine.aborted) == 1 and not state.realtime_connections
+
+
+async def test_a_client_that_stops_reading_has_its_response_paused_then_gets_it_whole() -> None:
+    """A Realtime client with a tiny receive buffer that reads nothing: once 16 KiB sit unread in its socket the
+    server pauses the response in the engine (no compute); reading again, it is unpaused and the client gets every
+    delta and a completed response.done."""
+    import socket
+
+    engine = FakeEngine(reply="word " * 20_000, pieces=2_000, delay=0.001)
+    async with serving(engine) as (base, _):
+        port = int(base.rsplit(":", 1)[1])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        sock.setblocking(False)
+        async with websockets.connect(base.replace("http", "ws", 1) + "/v1/realtime", sock=sock, max_queue=1) as ws:
+            await recv(ws)
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": user("Talk")}))
+            await ws.send(json.dumps({"type": "response.create"}))
+            for _ in range(int(scaled(200))):
+                if engine.paused:
+                    break
+                await asyncio.sleep(0.05)
+            assert engine.paused, "the response was never paused"
+            done, events = await until(ws, "response.done")
+            deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+            assert done["response"]["status"] == "completed" and deltas == engine.reply
+            assert not engine.paused  # unpaused once the client read

@@ -19,6 +19,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from tokenwire.engine.interface import Engine, EngineError, FinishReason, GenerationRequest, OutputKind
 from tokenwire.server import messages
+from tokenwire.server.backlog import Backlog
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.protocol import Limits
 from tokenwire.server.realtime_protocol import (
@@ -42,6 +43,8 @@ from tokenwire.server.realtime_protocol import (
 from tokenwire.server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+MAX_UNREAD = 16 << 10  # bytes unread in the socket past which the connection's responses are paused
 
 _STATUS: dict[FinishReason, tuple[str, dict[str, Any] | None]] = {
     FinishReason.STOP: ("completed", None),
@@ -89,9 +92,12 @@ class RealtimeConnection:
         self._closer: asyncio.Task[None] | None = None
         self._shutting_down = False
         self._accepting = True  # False once the server drains: no new responses
+        self.backlog = Backlog.of(ws.scope)
+        self._paused: set[str] = set()  # engine ids of responses paused for a client that does not read
 
     async def run(self, subprotocol: str | None) -> None:
         await self.ws.accept(subprotocol=subprotocol)
+        flow = asyncio.create_task(self._flow()) if self.backlog.known else None
         try:
             await self.send(event("session.created", session=self.session.as_dict()))
             while True:
@@ -105,6 +111,8 @@ class RealtimeConnection:
         except WebSocketDisconnect:
             pass
         finally:
+            if flow is not None:
+                flow.cancel()
             running = [r.task for r in self.responses.values() if r.task is not None]
             for task in running:
                 task.cancel()  # closing the engine stream aborts the request
@@ -293,9 +301,26 @@ class RealtimeConnection:
         finally:
             trace.abandoned()
             running.used_tokens = prompt_tokens + completion_tokens
+            self._paused.discard(running.request_id)
             self.responses.pop(rid, None)
             if item.status == "in_progress":
                 item.status = "incomplete"
+
+    async def _flow(self) -> None:
+        """Flow control: while the socket holds ``MAX_UNREAD`` bytes the client has not taken (backlog.py), its
+        running responses are paused in the engine (no compute); they go on once it has read half of that."""
+        while True:
+            await asyncio.sleep(0.1)
+            unread = self.backlog.unread_bytes()
+            if unread >= MAX_UNREAD:
+                for running in list(self.responses.values()):
+                    if running.request_id not in self._paused:
+                        self._paused.add(running.request_id)
+                        self.engine.pause(running.request_id)
+            elif unread < MAX_UNREAD // 2 and self._paused:
+                for request_id in self._paused:
+                    self.engine.unpause(request_id)
+                self._paused.clear()
 
     @property
     def running_responses(self) -> int:
