@@ -39,3 +39,15 @@ def _queued_tokens(engine: Any, rid: str) -> int:
     if stream is None:
         return 0
     return sum(getattr(item, "num_tokens", 0) for item in list(stream._queue))
+
+
+async def check_pause_resumes_whole(engine: Any) -> None:
+    """Paused mid-answer, a request makes no tokens; continued, its prompt plus its tokens so far rebuild its KV, and
+    its text and token count equal those of a run that never paused (greedy). Every engine must pass this."""
+    prompt = "Tell me a story about a dragon."
+    plain = await paused_run(engine, "plain", prompt, 48, pause_after=10_000, pause_s=0)
+    paused = await paused_run(engine, "paused", prompt, 48, pause_after=12, pause_s=0.3)
+    assert paused["paused_stats"] == 1 and paused["while_paused"] == 0
+    assert paused["completion"] == paused["tokens"] == plain["completion"] == 48
+    assert paused["text"] == plain["text"]
+    assert engine.stats().paused == 0

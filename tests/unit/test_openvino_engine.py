@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import scaled
-from tests.pausing import paused_run
+from tests.pausing import check_pause_resumes_whole, paused_run
 from tokenwire.engine import ChatMessage, EngineError, ErrorCode, FinishReason, GenerationRequest, OutputKind
 from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig
 from tokenwire.engine.interface import SamplingParams
@@ -317,15 +317,8 @@ async def test_greedy_text_is_the_same_with_the_prefix_cache_on_and_off(tiny_ggu
 
 
 async def test_a_paused_request_resumes_with_the_text_of_an_uninterrupted_run(engine: OVEngine) -> None:
-    """Paused mid-answer, a request makes no tokens; continued, its prompt plus its tokens so far rebuild its KV, and
-    its text and token count equal those of a run that never paused (greedy)."""
-    prompt = "Tell me a story about a dragon."
-    plain = await paused_run(engine, "plain", prompt, 48, pause_after=10_000, pause_s=0)
-    paused = await paused_run(engine, "paused", prompt, 48, pause_after=12, pause_s=0.3)
-    assert paused["paused_stats"] == 1 and paused["while_paused"] == 0
-    assert paused["completion"] == paused["tokens"] == plain["completion"] == 48
-    assert paused["text"] == plain["text"]
-    assert engine.stats().paused == 0
+    """Paused mid-answer, a request makes no tokens; continued, it gives the text of a run that never paused."""
+    await check_pause_resumes_whole(engine)
 
 
 async def test_a_continued_request_finds_its_kv_in_the_prefix_cache(engine: OVEngine) -> None:

@@ -145,7 +145,6 @@ class _Waiting:
     prompt_ids: list[int]
     params: SamplingParams
     max_new_tokens: int
-    fresh: bool = True  # False: it ran before a pause; it continues
 
 
 @dataclass(slots=True, frozen=True)
