@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tokenwire.engine.interface import GenerationRequest, OutputKind, SamplingParams
 
 
 async def paused_run(
-    engine: Any, rid: str, prompt: str, max_tokens: int, pause_after: int, pause_s: float
+    engine: Any,
+    rid: str,
+    prompt: str,
+    max_tokens: int,
+    pause_after: int,
+    pause_s: float,
+    params: SamplingParams | None = None,
+    during: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
-    """Greedy, ``ignore_eos``: paused once ``pause_after`` tokens arrived, for ``pause_s`` seconds."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    """Greedy and ``ignore_eos`` unless ``params`` say otherwise: paused once ``pause_after`` tokens arrived, for
+    ``pause_s`` seconds and then for as long as ``during()`` takes."""
+    params = params or SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     out: dict[str, Any] = {"text": "", "tokens": 0, "while_paused": 0}
     paused = False
     async for item in engine.generate(GenerationRequest(rid, params, prompt=prompt)):
@@ -25,6 +34,10 @@ async def paused_run(
             before = _queued_tokens(engine, rid)
             await asyncio.sleep(pause_s)
             out["paused_stats"] = engine.stats().paused
+            out["paused_at"] = out["tokens"]
+            out["kept_kv"] = engine.stats().kv_cache_tokens_paused
+            if during is not None:
+                await during()
             out["while_paused"] = _queued_tokens(engine, rid) - before  # made while paused: should be none
             engine.unpause(rid)
         if item.kind is OutputKind.FINISHED:

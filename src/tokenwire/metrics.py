@@ -55,6 +55,11 @@ class _Gauges(Collector):
             value=s.kv_cache_tokens_used,
         )
         yield GaugeMetricFamily(
+            "tokenwire_kv_cache_paused_tokens",
+            "KV-cache positions kept for paused requests (transformers engine; OpenVINO's prefix cache holds them).",
+            value=s.kv_cache_tokens_paused,
+        )
+        yield GaugeMetricFamily(
             "tokenwire_kv_cache_capacity_tokens", "KV-cache positions allocated.", value=s.kv_cache_tokens_capacity
         )
         usage = s.kv_cache_tokens_used / s.kv_cache_tokens_capacity if s.kv_cache_tokens_capacity else 0.0

@@ -109,6 +109,9 @@ async def test_an_orphaned_generation_is_paused_and_a_resume_continues_it_to_its
     assert engine["paused"] == 1 and engine["running"] == 0
     assert tiny_server.metrics()["tokenwire_num_requests_paused"] == 1
     assert tiny_server.metrics()["tokenwire_flow_pauses_total"] >= 1
+    if engine["backend"] == "transformers":  # its KV is kept out of the batch (OpenVINO: in its prefix cache)
+        assert engine["kv_cache_tokens_paused"] > 0
+        assert tiny_server.metrics()["tokenwire_kv_cache_paused_tokens"] == engine["kv_cache_tokens_paused"]
 
     b = await Client.connect(tiny_server.ws)
     await b.send({"type": "resume", "id": "short", "after_seq": seen})
@@ -118,6 +121,7 @@ async def test_an_orphaned_generation_is_paused_and_a_resume_continues_it_to_its
     assert end["type"] == "complete"
     rest = b.by_id["short"][1:]
     assert seqs(rest)[0] == seen + 1 and seqs(rest) == list(range(seen + 1, end["seq"] + 1))
+    assert tiny_server.get_json("/v1/stats")["engine"]["kv_cache_tokens_paused"] == 0  # used, or freed at its end
 
     await b.send({"type": "resume", "id": "short"})  # again, from the start: a resume may be repeated
     await b.until(lambda m: m.get("id") == "short" and m["type"] == "complete" and m is not end)

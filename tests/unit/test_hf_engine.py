@@ -444,3 +444,79 @@ def test_sampling_params_that_cannot_be_sampled_cannot_be_made() -> None:
 async def test_a_paused_request_resumes_with_the_text_of_an_uninterrupted_run(engine: HFEngine) -> None:
     """Paused mid-answer, a request makes no tokens; continued, it gives the text of a run that never paused."""
     await check_pause_resumes_whole(engine)
+
+
+def record_prefills(eng: HFEngine) -> list[int]:
+    """The number of prompt positions each prefill forward pass of ``eng`` computes, from now on."""
+    runner = eng.backend.runner
+    assert runner is not None
+    sizes: list[int] = []
+    original = runner.prefill
+
+    def prefill(first_row: int, chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        sizes.extend(len(c) for c in chunks)
+        return original(first_row, chunks, starts)
+
+    runner.prefill = prefill  # type: ignore[method-assign]
+    return sizes
+
+
+async def test_a_paused_request_keeps_its_kv_generator_and_penalties(engine: HFEngine) -> None:
+    """While paused, its KV stays out of the batch; continued, only its last token is computed again, and a seeded,
+    penalized, sampled answer is the same text as a run that never paused (same draws, same penalty counts)."""
+    from tests.pausing import paused_run
+
+    params = SamplingParams(
+        max_tokens=40,
+        temperature=0.9,
+        seed=1234,
+        ignore_eos=True,
+        frequency_penalty=0.6,
+        presence_penalty=0.4,
+        repetition_penalty=1.2,
+    )
+    prompt = "Tell me a story about a dragon."
+    plain = await paused_run(engine, "plain", prompt, 40, pause_after=10_000, pause_s=0, params=params)
+    prefills = record_prefills(engine)
+    paused = await paused_run(engine, "paused", prompt, 40, pause_after=12, pause_s=0.3, params=params)
+    assert paused["text"] == plain["text"] and paused["completion"] == 40
+    prompt_len = paused["kept_kv"] - paused["paused_at"] + 1  # kept: the prompt and every token fed back so far
+    assert prompt_len > 5
+    assert prefills[-1] == 1  # on continuing, only the token sampled last before the pause is computed
+    assert sum(prefills[:-1]) == prompt_len  # before it, the prompt (in chunks of 16)
+    assert engine.stats().kv_cache_tokens_paused == 0  # given back once it continued
+
+
+async def test_kept_kv_gives_way_to_running_requests_and_is_rebuilt(tiny_model_dir: Path) -> None:
+    """Under pressure (the running rows need the KV budget), a paused request's kept KV is dropped; when it
+    continues, its prompt plus its generated tokens are computed again, and the text is still whole."""
+    from tests.pausing import paused_run
+
+    eng = HFEngine(
+        HFEngineConfig(
+            model=str(tiny_model_dir),
+            device=DEVICE,
+            dtype="float32",
+            scheduler=SchedulerConfig(max_batch_size=8, max_prefill_tokens=256, kv_cache_tokens=260),
+        )
+    )
+    await eng.start()
+    try:
+        prompt = "Tell me a story about a dragon."
+        plain = await paused_run(eng, "plain", prompt, 48, pause_after=10_000, pause_s=0)
+        seen: dict[str, int] = {}
+
+        async def big_request() -> None:  # it reserves the whole context (256): no room left for the kept KV
+            seen["before"] = eng.stats().kv_cache_tokens_paused
+            await run(eng, "big", prompt="x", max_tokens=250, ignore_eos=True, temperature=0.0)
+            seen["after"] = eng.stats().kv_cache_tokens_paused
+
+        prefills = record_prefills(eng)
+        paused = await paused_run(eng, "paused", prompt, 48, pause_after=12, pause_s=0.1, during=big_request)
+        assert seen["before"] > 0 and seen["after"] == 0
+        assert eng.backend.parked.evicted == 1
+        assert paused["text"] == plain["text"] and paused["completion"] == 48
+        rebuilt = paused["kept_kv"] + 1  # the prompt and every token it generated before the pause
+        assert prefills[-1] == rebuilt
+    finally:
+        await eng.shutdown()

@@ -39,6 +39,8 @@ class ScriptedBackend:
         self.letters = [tokenizer.encode(c)[0] for c in "abcdefghijklmnop"]
         self.running: dict[str, list[int]] = {}
         self.added: list[tuple[str, int]] = []  # (request id, prompt length) in order of admission
+        self.continued: dict[str, int] = {}  # request id -> `continued` of its last add
+        self.parked: set[str] = set()  # parked and not removed: what a backend may keep state for
         self.max_running = 0
         self.lock = threading.Lock()
 
@@ -52,15 +54,25 @@ class ScriptedBackend:
     def close(self) -> None:
         pass
 
-    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int) -> None:
+    def add(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int, continued: int = 0
+    ) -> None:
         with self.lock:
             self.running[request_id] = list(prompt_ids)
+            self.parked.discard(request_id)  # what was kept for it is used now
             self.added.append((request_id, len(prompt_ids)))
+            self.continued[request_id] = continued
             self.max_running = max(self.max_running, len(self.running))
+
+    def park(self, request_id: str) -> None:
+        with self.lock:
+            self.running.pop(request_id, None)
+            self.parked.add(request_id)
 
     def remove(self, request_id: str) -> None:
         with self.lock:
             self.running.pop(request_id, None)
+            self.parked.discard(request_id)
 
     @property
     def has_work(self) -> bool:
@@ -139,7 +151,8 @@ async def test_a_paused_request_computes_nothing_and_continues_seamlessly(byte_t
         prompt_len = reference[-1].prompt_tokens
         readds = [n for rid, n in backend.added if rid == "p"]
         assert readds[0] == prompt_len and readds[1] == prompt_len + frozen  # it continued from what it had made
-        assert engine.stats().paused == 0
+        assert backend.continued["p"] == frozen  # ... and the backend knows which of its prompt ids it made
+        assert engine.stats().paused == 0 and not backend.parked
     finally:
         await engine.shutdown()
 
@@ -158,9 +171,37 @@ async def test_a_paused_request_frees_its_row_for_a_waiting_one(byte_tokenizer: 
         outs = await asyncio.wait_for(second, scaled(5))
         assert outs[-1].completion_tokens == 10
         assert backend.max_running == 1
+        assert backend.parked == {"a"}  # parked, not removed: the backend may keep its state
         engine.abort("a")
         a_outs = await asyncio.wait_for(first, scaled(5))
         assert a_outs[-1].finish_reason is FinishReason.CANCELLED  # an abort ends a paused request
+        await wait_until(lambda: not backend.parked)  # ... and the backend forgets what it kept
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_continued_request_ended_before_it_is_readmitted_is_forgotten_by_the_backend(
+    byte_tokenizer: Any,
+) -> None:
+    """Paused, continued, then cancelled while it waits for a row again: what the backend kept for it is freed."""
+    backend = ScriptedBackend(byte_tokenizer, rows=1, step_s=0.005)
+    engine = await started(backend)
+    try:
+        first = asyncio.create_task(collect(engine, request("a", 400)))
+        await wait_until(lambda: "a" in backend.running and len(backend.running["a"]) > 8)
+        engine.pause("a")
+        await wait_until(lambda: backend.parked == {"a"})
+        hog = asyncio.create_task(collect(engine, request("hog", 400, connection="c2")))
+        await wait_until(lambda: "hog" in backend.running)
+        engine.unpause("a")  # first in line again, but the only row is the hog's
+        await wait_until(lambda: engine.stats().paused == 0)
+        assert "a" not in backend.running and backend.parked == {"a"}
+        engine.abort("a")
+        a_outs = await asyncio.wait_for(first, scaled(5))
+        assert a_outs[-1].finish_reason is FinishReason.CANCELLED
+        await wait_until(lambda: not backend.parked)
+        engine.abort("hog")
+        await asyncio.wait_for(hog, scaled(5))
     finally:
         await engine.shutdown()
 

@@ -194,6 +194,7 @@ class EngineStats:
     paused: int = 0  # generations out of the batch until their reader catches up
     kv_cache_tokens_used: int = 0
     kv_cache_tokens_capacity: int = 0
+    kv_cache_tokens_paused: int = 0  # KV positions kept for paused requests, outside the running rows
     steps: int = 0
     backend: str = ""  # the engine that runs the model: transformers, openvino
 

@@ -17,10 +17,11 @@ step. One step's outputs reach the event loop in one ``call_soon_threadsafe``::
         outputs = output_processor(step)            # StepOutput --> RequestOutput
         ended -> backend.remove;  outputs -> event loop
 
-A *paused* request (its reader is behind, or gone) leaves the backend: it costs no compute and frees its row and
-KV. It keeps its output state here; when it continues, it is queued ahead of new requests with its prompt plus the
-tokens generated so far as the prompt, so the backend rebuilds its KV (from the prefix cache where the backend
-has one) and the text goes on seamlessly.
+A *paused* request (its reader is behind, or gone) leaves the backend's batch (``backend.park``): it costs no
+compute and frees its row. It keeps its output state here; when it continues, it is queued ahead of new requests
+with its prompt plus the tokens generated so far as the prompt (``continued`` says how many of them it made), so
+the backend finds its KV where it kept it (the transformers engine keeps a paused row's KV while the KV budget
+allows; OpenVINO's prefix cache holds its blocks) or rebuilds it, and the text goes on seamlessly.
 """
 
 from __future__ import annotations
@@ -94,11 +95,18 @@ class Backend(Protocol):
     def close(self) -> None:
         """Stop for good (the model thread ends)."""
 
-    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int) -> None:
-        """Queue a request; it joins the running batch at a coming step."""
+    def add(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int, continued: int = 0
+    ) -> None:
+        """Queue a request; it joins the running batch at a coming step. ``continued`` > 0: a paused request goes
+        on, and the last ``continued`` of ``prompt_ids`` are tokens it generated itself (output, for penalties)."""
+
+    def park(self, request_id: str) -> None:
+        """Take a paused request out of the batch (no compute, its row freed), keeping what the backend can to
+        continue it cheaply when it comes back through :meth:`add`; :meth:`remove` forgets it for good."""
 
     def remove(self, request_id: str) -> None:
-        """Free a request's slot (it ended or was aborted); unknown ids are ignored."""
+        """Free a request's slot and anything kept for it (it ended or was aborted); unknown ids are ignored."""
 
     @property
     def has_work(self) -> bool: ...
@@ -145,6 +153,7 @@ class _Waiting:
     prompt_ids: list[int]
     params: SamplingParams
     max_new_tokens: int
+    continued: int = 0  # the last `continued` prompt ids are its own output from before a pause
 
 
 @dataclass(slots=True, frozen=True)
@@ -183,6 +192,7 @@ class LoopEngine:
         self._waiting: AdmissionQueue[_Waiting] = AdmissionQueue()
         self._in_backend: set[str] = set()
         self._paused: set[str] = set()
+        self._parked: set[str] = set()  # parked in the backend and not added again since: it may keep state
         self._requests: dict[str, _Waiting] = {}
         self._rows = 0
         self._next_expiry = 0.0
@@ -424,7 +434,10 @@ class LoopEngine:
             if waiting is None:
                 break
             self._in_backend.add(waiting.request_id)
-            self.backend.add(waiting.request_id, waiting.prompt_ids, waiting.params, waiting.max_new_tokens)
+            self._parked.discard(waiting.request_id)
+            self.backend.add(
+                waiting.request_id, waiting.prompt_ids, waiting.params, waiting.max_new_tokens, waiting.continued
+            )
         if self._queue_timeout > 0 and self._waiting:
             now = time.monotonic()
             if now >= self._next_expiry:
@@ -447,8 +460,9 @@ class LoopEngine:
     def _forget(self, request_id: str) -> None:
         """The request ended or failed: drop every trace of it here (the backend's row included)."""
         assert self._outputs is not None
-        if request_id in self._in_backend:
+        if request_id in self._in_backend or request_id in self._parked:
             self._in_backend.discard(request_id)
+            self._parked.discard(request_id)
             self.backend.remove(request_id)
         self._waiting.remove(request_id)
         self._paused.discard(request_id)
@@ -469,7 +483,8 @@ class LoopEngine:
             return
         if request_id in self._in_backend:
             self._in_backend.discard(request_id)
-            self.backend.remove(request_id)
+            self._parked.add(request_id)
+            self.backend.park(request_id)
         self._waiting.remove(request_id)
         self._paused.add(request_id)  # last: stats never count it both running and paused
 
@@ -494,7 +509,11 @@ class LoopEngine:
             return
         self._waiting.push_front(
             dataclasses.replace(
-                first, prompt_ids=first.prompt_ids + generated, max_new_tokens=left, queued_at=time.monotonic()
+                first,
+                prompt_ids=first.prompt_ids + generated,
+                max_new_tokens=left,
+                queued_at=time.monotonic(),
+                continued=len(generated),
             )
         )
         outputs.continues(request_id)

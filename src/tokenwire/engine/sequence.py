@@ -25,6 +25,14 @@ class Sequence:
     row: int = -1  # slot index in the KV cache while running
     num_computed: int = 0  # prompt tokens already in the KV cache
     output_ids: list[int] = field(default_factory=list)
+    generated_before: int = 0  # the last prompt ids are this many tokens it generated before it was paused
+
+    @property
+    def penalized_ids(self) -> list[int]:
+        """What presence and frequency penalties count: everything this request generated, pauses included."""
+        if not self.generated_before:
+            return self.output_ids
+        return self.prompt_ids[len(self.prompt_ids) - self.generated_before :] + self.output_ids
 
     @property
     def length(self) -> int:

@@ -2,7 +2,8 @@
 
 Each step asks the scheduler what to run, runs the prefill chunks and one batched decode step over the slot KV
 cache, and samples one token per row. End-of-sequence, stop strings, max_tokens and detokenizing are the engine
-core's (engine/output.py); a request that ended is removed before the next step.
+core's (engine/output.py); a request that ended is removed before the next step. A paused request's KV, random
+generator and penalty counts are kept (parked.py) while the KV budget allows, and go on when it continues.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from tokenwire.engine import models
 from tokenwire.engine.hf import loader
+from tokenwire.engine.hf.parked import ParkedKV, ParkedStore
 from tokenwire.engine.hf.quant import quantize_int8
 from tokenwire.engine.hf.runner import ModelRunner
 from tokenwire.engine.hf.sampler import RowSampler, SamplingFailure
@@ -72,6 +74,8 @@ class HFBackend:
         self.scheduler = Scheduler(config.scheduler)
         self.runner: ModelRunner | None = None
         self.sampler: RowSampler | None = None
+        self.parked = ParkedStore()  # the KV of paused requests
+        self._restore: dict[str, ParkedKV] = {}  # continued requests' kept KV, written to their row when admitted
 
     def load(self) -> LoadedModel:
         cfg = self.config
@@ -95,15 +99,55 @@ class HFBackend:
         return LoadedModel(tok, frozenset(_eos_ids(model, tok)), max_context)
 
     # -- requests
-    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int) -> None:
+    def add(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int, continued: int = 0
+    ) -> None:
         assert self.sampler is not None
-        self.sampler.add(request_id, params.seed)
-        self.scheduler.add(Sequence(request_id, prompt_ids, max_new_tokens, params))
+        seq = Sequence(request_id, prompt_ids, max_new_tokens, params, generated_before=continued)
+        kept = self.parked.take(request_id)
+        if kept is not None and kept.fits(prompt_ids):
+            seq.num_computed = kept.tokens  # its prefill starts after the kept positions
+            self._restore[request_id] = kept
+        self.sampler.add(request_id, params.seed)  # a paused request gets its own generator back
+        self.scheduler.add(seq)
+
+    def park(self, request_id: str) -> None:
+        """Out of the batch; its KV is copied out of its row (kept while the budget allows) and its generator kept."""
+        assert self.runner is not None and self.sampler is not None
+        seq = self.scheduler.get(request_id)
+        if seq is None:
+            return
+        kept = self._restore.pop(request_id, None)  # continued, then paused again before it was admitted
+        if seq.state is SeqState.DECODE:
+            computed = seq.length - 1  # the last sampled token is not fed yet
+        elif seq.state is SeqState.PREFILL:
+            computed = seq.num_computed
+        else:
+            computed = 0
+        if computed > 0:
+            keys, values = self.runner.cache.read_row(seq.row, computed)
+            kept = ParkedKV((seq.prompt_ids + seq.output_ids)[:computed], keys, values)
+        self._apply(self.scheduler.remove(seq))
+        self.sampler.park(request_id)
+        if kept is not None:
+            self.parked.put(request_id, kept)
+            self._make_room()
 
     def remove(self, request_id: str) -> None:
         seq = self.scheduler.get(request_id)
         if seq is not None:
             self._drop(seq)
+        self.parked.drop(request_id)
+        self._restore.pop(request_id, None)
+        if self.sampler is not None:
+            self.sampler.remove(request_id)
+
+    def _make_room(self) -> None:
+        """Paused requests' KV gives way to the running rows' reservations: the oldest goes first."""
+        budget = self.config.scheduler.kv_cache_tokens - self.scheduler.reserved_tokens()
+        dropped = self.parked.shrink(max(0, budget))
+        if dropped:
+            log.debug("dropped the kept KV of %d paused requests for room", dropped)
 
     @property
     def has_work(self) -> bool:
@@ -125,6 +169,7 @@ class HFBackend:
             max_batch_size=self.config.scheduler.max_batch_size,
             kv_cache_tokens_used=sum(q.length for q in list(s.running)),
             kv_cache_tokens_capacity=(cache.rows_cap * cache.len_cap) if cache is not None else 0,
+            kv_cache_tokens_paused=self.parked.tokens + sum(k.tokens for k in self._restore.values()),
         )
 
     # -- the step
@@ -134,9 +179,15 @@ class HFBackend:
         plan = sched.schedule()
         out = StepOutput(scheduled=[s.request_id for s in plan.admitted])
         try:
+            if plan.admitted and self.parked:
+                self._make_room()
             if sched.running:
                 # +2: room for the token being fed, and the scratch column (kv_cache.py) above every sequence
                 runner.cache.ensure(len(sched.running), max(s.length + 2 for s in sched.running))
+            for seq in plan.admitted:  # a continued request's kept KV goes back into its new row
+                kept = self._restore.pop(seq.request_id, None)
+                if kept is not None:
+                    runner.cache.write_row(seq.row, kept.keys, kept.values)
             # Prefill first: its chunks sit in consecutive rows from num_decode, in order, exactly as scheduled.
             # Promotions and finishes that follow only move rows >= num_decode, so the decode rows below stay
             # put. (Decoding first would let a finishing sequence reorder the prefill rows under the chunks.)
@@ -218,7 +269,7 @@ class HFBackend:
             [s.request_id for s in seqs],
             [s.params for s in seqs],
             [s.prompt_ids for s in seqs],
-            [s.output_ids for s in seqs],
+            [s.penalized_ids for s in seqs],
         )
         for seq, token in zip(list(seqs), tokens, strict=True):
             if seq.state is SeqState.FINISHED:
@@ -237,6 +288,7 @@ class HFBackend:
         assert self.sampler is not None
         self._apply(self.scheduler.remove(seq))
         self.sampler.remove(seq.request_id)
+        self._restore.pop(seq.request_id, None)
 
     def _apply(self, swaps: list[Swap]) -> None:
         assert self.runner is not None

@@ -66,6 +66,18 @@ class SlotKVCache(Cache):
         self.values.clear()
         self.rows_cap = self.len_cap = 0
 
+    def read_row(self, row: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of row ``row``'s keys and values at positions ``0..length-1``, per layer ``[kv_heads, length, d]``."""
+        keys = [buf[row, :, :length].clone() for buf in self.keys]
+        values = [buf[row, :, :length].clone() for buf in self.values]
+        return keys, values
+
+    def write_row(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Put keys and values (as :meth:`read_row` gave them) back at positions ``0..n-1`` of row ``row``."""
+        for store, saved in ((self.keys, keys), (self.values, values)):
+            for buf, part in zip(store, saved, strict=True):
+                buf[row, :, : part.shape[1]] = part
+
     def swap_rows(self, i: int, j: int) -> None:
         for store in (self.keys, self.values):
             for buf in store:

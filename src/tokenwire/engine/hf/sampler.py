@@ -26,14 +26,24 @@ class RowSampler:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._generators: dict[str, torch.Generator] = {}
+        self._parked: dict[str, torch.Generator] = {}  # of paused requests: they go on with the same draws
 
     def add(self, request_id: str, seed: int | None) -> None:
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed if seed is not None else secrets.randbits(63))
+        gen = self._parked.pop(request_id, None)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed if seed is not None else secrets.randbits(63))
         self._generators[request_id] = gen
+
+    def park(self, request_id: str) -> None:
+        """The request is paused: keep its generator for when it is added again."""
+        gen = self._generators.pop(request_id, None)
+        if gen is not None:
+            self._parked[request_id] = gen
 
     def remove(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self._parked.pop(request_id, None)
 
     @torch.inference_mode()
     def sample(

@@ -192,13 +192,20 @@ class OVBackend:
                 process.join(5)
 
     # -- requests
-    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int) -> None:
+    def add(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int, continued: int = 0
+    ) -> None:
+        # A continued request (continued > 0) is a new request to the pipeline: its prefix cache holds the blocks of
+        # the prompt and tokens so far; its presence and frequency penalties count only what it generates from here.
         if not self._keys:
             self._heard = time.monotonic()  # silence while idle is not a hang
         key = next(self._next_key)
         self._keys[request_id] = key
         self._rids[key] = request_id
         self._send(worker.Add(key, list(prompt_ids), params, max_new_tokens))
+
+    def park(self, request_id: str) -> None:
+        self.remove(request_id)  # the pipeline's prefix cache keeps the blocks while it has room
 
     def remove(self, request_id: str) -> None:
         key = self._keys.pop(request_id, None)
