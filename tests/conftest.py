@@ -45,3 +45,12 @@ def byte_tokenizer() -> Any:
 @pytest.fixture(scope="session")
 def sp_tokenizer() -> tiny.SentencePieceDecoder:
     return tiny.sentencepiece_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A Redis server for the session's shared-journal tests (skipped where Debian's redis-server is missing)."""
+    from tests.redis_server import redis_server
+
+    with redis_server(tmp_path_factory.mktemp("redis")) as url:
+        yield url

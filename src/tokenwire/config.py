@@ -176,6 +176,14 @@ class Settings:
             "a drop aborts)"
         },
     )
+    journal: str = field(
+        default="memory",
+        metadata={
+            "help": "where resumable generations are kept: memory (this process; resume only here), or "
+            "redis://HOST:PORT/DB, shared by every replica: a resume on any replica replays and follows a "
+            "generation, and one whose replica died goes on (docs/scaling.md)"
+        },
+    )
     resume_buffer_mb: float = field(
         default=64.0, metadata={"help": "memory for messages kept for resume; past it, the longest idle go first"}
     )

@@ -8,12 +8,12 @@ from tokenwire.server.protocol import BatchPolicy
 
 def test_batch_is_due_at_max_tokens() -> None:
     c = Coalescer(BatchPolicy(max_tokens=3))
-    c.add("a", 1, 0.0)
-    c.add("b", 1, 0.0)
+    c.add("a", 1, 0.0, (7,))
+    c.add("b", 1, 0.0, (8,))
     assert not c.due(100.0)  # no time limit
-    c.add("c", 1, 0.0)
+    c.add("c", 1, 0.0, (9,))
     assert c.due(0.0)
-    assert c.take() == ("abc", 3)
+    assert c.take() == ("abc", 3, (7, 8, 9))  # the text, its token count, and the tokens' ids in order
     assert c.empty
 
 
@@ -34,7 +34,7 @@ def test_batch_is_due_max_ms_after_its_first_delta() -> None:
     assert c.deadline() == 10.05
     assert not c.due(10.049)
     assert c.due(10.05)
-    assert c.take() == ("xy", 2)
+    assert c.take() == ("xy", 2, ())
     assert c.deadline() is None
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import scaled
 from tokenwire.engine.interface import (
+    Continuation,
     EngineError,
     EngineStats,
     ErrorCode,
@@ -386,4 +387,33 @@ async def test_a_hung_model_loop_is_detected_and_its_requests_fail_instead_of_wa
             await collect(engine, request("next"))
     finally:
         backend.release.set()
+        await engine.shutdown()
+
+
+async def test_a_generation_continued_from_its_prompt_and_tokens_gives_the_rest_of_its_text(
+    byte_tokenizer: Any,
+) -> None:
+    """What failover relies on: the STARTED output carries the prompt's ids and each output its tokens' ids; a new
+    request continuing from the prompt ids and the ids of the first outputs delivers exactly the rest of the text,
+    its tokens counting towards max_tokens."""
+    backend = ScriptedBackend(byte_tokenizer)
+    engine = await started(backend)
+    try:
+        whole = await collect(engine, request("whole", 30))
+        prompt_ids = whole[0].start.prompt_ids if whole[0].start else ()
+        assert len(prompt_ids) == whole[0].prompt_tokens > 0
+        deltas = [o for o in whole if o.kind is OutputKind.DELTA]
+        assert all(len(o.token_ids) == o.num_tokens for o in whole)
+        first = deltas[:7]
+        generated = tuple(t for o in first for t in o.token_ids)
+        params = SamplingParams(max_tokens=30, temperature=0.0)
+        cont = GenerationRequest("rest", params, continuation=Continuation(prompt_ids, generated))
+        rest = await collect(engine, cont)
+        assert text(first) + text(rest) == text(whole)
+        assert rest[-1].completion_tokens == 30 and rest[-1].finish_reason is FinishReason.LENGTH
+        assert backend.continued["rest"] == len(generated)
+        done = GenerationRequest("done", params, continuation=Continuation(prompt_ids, tuple([1] * 30)))
+        ended = await collect(engine, done)  # nothing left to generate: it ends at once
+        assert ended[-1].kind is OutputKind.FINISHED and ended[-1].finish_reason is FinishReason.LENGTH
+    finally:
         await engine.shutdown()

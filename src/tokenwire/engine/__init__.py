@@ -5,6 +5,7 @@ Importing this package does not import torch; backends live in subpackages (``to
 
 from tokenwire.engine.interface import (
     ChatMessage,
+    Continuation,
     Engine,
     EngineError,
     EngineStats,
@@ -21,6 +22,7 @@ from tokenwire.engine.interface import (
 
 __all__ = [
     "ChatMessage",
+    "Continuation",
     "Engine",
     "EngineError",
     "EngineStats",

@@ -146,6 +146,17 @@ class GenerationRequest:
     # and the connection it came on.
     tenant: str = ""
     connection: str = ""
+    # Set to go on with a generation begun elsewhere (another replica that died): the prompt is these ids as they
+    # are (prompt, messages and truncate are not read), and the output starts after ``generated_ids``.
+    continuation: Continuation | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class Continuation:
+    """A generation to go on with: its prompt's token ids, and the tokens it had generated (already delivered)."""
+
+    prompt_ids: tuple[int, ...]
+    generated_ids: tuple[int, ...] = ()
 
 
 class OutputKind(enum.Enum):
@@ -168,6 +179,7 @@ class Timings:
 class GenerationStart:
     prompt_tokens: int
     truncated_messages: int = 0  # how many turns truncate="auto" dropped
+    prompt_ids: tuple[int, ...] = ()  # the prompt's token ids (a shared journal keeps them for failover)
 
 
 @dataclass(slots=True)
@@ -178,6 +190,7 @@ class RequestOutput:
     kind: OutputKind
     text: str = ""  # the text delta (DELTA; FINISHED may carry a last piece)
     num_tokens: int = 0  # tokens this item accounts for
+    token_ids: tuple[int, ...] = ()  # ... and their ids, in order
     start: GenerationStart | None = None  # STARTED
     finish_reason: FinishReason | None = None  # FINISHED
     prompt_tokens: int = 0

@@ -294,12 +294,16 @@ class LoopEngine:
         submitted_at = time.monotonic()
         finished = False
         try:
-            prompt = await self._tokenize(request)
+            if request.continuation is not None:  # its prompt was tokenized where it began
+                prompt = Prompt(list(request.continuation.prompt_ids))
+                if len(prompt.token_ids) >= self._max_context:
+                    raise EngineError(ErrorCode.PROMPT_TOO_LONG, "the prompt does not fit this model's context")
+            else:
+                prompt = await self._tokenize(request)
             n = len(prompt.token_ids)
             self._inbox.put(_Add(request, prompt, min(request.params.max_tokens, self._max_context - n), submitted_at))
-            yield RequestOutput(
-                rid, OutputKind.STARTED, start=GenerationStart(n, prompt.dropped_turns), prompt_tokens=n
-            )
+            start = GenerationStart(n, prompt.dropped_turns, tuple(prompt.token_ids))
+            yield RequestOutput(rid, OutputKind.STARTED, start=start, prompt_tokens=n)
             while True:
                 item = await stream.get()
                 if isinstance(item, _Failure) or item.kind is OutputKind.FINISHED:
@@ -425,7 +429,23 @@ class LoopEngine:
             msg.max_new_tokens,
         )
         self._requests[rid] = waiting
-        self._waiting.push(waiting)
+        generated = list(request.continuation.generated_ids) if request.continuation else []
+        if not generated:
+            self._waiting.push(waiting)
+            return
+        # It goes on from tokens made elsewhere: they are its output so far, and part of its prompt here.
+        self._outputs.prime(rid, generated)
+        left = msg.max_new_tokens - len(generated)
+        if left <= 0:
+            end = self._outputs.finish(rid, FinishReason.LENGTH)
+            self._forget(rid)
+            if end is not None:
+                self.emit([end])
+            return
+        prompt_ids = msg.prompt.token_ids + generated
+        self._waiting.push(
+            dataclasses.replace(waiting, prompt_ids=prompt_ids, max_new_tokens=left, continued=len(generated))
+        )
 
     def admit_waiting(self) -> None:
         """Give free rows to waiting requests; fail those that waited past the queue timeout."""

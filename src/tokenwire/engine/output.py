@@ -80,6 +80,20 @@ class OutputProcessor:
         if stream is not None and not stream.continued:
             stream.cached_tokens = cached_tokens
 
+    def prime(self, request_id: str, token_ids: Iterable[int]) -> None:
+        """A generation that goes on from another process: run the tokens it had generated (and delivered) through
+        this request's state, outputs discarded, so that what comes next continues its text exactly (the
+        detokenizer's and the stop filter's held-back tail included) and counts towards its max_tokens."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        for token in token_ids:
+            stream.token_ids.append(token)
+            stream.generated += 1
+            stream.stop_filter.push(stream.detokenizer.push(token))
+        stream.unreported = 0
+        stream.continued = True
+
     def generated_ids(self, request_id: str) -> list[int]:
         """The tokens a request generated so far (its prompt's continuation)."""
         stream = self._streams.get(request_id)
@@ -117,7 +131,12 @@ class OutputProcessor:
                 out.append(self._finish(request_id, stream, FinishReason.LENGTH, piece.text))
                 return out, True
             if piece.text:
-                out.append(RequestOutput(request_id, OutputKind.DELTA, text=piece.text, num_tokens=stream.unreported))
+                ids = tuple(stream.token_ids[-stream.unreported :])
+                out.append(
+                    RequestOutput(
+                        request_id, OutputKind.DELTA, text=piece.text, num_tokens=stream.unreported, token_ids=ids
+                    )
+                )
                 stream.unreported = 0
         return out, False
 
@@ -147,6 +166,7 @@ class OutputProcessor:
             OutputKind.FINISHED,
             text=text,
             num_tokens=stream.unreported,
+            token_ids=tuple(stream.token_ids[-stream.unreported :]) if stream.unreported else (),
             finish_reason=reason,
             prompt_tokens=stream.prompt_tokens,
             completion_tokens=stream.generated,

@@ -64,6 +64,7 @@ def create_app(
         lambda: len(state.connections) + len(state.realtime_connections),
         lambda: (state.generations.orphaned, state.generations.nbytes),
     )
+    state.telemetry = telemetry
     api = OpenAIRoutes(
         engine, state.settings.limits, sse_keepalive_interval, telemetry, policy.enabled, state.key_limits
     )

@@ -8,12 +8,13 @@ from tokenwire.server.protocol import BatchPolicy
 class Coalescer:
     """Collects text deltas; a batch is due at ``max_tokens`` tokens or ``max_ms`` after its first delta."""
 
-    __slots__ = ("_opened_at", "_policy", "_text", "_tokens")
+    __slots__ = ("_ids", "_opened_at", "_policy", "_text", "_tokens")
 
     def __init__(self, policy: BatchPolicy) -> None:
         self._policy = policy
         self._text: list[str] = []
         self._tokens = 0
+        self._ids: list[int] = []  # the token ids of the collected deltas
         self._opened_at: float | None = None
 
     def would_overflow(self, tokens: int) -> bool:
@@ -23,11 +24,12 @@ class Coalescer:
         limit = self._policy.max_tokens
         return limit is not None and not self.empty and self._tokens + tokens > limit
 
-    def add(self, text: str, tokens: int, now: float) -> None:
+    def add(self, text: str, tokens: int, now: float, ids: tuple[int, ...] = ()) -> None:
         if self._opened_at is None:
             self._opened_at = now
         self._text.append(text)
         self._tokens += tokens
+        self._ids.extend(ids)
 
     @property
     def timed(self) -> bool:
@@ -52,9 +54,10 @@ class Coalescer:
         deadline = self.deadline()
         return deadline is not None and now >= deadline
 
-    def take(self) -> tuple[str, int]:
-        text, tokens = "".join(self._text), self._tokens
+    def take(self) -> tuple[str, int, tuple[int, ...]]:
+        text, tokens, ids = "".join(self._text), self._tokens, tuple(self._ids)
         self._text.clear()
+        self._ids.clear()
         self._tokens = 0
         self._opened_at = None
-        return text, tokens
+        return text, tokens, ids

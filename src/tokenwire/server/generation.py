@@ -54,6 +54,7 @@ class Producer:
         telemetry: Telemetry,
         batch: BatchPolicy | None,
         flow: FlowPolicy | None = None,
+        continuing: bool = False,
     ) -> None:
         self.engine = engine
         self.journal = journal
@@ -61,22 +62,28 @@ class Producer:
         self.telemetry = telemetry
         self.coalescer = Coalescer(batch) if batch else None
         self.flow = flow or FlowPolicy()
+        self.continuing = continuing  # it goes on from a journal begun elsewhere: its started message was sent
         self.prompt_tokens = 0
         self.paused = False
         self.pauses = 0
         self._silent_tokens = 0  # generated tokens whose bytes never completed a character: no message of their own
+        self._silent_ids: tuple[int, ...] = ()
         self._held_text = ""  # text waiting for a reader that is behind (see FlowPolicy.coalesce_after)
         self._held_tokens = 0
+        self._held_ids: list[int] = []
         self._held_batched = False
 
     @property
     def _seq(self) -> int:
         return self.journal.last_seq + 1
 
-    def _emit(self, message: dict[str, Any], tokens: int = 0, final: bool = False) -> None:
+    def _emit(self, message: dict[str, Any], tokens: int = 0, final: bool = False, ids: tuple[int, ...] = ()) -> None:
+        """Journal one message; ``ids``: the token ids whose text it carries (a journal shared across replicas keeps
+        them, so that another replica can go on with the generation after them)."""
         if final:
             tokens += self._silent_tokens
-        self.journal.append(Entry(messages.encode(message), tokens, final))
+            ids = self._silent_ids + ids
+        self.journal.append(Entry(messages.encode(message), tokens, final, ids))
 
     async def run(self, request: GenerationRequest, connection: str) -> None:
         gen_id = self.journal.gen_id
@@ -90,10 +97,12 @@ class Producer:
                     if out is None:  # a batch deadline passed with no new output
                         self._flush()
                     elif out.kind is OutputKind.STARTED:
-                        dropped = out.start.truncated_messages if out.start else 0
                         self.prompt_tokens = out.prompt_tokens
-                        model, token = self.engine.model_name, self.journal.resume_token
-                        self._emit(messages.started(gen_id, model, out.prompt_tokens, token, dropped))
+                        if not self.continuing:
+                            dropped = out.start.truncated_messages if out.start else 0
+                            self.journal.prompt_ids = out.start.prompt_ids if out.start else ()
+                            model, token = self.engine.model_name, self.journal.resume_token
+                            self._emit(messages.started(gen_id, model, out.prompt_tokens, token, dropped))
                     elif out.kind is OutputKind.DELTA:
                         trace.delta(out.text, out.num_tokens)
                         self._deliver(out)
@@ -166,35 +175,38 @@ class Producer:
             self.paused = False
             self.engine.unpause(journal.engine_id)
 
-    def _send_text(self, text: str, tokens: int, batched: bool) -> None:
+    def _send_text(self, text: str, tokens: int, batched: bool, ids: tuple[int, ...]) -> None:
         """One message of text, unless the reader is behind: then it waits and merges with the next."""
         if self._held_text or self.journal.unsent_messages >= self.flow.coalesce_after:
             self._held_text += text
             self._held_tokens += tokens
+            self._held_ids.extend(ids)
             self._held_batched = self._held_batched or batched
             if self.journal.unsent_messages < self.flow.coalesce_after:
                 self._release_held()
         else:
-            self._emit(messages.token(self.journal.gen_id, self._seq, text, tokens, batched), tokens)
+            self._emit(messages.token(self.journal.gen_id, self._seq, text, tokens, batched), tokens, ids=ids)
         self._regulate()
 
     def _release_held(self) -> None:
         if not self._held_text:
             return
-        text, tokens, batched = self._held_text, self._held_tokens, self._held_batched
+        text, tokens, batched, ids = self._held_text, self._held_tokens, self._held_batched, tuple(self._held_ids)
         self._held_text, self._held_tokens, self._held_batched = "", 0, False
-        self._emit(messages.token(self.journal.gen_id, self._seq, text, tokens, batched), tokens)
+        self._held_ids.clear()
+        self._emit(messages.token(self.journal.gen_id, self._seq, text, tokens, batched), tokens, ids=ids)
 
     def _deliver(self, out: RequestOutput) -> None:
         if not out.text:
             self._silent_tokens += out.num_tokens
+            self._silent_ids += out.token_ids
             return
         if self.coalescer is None:
-            self._send_text(out.text, out.num_tokens, False)
+            self._send_text(out.text, out.num_tokens, False, out.token_ids)
             return
         if self.coalescer.would_overflow(out.num_tokens):
             self._flush()
-        self.coalescer.add(out.text, out.num_tokens, time.monotonic())
+        self.coalescer.add(out.text, out.num_tokens, time.monotonic(), out.token_ids)
         if self.coalescer.due(time.monotonic()):
             self._flush()
 
@@ -202,8 +214,9 @@ class Producer:
         coalescer = self.coalescer
         if coalescer is None or coalescer.empty:
             return
-        text, tokens = coalescer.take()
+        text, tokens, ids = coalescer.take()
         if text:
-            self._send_text(text, tokens, batched=True)
+            self._send_text(text, tokens, True, ids)
         else:
             self._silent_tokens += tokens
+            self._silent_ids += ids

@@ -24,7 +24,10 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from tokenwire.server.redis_journal import RedisJournal
 
 
 @dataclass(slots=True, frozen=True)
@@ -34,6 +37,7 @@ class Entry:
     data: str
     tokens: int = 0
     final: bool = False  # complete or error: the generation's last message
+    ids: tuple[int, ...] = ()  # the ids of the tokens it carries (a shared journal keeps them for failover)
 
 
 class Holder(Protocol):
@@ -41,6 +45,22 @@ class Holder(Protocol):
 
     @property
     def is_open(self) -> bool: ...
+
+
+class Mirror(Protocol):
+    """Where a journal's messages are copied beyond this process (a shared journal: redis_journal.py)."""
+
+    def appended(self, journal: Journal, seq: int, entry: Entry) -> None: ...
+
+    def held(self, journal: Journal, held: bool) -> None:
+        """A connection of this process took the journal (True) or let it go (False)."""
+
+    def closed(self, journal: Journal) -> None:
+        """It ended without a last message (aborted): nobody may take it over."""
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 class Journal:
@@ -56,21 +76,27 @@ class Journal:
         "engine_id",
         "entries",
         "finished",
+        "follower",
         "gen_id",
         "holder",
         "idle_since",
+        "mirror",
         "nbytes",
         "on_progress",
         "owner",
+        "prompt_ids",
         "resume_token",
         "sent_seq",
         "sent_tokens",
         "session",
         "task",
+        "token_digest",
         "tokens",
     )
 
-    def __init__(self, session: str, gen_id: str, owner: str | None, engine_id: str) -> None:
+    def __init__(
+        self, session: str, gen_id: str, owner: str | None, engine_id: str, resume_token: str | None = None
+    ) -> None:
         self.session = session  # the connection that started it: with gen_id, the journal's key
         self.gen_id = gen_id
         self.owner = owner  # who may resume it: a digest of the API key, or None without keys
@@ -80,7 +106,11 @@ class Journal:
         self.nbytes = 0
         self.holder: Holder | None = None  # the connection delivering it, or None
         self.bound: Holder | None = None  # the connection that holds or last held it (see the class docstring)
-        self.resume_token = secrets.token_urlsafe(16)
+        self.resume_token = resume_token or secrets.token_urlsafe(16)
+        self.token_digest = token_digest(self.resume_token)  # what a takeover is checked against
+        self.prompt_ids: tuple[int, ...] = ()  # the prompt's token ids, once started (kept for failover)
+        self.mirror: Mirror | None = None  # a shared journal its messages are copied to
+        self.follower = False  # its messages come from a shared journal, made by another replica's generation
         self.idle_since: float | None = None  # when it finished or lost its holder (None: running and held)
         self.task: asyncio.Task[None] | None = None  # the task producing the entries
         self.tokens = 0  # tokens in all entries
@@ -107,8 +137,11 @@ class Journal:
         self.tokens += entry.tokens
         if entry.final:
             self.finished = True
+        seq = len(self.entries) - 1
+        if self.mirror is not None:
+            self.mirror.appended(self, seq, entry)
         self._wake()
-        return len(self.entries) - 1
+        return seq
 
     @property
     def unsent_tokens(self) -> int:
@@ -141,6 +174,8 @@ class Journal:
         """No more entries (the producer stopped without a final message: aborted or shut down)."""
         if not self.finished:
             self.finished = True
+            if self.mirror is not None:
+                self.mirror.closed(self)
             self._wake()
 
     async def wait_beyond(self, seq: int) -> None:
@@ -175,6 +210,7 @@ class Registry:
     window: float = 60.0
     budget_bytes: int = 64 << 20
     clock: Callable[[], float] = time.monotonic
+    shared: RedisJournal | None = None  # a journal shared by every replica (resume anywhere, failover)
     _journals: dict[tuple[str, str], Journal] = field(default_factory=dict)
 
     @property
@@ -218,11 +254,19 @@ class Registry:
         journal.holder = journal.bound = holder
         if not journal.finished:
             journal.idle_since = None
+        if journal.mirror is not None:
+            journal.mirror.held(journal, True)
         journal.rewind(first_seq)
 
     def detach(self, journal: Journal) -> bool:
         """Its connection went away. Returns True when the generation must be aborted now (resume is off)."""
         journal.holder = None
+        if journal.mirror is not None:
+            journal.mirror.held(journal, False)
+        if journal.follower:  # another replica makes it: only this copy goes
+            self.forget(journal)
+            journal.close()
+            return False
         if journal.finished:
             return False
         if not self.enabled:
@@ -232,13 +276,27 @@ class Registry:
         journal.progressed()  # no reader now: its producer pauses it
         return False
 
+    def remote_reader(self, journal: Journal, reader: Holder | None, sent_seq: int) -> None:
+        """A reader connected to another replica (a shared journal) has read ``journal`` up to ``sent_seq``, or
+        (``reader`` None) went away: its flow control follows it as it follows a local reader."""
+        if reader is None:
+            journal.holder = None
+            if not journal.finished:
+                journal.idle_since = self.clock()
+            journal.progressed()
+            return
+        journal.holder = reader
+        if not journal.finished:
+            journal.idle_since = None
+        journal.rewind(sent_seq + 1)
+
     @staticmethod
     def may_take_over(journal: Journal, holder: Holder, token: str | None) -> bool:
         """Whether ``holder`` may take ``journal``: it is its own, its connection is gone, or ``token`` is right."""
         bound = journal.bound
         if bound is None or bound is holder or not bound.is_open:
             return True
-        return token is not None and hmac.compare_digest(token.encode(), journal.resume_token.encode())
+        return token is not None and hmac.compare_digest(token_digest(token), journal.token_digest)
 
     def find(self, owner: str | None, gen_id: str, session: str | None) -> Journal:
         """The journal a ``resume`` names. Raises :class:`ResumeRefused` when there is none, or several."""

@@ -22,12 +22,16 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
-from tokenwire.engine.interface import Engine
+from tokenwire.engine.interface import Continuation, Engine, GenerationRequest, SamplingParams
 from tokenwire.server import messages
 from tokenwire.server.capacity import ConnectionGate, FdWatch, IpGate
-from tokenwire.server.journal import Registry
+from tokenwire.server.generation import Producer
+from tokenwire.server.journal import Journal, Registry
 from tokenwire.server.limits import KeyLimits
+from tokenwire.server.protocol import BatchPolicy
 from tokenwire.server.realtime import RealtimeConnection
+from tokenwire.server.redis_journal import Record, RedisJournal
+from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.websocket import Connection, ConnectionSettings
 
 log = logging.getLogger(__name__)
@@ -64,6 +68,10 @@ class ServerState:
         self.connections: set[Connection] = set()
         self.realtime_connections: set[RealtimeConnection] = set()
         self.generations = Registry(settings.resume_window, settings.resume_buffer_bytes)
+        if settings.journal_url:
+            self.generations.shared = RedisJournal(settings.journal_url, self.generations)
+            self.generations.shared.on_takeover = self.take_over
+        self.telemetry: Telemetry | None = None  # the app's (create_app sets it)
         self.on_fatal = on_fatal
         self.load_error: str | None = None
         self.engine_error: str | None = None  # the engine stopped after it had loaded
@@ -165,10 +173,31 @@ class ServerState:
                 if journal.task is not None:
                     journal.task.cancel()
 
+    def take_over(self, journal: Journal, record: Record) -> None:
+        """The replica that ran this generation is gone (shared journal): go on with it here, from the tokens in
+        its journal, each next message with the next seq."""
+        assert self.telemetry is not None
+        fields = {**record.params, "stop": tuple(record.params.get("stop") or ())}
+        generated = tuple(t for entry in journal.entries for t in entry.ids)
+        request = GenerationRequest(
+            journal.engine_id,
+            SamplingParams(**fields),
+            continuation=Continuation(record.prompt_ids, generated),
+            tenant=record.tenant,
+            connection=record.session,
+        )
+        batch = BatchPolicy(**record.batch) if record.batch else None
+        producer = Producer(
+            self.engine, journal, self.generations, self.telemetry, batch, self.settings.flow, continuing=True
+        )
+        journal.task = asyncio.create_task(producer.run(request, record.session))
+
     # -- loading and watching
     async def load(self) -> None:
         started = time.monotonic()
         try:
+            if self.generations.shared is not None:
+                await self.generations.shared.start()
             await self.engine.start()
             # The model and libraries are millions of long-lived objects: take them out of the garbage
             # collector's scans, so that a full collection cannot stall the event loop for tens of ms.
@@ -226,4 +255,6 @@ async def lifespan(state: ServerState) -> AsyncIterator[None]:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        if state.generations.shared is not None:
+            await state.generations.shared.close()
         await state.engine.shutdown()

@@ -47,7 +47,17 @@ def connection_settings(settings: Settings) -> ConnectionSettings:
         max_connections_per_ip=max(0, settings.max_connections_per_ip),
         max_generations_per_key=max(0, settings.max_generations_per_key),
         rate_limit_tokens_per_minute=max(0, settings.rate_limit),
+        journal_url=journal_url(settings.journal),
     )
+
+
+def journal_url(journal: str) -> str | None:
+    """``--journal``: memory (this process), or redis://HOST:PORT/DB (shared by replicas)."""
+    if journal == "memory":
+        return None
+    if journal.startswith(("redis://", "rediss://", "unix://")):
+        return journal
+    raise ValueError(f"--journal must be memory or a redis:// URL (redis://HOST:PORT/DB), not {journal!r}")
 
 
 class _Server(uvicorn.Server):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import secrets
@@ -31,7 +32,7 @@ from tokenwire.engine.interface import Engine, EngineError, ErrorCode, Generatio
 from tokenwire.server import messages
 from tokenwire.server.backlog import Backlog
 from tokenwire.server.generation import FlowPolicy, Producer
-from tokenwire.server.journal import Journal, Registry, ResumeRefused
+from tokenwire.server.journal import Journal, Registry, ResumeRefused, token_digest
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.protocol import (
     Cancel,
@@ -44,6 +45,7 @@ from tokenwire.server.protocol import (
     Resume,
     parse_message,
 )
+from tokenwire.server.redis_journal import Record
 from tokenwire.server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class ConnectionSettings:
     max_connections_per_ip: int = 0  # WebSockets and API requests from one client address (0: no cap)
     max_generations_per_key: int = 0  # generations one API key runs at once over every door (0: no cap)
     rate_limit_tokens_per_minute: int = 0  # tokens (prompt and generated) one API key may use a minute (0: no cap)
+    journal_url: str | None = None  # redis://...: a journal shared by replicas (redis_journal.py); None: this process
 
 
 class _SlowConsumer(Exception):
@@ -297,6 +300,18 @@ class Connection:
                 "id",
             )
             return
+        if self.registry.shared is not None:  # copied out, so that any replica can resume it or go on with it
+            record = Record(
+                self.session,
+                gen_id,
+                self.owner,
+                journal.token_digest,
+                self.engine.model_name,
+                tenant,
+                dataclasses.asdict(msg.params),
+                dataclasses.asdict(msg.batch) if msg.batch else None,
+            )
+            self.registry.shared.track(journal, record)
         request = GenerationRequest(
             request_id=engine_id,
             params=msg.params,
@@ -322,12 +337,21 @@ class Connection:
 
     async def _resume(self, msg: Resume) -> None:
         try:
-            journal = self.registry.find(self.owner, msg.id, msg.session)
+            try:
+                journal = self.registry.find(self.owner, msg.id, msg.session)
+            except ResumeRefused as refused:
+                if self.registry.shared is None or refused.ambiguous:
+                    raise
+                journal = await self._follow(msg)  # run by another replica, or by one that is gone
         except ResumeRefused as refused:
-            self.telemetry.resume("ambiguous" if refused.ambiguous else "not_found")
-            code = ErrorCode.INVALID_REQUEST if refused.ambiguous else ErrorCode.NOT_FOUND
-            await self.send_error(code, refused.message, msg.id, refused.param)
+            outcome = "refused" if refused.param == "resume_token" else "not_found"
+            self.telemetry.resume("ambiguous" if refused.ambiguous else outcome)
+            code = ErrorCode.INVALID_REQUEST if refused.ambiguous or refused.param == "resume_token" else None
+            await self.send_error(code or ErrorCode.NOT_FOUND, refused.message, msg.id, refused.param)
             return
+        if journal.follower and msg.after_seq > journal.last_seq:  # the client saw messages still on their way
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(journal.wait_beyond(msg.after_seq - 1), 2.0)
         if msg.after_seq > journal.last_seq:
             self.telemetry.resume("invalid")
             await self.send_error(
@@ -356,6 +380,31 @@ class Connection:
         self.telemetry.resume("resumed")
         await self.send(messages.resumed(msg.id, msg.after_seq, journal.last_seq, not journal.finished))
         self._hold(journal, msg.after_seq + 1)
+
+    async def _follow(self, msg: Resume) -> Journal:
+        """A generation of another replica's, from the shared journal: this connection will deliver it from there
+        (and this replica go on with it, if its own is gone). Raises :class:`ResumeRefused`."""
+        shared = self.registry.shared
+        assert shared is not None
+        try:
+            remote = await shared.lookup(self.owner, msg.id, msg.session)
+        except ResumeRefused:
+            raise
+        except Exception as exc:
+            log.warning("could not read the shared journal: %s", exc)
+            raise ResumeRefused(f"generation {msg.id!r} could not be looked up in the shared journal: {exc}") from exc
+        token = msg.resume_token
+        held = remote.held and remote.replica is not None  # a connection on its replica may still be open
+        if held and (token is None or token_digest(token) != remote.record.token_digest):
+            raise ResumeRefused(
+                f"generation {msg.id!r} is held by a connection that is still open; only a resume with the "
+                "resume_token of its started message can take it over",
+                param="resume_token",
+            )
+        journal = await shared.follow(remote)
+        with contextlib.suppress(KeyError):
+            self.registry.add(journal)
+        return journal
 
     async def hand_over(self, gen_id: str, journal: Journal) -> None:
         """Another connection resumed this generation: stop sending it here, without stopping it."""

@@ -1,0 +1,514 @@
+"""A journal every replica shares, in Redis: resume a stream on any replica, and go on with it when its replica dies.
+
+The replica that runs a generation keeps its journal in memory as always (journal.py) and copies every message to
+a Redis Stream (``--journal redis://HOST:PORT/DB``), numbered by ``seq`` (stream ID ``seq+1-0``, so a message can
+be written once only), together with the token ids it carries; the request itself (its prompt's token ids and
+sampling parameters) is kept beside it. Per generation, under ``tokenwire:{session}:{id}:``::
+
+    log     the messages (XADD with explicit IDs)      meta    the request, and who holds it (hash)
+    lease   the replica that runs it (PX, renewed)     reader  a reader on another replica: its last sent seq
+
+A ``resume`` that finds nothing in this process looks in Redis and *follows* the generation there: a local journal
+is filled from the stream (replayed, then read live), and the connection delivers it as any other. The follower
+writes how far its client has read into ``reader``; the running replica reads it (every ``READER_POLL_S``) as if
+its own connection were reading: its flow control pauses and continues the generation by it.
+
+Failover: the running replica renews its lease every third of ``lease_s``. When a follower finds no lease on an
+unfinished generation (its replica died), it takes the lease and goes on with the generation itself: the request
+is admitted again with its prompt plus the tokens already in the log (``Continuation``; the prefix cache makes
+that cheap) and the next message gets the next seq: the client sees the answer go on, nothing lost or repeated.
+A replica that finds its lease taken stops its generation. Everything expires with the resume window once nobody
+renews it, so an answer whose replica died and that nobody resumes is gone after the window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tokenwire.server.journal import Entry, Journal, Registry, ResumeRefused
+
+log = logging.getLogger(__name__)
+
+PREFIX = "tokenwire"
+READER_POLL_S = 0.05  # how often the running replica reads its remote readers' positions
+CURSOR_DELAY_S = 0.02  # a follower writes its reader's position at most this often
+FOLLOW_BLOCK_MS = 250  # a follower's blocking read; between reads it checks the lease
+
+
+@dataclass(slots=True, frozen=True)
+class Record:
+    """What another replica needs to find a generation, check who may resume it, and go on with it."""
+
+    session: str
+    gen_id: str
+    owner: str | None
+    token_digest: str
+    model: str
+    tenant: str
+    params: dict[str, Any]  # SamplingParams' fields
+    batch: dict[str, Any] | None  # BatchPolicy's fields, or None
+    prompt_ids: tuple[int, ...] = ()
+
+    def encode(self) -> str:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str | bytes) -> Record:
+        data = json.loads(text)
+        data["prompt_ids"] = tuple(data.get("prompt_ids", ()))
+        return cls(**data)
+
+
+@dataclass(slots=True, frozen=True)
+class Remote:
+    """A generation found in the shared journal."""
+
+    key: str
+    record: Record
+    replica: str | None  # who holds its lease (runs it); None: nobody does
+    held: bool  # a connection on that replica delivers it
+    closed: bool  # it was aborted: nobody may go on with it
+
+
+class RemoteReader:
+    """The holder of a journal whose reader is connected to another replica (see the module docstring)."""
+
+    __slots__ = ("nonce", "replica")
+
+    def __init__(self, replica: str, nonce: str) -> None:
+        self.replica = replica
+        self.nonce = nonce
+
+    @property
+    def is_open(self) -> bool:
+        return True
+
+
+def entry_fields(entry: Entry) -> dict[str, str]:
+    fields = {"d": entry.data, "t": str(entry.tokens), "i": ",".join(map(str, entry.ids))}
+    if entry.final:
+        fields["f"] = "1"
+    return fields
+
+
+def entry_of(fields: dict[bytes, bytes]) -> Entry:
+    ids = fields.get(b"i", b"")
+    return Entry(
+        fields[b"d"].decode("utf-8"),
+        int(fields.get(b"t", b"0")),
+        fields.get(b"f") == b"1",
+        tuple(int(x) for x in ids.split(b",")) if ids else (),
+    )
+
+
+def seq_of(stream_id: bytes | str) -> int:
+    raw = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
+    return int(raw.split("-", 1)[0]) - 1
+
+
+# Renew a lease only while it is still ours, and keep the generation's keys alive with it.
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  redis.call('pexpire', KEYS[1], ARGV[2])
+  for i = 2, #KEYS do redis.call('pexpire', KEYS[i], ARGV[3]) end
+  return 1
+end
+return 0
+"""
+
+Takeover = Callable[[Journal, Record], None]
+
+
+class RedisJournal:
+    """The process's side of the shared journal: copies its generations out, finds and follows others'."""
+
+    def __init__(self, url: str, registry: Registry, lease_s: float = 3.0, replica: str | None = None) -> None:
+        import redis.asyncio as aioredis
+
+        self.url = url
+        self.registry = registry
+        self.window = registry.window
+        self.lease_s = lease_s
+        self.replica = replica or secrets.token_hex(6)
+        self.redis: Any = aioredis.Redis.from_url(url)  # its replies are bytes (typed loosely by redis-py)
+        self.on_takeover: Takeover | None = None  # set by the server: starts a producer for a journal it takes
+        self._own: dict[str, Journal] = {}  # journals this process runs and copies out, by key
+        self._readers: dict[str, str] = {}  # by key: the nonce of the last remote reader seen
+        self._records: dict[str, Record] = {}
+        self._queue: asyncio.Queue[tuple[str, Journal | None, Callable[[Any], Any]]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._renew: Any = None
+        self.appends = 0  # messages copied out, since the start
+        self.takeovers = 0  # generations this replica went on with after their replica died
+
+    # -- life cycle
+    async def start(self) -> None:
+        """Connect (a clear error when Redis cannot be reached) and start copying, renewing and polling."""
+        try:
+            await self.redis.ping()
+        except Exception as exc:
+            raise RuntimeError(f"cannot reach the journal at {self.url}: {exc}") from exc
+        self._renew = self.redis.register_script(_RENEW)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(work()) for work in (self._write, self._leases, self._poll)]
+        log.info("shared journal at %s (replica %s)", self.url, self.replica)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+
+    # -- keys
+    @staticmethod
+    def key(session: str, gen_id: str) -> str:
+        return f"{PREFIX}:{session}:{gen_id}"
+
+    def _keys(self, key: str, gen_id: str) -> tuple[str, str, str, str, str]:
+        return f"{key}:log", f"{key}:meta", f"{key}:lease", f"{key}:reader", f"{PREFIX}:ids:{gen_id}"
+
+    # -- this replica's generations (the Mirror side)
+    def track(self, journal: Journal, record: Record) -> None:
+        """A generation starts here: copy its messages out (from its first, which also writes its record)."""
+        key = self.key(journal.session, journal.gen_id)
+        self._own[key] = journal
+        self._records[key] = record
+        journal.mirror = self
+
+    def appended(self, journal: Journal, seq: int, entry: Entry) -> None:
+        key = self.key(journal.session, journal.gen_id)
+        log_key, meta, lease, _, ids = self._keys(key, journal.gen_id)
+        keep_ms = int((self.window + self.lease_s) * 1000)
+        fields = entry_fields(entry)
+        self.appends += 1
+        first: dict[str, str] = {}
+        if seq == 0 and key in self._records:  # what the connection knew, and now the prompt's token ids
+            record = dataclasses.replace(self._records[key], prompt_ids=journal.prompt_ids)
+            self._records[key] = record
+            first = {"record": record.encode(), "held": "1" if journal.holder else ""}
+
+        def write(pipe: Any) -> None:
+            if first:
+                pipe.hset(meta, mapping=first)
+                pipe.set(lease, self.replica, px=int(self.lease_s * 1000))
+                pipe.sadd(ids, journal.session)
+                pipe.pexpire(meta, keep_ms)
+                pipe.pexpire(ids, keep_ms)
+            pipe.xadd(log_key, fields, id=f"{seq + 1}-0")
+            if first:
+                pipe.pexpire(log_key, keep_ms)
+            if entry.final:  # it ended: resumable for the window, and nobody is to go on with it
+                done_ms = int(self.window * 1000)
+                pipe.delete(lease)
+                for k in (log_key, meta, ids):
+                    pipe.pexpire(k, done_ms)
+
+        self._queue.put_nowait((key, journal, write))
+        if entry.final:
+            self._forget_own(key)
+
+    def held(self, journal: Journal, held: bool) -> None:
+        key = self.key(journal.session, journal.gen_id)
+        if key not in self._own:
+            return
+        meta = self._keys(key, journal.gen_id)[1]
+        keep_ms = int((self.window + self.lease_s) * 1000)
+
+        def write(pipe: Any) -> None:
+            pipe.hset(meta, "held", "1" if held else "")
+            pipe.pexpire(meta, keep_ms)
+
+        self._queue.put_nowait((key, journal, write))
+
+    def closed(self, journal: Journal) -> None:
+        key = self.key(journal.session, journal.gen_id)
+        if self._own.get(key) is not journal:  # it was taken over: not ours to close
+            return
+        _, meta, lease, _, _ = self._keys(key, journal.gen_id)
+
+        def close(pipe: Any) -> None:
+            pipe.hset(meta, "closed", "1")
+            pipe.pexpire(meta, int(self.window * 1000))
+            pipe.delete(lease)
+
+        self._queue.put_nowait((key, journal, close))
+        self._forget_own(key)
+
+    def _forget_own(self, key: str) -> None:
+        self._own.pop(key, None)
+        self._records.pop(key, None)
+        self._readers.pop(key, None)
+
+    async def _write(self) -> None:
+        """The one writer: whatever queued since the last round goes in one pipeline, in order."""
+        while True:
+            ops = [await self._queue.get()]
+            while not self._queue.empty():
+                ops.append(self._queue.get_nowait())
+            pipe = self.redis.pipeline(transaction=False)
+            owners: list[tuple[str, Journal | None]] = []
+            for key, journal, op in ops:
+                before = len(pipe.command_stack)
+                try:
+                    op(pipe)
+                except Exception:  # a bug in one write: log it, the others go on
+                    log.exception("could not prepare a write to the shared journal")
+                    del pipe.command_stack[before:]
+                owners.extend([(key, journal)] * (len(pipe.command_stack) - before))
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except Exception as exc:  # Redis is gone: the local journals go on; resume elsewhere will not work
+                log.warning("could not write %d commands to the shared journal: %s", len(owners), exc)
+                continue
+            for (key, journal), result in zip(owners, results, strict=False):
+                if isinstance(result, Exception) and journal is not None:
+                    self._lost(key, journal, f"a write failed: {result}")
+
+    def _lost(self, key: str, journal: Journal, why: str) -> None:
+        """Another replica goes on with this generation: stop it here (its connection gets nothing more)."""
+        if self._own.get(key) is not journal:
+            return
+        log.warning("generation %s is no longer this replica's (%s): stopped here", journal.engine_id, why)
+        self._forget_own(key)
+        journal.mirror = None
+        if journal.task is not None:
+            journal.task.cancel()
+
+    async def _leases(self) -> None:
+        """Renew the leases of the generations running here; one that is lost stops here."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            for key, journal in list(self._own.items()):
+                if journal.last_seq < 0:
+                    continue  # its first message (and lease) is not written yet
+                log_key, meta, lease, _, ids = self._keys(key, journal.gen_id)
+                keep_ms = int((self.window + self.lease_s) * 1000)
+                try:
+                    ok = await self._renew(
+                        keys=[lease, log_key, meta, ids], args=[self.replica, int(self.lease_s * 1000), keep_ms]
+                    )
+                except Exception as exc:
+                    log.warning("could not renew the lease of %s: %s", journal.engine_id, exc)
+                    continue
+                if not ok and self._own.get(key) is journal and not journal.finished:
+                    self._lost(key, journal, "its lease was taken")
+
+    async def _poll(self) -> None:
+        """Where readers on other replicas are: each moves the cursor of the journal it reads, as a local reader
+        would; a new one with a takeover takes it from the local connection."""
+        while True:
+            await asyncio.sleep(READER_POLL_S)
+            own = [(k, j) for k, j in self._own.items() if not j.finished]
+            if not own:
+                continue
+            try:
+                values = await self.redis.mget([self._keys(k, j.gen_id)[3] for k, j in own])
+            except Exception as exc:
+                log.debug("could not read remote readers: %s", exc)
+                continue
+            for (key, journal), value in zip(own, values, strict=True):
+                await self._reader_moved(key, journal, value)
+
+    async def _reader_moved(self, key: str, journal: Journal, value: bytes | None) -> None:
+        holder = journal.holder
+        if value is None:
+            if isinstance(holder, RemoteReader):  # its reader went away
+                self.registry.remote_reader(journal, None, journal.sent_seq)
+            return
+        replica, seq_text, nonce = value.decode().split("|", 2)
+        seq = int(seq_text)
+        if isinstance(holder, RemoteReader) and holder.nonce == nonce:
+            if seq > journal.sent_seq:
+                self.registry.remote_reader(journal, holder, seq)
+            return
+        if holder is not None and not isinstance(holder, RemoteReader):
+            if self._readers.get(key) == nonce:
+                return  # a reader that was there before this connection resumed it here: stale
+            hand_over = getattr(holder, "hand_over", None)  # a resume elsewhere took it from this connection
+            if hand_over is not None:
+                await hand_over(journal.gen_id, journal)
+        self._readers[key] = nonce
+        self.registry.remote_reader(journal, RemoteReader(replica, nonce), seq)
+
+    # -- other replicas' generations
+    async def lookup(self, owner: str | None, gen_id: str, session: str | None) -> Remote:
+        """The generation a ``resume`` names, from the shared journal. Raises :class:`ResumeRefused`."""
+        if session is not None:
+            sessions = [session]
+        else:
+            sessions = sorted(s.decode() for s in await self.redis.smembers(f"{PREFIX}:ids:{gen_id}"))
+        found: list[Remote] = []
+        for s in sessions[:64]:
+            key = self.key(s, gen_id)
+            _, meta, lease, _, _ = self._keys(key, gen_id)
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(meta)
+            pipe.get(lease)
+            data, replica = await pipe.execute()
+            if not data or b"record" not in data:
+                continue
+            record = Record.decode(data[b"record"])
+            if record.owner != owner:
+                continue
+            found.append(
+                Remote(
+                    key,
+                    record,
+                    replica.decode() if replica else None,
+                    data.get(b"held") == b"1",
+                    data.get(b"closed") == b"1",
+                )
+            )
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise ResumeRefused(
+                f"no generation with id {gen_id!r} can be resumed: it never ran on any replica, or it ended or lost "
+                f"its connection more than {self.window:g} s ago"
+            )
+        raise ResumeRefused(
+            f"{len(found)} generations have id {gen_id!r}; add the 'session' from the hello message of the "
+            "connection that started it",
+            param="session",
+            ambiguous=True,
+        )
+
+    async def follow(self, remote: Remote) -> Journal:
+        """A local journal of ``remote``: what its log holds now, then (a task) what comes, until its end; it takes
+        the generation over when its replica is gone (see the module docstring)."""
+        record = remote.record
+        journal = Journal(record.session, record.gen_id, record.owner, f"{record.session}:{record.gen_id}")
+        journal.token_digest = record.token_digest
+        journal.follower = True
+        journal.prompt_ids = record.prompt_ids
+        log_key = self._keys(remote.key, record.gen_id)[0]
+        last_id = "0-0"
+        for stream_id, fields in await self.redis.xrange(log_key):
+            journal.append(entry_of(fields))
+            last_id = stream_id.decode()
+        follow = _Follow(self, journal, remote, log_key, last_id)
+        journal.on_progress = follow.cursor_moved
+        journal.task = asyncio.get_running_loop().create_task(follow.run())
+        return journal
+
+    async def take(self, journal: Journal, record: Record) -> bool:
+        """Take the lease of a generation whose replica is gone, and go on with it here."""
+        key = self.key(record.session, record.gen_id)
+        lease = self._keys(key, record.gen_id)[2]
+        if not await self.redis.set(lease, self.replica, nx=True, px=int(self.lease_s * 1000)):
+            return False  # another replica was quicker: keep following it
+        if self.on_takeover is None:
+            await self.redis.delete(lease)
+            return False
+        journal.follower = False
+        journal.on_progress = None
+        self._own[key] = journal
+        self._records[key] = record
+        journal.mirror = self
+        self.takeovers += 1
+        log.info("replica of %s is gone: going on with it here from seq %d", journal.engine_id, journal.last_seq + 1)
+        self.on_takeover(journal, record)
+        return True
+
+    async def write_reader(self, key: str, gen_id: str, seq: int, nonce: str) -> None:
+        reader = self._keys(key, gen_id)[3]
+        await self.redis.set(reader, f"{self.replica}|{seq}|{nonce}", px=int(self.lease_s * 1000))
+
+    async def drop_reader(self, key: str, gen_id: str, nonce: str) -> None:
+        reader = self._keys(key, gen_id)[3]
+        value = await self.redis.get(reader)
+        if value is not None and value.decode().endswith("|" + nonce):
+            await self.redis.delete(reader)
+
+
+class _Follow:
+    """The task that fills a follower journal from the stream, reports its reader, and takes over if need be."""
+
+    def __init__(self, shared: RedisJournal, journal: Journal, remote: Remote, log_key: str, last_id: str) -> None:
+        self.shared = shared
+        self.journal = journal
+        self.remote = remote
+        self.log_key = log_key
+        self.last_id = last_id
+        self.nonce = secrets.token_hex(8)
+        self._cursor_task: asyncio.Task[None] | None = None
+        self._cursor_written = 0.0
+
+    def cursor_moved(self) -> None:
+        if self.journal.follower and self._cursor_task is None and self.journal.holder is not None:
+            self._cursor_task = asyncio.get_running_loop().create_task(self._write_cursor())
+
+    async def _write_cursor(self) -> None:
+        try:
+            await asyncio.sleep(CURSOR_DELAY_S)
+            journal = self.journal
+            await self.shared.write_reader(self.remote.key, journal.gen_id, journal.sent_seq, self.nonce)
+            self._cursor_written = time.monotonic()
+        except Exception as exc:
+            log.debug("could not write the reader's position: %s", exc)
+        finally:
+            self._cursor_task = None
+
+    async def run(self) -> None:
+        journal, shared = self.journal, self.shared
+        try:
+            self.cursor_moved()
+            while journal.follower and not journal.finished:
+                if journal.holder is None and journal.bound is not None:
+                    break  # its connection went: stop following (the running replica pauses it)
+                got = await shared.redis.xread({self.log_key: self.last_id}, block=FOLLOW_BLOCK_MS)
+                for _, items in got or []:
+                    for stream_id, fields in items:
+                        if seq_of(stream_id) != journal.last_seq + 1:
+                            continue  # written twice by a replica that lost its lease: once is enough
+                        journal.append(entry_of(fields))
+                        self.last_id = stream_id.decode()
+                if journal.finished:
+                    break
+                if time.monotonic() - self._cursor_written > shared.lease_s / 3:
+                    self.cursor_moved()  # keep the reader's record alive
+                if not got and await self._gone() and await shared.take(journal, self.remote.record):
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("following %s failed: %s", journal.engine_id, exc)
+        finally:
+            if journal.follower:
+                with contextlib.suppress(Exception):
+                    await shared.drop_reader(self.remote.key, journal.gen_id, self.nonce)
+                if journal.finished:
+                    shared.registry.finished(journal)
+                else:
+                    journal.close()
+
+    async def _gone(self) -> bool:
+        """Whether the generation's replica is gone (no lease) while it has not ended (nor was aborted)."""
+        _, meta, lease, _, _ = self.shared._keys(self.remote.key, self.journal.gen_id)
+        pipe = self.shared.redis.pipeline(transaction=False)
+        pipe.exists(lease)
+        pipe.hget(meta, "closed")
+        has_lease, closed = await pipe.execute()
+        if closed == b"1":
+            self.journal.close()  # aborted there: what was made is all there is
+            return False
+        if has_lease:
+            return False
+        # Catch up with whatever its replica wrote last before taking it over.
+        for stream_id, fields in await self.shared.redis.xrange(self.log_key, min=f"({self.last_id}"):
+            if seq_of(stream_id) == self.journal.last_seq + 1:
+                self.journal.append(entry_of(fields))
+                self.last_id = stream_id.decode()
+        return not self.journal.finished
