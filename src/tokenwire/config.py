@@ -184,6 +184,14 @@ class Settings:
             "generation, and one whose replica died goes on (docs/scaling.md)"
         },
     )
+    journal_lease: float = field(
+        default=3.0,
+        metadata={
+            "help": "with a shared journal: seconds a replica's claim on the generations it runs lasts unless renewed "
+            "(every third of it); a replica silent this long is taken for dead, and its generations go on "
+            "elsewhere when a client resumes them"
+        },
+    )
     resume_buffer_mb: float = field(
         default=64.0, metadata={"help": "memory for messages kept for resume; past it, the longest idle go first"}
     )

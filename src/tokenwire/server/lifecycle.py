@@ -69,8 +69,9 @@ class ServerState:
         self.realtime_connections: set[RealtimeConnection] = set()
         self.generations = Registry(settings.resume_window, settings.resume_buffer_bytes)
         if settings.journal_url:
-            self.generations.shared = RedisJournal(settings.journal_url, self.generations)
+            self.generations.shared = RedisJournal(settings.journal_url, self.generations, settings.journal_lease)
             self.generations.shared.on_takeover = self.take_over
+            self.generations.shared.on_cancel = lambda journal: engine.abort(journal.engine_id)
         self.telemetry: Telemetry | None = None  # the app's (create_app sets it)
         self.on_fatal = on_fatal
         self.load_error: str | None = None

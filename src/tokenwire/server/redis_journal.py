@@ -7,6 +7,7 @@ sampling parameters) is kept beside it. Per generation, under ``tokenwire:{sessi
 
     log     the messages (XADD with explicit IDs)      meta    the request, and who holds it (hash)
     lease   the replica that runs it (PX, renewed)     reader  a reader on another replica: its last sent seq
+    cancel  a reader on another replica cancelled it
 
 A ``resume`` that finds nothing in this process looks in Redis and *follows* the generation there: a local journal
 is filled from the stream (replayed, then read live), and the connection delivers it as any other. The follower
@@ -126,6 +127,7 @@ return 0
 """
 
 Takeover = Callable[[Journal, Record], None]
+Cancel = Callable[[Journal], None]
 
 
 class RedisJournal:
@@ -141,6 +143,7 @@ class RedisJournal:
         self.replica = replica or secrets.token_hex(6)
         self.redis: Any = aioredis.Redis.from_url(url)  # its replies are bytes (typed loosely by redis-py)
         self.on_takeover: Takeover | None = None  # set by the server: starts a producer for a journal it takes
+        self.on_cancel: Cancel | None = None  # set by the server: aborts a generation a remote reader cancelled
         self._own: dict[str, Journal] = {}  # journals this process runs and copies out, by key
         self._readers: dict[str, str] = {}  # by key: the nonce of the last remote reader seen
         self._records: dict[str, Record] = {}
@@ -178,6 +181,11 @@ class RedisJournal:
 
     def _keys(self, key: str, gen_id: str) -> tuple[str, str, str, str, str]:
         return f"{key}:log", f"{key}:meta", f"{key}:lease", f"{key}:reader", f"{PREFIX}:ids:{gen_id}"
+
+    async def cancel(self, journal: Journal) -> None:
+        """The reader of a generation another replica runs cancels it: that replica aborts it (within a poll)."""
+        key = self.key(journal.session, journal.gen_id)
+        await self.redis.set(f"{key}:cancel", "1", px=int((self.window + self.lease_s) * 1000))
 
     # -- this replica's generations (the Mirror side)
     def track(self, journal: Journal, record: Record) -> None:
@@ -313,12 +321,15 @@ class RedisJournal:
             own = [(k, j) for k, j in self._own.items() if not j.finished]
             if not own:
                 continue
+            keys = [self._keys(k, j.gen_id)[3] for k, j in own] + [f"{k}:cancel" for k, _ in own]
             try:
-                values = await self.redis.mget([self._keys(k, j.gen_id)[3] for k, j in own])
+                values = await self.redis.mget(keys)
             except Exception as exc:
                 log.debug("could not read remote readers: %s", exc)
                 continue
-            for (key, journal), value in zip(own, values, strict=True):
+            for (key, journal), value, cancel in zip(own, values[: len(own)], values[len(own) :], strict=True):
+                if cancel is not None and self.on_cancel is not None:
+                    self.on_cancel(journal)
                 await self._reader_moved(key, journal, value)
 
     async def _reader_moved(self, key: str, journal: Journal, value: bytes | None) -> None:
@@ -469,6 +480,8 @@ class _Follow:
                 if journal.holder is None and journal.bound is not None:
                     break  # its connection went: stop following (the running replica pauses it)
                 got = await shared.redis.xread({self.log_key: self.last_id}, block=FOLLOW_BLOCK_MS)
+                if journal.finished or not journal.follower:
+                    break  # closed meanwhile: its connection went
                 for _, items in got or []:
                     for stream_id, fields in items:
                         if seq_of(stream_id) != journal.last_seq + 1:

@@ -31,6 +31,8 @@ def auth_policy(settings: Settings) -> AuthPolicy:
 
 
 def connection_settings(settings: Settings) -> ConnectionSettings:
+    if settings.journal != "memory" and settings.resume_window <= 0:
+        raise ValueError("a shared --journal keeps generations for resume: it needs --resume-window above 0")
     return ConnectionSettings(
         limits=Limits(
             max_message_bytes=settings.max_message_bytes,
@@ -48,6 +50,7 @@ def connection_settings(settings: Settings) -> ConnectionSettings:
         max_generations_per_key=max(0, settings.max_generations_per_key),
         rate_limit_tokens_per_minute=max(0, settings.rate_limit),
         journal_url=journal_url(settings.journal),
+        journal_lease=max(0.3, settings.journal_lease),
     )
 
 

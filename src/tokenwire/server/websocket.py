@@ -67,6 +67,7 @@ class ConnectionSettings:
     max_generations_per_key: int = 0  # generations one API key runs at once over every door (0: no cap)
     rate_limit_tokens_per_minute: int = 0  # tokens (prompt and generated) one API key may use a minute (0: no cap)
     journal_url: str | None = None  # redis://...: a journal shared by replicas (redis_journal.py); None: this process
+    journal_lease: float = 3.0  # seconds a replica's lease on its generations lasts unless renewed
 
 
 class _SlowConsumer(Exception):
@@ -253,6 +254,8 @@ class Connection:
             held = self._held.get(msg.id)
             if held is None:
                 await self.send_error(ErrorCode.NOT_FOUND, f"no running generation with id {msg.id!r}", msg.id, "id")
+            elif held.journal.follower and self.registry.shared is not None:  # another replica runs it
+                await self.registry.shared.cancel(held.journal)
             elif not held.journal.finished:  # a finished one is being delivered: its last message is on the way
                 self.engine.abort(held.journal.engine_id)
         elif isinstance(msg, Ping):
