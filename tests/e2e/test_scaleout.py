@@ -25,7 +25,7 @@ LEASE = 1.0
 WINDOW = 30.0
 
 
-def replica(model: Path, redis_url: str, *more: str) -> Any:
+def replica(model: Path, redis_url: str, *more: str, log_path: Path | None = None) -> Any:
     return serve(
         "--model",
         str(model),
@@ -38,6 +38,7 @@ def replica(model: Path, redis_url: str, *more: str) -> Any:
         "--heartbeat-interval",
         "0",
         *more,
+        log_path=log_path,
     )
 
 
@@ -133,10 +134,13 @@ async def test_a_generation_goes_on_when_its_replica_dies(tiny_gguf: Path, redis
     """SIGKILL the replica running a generation whose client dropped; the client resumes on another replica, which
     takes it over after the lease: the text continues at the junction exactly as an uninterrupted greedy run."""
     gen_id = "fail-" + secrets.token_hex(4)
+    sampled = {**story(gen_id + "-s", max_tokens=150), "temperature": 0.9, "seed": 7}
     with replica(tiny_gguf, redis_url) as a, replica(tiny_gguf, redis_url) as b:
         whole = await reference(b, story(gen_id + "-ref", max_tokens=200))
         before, seen = await start_and_drop(a, story(gen_id, max_tokens=200), after=6)
         await wait_paused(a)
+        s_before, s_seen = await start_and_drop(a, sampled, after=5)
+        await wait_paused(a, 2)
         a.proc.send_signal(signal.SIGKILL)
         a.proc.wait(timeout=scaled(10))
         killed = time.monotonic()
@@ -148,6 +152,10 @@ async def test_a_generation_goes_on_when_its_replica_dies(tiny_gguf: Path, redis
         assert before + text_of(rest) == whole  # greedy: seamless at the junction
         assert rest[-1]["usage"]["completion_tokens"] == 200
         assert b.metrics()["tokenwire_generation_tokens_total"] > 0  # B made the rest
+        # Sampled: what the client had is kept (it is not sent again), the rest continues to max_tokens.
+        _, s_rest = await resume_whole(b, sampled["id"], s_seen)
+        assert seqs(s_rest) == list(range(s_seen + 1, s_rest[-1]["seq"] + 1))
+        assert s_rest[-1]["usage"]["completion_tokens"] == 150 and s_before and text_of(s_rest)
 
 
 async def test_a_generation_nobody_resumes_after_its_replica_died_is_gone_after_the_window(
@@ -225,3 +233,30 @@ async def test_through_nginx_without_affinity_every_reconnect_resumes(
         finally:
             proc.terminate()
             proc.wait(timeout=scaled(10))
+
+
+async def test_a_replica_that_is_rolled_hands_its_running_answers_over(tiny_gguf: Path, redis_url: str) -> None:
+    """SIGTERM with a shared journal: an answer still running when the drain ends is not cut with shutting_down;
+    its socket closes (1001), the client resumes on the other replica, which goes on with it at once."""
+    gen_id = "roll-" + secrets.token_hex(4)
+    with replica(tiny_gguf, redis_url, "--drain-timeout", "0.5") as a, replica(tiny_gguf, redis_url) as b:
+        whole = await reference(b, story(gen_id + "-ref", max_tokens=2000))
+        c = await Client.connect(a.ws)
+        await c.send(story(gen_id, max_tokens=2000))
+        await read_until_seq(c, gen_id, 3)
+        a.proc.send_signal(signal.SIGTERM)
+        closed = time.monotonic()
+        try:
+            while True:
+                await c.recv(timeout=scaled(30))
+        except Exception:
+            pass  # the socket closed
+        got = c.by_id[gen_id]
+        assert all(m["type"] in ("started", "token") for m in got), got[-1]  # no shutting_down: it is not over
+        seen = got[-1]["seq"]
+        assert seqs(got) == list(range(seen + 1))
+        resumed, rest = await resume_whole(b, gen_id, seen)
+        assert resumed["running"] is True
+        assert seqs(rest) == list(range(seen + 1, rest[-1]["seq"] + 1))
+        assert text_of(got) + text_of(rest) == whole
+        assert time.monotonic() - closed < scaled(60)

@@ -9,7 +9,9 @@ is refused (a new WebSocket gets ``shutting_down`` and close 1001, a new generat
 ``shutting_down``, an HTTP request 503 with Retry-After). Running generations have ``drain_timeout`` seconds to end
 normally; then those left end with ``shutting_down`` and every socket closes with 1001. A second signal cuts the
 wait short. Generations whose connection had dropped (paused, kept for resume) are let go at the start: their
-clients could not come back to a server that refuses them.
+clients could not come back to a server that refuses them. With a shared journal (redis_journal.py) they, and those
+still running when the wait ends, are handed off instead: their clients get no ``shutting_down``, and the replica
+they resume on goes on with them (a rolling update loses no answer).
 """
 
 from __future__ import annotations
@@ -133,9 +135,8 @@ class ServerState:
             await asyncio.sleep(DRAIN_POLL_S)
         left = self.in_flight()
         if left:
-            log.warning(
-                "drain over after %.1f s: %d generation(s) end with shutting_down", time.monotonic() - started, left
-            )
+            fate = "go on where their clients resume" if self.generations.shared else "end with shutting_down"
+            log.warning("drain over after %.1f s: %d generation(s) %s", time.monotonic() - started, left, fate)
         else:
             log.info("drained in %.1f s: every running generation finished", time.monotonic() - started)
         await self.close_all()
@@ -154,9 +155,12 @@ class ServerState:
         """Forget resumable generations (``orphans_only``: those with no connection); returns the tasks of those
         still running, for the caller to stop."""
         tasks = []
+        shared = self.generations.shared
         for journal in self.generations.journals():
             if orphans_only and journal.holder is not None:
                 continue
+            if shared is not None:  # another replica goes on with it when its client resumes there
+                shared.hand_off(journal)
             self.generations.forget(journal)
             if journal.task is not None and not journal.task.done():
                 tasks.append(journal.task)

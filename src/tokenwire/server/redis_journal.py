@@ -147,7 +147,10 @@ class RedisJournal:
         self._own: dict[str, Journal] = {}  # journals this process runs and copies out, by key
         self._readers: dict[str, str] = {}  # by key: the nonce of the last remote reader seen
         self._records: dict[str, Record] = {}
-        self._queue: asyncio.Queue[tuple[str, Journal | None, Callable[[Any], Any]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[str, Journal | None, Callable[[Any], Any] | asyncio.Future[None]]] = (
+            asyncio.Queue()
+        )
+        self._handed: list[str] = []  # leases of generations handed off at shutdown: dropped on close
         self._tasks: list[asyncio.Task[None]] = []
         self._renew: Any = None
         self.appends = 0  # messages copied out, since the start
@@ -166,6 +169,16 @@ class RedisJournal:
         log.info("shared journal at %s (replica %s)", self.url, self.replica)
 
     async def close(self) -> None:
+        """Write what is queued (bounded), let go of handed-off generations' leases, stop."""
+        if self._tasks and not self._tasks[0].done():
+            done = asyncio.get_running_loop().create_future()
+            self._queue.put_nowait(("", None, done))
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(done, 2.0)
+        if self._handed:
+            with contextlib.suppress(Exception):
+                await self.redis.delete(*self._handed)
+            self._handed.clear()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -254,6 +267,18 @@ class RedisJournal:
         self._queue.put_nowait((key, journal, close))
         self._forget_own(key)
 
+    def hand_off(self, journal: Journal) -> bool:
+        """This replica stops (a rolling update): let another replica go on with the generation when its client
+        resumes there, at once (its lease is dropped on close), instead of ending it. False if it is not ours."""
+        key = self.key(journal.session, journal.gen_id)
+        if self._own.get(key) is not journal or journal.finished:
+            return False
+        self._forget_own(key)  # no renewal, and its end here is not an abort (see closed)
+        _, meta, lease, _, _ = self._keys(key, journal.gen_id)
+        self._handed.append(lease)
+        self._queue.put_nowait((key, None, lambda pipe: pipe.hset(meta, "held", "")))  # its socket closes
+        return True
+
     def _forget_own(self, key: str) -> None:
         self._own.pop(key, None)
         self._records.pop(key, None)
@@ -267,7 +292,11 @@ class RedisJournal:
                 ops.append(self._queue.get_nowait())
             pipe = self.redis.pipeline(transaction=False)
             owners: list[tuple[str, Journal | None]] = []
+            flushed: list[asyncio.Future[None]] = []
             for key, journal, op in ops:
+                if isinstance(op, asyncio.Future):  # close() waits for what came before it
+                    flushed.append(op)
+                    continue
                 before = len(pipe.command_stack)
                 try:
                     op(pipe)
@@ -276,10 +305,14 @@ class RedisJournal:
                     del pipe.command_stack[before:]
                 owners.extend([(key, journal)] * (len(pipe.command_stack) - before))
             try:
-                results = await pipe.execute(raise_on_error=False)
+                results = await pipe.execute(raise_on_error=False) if owners else []
             except Exception as exc:  # Redis is gone: the local journals go on; resume elsewhere will not work
                 log.warning("could not write %d commands to the shared journal: %s", len(owners), exc)
                 continue
+            finally:
+                for future in flushed:
+                    if not future.done():
+                        future.set_result(None)
             for (key, journal), result in zip(owners, results, strict=False):
                 if isinstance(result, Exception) and journal is not None:
                     self._lost(key, journal, f"a write failed: {result}")
@@ -339,6 +372,8 @@ class RedisJournal:
                 self.registry.remote_reader(journal, None, journal.sent_seq)
             return
         replica, seq_text, nonce = value.decode().split("|", 2)
+        if replica == self.replica:
+            return  # written by this replica while it followed the generation, before it took it over
         seq = int(seq_text)
         if isinstance(holder, RemoteReader) and holder.nonce == nonce:
             if seq > journal.sent_seq:

@@ -160,6 +160,8 @@ class Connection:
         most ``deliver_timeout`` seconds), end every generation that has no last message yet with
         ``shutting_down``, then close with 1001."""
         held = dict(self._held)
+        shared = self.registry.shared  # with a shared journal, running generations go on on another replica
+        handed = {g for g, h in held.items() if shared is not None and shared.hand_off(h.journal)}
         producers = [h.journal.task for h in held.values() if not h.journal.finished and h.journal.task]
         for h in held.values():
             self.registry.forget(h.journal)  # nothing is resumable on a server that stops
@@ -176,6 +178,8 @@ class Connection:
         for gen_id, h in held.items():
             if h.journal.holder not in (self, None) or (h.journal.entries and h.journal.entries[-1].final):
                 continue  # resumed elsewhere, or ended with complete or error
+            if gen_id in handed:
+                continue  # not over: a resume on another replica goes on with it
             self.telemetry.error(ErrorCode.SHUTTING_DOWN.value)
             await self._send_quietly(
                 messages.error(
