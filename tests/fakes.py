@@ -21,12 +21,15 @@ from tokenwire.engine.interface import (
 class FakeEngine:
     """Answers every request with ``reply`` split into ``pieces``; ``fail_with`` makes requests fail instead."""
 
-    def __init__(self, reply: str = "Hello, world!", pieces: int = 3, delay: float = 0.0) -> None:
+    def __init__(
+        self, reply: str = "Hello, world!", pieces: int = 3, delay: float = 0.0, honour_pause: bool = False
+    ) -> None:
         self.reply = reply
         self.pieces = pieces
         self.delay = delay  # seconds between pieces
         self.aborted: set[str] = set()
-        self.paused: set[str] = set()  # what the server paused (the fake goes on regardless)
+        self.paused: set[str] = set()  # what the server paused (the fake goes on regardless, unless honour_pause)
+        self.honour_pause = honour_pause  # a paused request makes nothing until unpaused, as in a real engine
         self.failure: str | None = None  # set by a test: the engine stopped working
         self.closed_early: set[str] = set()  # streams closed before their end: what a real engine aborts
         self.fail_with: EngineError | None = None
@@ -87,6 +90,8 @@ class FakeEngine:
         sent = 0
         for chunk in chunks:
             await asyncio.sleep(self.delay)
+            while self.honour_pause and rid in self.paused and rid not in self.aborted:
+                await asyncio.sleep(0.005)
             if rid in self.aborted:
                 break
             sent += 1

@@ -62,6 +62,13 @@ class _Gauges(Collector):
         yield GaugeMetricFamily(
             "tokenwire_kv_cache_capacity_tokens", "KV-cache positions allocated.", value=s.kv_cache_tokens_capacity
         )
+        # Under the names an inference gateway reads from a model server by default (the Kubernetes Gateway API
+        # Inference Extension's endpoint picker, llm-d): queue, running, and KV use as a fraction of the budget.
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests waiting for a batch slot.", value=s.waiting)
+        yield GaugeMetricFamily("vllm:num_requests_running", "Requests in the running batch.", value=s.running)
+        budget_used = s.kv_cache_tokens_used / s.kv_cache_tokens_budget if s.kv_cache_tokens_budget else 0.0
+        for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):  # the current name, and the older
+            yield GaugeMetricFamily(name, "KV-cache use as a fraction of its budget (1 = full).", value=budget_used)
         usage = s.kv_cache_tokens_used / s.kv_cache_tokens_capacity if s.kv_cache_tokens_capacity else 0.0
         yield GaugeMetricFamily(
             "tokenwire_kv_cache_usage_ratio", "Used over allocated KV-cache positions.", value=usage

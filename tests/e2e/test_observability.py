@@ -58,6 +58,9 @@ async def test_every_metric_moves_when_it_should(tiny_server: RunningServer) -> 
     assert during["tokenwire_num_requests_running"] >= 1
     assert during["tokenwire_websocket_connections"] >= 1
     assert during["tokenwire_kv_cache_used_tokens"] > 0 and 0 < during["tokenwire_kv_cache_usage_ratio"] <= 1
+    # what an inference gateway reads by default (Gateway API Inference Extension): the same, under vLLM's names
+    assert during["vllm:num_requests_running"] >= 1 and during["vllm:num_requests_waiting"] >= 0
+    assert 0 < during["vllm:kv_cache_usage_perc"] == during["vllm:gpu_cache_usage_perc"] <= 1
     assert "tokenwire_num_requests_waiting" in during
 
 

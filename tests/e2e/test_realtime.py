@@ -356,7 +356,7 @@ async def test_a_client_that_stops_reading_has_its_response_paused_then_gets_it_
     delta and a completed response.done."""
     import socket
 
-    engine = FakeEngine(reply="word " * 20_000, pieces=2_000, delay=0.001)
+    engine = FakeEngine(reply="word " * 20_000, pieces=2_000, delay=0.001, honour_pause=True)
     async with serving(engine) as (base, _):
         port = int(base.rsplit(":", 1)[1])
         sock = socket.socket()

@@ -208,6 +208,7 @@ class EngineStats:
     kv_cache_tokens_used: int = 0
     kv_cache_tokens_capacity: int = 0
     kv_cache_tokens_paused: int = 0  # KV positions kept for paused requests, outside the running rows
+    kv_cache_tokens_budget: int = 0  # the KV positions the engine may use at most (--kv-cache-tokens)
     steps: int = 0
     backend: str = ""  # the engine that runs the model: transformers, openvino
 

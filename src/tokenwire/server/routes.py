@@ -141,6 +141,7 @@ class Routes:
                     "max_batch_size": es.max_batch_size,
                     "kv_cache_tokens_used": es.kv_cache_tokens_used,
                     "kv_cache_tokens_capacity": es.kv_cache_tokens_capacity,
+                    "kv_cache_tokens_budget": es.kv_cache_tokens_budget,
                     "kv_cache_tokens_paused": es.kv_cache_tokens_paused,
                     "steps": es.steps,
                     "backend": es.backend,

@@ -170,6 +170,7 @@ class HFBackend:
             kv_cache_tokens_used=sum(q.length for q in list(s.running)),
             kv_cache_tokens_capacity=(cache.rows_cap * cache.len_cap) if cache is not None else 0,
             kv_cache_tokens_paused=self.parked.tokens + sum(k.tokens for k in self._restore.values()),
+            kv_cache_tokens_budget=self.config.scheduler.kv_cache_tokens,
         )
 
     # -- the step

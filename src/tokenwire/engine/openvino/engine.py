@@ -229,6 +229,7 @@ class OVBackend:
             max_batch_size=self.config.max_batch_size,
             kv_cache_tokens_used=round(capacity * last.cache_usage / 100) if busy else 0,
             kv_cache_tokens_capacity=capacity,
+            kv_cache_tokens_budget=capacity,  # allocated whole at start
             backend=self.kind,
         )
 
