@@ -25,6 +25,8 @@ async def paused_run(
     out: dict[str, Any] = {"text": "", "tokens": 0, "while_paused": 0}
     paused = False
     async for item in engine.generate(GenerationRequest(rid, params, prompt=prompt)):
+        if item.kind is OutputKind.STARTED:
+            out["prompt_tokens"] = item.prompt_tokens
         out["text"] += item.text
         out["tokens"] += item.num_tokens
         if not paused and out["tokens"] >= pause_after:

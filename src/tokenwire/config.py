@@ -192,6 +192,28 @@ class Settings:
             "elsewhere when a client resumes them"
         },
     )
+    replicas: int = field(
+        default=0,
+        metadata={
+            "help": "0: one process. N: serve as a Ray Serve deployment of N replicas, each with its own engine, "
+            "behind Ray's HTTP proxy at --host/--port (needs the ray extra; use a shared --journal so that any "
+            "replica resumes any stream; docs/scaling.md)"
+        },
+    )
+    max_replicas: int = field(
+        default=0,
+        metadata={
+            "help": "with --replicas: autoscale between --replicas and this many replicas on requests in flight per "
+            "replica (--ray-target-requests); 0: a fixed number"
+        },
+    )
+    ray_target_requests: float = field(
+        default=32.0,
+        metadata={"help": "with --max-replicas: requests in flight (open WebSockets included) per replica to aim at"},
+    )
+    replica_cpus: float = field(
+        default=1.0, metadata={"help": "with --replicas: CPUs Ray reserves for each replica (fractions allowed)"}
+    )
     resume_buffer_mb: float = field(
         default=64.0, metadata={"help": "memory for messages kept for resume; past it, the longest idle go first"}
     )

@@ -54,11 +54,13 @@ def create_app(
     max_body_bytes: int | None = None,
     admin_key: str | None = None,
     drain_timeout: float = 25.0,
+    hosted: bool = False,
 ) -> Starlette:
     """The app. ``max_body_bytes`` caps HTTP request bodies (None: the WebSocket frame limit); ``admin_key`` enables
-    ``POST /v1/admin/broadcast``; ``drain_timeout`` is how long running generations may take to finish on SIGTERM."""
+    ``POST /v1/admin/broadcast``; ``drain_timeout`` is how long running generations may take to finish on SIGTERM;
+    ``hosted``: run by another framework's server (Ray Serve), see lifecycle.ServerState."""
     policy = auth or AuthPolicy()
-    state = ServerState(engine, settings or ConnectionSettings(), on_fatal, public_url, drain_timeout)
+    state = ServerState(engine, settings or ConnectionSettings(), on_fatal, public_url, drain_timeout, hosted)
     telemetry = Telemetry(
         engine.stats,
         lambda: len(state.connections) + len(state.realtime_connections),

@@ -63,7 +63,11 @@ class ServerState:
         on_fatal: Callable[[], None] | None,
         public_url: str | None = None,
         drain_timeout: float = 25.0,
+        hosted: bool = False,
     ) -> None:
+        # hosted: served by another framework's server (a Ray Serve replica), not our uvicorn: the lifespan waits
+        # for the model before traffic comes, and drains when it ends (nobody drains before it)
+        self.hosted = hosted
         self.public_url = public_url
         self.engine = engine
         self.settings = settings
@@ -253,8 +257,13 @@ async def lifespan(state: ServerState) -> AsyncIterator[None]:
     state.load_task = asyncio.create_task(state.load())
     sweeper = asyncio.create_task(state.sweep_generations())
     watch = asyncio.create_task(FdWatch().run())
+    if state.hosted:  # take traffic once the model is loaded (or failed)
+        while not state.engine.ready and state.load_error is None and not state.load_task.done():
+            await asyncio.sleep(0.1)
     try:
         yield
+        if state.hosted and not state.draining:
+            await state.drain()
     finally:
         for task in (state.load_task, sweeper, watch, *state.abandon_generations()):
             task.cancel()

@@ -57,7 +57,7 @@ def process_report() -> dict[str, object]:
             rss_mb = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
     except (OSError, ValueError, IndexError):
         pass
-    return {"rss_mb": rss_mb, "open_fds": open_fds(), "tasks": len(asyncio.all_tasks())}
+    return {"pid": os.getpid(), "rss_mb": rss_mb, "open_fds": open_fds(), "tasks": len(asyncio.all_tasks())}
 
 
 def api_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

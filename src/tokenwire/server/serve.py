@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 import uvicorn
+from starlette.applications import Starlette
 
 from tokenwire import __version__
 from tokenwire.config import Settings
@@ -104,28 +106,37 @@ def uvicorn_config(settings: Settings, app: Any) -> uvicorn.Config:
     )
 
 
-def run(settings: Settings) -> int:
-    """Serve until stopped; returns the process exit code (1 when the model could not be loaded)."""
-    uvicorn_config(settings, None)  # bad settings fail before the model loads
-    fds = raise_fd_limit()
-    engine = build_engine(settings)
-    server: _Server | None = None
-
-    def stop() -> None:
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(
-        engine,
+def build_app(settings: Settings, on_fatal: Callable[[], None] | None, hosted: bool = False) -> Starlette:
+    """The app for ``settings``, with its own engine (not loaded yet: the app's lifespan loads it)."""
+    return create_app(
+        build_engine(settings),
         connection_settings(settings),
-        on_fatal=stop,
+        on_fatal=on_fatal,
         sse_keepalive_interval=settings.sse_keepalive_interval,
         public_url=f"http://{settings.host}:{settings.port}",
         auth=auth_policy(settings),
         max_body_bytes=settings.max_body_bytes,
         admin_key=settings.admin_key,
         drain_timeout=max(0.0, settings.drain_timeout),
+        hosted=hosted,
     )
+
+
+def run(settings: Settings) -> int:
+    """Serve until stopped; returns the process exit code (1 when the model could not be loaded)."""
+    uvicorn_config(settings, None)  # bad settings fail before the model loads
+    if settings.replicas > 0:  # Ray Serve runs the replicas and the HTTP proxy
+        from tokenwire.server.ray_app import run_ray
+
+        return run_ray(settings)
+    fds = raise_fd_limit()
+    server: _Server | None = None
+
+    def stop() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = build_app(settings, stop)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("listening on %s without an API key: anyone who can reach it can use it", settings.host)
     config = uvicorn_config(settings, app)
