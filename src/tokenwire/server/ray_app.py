@@ -15,6 +15,7 @@ counts as one), aiming at ``--ray-target-requests``. Needs the ``ray`` extra: ``
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 from typing import Any
@@ -94,7 +95,7 @@ def run_ray(settings: Settings) -> int:
             "the generation; use --journal redis://... (docs/scaling.md)",
             settings.replicas,
         )
-    cpus = settings.replica_cpus * max(settings.replicas, settings.max_replicas) + 1
+    cpus = math.ceil(settings.replica_cpus * max(settings.replicas, settings.max_replicas)) + 1
     ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=100 << 20, log_to_driver=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -111,7 +112,7 @@ def run_ray(settings: Settings) -> int:
         )
         stop.wait()
         log.info("stopping: replicas drain (up to %.0f s)", settings.drain_timeout)
-        serve.shutdown()
+        serve.shutdown()  # type: ignore[no-untyped-call]
         return 0
     except Exception as exc:
         log.error("Ray Serve failed: %s", exc)
