@@ -5,8 +5,10 @@ Starts a Redis server (Debian's ``redis-server``) and two tokenwire replicas sha
 connection drops and A is killed (SIGKILL) at once (``kill``), or A is stopped with SIGTERM while the client stays
 connected (``roll``: the drain hands the stream over, the socket closes); the client reconnects to replica B and
 sends ``resume``. Reported per round: seconds from the kill (or the socket's close) to the first resumed token,
-whether every seq arrived once and in order, and whether the text equals an uninterrupted greedy run's. A is
-started again for the next round.
+whether every seq arrived once and in order, and how far past the junction the text stays the same as an
+uninterrupted greedy run's (the new replica recomputes the prompt and the answer so far in one prefill, whose
+float sums differ slightly from the decode steps that first computed them, so two greedy runs may part ways
+later, as two batch shapes can), and whether it is the same to the end. A is started again for each round.
 
     python bench/failover.py --rounds 5 --lease 3 --out bench/results/failover-cpu.json
 """
@@ -114,6 +116,7 @@ async def one_round(kind: str, a: Replica, b: Replica, gen_id: str, max_tokens: 
         died = time.monotonic()
     a.proc.wait(timeout=60)
     seen = got[-1]["seq"]
+    before = len(got) - 1  # the index of the last message the client had from A
     first_token_s = None
     async with websockets.connect(b.ws, max_size=None) as ws2:
         await ws2.send(json.dumps({"type": "resume", "id": gen_id, "after_seq": seen}))
@@ -128,10 +131,15 @@ async def one_round(kind: str, a: Replica, b: Replica, gen_id: str, max_tokens: 
                 break
     seqs = [m["seq"] for m in got if "seq" in m]
     text = "".join(m.get("content", "") for m in got if m["type"] == "token")
+    junction = len("".join(m.get("content", "") for m in got[: before + 1] if m["type"] == "token"))
+    same = next((i for i, (x, y) in enumerate(zip(text, whole, strict=False)) if x != y), min(len(text), len(whole)))
     return {
         "kind": kind,
         "first_token_s": round(first_token_s, 3) if first_token_s is not None else None,
         "seqs_once_in_order": seqs == list(range(len(seqs))),
+        "junction_chars": junction,
+        "same_chars_past_junction": same - junction,
+        "chars_after_junction": len(text) - junction,
         "text_whole": text == whole,
         "completion_tokens": got[-1].get("usage", {}).get("completion_tokens"),
     }
@@ -158,8 +166,9 @@ async def run(args: argparse.Namespace, redis_url: str, out: Path) -> list[dict[
 
 def table(results: list[dict[str, Any]], lease: float) -> str:
     lines = [
-        "| kind | rounds | first resumed token after, median s | max s | seqs once, in order | text whole | lease s |",
-        "|---|---:|---:|---:|---|---|---:|",
+        "| kind | rounds | first resumed token after, median s | max s | seqs once, in order "
+        "| same text past the junction, median chars (of) | text whole | lease s |",
+        "|---|---:|---:|---:|---|---:|---|---:|",
     ]
     for kind in dict.fromkeys(r["kind"] for r in results):
         rs = [r for r in results if r["kind"] == kind]
@@ -167,9 +176,11 @@ def table(results: list[dict[str, Any]], lease: float) -> str:
         ok = sum(r["seqs_once_in_order"] for r in rs)
         whole = sum(r["text_whole"] for r in rs)
         med = statistics.median(times) if times else float("nan")
+        same = statistics.median(r["same_chars_past_junction"] for r in rs)
+        after = statistics.median(r["chars_after_junction"] for r in rs)
         lines.append(
             f"| {kind} | {len(rs)} | {med:.2f} | {max(times, default=float('nan')):.2f} | {ok}/{len(rs)} | "
-            f"{whole}/{len(rs)} | {lease:g} |"
+            f"{same:.0f} ({after:.0f}) | {whole}/{len(rs)} | {lease:g} |"
         )
     return "\n".join(lines)
 

@@ -203,13 +203,13 @@ class Settings:
     max_replicas: int = field(
         default=0,
         metadata={
-            "help": "with --replicas: autoscale between --replicas and this many replicas on requests in flight per "
-            "replica (--ray-target-requests); 0: a fixed number"
+            "help": "with --replicas: autoscale between --replicas and this many replicas on requests waiting for a "
+            "batch slot (--ray-target-waiting per replica); 0: a fixed number"
         },
     )
-    ray_target_requests: float = field(
-        default=32.0,
-        metadata={"help": "with --max-replicas: requests in flight (open WebSockets included) per replica to aim at"},
+    ray_target_waiting: float = field(
+        default=4.0,
+        metadata={"help": "with --max-replicas: more replicas while more requests than this wait per replica"},
     )
     replica_cpus: float = field(
         default=1.0, metadata={"help": "with --replicas: CPUs Ray reserves for each replica (fractions allowed)"}

@@ -13,6 +13,13 @@ The :class:`Registry` finds journals for ``resume`` and decides how long they li
 generation finished or its connection went away (orphaned); an idle journal is kept for ``window`` seconds,
 then forgotten (an orphan that nobody resumed is aborted). All journals together stay under a memory budget:
 past it, the idle journals that went idle first are dropped first. No I/O here; the clock is injectable.
+
+Beyond one process: what a generation's messages go through (append, read from a seq, wait for more, finish,
+expire) is the same with the journal kept here or in Redis (redis_journal.py, ``--journal redis://...``): the
+replica that runs a generation keeps its journal here and copies each message out (:class:`Mirror`); a replica
+that resumes it fills a local *follower* journal from Redis. Either way the connection reads a :class:`Journal`
+(``entries``, ``wait_beyond``, ``finished``); the process-only parts (the holding connection, the producer task,
+the reader's cursor) never leave the process. tests/unit/test_journal_contract.py runs the same tests on both.
 """
 
 from __future__ import annotations

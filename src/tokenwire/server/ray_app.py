@@ -6,8 +6,12 @@ to a replica; a WebSocket stays on its replica for its life. With a shared journ
 client whose connection dropped resumes on whichever replica Ray picks, and a stream whose replica died goes on
 there (redis_journal.py). A replica whose engine fails reports itself unhealthy, and Ray replaces it.
 
-Autoscaling (``--max-replicas``) uses Ray Serve's own policy: requests in flight per replica (an open WebSocket
-counts as one), aiming at ``--ray-target-requests``. Needs the ``ray`` extra: ``pip install "tokenwire[ray]"``.
+Autoscaling (``--max-replicas``) is on tokenwire's own signal, requests waiting for a batch slot: each replica
+reports its engine's waiting and running requests to Ray (``record_autoscaling_stats``) and
+:class:`WaitingRequestsPolicy` adds replicas while more than ``--ray-target-waiting`` wait per replica, and takes
+one away after a quiet minute (nothing waiting, the batches less than half full). (Ray's default policy counts
+requests in flight, where every open WebSocket is one, busy or not.) Needs the ``ray`` extra:
+``pip install "tokenwire[ray]"``.
 
     tokenwire serve --replicas 2 --journal redis://127.0.0.1:6379/0 --host 0.0.0.0 --port 8765
 """
@@ -18,6 +22,7 @@ import logging
 import math
 import signal
 import threading
+import time
 from typing import Any
 
 from tokenwire.config import Settings
@@ -46,6 +51,47 @@ def replica_problem() -> str | None:
     return None
 
 
+class WaitingRequestsPolicy:
+    """A Ray Serve autoscaling policy (a class: Ray keeps one instance and calls it each tick with its context):
+    up to ``ceil(waiting / target_waiting)`` replicas while requests wait for a batch slot; one fewer after
+    ``quiet_s`` seconds with nothing waiting and the running batches less than half full. Ray clips the result to
+    the deployment's min and max replicas."""
+
+    def __init__(self, target_waiting: float = 4.0, quiet_s: float = 60.0) -> None:
+        self.target_waiting = max(0.1, target_waiting)
+        self.quiet_s = quiet_s
+
+    def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
+        metrics = ctx.aggregated_metrics or {}
+        n = max(1, int(ctx.current_num_replicas))
+        waiting = sum(metrics.get("waiting", {}).values())
+        running = sum(metrics.get("running", {}).values())
+        capacity = sum(metrics.get("max_batch_size", {}).values())
+        state = dict(ctx.policy_state or {})
+        now = ctx.current_time if ctx.current_time is not None else time.time()
+        if waiting > self.target_waiting * n:
+            state.pop("quiet_since", None)
+            return max(n + 1, math.ceil(waiting / self.target_waiting)), state
+        if waiting == 0 and running < capacity / 2 * (n - 1) / n:  # the others could take it all
+            quiet_since = state.setdefault("quiet_since", now)
+            if now - quiet_since >= self.quiet_s:
+                state.pop("quiet_since", None)
+                return n - 1, state
+            return n, state
+        state.pop("quiet_since", None)
+        return n, state
+
+
+def replica_stats() -> dict[str, float]:
+    """What this replica reports to Ray's autoscaler: its engine's waiting and running requests, and batch size."""
+    stats = [app.state.tokenwire.engine.stats() for app in _apps]
+    return {
+        "waiting": float(sum(s.waiting for s in stats)),
+        "running": float(sum(s.running for s in stats)),
+        "max_batch_size": float(sum(s.max_batch_size for s in stats)),
+    }
+
+
 def deployment(settings: Settings) -> Any:
     """The Ray Serve application for ``settings``."""
     from ray import serve
@@ -61,6 +107,10 @@ def deployment(settings: Settings) -> Any:
             if problem is not None:
                 raise RuntimeError(f"tokenwire replica cannot serve: {problem}")
 
+        def record_autoscaling_stats(self) -> dict[str, float]:
+            """Ray's autoscaler reads this (WaitingRequestsPolicy)."""
+            return replica_stats()
+
     options: dict[str, Any] = {
         "name": DEPLOYMENT,
         # an open WebSocket is one request in flight for its whole life: let a replica hold as many as it serves
@@ -70,15 +120,22 @@ def deployment(settings: Settings) -> Any:
         "health_check_period_s": 5,
     }
     if settings.max_replicas > settings.replicas:
-        options["autoscaling_config"] = {
-            "min_replicas": settings.replicas,
-            "initial_replicas": settings.replicas,
-            "max_replicas": settings.max_replicas,
-            "target_ongoing_requests": settings.ray_target_requests,
-        }
+        options["autoscaling_config"] = autoscaling_config(settings)
     else:
         options["num_replicas"] = settings.replicas
     return serve.deployment(**options)(Tokenwire).bind()
+
+
+def autoscaling_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "min_replicas": settings.replicas,
+        "initial_replicas": settings.replicas,
+        "max_replicas": settings.max_replicas,
+        "policy": {
+            "policy_function": f"{__name__}:WaitingRequestsPolicy",
+            "policy_kwargs": {"target_waiting": settings.ray_target_waiting},
+        },
+    }
 
 
 def run_ray(settings: Settings) -> int:

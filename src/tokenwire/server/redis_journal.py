@@ -328,30 +328,41 @@ class RedisJournal:
             journal.task.cancel()
 
     async def _leases(self) -> None:
-        """Renew the leases of the generations running here; one that is lost stops here."""
+        """Renew the leases of the generations running here (one round trip for all); one that is lost stops."""
         while True:
             await asyncio.sleep(self.lease_s / 3)
-            for key, journal in list(self._own.items()):
-                if journal.last_seq < 0:
-                    continue  # its first message (and lease) is not written yet
+            own = [(k, j) for k, j in self._own.items() if j.last_seq >= 0]  # first message (and lease) written
+            if not own:
+                continue
+            keep_ms = int((self.window + self.lease_s) * 1000)
+            pipe = self.redis.pipeline(transaction=False)
+            for key, journal in own:
                 log_key, meta, lease, _, ids = self._keys(key, journal.gen_id)
-                keep_ms = int((self.window + self.lease_s) * 1000)
-                try:
-                    ok = await self._renew(
-                        keys=[lease, log_key, meta, ids], args=[self.replica, int(self.lease_s * 1000), keep_ms]
-                    )
-                except Exception as exc:
-                    log.warning("could not renew the lease of %s: %s", journal.engine_id, exc)
-                    continue
-                if not ok and self._own.get(key) is journal and not journal.finished:
+                args = [self.replica, int(self.lease_s * 1000), keep_ms]
+                self._renew(keys=[lease, log_key, meta, ids], args=args, client=pipe)
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except Exception as exc:
+                log.warning("could not renew the leases of %d generations: %s", len(own), exc)
+                continue
+            for (key, journal), ok in zip(own, results, strict=True):
+                if ok == 0 and self._own.get(key) is journal and not journal.finished:
                     self._lost(key, journal, "its lease was taken")
 
     async def _poll(self) -> None:
         """Where readers on other replicas are: each moves the cursor of the journal it reads, as a local reader
-        would; a new one with a takeover takes it from the local connection."""
+        would; a new one with a takeover takes it from the local connection. Journals a local connection holds
+        are looked at every tenth round only (a takeover, or a cancel, is rare and not urgent)."""
+        rounds = 0
         while True:
             await asyncio.sleep(READER_POLL_S)
-            own = [(k, j) for k, j in self._own.items() if not j.finished]
+            rounds += 1
+            everyone = rounds % 10 == 0
+            own = [
+                (k, j)
+                for k, j in self._own.items()
+                if not j.finished and (everyone or j.holder is None or isinstance(j.holder, RemoteReader))
+            ]
             if not own:
                 continue
             keys = [self._keys(k, j.gen_id)[3] for k, j in own] + [f"{k}:cancel" for k, _ in own]
