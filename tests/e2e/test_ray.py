@@ -52,7 +52,8 @@ async def test_two_ray_serve_replicas_serve_spread_streams_and_survive_one_dying
     tiny_gguf: Path, redis_url: str
 ) -> None:
     ray_installed()
-    args = ("--replicas", "2", "--replica-cpus", "0.5", "--model", str(tiny_gguf), "--journal", redis_url)
+    args = ("--replicas", "2", "--max-replicas", "3", "--replica-cpus", "0.5", "--model", str(tiny_gguf))
+    args += ("--journal", redis_url)
     args += ("--journal-lease", "1", "--heartbeat-interval", "0", "--max-tokens-limit", "4096")
     with serve(*args, startup_timeout=240) as server:
         base = server.http
