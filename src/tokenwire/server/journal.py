@@ -70,65 +70,21 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-class Journal:
-    """The messages of one generation, in ``seq`` order: entry ``i`` has ``seq == i``.
+class MessageLog:
+    """The messages of one generation, in ``seq`` order (entry ``i`` has ``seq == i``): what they go through wherever
+    they are kept. Append, read from a seq, wait for more, finish; expiry belongs to whoever keeps logs (here
+    :meth:`Registry.sweep`; in Redis, the keys' time to live). No connections, no tasks: those are
+    :class:`Journal`'s."""
 
-    ``resume_token`` is a secret sent only in ``started`` (so only to whoever may read the generation): while the
-    connection that holds or last held the journal (``bound``) is open, only a ``resume`` carrying it may take the
-    generation over; once that connection is gone, the generation's id is enough (PROTOCOL.md)."""
+    __slots__ = ("_grew", "entries", "finished", "gen_id", "nbytes", "tokens")
 
-    __slots__ = (
-        "_grew",
-        "bound",
-        "engine_id",
-        "entries",
-        "finished",
-        "follower",
-        "gen_id",
-        "holder",
-        "idle_since",
-        "mirror",
-        "nbytes",
-        "on_progress",
-        "owner",
-        "prompt_ids",
-        "resume_token",
-        "sent_seq",
-        "sent_tokens",
-        "session",
-        "task",
-        "token_digest",
-        "tokens",
-    )
-
-    def __init__(
-        self, session: str, gen_id: str, owner: str | None, engine_id: str, resume_token: str | None = None
-    ) -> None:
-        self.session = session  # the connection that started it: with gen_id, the journal's key
+    def __init__(self, gen_id: str) -> None:
         self.gen_id = gen_id
-        self.owner = owner  # who may resume it: a digest of the API key, or None without keys
-        self.engine_id = engine_id
         self.entries: list[Entry] = []
         self.finished = False  # no more entries will come
         self.nbytes = 0
-        self.holder: Holder | None = None  # the connection delivering it, or None
-        self.bound: Holder | None = None  # the connection that holds or last held it (see the class docstring)
-        self.resume_token = resume_token or secrets.token_urlsafe(16)
-        self.token_digest = token_digest(self.resume_token)  # what a takeover is checked against
-        self.prompt_ids: tuple[int, ...] = ()  # the prompt's token ids, once started (kept for failover)
-        self.mirror: Mirror | None = None  # a shared journal its messages are copied to
-        self.follower = False  # its messages come from a shared journal, made by another replica's generation
-        self.idle_since: float | None = None  # when it finished or lost its holder (None: running and held)
-        self.task: asyncio.Task[None] | None = None  # the task producing the entries
         self.tokens = 0  # tokens in all entries
-        self.sent_seq = -1  # the last message the holder wrote to its socket
-        self.sent_tokens = 0  # tokens in the entries up to sent_seq
-        self.on_progress: Callable[[], None] | None = None  # the reader moved, came or went (the producer's flow)
         self._grew = asyncio.Event()
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.session, self.gen_id)
 
     @property
     def last_seq(self) -> int:
@@ -144,11 +100,89 @@ class Journal:
         self.tokens += entry.tokens
         if entry.final:
             self.finished = True
-        seq = len(self.entries) - 1
+        self._wake()
+        return len(self.entries) - 1
+
+    def read(self, first_seq: int) -> list[Entry]:
+        """The messages from ``first_seq`` on, as far as they go now."""
+        return self.entries[max(0, first_seq) :]
+
+    def close(self) -> None:
+        """No more entries (the producer stopped without a final message: aborted or shut down)."""
+        if not self.finished:
+            self.finished = True
+            self._wake()
+
+    async def wait_beyond(self, seq: int) -> None:
+        """Return once a message after ``seq`` exists or the log is finished."""
+        while self.last_seq <= seq and not self.finished:
+            await self._grew.wait()
+
+    def _wake(self) -> None:
+        self._grew.set()
+        self._grew = asyncio.Event()
+
+
+class Journal(MessageLog):
+    """One generation as this process serves it: its messages (:class:`MessageLog`) and the process-only parts: the
+    connection that delivers it and how far its reader is, the task that produces it, and where it is copied to.
+
+    ``resume_token`` is a secret sent only in ``started`` (so only to whoever may read the generation): while the
+    connection that holds or last held the journal (``bound``) is open, only a ``resume`` carrying it may take the
+    generation over; once that connection is gone, the generation's id is enough (PROTOCOL.md)."""
+
+    __slots__ = (
+        "bound",
+        "engine_id",
+        "follower",
+        "holder",
+        "idle_since",
+        "mirror",
+        "on_progress",
+        "owner",
+        "prompt_ids",
+        "resume_token",
+        "sent_seq",
+        "sent_tokens",
+        "session",
+        "task",
+        "token_digest",
+    )
+
+    def __init__(
+        self, session: str, gen_id: str, owner: str | None, engine_id: str, resume_token: str | None = None
+    ) -> None:
+        super().__init__(gen_id)
+        self.session = session  # the connection that started it: with gen_id, the journal's key
+        self.owner = owner  # who may resume it: a digest of the API key, or None without keys
+        self.engine_id = engine_id
+        self.holder: Holder | None = None  # the connection delivering it, or None
+        self.bound: Holder | None = None  # the connection that holds or last held it (see the class docstring)
+        self.resume_token = resume_token or secrets.token_urlsafe(16)
+        self.token_digest = token_digest(self.resume_token)  # what a takeover is checked against
+        self.prompt_ids: tuple[int, ...] = ()  # the prompt's token ids, once started (kept for failover)
+        self.mirror: Mirror | None = None  # a shared journal its messages are copied to
+        self.follower = False  # its messages come from a shared journal, made by another replica's generation
+        self.idle_since: float | None = None  # when it finished or lost its holder (None: running and held)
+        self.task: asyncio.Task[None] | None = None  # the task producing the entries
+        self.sent_seq = -1  # the last message the holder wrote to its socket
+        self.sent_tokens = 0  # tokens in the entries up to sent_seq
+        self.on_progress: Callable[[], None] | None = None  # the reader moved, came or went (the producer's flow)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.session, self.gen_id)
+
+    def append(self, entry: Entry) -> int:
+        seq = super().append(entry)
         if self.mirror is not None:
             self.mirror.appended(self, seq, entry)
-        self._wake()
         return seq
+
+    def close(self) -> None:
+        if not self.finished and self.mirror is not None:
+            self.mirror.closed(self)
+        super().close()
 
     @property
     def unsent_tokens(self) -> int:
@@ -176,23 +210,6 @@ class Journal:
     def progressed(self) -> None:
         if self.on_progress is not None:
             self.on_progress()
-
-    def close(self) -> None:
-        """No more entries (the producer stopped without a final message: aborted or shut down)."""
-        if not self.finished:
-            self.finished = True
-            if self.mirror is not None:
-                self.mirror.closed(self)
-            self._wake()
-
-    async def wait_beyond(self, seq: int) -> None:
-        """Return once a message after ``seq`` exists or the journal is finished."""
-        while self.last_seq <= seq and not self.finished:
-            await self._grew.wait()
-
-    def _wake(self) -> None:
-        self._grew.set()
-        self._grew = asyncio.Event()
 
 
 class ResumeRefused(Exception):

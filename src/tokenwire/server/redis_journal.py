@@ -335,17 +335,17 @@ class RedisJournal:
             if not own:
                 continue
             keep_ms = int((self.window + self.lease_s) * 1000)
-            pipe = self.redis.pipeline(transaction=False)
-            for key, journal in own:
-                log_key, meta, lease, _, ids = self._keys(key, journal.gen_id)
-                args = [self.replica, int(self.lease_s * 1000), keep_ms]
-                self._renew(keys=[lease, log_key, meta, ids], args=args, client=pipe)
             try:
+                pipe = self.redis.pipeline(transaction=False)
+                for key, journal in own:
+                    log_key, meta, lease, _, ids = self._keys(key, journal.gen_id)
+                    args = [self.replica, int(self.lease_s * 1000), keep_ms]
+                    await self._renew(keys=[lease, log_key, meta, ids], args=args, client=pipe)  # queued in the pipe
                 results = await pipe.execute(raise_on_error=False)
-            except Exception as exc:
+            except Exception as exc:  # Redis unreachable: try again next round (the leases may run out meanwhile)
                 log.warning("could not renew the leases of %d generations: %s", len(own), exc)
                 continue
-            for (key, journal), ok in zip(own, results, strict=True):
+            for (key, journal), ok in zip(own, results, strict=False):
                 if ok == 0 and self._own.get(key) is journal and not journal.finished:
                     self._lost(key, journal, "its lease was taken")
 
