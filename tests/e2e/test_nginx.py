@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -40,28 +41,34 @@ def render(backends: list[int], port: int, workdir: Path) -> str:
     return text.replace("/tmp/nginx-tokenwire", str(workdir / "nginx"))
 
 
+@contextmanager
+def nginx_in_front(backends: list[int], work: Path) -> Iterator[str]:
+    """The shipped config in front of ``backends`` (ports); yields its base URL once it answers /ready."""
+    nginx = nginx_binary()
+    port = free_port()
+    conf = work / "nginx.conf"
+    conf.write_text(render(backends, port, work))
+    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(work), "-g", "daemon off;"])
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(int(scaled(100))):
+            try:
+                if httpx.get(base + "/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=scaled(10))
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny_long_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list]]:
-    nginx = nginx_binary()
     work = tmp_path_factory.mktemp("nginx")
     args = ("--model", str(tiny_long_model_dir), "--heartbeat-interval", "0")
-    with serve(*args) as a, serve(*args) as b:
-        port = free_port()
-        conf = work / "nginx.conf"
-        conf.write_text(render([a.port, b.port], port, work))
-        proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(work), "-g", "daemon off;"])
-        try:
-            base = f"http://127.0.0.1:{port}"
-            for _ in range(int(scaled(100))):
-                try:
-                    if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
-            yield base, [a, b]
-        finally:
-            proc.terminate()
-            proc.wait(timeout=scaled(10))
+    with serve(*args) as a, serve(*args) as b, nginx_in_front([a.port, b.port], work) as base:
+        yield base, [a, b]
 
 
 async def test_websocket_through_nginx_is_balanced_over_the_backends(cluster: tuple[str, list]) -> None:

@@ -181,32 +181,12 @@ async def test_through_nginx_without_affinity_every_reconnect_resumes(
 ) -> None:
     """The shipped nginx config, no ?affinity=: reconnects go to whichever replica least_conn picks, and every
     resume succeeds there; the answer arrives whole, each seq once."""
-    import subprocess
+    from tests.e2e.test_nginx import nginx_in_front
 
-    import httpx
-
-    from tests.e2e.server import free_port
-    from tests.e2e.test_nginx import nginx_binary, render
-
-    nginx = nginx_binary()
     gen_id = "lb-" + secrets.token_hex(4)
     with replica(tiny_gguf, redis_url) as a, replica(tiny_gguf, redis_url) as b:
         whole = await reference(a, story(gen_id + "-ref", max_tokens=300))
-        port = free_port()
-        conf = tmp_path / "nginx.conf"
-        conf.write_text(render([a.port, b.port], port, tmp_path))
-        proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(tmp_path), "-g", "daemon off;"])
-        try:
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + scaled(10)
-            while True:
-                try:
-                    if httpx.get(base + "/ready", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "nginx did not start"
-                time.sleep(0.1)
+        with nginx_in_front([a.port, b.port], tmp_path) as base:
             url = base.replace("http", "ws", 1) + "/ws"
             c = await Client.connect(url)
             await c.send(story(gen_id, max_tokens=300))
@@ -230,9 +210,6 @@ async def test_through_nginx_without_affinity_every_reconnect_resumes(
             assert text_of(got) == whole
             resumes = [s.metrics().get("tokenwire_websocket_resumes_total{outcome=resumed}", 0) for s in (a, b)]
             assert sum(resumes) == 4 and min(resumes) >= 1, resumes  # both replicas served resumes
-        finally:
-            proc.terminate()
-            proc.wait(timeout=scaled(10))
 
 
 async def test_a_replica_that_is_rolled_hands_its_running_answers_over(tiny_gguf: Path, redis_url: str) -> None:
