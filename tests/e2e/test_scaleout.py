@@ -237,3 +237,32 @@ async def test_a_replica_that_is_rolled_hands_its_running_answers_over(tiny_gguf
         assert seqs(rest) == list(range(seen + 1, rest[-1]["seq"] + 1))
         assert text_of(got) + text_of(rest) == whole
         assert time.monotonic() - closed < scaled(60)
+
+
+def test_a_journal_that_cannot_be_reached_stops_the_server_with_a_clear_error(tiny_gguf: Path, tmp_path: Path) -> None:
+    """--journal names a Redis nobody listens on: the server says so and exits 1 (its supervisor restarts it)."""
+    import subprocess
+    import sys
+
+    from tests.e2e.server import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "tokenwire.cli", "serve", "--port", str(free_port()), "--model", str(tiny_gguf)]
+    proc = subprocess.run(
+        [*cmd, "--journal", f"redis://127.0.0.1:{port}/0"], capture_output=True, text=True, timeout=scaled(120)
+    )
+    assert proc.returncode == 1
+    assert f"cannot reach the journal at redis://127.0.0.1:{port}/0" in proc.stderr
+
+
+def test_a_bad_journal_setting_is_refused_before_anything_starts() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "tokenwire.cli", "serve", "--journal", "postgres://x"],
+        capture_output=True,
+        text=True,
+        timeout=scaled(60),
+    )
+    assert proc.returncode != 0 and "--journal must be memory or a redis:// URL" in proc.stderr

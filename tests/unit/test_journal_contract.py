@@ -198,3 +198,19 @@ async def test_a_replica_that_lost_its_lease_stops_its_generation(redis_url: str
         await until(lambda: journal.task is not None and journal.task.cancelled(), timeout=6)
     finally:
         await a.close()
+
+
+async def test_writes_redis_cannot_keep_up_with_are_dropped_not_queued_without_bound(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The local journal goes on whatever Redis does; what waits for Redis is bounded."""
+    import tokenwire.server.redis_journal as rj
+
+    monkeypatch.setattr(rj, "MAX_QUEUED", 5)
+    shared = RedisJournal(redis_url, Registry(window=5))  # not started: nothing drains its queue
+    journal = Journal("s1", "g-" + secrets.token_hex(4), None, "s1:g")
+    shared.track(journal, record(journal))
+    for i in range(20):
+        journal.append(Entry(f'{{"n":{i}}}', 1))
+    assert journal.last_seq == 19 and shared._queue.qsize() == 5 and shared.dropped == 15
+    await shared.close()

@@ -204,9 +204,16 @@ class ServerState:
     # -- loading and watching
     async def load(self) -> None:
         started = time.monotonic()
-        try:
-            if self.generations.shared is not None:
+        if self.generations.shared is not None:
+            try:
                 await self.generations.shared.start()
+            except Exception as exc:
+                self.load_error = str(exc)
+                log.error("%s; stopping (start Redis, or serve with --journal memory)", exc)
+                if self.on_fatal is not None:
+                    self.on_fatal()
+                return
+        try:
             await self.engine.start()
             # The model and libraries are millions of long-lived objects: take them out of the garbage
             # collector's scans, so that a full collection cannot stall the event loop for tens of ms.

@@ -43,6 +43,7 @@ PREFIX = "tokenwire"
 READER_POLL_S = 0.05  # how often the running replica reads its remote readers' positions
 CURSOR_DELAY_S = 0.02  # a follower writes its reader's position at most this often
 FOLLOW_BLOCK_MS = 250  # a follower's blocking read; between reads it checks the lease
+MAX_QUEUED = 100_000  # writes waiting for Redis; past it new ones are dropped (the local journals go on)
 
 
 @dataclass(slots=True, frozen=True)
@@ -151,6 +152,7 @@ class RedisJournal:
             asyncio.Queue()
         )
         self._handed: list[str] = []  # leases of generations handed off at shutdown: dropped on close
+        self.dropped = 0  # writes dropped because Redis did not keep up (MAX_QUEUED)
         self._tasks: list[asyncio.Task[None]] = []
         self._renew: Any = None
         self.appends = 0  # messages copied out, since the start
@@ -236,7 +238,7 @@ class RedisJournal:
                 for k in (log_key, meta, ids):
                     pipe.pexpire(k, done_ms)
 
-        self._queue.put_nowait((key, journal, write))
+        self._put(key, journal, write)
         if entry.final:
             self._forget_own(key)
 
@@ -251,7 +253,7 @@ class RedisJournal:
             pipe.hset(meta, "held", "1" if held else "")
             pipe.pexpire(meta, keep_ms)
 
-        self._queue.put_nowait((key, journal, write))
+        self._put(key, journal, write)
 
     def closed(self, journal: Journal) -> None:
         key = self.key(journal.session, journal.gen_id)
@@ -264,7 +266,7 @@ class RedisJournal:
             pipe.pexpire(meta, int(self.window * 1000))
             pipe.delete(lease)
 
-        self._queue.put_nowait((key, journal, close))
+        self._put(key, journal, close)
         self._forget_own(key)
 
     def hand_off(self, journal: Journal) -> bool:
@@ -276,13 +278,23 @@ class RedisJournal:
         self._forget_own(key)  # no renewal, and its end here is not an abort (see closed)
         _, meta, lease, _, _ = self._keys(key, journal.gen_id)
         self._handed.append(lease)
-        self._queue.put_nowait((key, None, lambda pipe: pipe.hset(meta, "held", "")))  # its socket closes
+        self._put(key, None, lambda pipe: pipe.hset(meta, "held", ""))  # its socket closes
         return True
 
     def _forget_own(self, key: str) -> None:
         self._own.pop(key, None)
         self._records.pop(key, None)
         self._readers.pop(key, None)
+
+    def _put(self, key: str, journal: Journal | None, op: Callable[[Any], Any]) -> None:
+        """Queue a write for the writer task; past MAX_QUEUED (Redis is down or slow) it is dropped, with a warning
+        the first time: resume elsewhere and failover stop working for those generations, nothing else does."""
+        if self._queue.qsize() >= MAX_QUEUED:
+            if self.dropped == 0:
+                log.warning("the shared journal falls behind (%d writes queued): dropping writes", MAX_QUEUED)
+            self.dropped += 1
+            return
+        self._queue.put_nowait((key, journal, op))
 
     async def _write(self) -> None:
         """The one writer: whatever queued since the last round goes in one pipeline, in order."""
