@@ -301,7 +301,9 @@ class RealtimeConnection:
         finally:
             trace.abandoned()
             running.used_tokens = prompt_tokens + completion_tokens
-            self._paused.discard(running.request_id)
+            if running.request_id in self._paused:  # every pause is matched: the engine keeps no stale mark
+                self._paused.discard(running.request_id)
+                self.engine.unpause(running.request_id)
             self.responses.pop(rid, None)
             if item.status == "in_progress":
                 item.status = "incomplete"
