@@ -141,6 +141,9 @@ class RedisJournal:
         self.registry = registry
         self.window = registry.window
         self.lease_s = lease_s
+        self._lease_ms = int(lease_s * 1000)  # a lease, and a reader's record, last this long unless renewed
+        self._keep_ms = int((self.window + lease_s) * 1000)  # a running generation's keys, renewed with its lease
+        self._window_ms = int(self.window * 1000)  # an ended one's keys: resumable for the window
         self.replica = replica or secrets.token_hex(6)
         self.redis: Any = aioredis.Redis.from_url(url)  # its replies are bytes (typed loosely by redis-py)
         self.on_takeover: Takeover | None = None  # set by the server: starts a producer for a journal it takes
@@ -155,7 +158,6 @@ class RedisJournal:
         self.dropped = 0  # writes dropped because Redis did not keep up (MAX_QUEUED)
         self._tasks: list[asyncio.Task[None]] = []
         self._renew: Any = None
-        self.appends = 0  # messages copied out, since the start
         self.takeovers = 0  # generations this replica went on with after their replica died
 
     # -- life cycle
@@ -200,7 +202,7 @@ class RedisJournal:
     async def cancel(self, journal: Journal) -> None:
         """The reader of a generation another replica runs cancels it: that replica aborts it (within a poll)."""
         key = self.key(journal.session, journal.gen_id)
-        await self.redis.set(f"{key}:cancel", "1", px=int((self.window + self.lease_s) * 1000))
+        await self.redis.set(f"{key}:cancel", "1", px=self._keep_ms)
 
     # -- this replica's generations (the Mirror side)
     def track(self, journal: Journal, record: Record) -> None:
@@ -213,9 +215,7 @@ class RedisJournal:
     def appended(self, journal: Journal, seq: int, entry: Entry) -> None:
         key = self.key(journal.session, journal.gen_id)
         log_key, meta, lease, _, ids = self._keys(key, journal.gen_id)
-        keep_ms = int((self.window + self.lease_s) * 1000)
         fields = entry_fields(entry)
-        self.appends += 1
         first: dict[str, str] = {}
         if seq == 0 and key in self._records:  # what the connection knew, and now the prompt's token ids
             record = dataclasses.replace(self._records[key], prompt_ids=journal.prompt_ids)
@@ -225,18 +225,17 @@ class RedisJournal:
         def write(pipe: Any) -> None:
             if first:
                 pipe.hset(meta, mapping=first)
-                pipe.set(lease, self.replica, px=int(self.lease_s * 1000))
+                pipe.set(lease, self.replica, px=self._lease_ms)
                 pipe.sadd(ids, journal.session)
-                pipe.pexpire(meta, keep_ms)
-                pipe.pexpire(ids, keep_ms)
+                pipe.pexpire(meta, self._keep_ms)
+                pipe.pexpire(ids, self._keep_ms)
             pipe.xadd(log_key, fields, id=f"{seq + 1}-0")
             if first:
-                pipe.pexpire(log_key, keep_ms)
+                pipe.pexpire(log_key, self._keep_ms)
             if entry.final:  # it ended: resumable for the window, and nobody is to go on with it
-                done_ms = int(self.window * 1000)
                 pipe.delete(lease)
                 for k in (log_key, meta, ids):
-                    pipe.pexpire(k, done_ms)
+                    pipe.pexpire(k, self._window_ms)
 
         self._put(key, journal, write)
         if entry.final:
@@ -247,11 +246,10 @@ class RedisJournal:
         if key not in self._own:
             return
         meta = self._keys(key, journal.gen_id)[1]
-        keep_ms = int((self.window + self.lease_s) * 1000)
 
         def write(pipe: Any) -> None:
             pipe.hset(meta, "held", "1" if held else "")
-            pipe.pexpire(meta, keep_ms)
+            pipe.pexpire(meta, self._keep_ms)
 
         self._put(key, journal, write)
 
@@ -263,7 +261,7 @@ class RedisJournal:
 
         def close(pipe: Any) -> None:
             pipe.hset(meta, "closed", "1")
-            pipe.pexpire(meta, int(self.window * 1000))
+            pipe.pexpire(meta, self._window_ms)
             pipe.delete(lease)
 
         self._put(key, journal, close)
@@ -346,12 +344,11 @@ class RedisJournal:
             own = [(k, j) for k, j in self._own.items() if j.last_seq >= 0]  # first message (and lease) written
             if not own:
                 continue
-            keep_ms = int((self.window + self.lease_s) * 1000)
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 for key, journal in own:
                     log_key, meta, lease, _, ids = self._keys(key, journal.gen_id)
-                    args = [self.replica, int(self.lease_s * 1000), keep_ms]
+                    args = [self.replica, self._lease_ms, self._keep_ms]
                     await self._renew(keys=[lease, log_key, meta, ids], args=args, client=pipe)  # queued in the pipe
                 results = await pipe.execute(raise_on_error=False)
             except Exception as exc:  # Redis unreachable: try again next round (the leases may run out meanwhile)
@@ -476,7 +473,7 @@ class RedisJournal:
         """Take the lease of a generation whose replica is gone, and go on with it here."""
         key = self.key(record.session, record.gen_id)
         lease = self._keys(key, record.gen_id)[2]
-        if not await self.redis.set(lease, self.replica, nx=True, px=int(self.lease_s * 1000)):
+        if not await self.redis.set(lease, self.replica, nx=True, px=self._lease_ms):
             return False  # another replica was quicker: keep following it
         if self.on_takeover is None:
             await self.redis.delete(lease)
@@ -493,7 +490,7 @@ class RedisJournal:
 
     async def write_reader(self, key: str, gen_id: str, seq: int, nonce: str) -> None:
         reader = self._keys(key, gen_id)[3]
-        await self.redis.set(reader, f"{self.replica}|{seq}|{nonce}", px=int(self.lease_s * 1000))
+        await self.redis.set(reader, f"{self.replica}|{seq}|{nonce}", px=self._lease_ms)
 
     async def drop_reader(self, key: str, gen_id: str, nonce: str) -> None:
         reader = self._keys(key, gen_id)[3]

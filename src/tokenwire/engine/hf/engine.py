@@ -136,11 +136,10 @@ class HFBackend:
     def remove(self, request_id: str) -> None:
         seq = self.scheduler.get(request_id)
         if seq is not None:
-            self._drop(seq)
+            self._drop(seq)  # its row, generator and any KV waiting to be written back
+        elif self.sampler is not None:
+            self.sampler.remove(request_id)  # parked: its kept generator
         self.parked.drop(request_id)
-        self._restore.pop(request_id, None)
-        if self.sampler is not None:
-            self.sampler.remove(request_id)
 
     def _make_room(self) -> None:
         """Paused requests' KV gives way to the running rows' reservations: the oldest goes first."""
