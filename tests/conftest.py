@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,14 @@ TIMEOUT_FACTOR = float(os.environ.get("TOKENWIRE_TEST_TIMEOUT_FACTOR", "1"))
 
 def scaled(seconds: float) -> float:
     return seconds * TIMEOUT_FACTOR
+
+
+async def wait_until(condition: Any, timeout: float = 5.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` (scaled) seconds."""
+    deadline = time.monotonic() + scaled(timeout)
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.005)
 
 
 @pytest.fixture(scope="session")

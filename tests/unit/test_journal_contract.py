@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from tests.conftest import scaled
+from tests.conftest import scaled, wait_until
 from tokenwire.server.journal import Entry, Journal, Registry, ResumeRefused
 from tokenwire.server.redis_journal import Record, RedisJournal
 
@@ -94,13 +93,6 @@ async def side(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
         await s.close()
 
 
-async def until(condition: Any, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + scaled(timeout)
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-
-
 async def test_a_reader_gets_every_message_once_in_order_waits_for_more_and_sees_the_end(side: Any) -> None:
     gen_id = "g-" + secrets.token_hex(4)
     journal = await side.start("s1", gen_id)
@@ -109,7 +101,7 @@ async def test_a_reader_gets_every_message_once_in_order_waits_for_more_and_sees
     journal.append(Entry('{"text":"a"}', 1, ids=(7,)))
     journal.append(Entry('{"text":"bc"}', 2, ids=(8, 9)))
     reader = await side.reader(gen_id)
-    await until(lambda: reader.last_seq >= 2)
+    await wait_until(lambda: reader.last_seq >= 2, timeout=3)
     assert [e.data for e in reader.read(1)] == ['{"text":"a"}', '{"text":"bc"}']  # read from seq 1
     assert [e.ids for e in reader.entries] == [(), (7,), (8, 9)] and reader.tokens == 3
     waiting = asyncio.create_task(reader.wait_beyond(2))
@@ -120,7 +112,7 @@ async def test_a_reader_gets_every_message_once_in_order_waits_for_more_and_sees
     assert reader.entries[3].data == '{"text":"d"}'
     journal.append(Entry('{"type":"complete"}', final=True))
     await side.ended(journal)
-    await until(lambda: reader.finished)
+    await wait_until(lambda: reader.finished, timeout=3)
     assert reader.last_seq == 4 and reader.entries[-1].final
     assert [e.data for e in reader.entries] == [e.data for e in journal.entries]
 
@@ -161,7 +153,7 @@ async def test_a_follower_takes_over_a_generation_whose_replica_is_gone(redis_ur
         await asyncio.sleep(2.5)  # over two lease periods: a renews, b follows
         assert not taken and follower.follower and follower.last_seq == 2
         await a.close()  # a dies: nobody renews
-        await until(lambda: bool(taken), timeout=6)
+        await wait_until(lambda: bool(taken), timeout=6)
         got, rec = taken[0]
         assert got is follower and not got.follower and b.takeovers == 1
         assert rec.prompt_ids == (1, 2, 3) and rec.params == {"max_tokens": 9}
@@ -173,7 +165,7 @@ async def test_a_follower_takes_over_a_generation_whose_replica_is_gone(redis_ur
         await c.start()
         try:
             third = await c.follow(await c.lookup(None, gen_id, None))
-            await until(lambda: third.finished)
+            await wait_until(lambda: third.finished, timeout=3)
             assert [e.data for e in third.entries] == [e.data for e in got.entries]
         finally:
             await c.close()
@@ -195,7 +187,7 @@ async def test_a_replica_that_lost_its_lease_stops_its_generation(redis_url: str
         await asyncio.sleep(0.4)
         assert not journal.task.done()
         await a.redis.set(f"tokenwire:s1:{gen_id}:lease", "another-replica")
-        await until(lambda: journal.task is not None and journal.task.cancelled(), timeout=6)
+        await wait_until(lambda: journal.task is not None and journal.task.cancelled(), timeout=6)
     finally:
         await a.close()
 

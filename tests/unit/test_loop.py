@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import scaled
+from tests.conftest import scaled, wait_until
 from tokenwire.engine.interface import (
     Continuation,
     EngineError,
@@ -113,13 +113,6 @@ async def collect(engine: LoopEngine, req: GenerationRequest) -> list[RequestOut
 
 def text(outs: list[RequestOutput]) -> str:
     return "".join(o.text for o in outs)
-
-
-async def wait_until(condition: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + scaled(timeout)
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.005)
 
 
 async def test_a_paused_request_computes_nothing_and_continues_seamlessly(byte_tokenizer: Any) -> None:
