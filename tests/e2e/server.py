@@ -28,7 +28,7 @@ from tokenwire.engine.interface import Engine
 from tokenwire.server.app import ServerState, create_app
 from tokenwire.server.auth import AuthPolicy
 from tokenwire.server.serve import uvicorn_config
-from tokenwire.server.websocket import ConnectionSettings
+from tokenwire.server.ws.connection import ConnectionSettings
 
 
 def free_port() -> int:

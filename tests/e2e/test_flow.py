@@ -138,7 +138,7 @@ async def test_a_reader_that_reads_slowly_is_not_taken_for_a_slow_consumer() -> 
     that buffer) stays connected to the end: only a client that reads nothing at all for the timeout is closed."""
     from tests.e2e.server import serving
     from tests.fakes import FakeEngine
-    from tokenwire.server.websocket import ConnectionSettings
+    from tokenwire.server.ws.connection import ConnectionSettings
 
     engine = FakeEngine(reply="x" * 600_000, pieces=600, delay=0.005)  # 1 KB pieces, faster than it reads
     settings = ConnectionSettings(heartbeat_interval=0, slow_consumer_timeout=0.5)

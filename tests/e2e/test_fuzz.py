@@ -15,7 +15,7 @@ import websockets
 from tests.e2e.client import Client
 from tests.e2e.server import serving
 from tests.fakes import FakeEngine
-from tokenwire.server.websocket import ConnectionSettings
+from tokenwire.server.ws.connection import ConnectionSettings
 
 FIELDS = [
     "type", "id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",

@@ -14,7 +14,7 @@ from tests.e2e.server import serving
 from tests.fakes import FakeEngine
 from tokenwire.config import Settings
 from tokenwire.server.auth import AuthPolicy
-from tokenwire.server.websocket import ConnectionSettings
+from tokenwire.server.ws.connection import ConnectionSettings
 
 
 async def refused(url: str, **kw: object) -> tuple[dict[str, object], int | None]:

@@ -24,7 +24,7 @@ from tests.e2e.conftest import RESUME_WINDOW
 from tests.e2e.server import RunningServer, serve, serving
 from tests.fakes import FakeEngine
 from tokenwire.server.telemetry import public_ref
-from tokenwire.server.websocket import ConnectionSettings
+from tokenwire.server.ws.connection import ConnectionSettings
 
 
 def story(gen_id: str, max_tokens: int = 600) -> dict[str, Any]:

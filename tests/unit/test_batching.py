@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tokenwire.server.batching import Coalescer
-from tokenwire.server.protocol import BatchPolicy
+from tokenwire.server.ws.batching import Coalescer
+from tokenwire.server.ws.protocol import BatchPolicy
 
 
 def test_batch_is_due_at_max_tokens() -> None:

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tokenwire.engine.interface import ErrorCode
-from tokenwire.server import openai_protocol as oa
-from tokenwire.server import realtime_protocol as rt
-from tokenwire.server.protocol import Generate, Limits, ProtocolError, parse_message
+from tokenwire.server.openai import protocol as oa
+from tokenwire.server.realtime import protocol as rt
+from tokenwire.server.ws.protocol import Generate, Limits, ProtocolError, parse_message
 
 LIMITS = Limits()
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tokenwire.engine.interface import ErrorCode
-from tokenwire.server.protocol import (
+from tokenwire.server.ws.protocol import (
     BatchPolicy,
     Cancel,
     Generate,

@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from tokenwire.server.protocol import Limits
-from tokenwire.server.realtime_protocol import (
+from tokenwire.server.realtime.protocol import (
     Item,
     ItemCreate,
     RealtimeError,
@@ -19,6 +18,7 @@ from tokenwire.server.realtime_protocol import (
     parse_event,
     update_session,
 )
+from tokenwire.server.ws.protocol import Limits
 
 LIMITS = Limits()
 

@@ -1,7 +1,9 @@
 """The ASGI application: the route table, its middleware, and the server state they share.
 
-Handlers live with their concepts: routes.py (pages, probes, stats, the WebSocket doors, broadcast), openai_api.py
-(the OpenAI HTTP API); the life cycle (load, watch, drain, sweep) is lifecycle.py's.
+Each door has its package: ws/ (tokenwire's own WebSocket protocol), openai/ (the OpenAI HTTP API), realtime/
+(``WS /v1/realtime``), responses/ (the Responses API over SSE and WebSocket). The pieces they share sit beside them
+(params.py, errors.py, streams.py, sse.py, journal.py, auth, limits, telemetry). routes.py has the handlers for pages,
+probes, stats, the WebSocket doors and broadcast; the life cycle (load, watch, drain, sweep) is lifecycle.py's.
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ from tokenwire.server.backlog import expose_transport
 from tokenwire.server.capacity import RequestCap
 from tokenwire.server.http_guard import RequestGuard
 from tokenwire.server.lifecycle import ServerState, lifespan
-from tokenwire.server.openai_api import OpenAIRoutes
+from tokenwire.server.openai.routes import OpenAIRoutes
 from tokenwire.server.routes import Routes
 from tokenwire.server.telemetry import Telemetry
-from tokenwire.server.websocket import ConnectionSettings
+from tokenwire.server.ws.connection import ConnectionSettings
 
 __all__ = ["ServerState", "create_app"]
 

@@ -25,16 +25,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from tokenwire.engine.interface import Continuation, Engine, GenerationRequest, SamplingParams
-from tokenwire.server import messages
 from tokenwire.server.capacity import ConnectionGate, FdWatch, IpGate
-from tokenwire.server.generation import Producer
 from tokenwire.server.journal import Journal, Registry
 from tokenwire.server.limits import KeyLimits
-from tokenwire.server.protocol import BatchPolicy
-from tokenwire.server.realtime import RealtimeConnection
+from tokenwire.server.realtime.connection import RealtimeConnection
 from tokenwire.server.redis_journal import Record, RedisJournal
 from tokenwire.server.telemetry import Telemetry
-from tokenwire.server.websocket import Connection, ConnectionSettings
+from tokenwire.server.ws import messages
+from tokenwire.server.ws.connection import Connection, ConnectionSettings
+from tokenwire.server.ws.generation import Producer
+from tokenwire.server.ws.protocol import BatchPolicy
 
 log = logging.getLogger(__name__)
 

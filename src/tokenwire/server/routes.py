@@ -1,6 +1,6 @@
 """The handlers of the server's own routes: pages, probes, stats, the WebSocket doors, and the operator's broadcast.
 
-The OpenAI HTTP routes are openai_api.py's; app.py puts them all in one table.
+The OpenAI HTTP routes are openai/routes.py's; app.py puts them all in one table.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from starlette.websockets import WebSocket
 
 from tokenwire.engine.interface import ErrorCode
 from tokenwire.metrics import Session
-from tokenwire.server import messages
-from tokenwire.server import realtime_protocol as rt
 from tokenwire.server.auth import AuthPolicy, bearer_token, key_matches, origin_allowed, websocket_key
 from tokenwire.server.capacity import PER_IP_FULL, client_ip, open_fds
 from tokenwire.server.journal import owner_of
 from tokenwire.server.lifecycle import ServerState
-from tokenwire.server.realtime import RealtimeConnection
+from tokenwire.server.realtime import protocol as rt
+from tokenwire.server.realtime.connection import RealtimeConnection
 from tokenwire.server.telemetry import Telemetry, public_ref
-from tokenwire.server.websocket import Connection
+from tokenwire.server.ws import messages
+from tokenwire.server.ws.connection import Connection
 
 log = logging.getLogger(__name__)
 

@@ -29,15 +29,15 @@ from tokenwire.engine.interface import (
     OutputKind,
     RequestOutput,
 )
-from tokenwire.server import openai_protocol as oa
 from tokenwire.server import strictjson
 from tokenwire.server.auth import bearer_token
 from tokenwire.server.backlog import Backlog
 from tokenwire.server.journal import owner_of
 from tokenwire.server.limits import KeyLimits
-from tokenwire.server.protocol import Limits
+from tokenwire.server.openai import protocol as oa
 from tokenwire.server.streams import with_deadlines
 from tokenwire.server.telemetry import Telemetry, Trace
+from tokenwire.server.ws.protocol import Limits
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""``WS /v1/realtime``: one OpenAI Realtime-compatible connection, text only (events in realtime_protocol.py).
+"""``WS /v1/realtime``: one OpenAI Realtime-compatible connection, text only (events in realtime/protocol.py).
 
 The connection keeps a session and a conversation of items. ``response.create`` runs one generation over the
 conversation and streams it as ``response.output_text.delta`` events between ``response.created`` and
@@ -18,11 +18,9 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from tokenwire.engine.interface import Engine, EngineError, FinishReason, GenerationRequest, OutputKind
-from tokenwire.server import messages
 from tokenwire.server.backlog import Backlog
 from tokenwire.server.limits import KeyLimits
-from tokenwire.server.protocol import Limits
-from tokenwire.server.realtime_protocol import (
+from tokenwire.server.realtime.protocol import (
     Item,
     ItemCreate,
     ItemDelete,
@@ -41,6 +39,8 @@ from tokenwire.server.realtime_protocol import (
     usage,
 )
 from tokenwire.server.telemetry import Telemetry
+from tokenwire.server.ws import messages
+from tokenwire.server.ws.protocol import Limits
 
 log = logging.getLogger(__name__)
 

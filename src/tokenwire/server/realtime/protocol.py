@@ -15,7 +15,7 @@ from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, SamplingParams
 from tokenwire.server import strictjson
-from tokenwire.server.protocol import Limits, ProtocolError, parse_generate
+from tokenwire.server.ws.protocol import Limits, ProtocolError, parse_generate
 
 # Sampling fields a session or a response may carry (an extension of OpenAI's events).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos")

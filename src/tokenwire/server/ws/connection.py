@@ -29,12 +29,14 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from tokenwire.engine.interface import Engine, EngineError, ErrorCode, GenerationRequest
-from tokenwire.server import messages
 from tokenwire.server.backlog import Backlog
-from tokenwire.server.generation import FlowPolicy, Producer
 from tokenwire.server.journal import Journal, Registry, ResumeRefused, token_digest
 from tokenwire.server.limits import KeyLimits
-from tokenwire.server.protocol import (
+from tokenwire.server.redis_journal import Record
+from tokenwire.server.telemetry import Telemetry
+from tokenwire.server.ws import messages
+from tokenwire.server.ws.generation import FlowPolicy, Producer
+from tokenwire.server.ws.protocol import (
     Cancel,
     ClientMessage,
     Generate,
@@ -45,8 +47,6 @@ from tokenwire.server.protocol import (
     Resume,
     parse_message,
 )
-from tokenwire.server.redis_journal import Record
-from tokenwire.server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenwire.engine.interface import ErrorCode, FinishReason, SamplingParams
 from tokenwire.server import strictjson
-from tokenwire.server.protocol import Generate, Limits, ProtocolError, parse_generate
+from tokenwire.server.ws.protocol import Generate, Limits, ProtocolError, parse_generate
 
 # Fields shared with the WebSocket ``generate`` message, passed through as they are.
 _PASSTHROUGH = (

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenwire.server.protocol import BatchPolicy
+from tokenwire.server.ws.protocol import BatchPolicy
 
 
 class Coalescer:

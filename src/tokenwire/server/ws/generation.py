@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenwire.engine.interface import Engine, EngineError, ErrorCode, GenerationRequest, OutputKind, RequestOutput
-from tokenwire.server import messages
-from tokenwire.server.batching import Coalescer
 from tokenwire.server.journal import Entry, Journal, Registry
-from tokenwire.server.protocol import BatchPolicy
 from tokenwire.server.streams import with_deadlines
 from tokenwire.server.telemetry import Telemetry
+from tokenwire.server.ws import messages
+from tokenwire.server.ws.batching import Coalescer
+from tokenwire.server.ws.protocol import BatchPolicy
 
 log = logging.getLogger(__name__)
 
