@@ -7,8 +7,8 @@ from collections.abc import AsyncGenerator
 
 from tokenwire.engine.interface import (
     EngineError,
+    EngineErrorCode,
     EngineStats,
-    ErrorCode,
     FinishReason,
     GenerationRequest,
     GenerationStart,
@@ -80,7 +80,7 @@ class FakeEngine:
         if self.context_turns is None or len(turns) <= self.context_turns:
             return 0
         if not request.truncate:
-            raise EngineError(ErrorCode.PROMPT_TOO_LONG, "the conversation does not fit the context", "messages")
+            raise EngineError(EngineErrorCode.PROMPT_TOO_LONG, "the conversation does not fit the context", "messages")
         return len(turns) - self.context_turns
 
     async def _outputs(self, rid: str, dropped: int) -> AsyncGenerator[RequestOutput, None]:

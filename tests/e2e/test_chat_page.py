@@ -15,7 +15,7 @@ from tests.conftest import scaled
 from tests.e2e.browser import ARGS, require_chromium, screenshot_path
 from tests.e2e.server import free_port, serving
 from tests.fakes import FakeEngine
-from tokenwire.engine.interface import EngineError, ErrorCode
+from tokenwire.engine.interface import EngineError, EngineErrorCode
 from tokenwire.server.auth import AuthPolicy
 from tokenwire.server.ws.connection import ConnectionSettings
 from tokenwire.server.ws.protocol import Limits
@@ -587,7 +587,7 @@ async def test_the_page_keeps_within_the_servers_limits_instead_of_losing_the_co
 
 async def test_a_failed_answer_says_why_and_its_question_is_not_sent_again() -> None:
     engine = FakeEngine(reply="Fine.", pieces=1)
-    engine.fail_with = EngineError(ErrorCode.OVERLOADED, "the server is busy; try again")
+    engine.fail_with = EngineError(EngineErrorCode.OVERLOADED, "the server is busy; try again")
     async with serving(engine) as (base, _), browser_page() as page:
         await open_chat(page, base)
         await ask(page, "First try")

@@ -19,7 +19,7 @@ import websockets
 from tests.conftest import scaled
 from tests.e2e.server import RunningServer, serve, serving
 from tests.fakes import FakeEngine
-from tokenwire.engine.interface import EngineError, ErrorCode
+from tokenwire.engine.interface import EngineError, EngineErrorCode
 from tokenwire.server.ws.connection import ConnectionSettings
 from tokenwire.server.ws.protocol import Limits
 
@@ -267,7 +267,7 @@ async def test_items_can_be_retrieved_inserted_and_deleted() -> None:
 
 async def test_an_engine_error_fails_the_response_with_its_reason() -> None:
     engine = FakeEngine()
-    engine.fail_with = EngineError(ErrorCode.PROMPT_TOO_LONG, "the prompt is 9000 tokens; the context holds 1024")
+    engine.fail_with = EngineError(EngineErrorCode.PROMPT_TOO_LONG, "the prompt is 9000 tokens; the context holds 1024")
     async with realtime(engine) as ws:
         await recv(ws)
         await ws.send(json.dumps({"type": "conversation.item.create", "item": user("x" * 100)}))

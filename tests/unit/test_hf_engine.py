@@ -16,7 +16,7 @@ from tests.pausing import check_pause_resumes_whole
 from tokenwire.engine import (
     ChatMessage,
     EngineError,
-    ErrorCode,
+    EngineErrorCode,
     FinishReason,
     GenerationRequest,
     OutputKind,
@@ -197,7 +197,7 @@ async def test_stop_string_ends_generation_and_is_not_sent(engine: HFEngine) -> 
 async def test_prompt_longer_than_the_context_is_an_error(engine: HFEngine) -> None:
     with pytest.raises(EngineError) as info:
         await run(engine, "long", prompt="word " * 2000, max_tokens=5)
-    assert info.value.code is ErrorCode.PROMPT_TOO_LONG
+    assert info.value.code is EngineErrorCode.PROMPT_TOO_LONG
     assert "256" in info.value.message
 
 
@@ -262,7 +262,7 @@ async def test_duplicate_engine_request_id_is_refused(engine: HFEngine) -> None:
     await g.__anext__()
     with pytest.raises(EngineError) as info:
         await run(engine, "dup", prompt="Hi")
-    assert info.value.code is ErrorCode.DUPLICATE_ID
+    assert info.value.code is EngineErrorCode.DUPLICATE_ID
     await g.aclose()
 
 
@@ -327,7 +327,7 @@ async def test_a_tokenizer_failure_fails_that_request_and_the_engine_goes_on(
     monkeypatch.setattr(prompts, "build", build)
     with pytest.raises(EngineError) as info:
         await run(engine, "bad", prompt="boom")
-    assert info.value.code is ErrorCode.INVALID_REQUEST and "tokenizer refused" in info.value.message
+    assert info.value.code is EngineErrorCode.INVALID_REQUEST and "tokenizer refused" in info.value.message
     ok = await run(engine, "good", prompt="Hello", max_tokens=3, ignore_eos=True)
     assert ok["completion"] == 3
 
@@ -398,7 +398,7 @@ async def test_a_forward_pass_that_fails_for_one_request_fails_only_that_request
     runner._forward = forward  # type: ignore[method-assign]
     results, _ = await _one_poisoned_among_healthy(engine)
     err = results[0]
-    assert isinstance(err, EngineError) and err.code is ErrorCode.GENERATION_FAILED
+    assert isinstance(err, EngineError) and err.code is EngineErrorCode.GENERATION_FAILED
     assert "cannot be computed" in err.message
     assert engine.stats().running == 0
 
@@ -427,7 +427,7 @@ async def test_a_row_that_cannot_be_sampled_fails_only_its_request(engine: HFEng
     runner.decode, runner.prefill = decode, prefill  # type: ignore[method-assign]
     results, _ = await _one_poisoned_among_healthy(engine)
     err = results[0]
-    assert isinstance(err, EngineError) and err.code is ErrorCode.GENERATION_FAILED
+    assert isinstance(err, EngineError) and err.code is EngineErrorCode.GENERATION_FAILED
     assert "finite" in err.message
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tokenwire.engine.interface import EngineError, ErrorCode
 from tokenwire.server.capacity import IpGate
+from tokenwire.server.errors import ErrorCode, RequestError
 from tokenwire.server.limits import KeyLimits
 
 
@@ -21,7 +21,7 @@ def test_a_key_runs_at_most_its_cap_of_generations_and_others_are_unaffected() -
     limits = KeyLimits(max_generations=2)
     limits.acquire("a")
     limits.acquire("a")
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RequestError) as err:
         limits.acquire("a")
     assert err.value.code is ErrorCode.RATE_LIMITED and "--max-generations-per-key" in err.value.message
     limits.acquire("b")  # another key
@@ -45,12 +45,12 @@ def test_the_token_budget_refuses_with_the_seconds_until_it_refills() -> None:
     limits = KeyLimits(tokens_per_minute=60, clock=clock)
     limits.acquire("k")
     limits.release("k", 90)
-    with pytest.raises(EngineError) as err:
+    with pytest.raises(RequestError) as err:
         limits.acquire("k")
     assert err.value.code is ErrorCode.RATE_LIMITED and err.value.retry_after == 31.0
     assert "--rate-limit" in err.value.message
     clock.now = 30.5
-    with pytest.raises(EngineError):
+    with pytest.raises(RequestError):
         limits.acquire("k")
     clock.now = 31.0
     limits.acquire("k")

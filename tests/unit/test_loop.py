@@ -13,8 +13,8 @@ from tests.conftest import scaled, wait_until
 from tokenwire.engine.interface import (
     Continuation,
     EngineError,
+    EngineErrorCode,
     EngineStats,
-    ErrorCode,
     FinishReason,
     GenerationRequest,
     OutputKind,
@@ -269,7 +269,7 @@ async def test_a_request_waiting_past_the_queue_timeout_fails_overloaded_with_a_
         await wait_until(lambda: "hog" in backend.running)
         with pytest.raises(EngineError) as err:
             await asyncio.wait_for(collect(engine, request("late", 5, connection="c2")), scaled(5))
-        assert err.value.code is ErrorCode.OVERLOADED
+        assert err.value.code is EngineErrorCode.OVERLOADED
         assert err.value.retry_after is not None and err.value.retry_after >= 1
         assert "queue timeout" in err.value.message
         assert not hog.done()
@@ -321,7 +321,7 @@ async def test_an_exception_in_one_requests_output_fails_only_that_request(byte_
         good = asyncio.create_task(collect(engine, request("good", 20)))
         with pytest.raises(EngineError) as err:
             await collect(engine, request("bad", 20, connection="c2"))
-        assert err.value.code is ErrorCode.GENERATION_FAILED and "boom" in err.value.message
+        assert err.value.code is EngineErrorCode.GENERATION_FAILED and "boom" in err.value.message
         assert (await good)[-1].completion_tokens == 20
         assert engine.ready and engine.health() is None
         assert "bad" not in backend.running
@@ -341,12 +341,12 @@ async def test_a_crashed_model_loop_fails_its_requests_and_says_why(byte_tokeniz
     try:
         with pytest.raises(EngineError) as err:
             await asyncio.wait_for(collect(engine, request("r")), scaled(5))
-        assert err.value.code is ErrorCode.GENERATION_FAILED
+        assert err.value.code is EngineErrorCode.GENERATION_FAILED
         await wait_until(lambda: engine.health() is not None)
         assert "the kernel exploded" in str(engine.health()) and not engine.ready
         with pytest.raises(EngineError) as again:
             await collect(engine, request("next"))
-        assert again.value.code is ErrorCode.GENERATION_FAILED and "crashed" in again.value.message
+        assert again.value.code is EngineErrorCode.GENERATION_FAILED and "crashed" in again.value.message
     finally:
         await engine.shutdown()
 
@@ -375,7 +375,7 @@ async def test_a_hung_model_loop_is_detected_and_its_requests_fail_instead_of_wa
         assert "hangs" in str(engine.health()) and not engine.ready
         with pytest.raises(EngineError) as err:
             await asyncio.wait_for(task, scaled(5))
-        assert err.value.code is ErrorCode.GENERATION_FAILED
+        assert err.value.code is EngineErrorCode.GENERATION_FAILED
         with pytest.raises(EngineError):
             await collect(engine, request("next"))
     finally:

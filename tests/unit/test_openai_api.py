@@ -10,8 +10,9 @@ import pytest
 from starlette.testclient import TestClient
 
 from tests.fakes import FakeEngine
-from tokenwire.engine.interface import EngineError, ErrorCode
+from tokenwire.engine.interface import EngineError
 from tokenwire.server.app import create_app
+from tokenwire.server.errors import ErrorCode
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
 

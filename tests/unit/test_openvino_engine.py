@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import scaled
 from tests.pausing import check_pause_resumes_whole, paused_run
-from tokenwire.engine import ChatMessage, EngineError, ErrorCode, FinishReason, GenerationRequest, OutputKind
+from tokenwire.engine import ChatMessage, EngineError, EngineErrorCode, FinishReason, GenerationRequest, OutputKind
 from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig
 from tokenwire.engine.interface import SamplingParams
 from tokenwire.engine.models import NotForOpenVINO
@@ -179,7 +179,7 @@ async def test_a_dead_worker_fails_its_requests_and_is_restarted_a_bounded_numbe
             os.kill(process.pid, signal.SIGKILL)
             with pytest.raises(EngineError) as err:
                 await asyncio.wait_for(task, scaled(10))
-            assert err.value.code is ErrorCode.GENERATION_FAILED and "exited" in err.value.message
+            assert err.value.code is EngineErrorCode.GENERATION_FAILED and "exited" in err.value.message
             if death == 0:  # restarted: served again
                 after = await asyncio.wait_for(run(eng, "after", max_tokens=5, ignore_eos=True), scaled(60))
                 assert after["completion"] == 5 and eng.ready

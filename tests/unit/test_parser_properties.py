@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokenwire.engine.interface import ErrorCode
+from tokenwire.server.errors import ErrorCode
 from tokenwire.server.openai import protocol as oa
 from tokenwire.server.realtime import protocol as rt
 from tokenwire.server.ws.protocol import Generate, Limits, ProtocolError, parse_message

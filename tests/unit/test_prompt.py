@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tokenwire.engine.interface import ChatMessage, EngineError, ErrorCode, GenerationRequest, SamplingParams
+from tokenwire.engine.interface import ChatMessage, EngineError, EngineErrorCode, GenerationRequest, SamplingParams
 from tokenwire.engine.prompt import PromptBuilder, longest_token_chars
 
 
@@ -45,7 +45,7 @@ def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(byte_tokeniz
     for req in (request(prompt=huge), request(prompt=huge, raw=True), request(messages=(ChatMessage("user", huge),))):
         with pytest.raises(EngineError) as info:
             builder.build(req)
-        assert info.value.code is ErrorCode.PROMPT_TOO_LONG and "characters" in info.value.message
+        assert info.value.code is EngineErrorCode.PROMPT_TOO_LONG and "characters" in info.value.message
     assert tok.chars == 0
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from tokenwire.engine.interface import ErrorCode
+from tokenwire.server.errors import ErrorCode
 from tokenwire.server.ws.protocol import (
     BatchPolicy,
     Cancel,

@@ -23,29 +23,23 @@ class FinishReason(enum.StrEnum):
     CANCELLED = "cancelled"  # the client cancelled or went away
 
 
-class ErrorCode(enum.StrEnum):
-    """Error codes of the wire protocol (PROTOCOL.md); the engine uses a subset."""
+class EngineErrorCode(enum.StrEnum):
+    """Why the engine refuses or fails a request. The server maps each to the wire code of the same name
+    (server/errors.py, which also holds the codes only the server uses)."""
 
-    INVALID_JSON = "invalid_json"
     INVALID_REQUEST = "invalid_request"
-    UNKNOWN_TYPE = "unknown_type"
     DUPLICATE_ID = "duplicate_id"
-    NOT_FOUND = "not_found"
     PROMPT_TOO_LONG = "prompt_too_long"
     OVERLOADED = "overloaded"
-    RATE_LIMITED = "rate_limited"
-    UNAUTHORIZED = "unauthorized"
-    SLOW_CONSUMER = "slow_consumer"
     GENERATION_FAILED = "generation_failed"
     SHUTTING_DOWN = "shutting_down"
-    INTERNAL_ERROR = "internal_error"
 
 
 class EngineError(Exception):
-    """A request the engine cannot serve; ``code`` is a protocol error code, ``param`` the field at fault."""
+    """A request the engine cannot serve: ``code`` says why, ``param`` names the field at fault."""
 
     def __init__(
-        self, code: ErrorCode, message: str, param: str | None = None, retry_after: float | None = None
+        self, code: EngineErrorCode, message: str, param: str | None = None, retry_after: float | None = None
     ) -> None:
         super().__init__(message)
         self.code = code

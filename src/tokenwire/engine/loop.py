@@ -41,8 +41,8 @@ from typing import Any, Protocol
 from tokenwire.engine.admission import AdmissionQueue
 from tokenwire.engine.interface import (
     EngineError,
+    EngineErrorCode,
     EngineStats,
-    ErrorCode,
     FinishReason,
     GenerationRequest,
     GenerationStart,
@@ -228,7 +228,7 @@ class LoopEngine:
                 log.error("%s; failing its %d requests", self._failure, len(self._streams))
                 self._ready = False
                 for rid, stream in list(self._streams.items()):
-                    stream.put_nowait(_Failure(rid, EngineError(ErrorCode.GENERATION_FAILED, self._failure)))
+                    stream.put_nowait(_Failure(rid, EngineError(EngineErrorCode.GENERATION_FAILED, self._failure)))
         return self._failure
 
     # -- lifecycle
@@ -272,21 +272,24 @@ class LoopEngine:
             await asyncio.to_thread(self._thread.join, 30)
         self._tokenizing.shutdown(wait=False, cancel_futures=True)
         for rid, q in list(self._streams.items()):
-            q.put_nowait(_Failure(rid, EngineError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")))
+            q.put_nowait(_Failure(rid, EngineError(EngineErrorCode.SHUTTING_DOWN, "the server is shutting down")))
 
     # -- requests (event loop side)
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
         if not self._ready:
             if self._failure is not None:
-                raise EngineError(ErrorCode.GENERATION_FAILED, f"the engine failed ({self._failure}); try again later")
+                raise EngineError(
+                    EngineErrorCode.GENERATION_FAILED, f"the engine failed ({self._failure}); try again later"
+                )
             raise EngineError(
-                ErrorCode.SHUTTING_DOWN if self._stopping else ErrorCode.OVERLOADED, "the engine is not ready"
+                EngineErrorCode.SHUTTING_DOWN if self._stopping else EngineErrorCode.OVERLOADED,
+                "the engine is not ready",
             )
         rid = request.request_id
         if rid in self._streams:
-            raise EngineError(ErrorCode.DUPLICATE_ID, f"request id {rid!r} is already running", "id")
+            raise EngineError(EngineErrorCode.DUPLICATE_ID, f"request id {rid!r} is already running", "id")
         if len(self._streams) >= self._max_in_flight:
-            raise EngineError(ErrorCode.OVERLOADED, "too many requests are in flight; try again later")
+            raise EngineError(EngineErrorCode.OVERLOADED, "too many requests are in flight; try again later")
         # Unbounded in type, bounded in fact: the model thread puts at most one item per step per request,
         # and the stream ends after max_tokens steps.
         stream: asyncio.Queue[_Item] = asyncio.Queue()
@@ -297,7 +300,7 @@ class LoopEngine:
             if request.continuation is not None:  # its prompt was tokenized where it began
                 prompt = Prompt(list(request.continuation.prompt_ids))
                 if len(prompt.token_ids) >= self._max_context:
-                    raise EngineError(ErrorCode.PROMPT_TOO_LONG, "the prompt does not fit this model's context")
+                    raise EngineError(EngineErrorCode.PROMPT_TOO_LONG, "the prompt does not fit this model's context")
             else:
                 prompt = await self._tokenize(request)
             n = len(prompt.token_ids)
@@ -332,7 +335,9 @@ class LoopEngine:
             raise
         except Exception as exc:  # the tokenizer refused the input: this request fails, nothing else
             log.warning("could not tokenize request %s: %s", request.request_id, exc)
-            raise EngineError(ErrorCode.INVALID_REQUEST, f"the prompt could not be tokenized: {exc}", "prompt") from exc
+            raise EngineError(
+                EngineErrorCode.INVALID_REQUEST, f"the prompt could not be tokenized: {exc}", "prompt"
+            ) from exc
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -364,7 +369,7 @@ class LoopEngine:
 
     # -- the model thread
     def _run(self) -> None:
-        code, why = ErrorCode.SHUTTING_DOWN, "the server is shutting down"
+        code, why = EngineErrorCode.SHUTTING_DOWN, "the server is shutting down"
         try:
             while not self._stopping:
                 self._beat = time.monotonic()
@@ -377,13 +382,13 @@ class LoopEngine:
                     self._failure = f"the {self.backend.kind} engine stopped (its backend died)"
                     log.error("%s; the server is not ready any more", self._failure)
                     self._ready = False
-                    code, why = ErrorCode.GENERATION_FAILED, self._failure
+                    code, why = EngineErrorCode.GENERATION_FAILED, self._failure
                     break
         except Exception as exc:  # a bug in the loop or the backend: the engine cannot go on
             log.exception("engine loop crashed")
             self._failure = f"the model loop crashed: {type(exc).__name__}: {exc}"
             self._ready = False
-            code, why = ErrorCode.GENERATION_FAILED, self._failure
+            code, why = EngineErrorCode.GENERATION_FAILED, self._failure
         finally:
             self._fail_all(code, why)
             self.backend.close()
@@ -470,7 +475,7 @@ class LoopEngine:
             rid = waiting.request_id
             self._forget(rid)
             error = EngineError(
-                ErrorCode.OVERLOADED,
+                EngineErrorCode.OVERLOADED,
                 f"no slot became free within the queue timeout ({self._queue_timeout:g} s); try again later",
                 retry_after=max(1.0, round(self._queue_timeout / 4)),
             )
@@ -559,7 +564,7 @@ class LoopEngine:
             except Exception as exc:  # a bug for this request (its detokenizer, say): it fails, the others go on
                 log.exception("request %s failed in the output side", rid)
                 self._forget(rid)
-                out.append(_Failure(rid, EngineError(ErrorCode.GENERATION_FAILED, f"generation failed: {exc}")))
+                out.append(_Failure(rid, EngineError(EngineErrorCode.GENERATION_FAILED, f"generation failed: {exc}")))
                 continue
             out.extend(made)
             if ended:
@@ -573,7 +578,7 @@ class LoopEngine:
         self._steps += result.steps
         self.emit(out)
 
-    def _fail_all(self, code: ErrorCode, message: str) -> None:
+    def _fail_all(self, code: EngineErrorCode, message: str) -> None:
         out: list[_Item] = []
         for rid in list(self._streams):
             if self._outputs is not None:

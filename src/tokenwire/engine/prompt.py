@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tokenwire.engine.interface import ChatMessage, EngineError, ErrorCode, GenerationRequest
+from tokenwire.engine.interface import ChatMessage, EngineError, EngineErrorCode, GenerationRequest
 
 
 @dataclass(slots=True, frozen=True)
@@ -56,7 +56,7 @@ class PromptBuilder:
                 raise self._too_long(len(ids))
             ids = ids[-limit:]  # a raw prompt keeps its most recent tokens
         if not ids:
-            raise EngineError(ErrorCode.INVALID_REQUEST, "the prompt encodes to no tokens", "prompt")
+            raise EngineError(EngineErrorCode.INVALID_REQUEST, "the prompt encodes to no tokens", "prompt")
         return Prompt(ids)
 
     def _encode_raw(self, text: str) -> list[int]:
@@ -77,7 +77,7 @@ class PromptBuilder:
             )
         except Exception as exc:  # the template itself rejects the conversation (e.g. role order)
             raise EngineError(
-                ErrorCode.INVALID_REQUEST,
+                EngineErrorCode.INVALID_REQUEST,
                 f"the model's chat template rejected the messages: {exc}",
                 "messages",
             ) from exc
@@ -116,7 +116,7 @@ class PromptBuilder:
 
     def _too_long_text(self, n: int) -> EngineError:
         return EngineError(
-            ErrorCode.PROMPT_TOO_LONG,
+            EngineErrorCode.PROMPT_TOO_LONG,
             f"the prompt is {n} characters, more than the model's context of {self.max_context} tokens can hold "
             f'whatever they say; shorten it or send truncate: "auto"',
             "messages",
@@ -124,7 +124,7 @@ class PromptBuilder:
 
     def _too_long(self, n: int) -> EngineError:
         return EngineError(
-            ErrorCode.PROMPT_TOO_LONG,
+            EngineErrorCode.PROMPT_TOO_LONG,
             f"the prompt is {n} tokens but the model's context holds {self.max_context} "
             f'(at most {self.max_context - 1} for the prompt); shorten it or send truncate: "auto"',
             "messages",

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tokenwire.engine.interface import EngineError, ErrorCode
+from tokenwire.server.errors import ErrorCode, RequestError
 
 
 @dataclass(slots=True)
@@ -44,20 +44,20 @@ class KeyLimits:
         return self._running.get(tenant, 0)
 
     def acquire(self, tenant: str) -> None:
-        """Admit one generation of ``tenant``, or raise ``EngineError(rate_limited)`` saying which limit and when
+        """Admit one generation of ``tenant``, or raise ``RequestError(rate_limited)`` saying which limit and when
         to try again. The caller calls :meth:`release` when it ends, however it ends."""
         if not tenant:
             return
         cap = self.max_generations
         if cap and self._running.get(tenant, 0) >= cap:
-            raise EngineError(
+            raise RequestError(
                 ErrorCode.RATE_LIMITED,
                 f"this API key already runs {cap} generations (--max-generations-per-key); wait for one to end",
                 retry_after=1.0,
             )
         wait = self._wait(tenant)
         if wait > 0:
-            raise EngineError(
+            raise RequestError(
                 ErrorCode.RATE_LIMITED,
                 f"this API key used its budget of {self.tokens_per_minute} tokens per minute (--rate-limit); "
                 f"try again in {math.ceil(wait)} s",

@@ -17,10 +17,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.websockets import WebSocket
 
-from tokenwire.engine.interface import ErrorCode
 from tokenwire.metrics import Session
 from tokenwire.server.auth import AuthPolicy, bearer_token, key_matches, origin_allowed, websocket_key
 from tokenwire.server.capacity import PER_IP_FULL, client_ip, open_fds
+from tokenwire.server.errors import GOING_AWAY, POLICY_VIOLATION, TRY_AGAIN_LATER, ErrorCode
 from tokenwire.server.journal import owner_of
 from tokenwire.server.lifecycle import ServerState
 from tokenwire.server.realtime import protocol as rt
@@ -31,8 +31,6 @@ from tokenwire.server.ws.connection import Connection
 
 log = logging.getLogger(__name__)
 
-TRY_AGAIN_LATER = 1013
-GOING_AWAY = 1001
 FULL = "the server holds as many connections as it may (--max-connections); try again later"
 DRAINING = "the server is shutting down; reconnect and try again shortly"
 MAX_NOTICE_CHARS = 4096
@@ -216,7 +214,9 @@ class Routes:
         return key, subprotocol, problem
 
     @staticmethod
-    async def _refuse(ws: WebSocket, subprotocol: str | None, message: dict[str, object], code: int = 1008) -> None:
+    async def _refuse(
+        ws: WebSocket, subprotocol: str | None, message: dict[str, object], code: int = POLICY_VIOLATION
+    ) -> None:
         """Accept, so that the client can read why, then close with ``code`` (1008 policy, 1013 try again later,
         1001 going away)."""
         await ws.accept(subprotocol=subprotocol)
@@ -279,7 +279,7 @@ class Routes:
         state = self.state
         key, subprotocol, problem = self._refusal(ws)
         model = ws.query_params.get("model")
-        close = 1008
+        close = POLICY_VIOLATION
         if problem is None and model is not None and model != state.engine.model_name:
             problem = f"the model {model!r} does not exist; this server serves {state.engine.model_name!r}"
             code = "model_not_found"

@@ -21,7 +21,7 @@ from tokenwire.engine.hf.parked import ParkedKV, ParkedStore
 from tokenwire.engine.hf.quant import quantize_int8
 from tokenwire.engine.hf.runner import ModelRunner
 from tokenwire.engine.hf.sampler import RowSampler, SamplingFailure
-from tokenwire.engine.interface import EngineError, EngineStats, ErrorCode, SamplingParams
+from tokenwire.engine.interface import EngineError, EngineErrorCode, EngineStats, SamplingParams
 from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
 from tokenwire.engine.scheduler import Scheduler, SchedulerConfig, Swap
 from tokenwire.engine.sequence import SeqState, Sequence
@@ -227,7 +227,7 @@ class HFBackend:
         except Exception as exc:  # outside the forward passes (the cache could not grow): nothing is consistent
             log.exception("model step failed")
             for seq in list(sched.running):
-                out.failed[seq.request_id] = EngineError(ErrorCode.GENERATION_FAILED, f"generation failed: {exc}")
+                out.failed[seq.request_id] = EngineError(EngineErrorCode.GENERATION_FAILED, f"generation failed: {exc}")
                 out.tokens.pop(seq.request_id, None)
                 self._drop(seq)
             runner.cache.release()
@@ -258,7 +258,7 @@ class HFBackend:
                 log.exception("request %s failed in a forward pass of its own", seq.request_id)
                 failed.append((seq, exc))
         for seq, error in failed:  # after every row ran: dropping moves rows
-            out.failed[seq.request_id] = EngineError(ErrorCode.GENERATION_FAILED, f"generation failed: {error}")
+            out.failed[seq.request_id] = EngineError(EngineErrorCode.GENERATION_FAILED, f"generation failed: {error}")
             self._drop(seq)
         return ran, torch.cat(rows) if rows else torch.empty(0)
 
@@ -277,7 +277,7 @@ class HFBackend:
             if isinstance(token, SamplingFailure):
                 log.warning("request %s could not be sampled: %s", seq.request_id, token.reason)
                 out.failed[seq.request_id] = EngineError(
-                    ErrorCode.GENERATION_FAILED, f"generation failed: {token.reason}"
+                    EngineErrorCode.GENERATION_FAILED, f"generation failed: {token.reason}"
                 )
                 self._drop(seq)
                 continue

@@ -22,7 +22,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from tokenwire.engine import models
-from tokenwire.engine.interface import EngineError, EngineStats, ErrorCode, FinishReason, SamplingParams
+from tokenwire.engine.interface import EngineError, EngineErrorCode, EngineStats, FinishReason, SamplingParams
 from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
 from tokenwire.engine.openvino import convert, worker
 from tokenwire.engine.openvino.model import plan, prepare
@@ -283,7 +283,7 @@ class OVBackend:
             if reason is None:  # finished in the pipeline: the output side most likely ended it already
                 out.finished[rid] = FinishReason.STOP
             else:
-                out.failed[rid] = EngineError(ErrorCode.GENERATION_FAILED, reason)
+                out.failed[rid] = EngineError(EngineErrorCode.GENERATION_FAILED, reason)
 
     def _died(self, out: StepOutput) -> None:
         process = self._process
@@ -292,7 +292,7 @@ class OVBackend:
         code = process.exitcode if process is not None else None
         log.error("the OpenVINO worker process exited (code %s); failing its %d requests", code, len(self._keys))
         for rid in self._keys:
-            out.failed[rid] = EngineError(ErrorCode.GENERATION_FAILED, f"the engine process exited (code {code})")
+            out.failed[rid] = EngineError(EngineErrorCode.GENERATION_FAILED, f"the engine process exited (code {code})")
         self._keys.clear()
         self._rids.clear()
         now = time.monotonic()

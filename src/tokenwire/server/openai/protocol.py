@@ -6,13 +6,13 @@ so both doors accept the same values and name the same fields in their errors.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from tokenwire.engine.interface import ErrorCode, FinishReason, SamplingParams
-from tokenwire.server import strictjson
+from tokenwire.engine.interface import EngineError, FinishReason, SamplingParams
+from tokenwire.server import errors, strictjson
+from tokenwire.server.errors import ErrorCode
 from tokenwire.server.ws.protocol import Generate, Limits, ProtocolError, parse_generate
 
 # Fields shared with the WebSocket ``generate`` message, passed through as they are.
@@ -59,27 +59,21 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-_STATUS = {
-    ErrorCode.INVALID_JSON: 400,
-    ErrorCode.INVALID_REQUEST: 400,
-    ErrorCode.PROMPT_TOO_LONG: 400,
-    ErrorCode.DUPLICATE_ID: 400,
-    ErrorCode.NOT_FOUND: 404,
-    ErrorCode.UNAUTHORIZED: 401,
-    ErrorCode.RATE_LIMITED: 429,
-    ErrorCode.OVERLOADED: 503,
-    ErrorCode.SHUTTING_DOWN: 503,
-    ErrorCode.SLOW_CONSUMER: 400,
-    ErrorCode.GENERATION_FAILED: 500,
-}
-
-
 def api_error(code: ErrorCode, message: str, param: str | None = None, retry_after: float | None = None) -> APIError:
-    """Map a protocol or engine error code to its HTTP status (with Retry-After where waiting helps: the engine's
-    hint, else 1 s)."""
-    status = _STATUS.get(code, 500)
-    retry = (math.ceil(retry_after) if retry_after is not None else 1) if status in (429, 503) else None
-    return APIError(status, message, code=code.value, param=param, retry_after=retry)
+    """A wire error in OpenAI's shape: its HTTP status and Retry-After come from server/errors.py."""
+    return APIError(
+        errors.http_status(code),
+        message,
+        code=code.value,
+        param=param,
+        retry_after=errors.retry_after_s(code, retry_after),
+    )
+
+
+def from_error(err: EngineError | errors.RequestError) -> APIError:
+    """An engine error or a server refusal, answered in OpenAI's shape."""
+    wire = errors.wire_error(err)
+    return api_error(wire.code, wire.message, wire.param, wire.retry_after)
 
 
 def json_input_error(err: strictjson.JSONInputError) -> APIError:

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from tokenwire.engine.interface import (
     Engine,
     EngineError,
-    ErrorCode,
+    EngineErrorCode,
     FinishReason,
     GenerationRequest,
     OutputKind,
@@ -32,6 +32,7 @@ from tokenwire.engine.interface import (
 from tokenwire.server import strictjson
 from tokenwire.server.auth import bearer_token
 from tokenwire.server.backlog import Backlog
+from tokenwire.server.errors import ErrorCode, RequestError
 from tokenwire.server.journal import owner_of
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.openai import protocol as oa
@@ -233,16 +234,16 @@ class OpenAIRoutes:
         )
         try:
             self.key_limits.acquire(engine_req.tenant)
-        except EngineError as err:
+        except RequestError as err:
             self.telemetry.error(err.code.value)
-            return error_response(oa.api_error(err.code, err.message, err.param, err.retry_after))
+            return error_response(oa.from_error(err))
         stream = self._tracked(engine_req)
         trace = self.telemetry.trace(engine_req.request_id, "http", "openai")
         try:
             await anext(stream)  # STARTED: tokenized and queued; prompt errors surface here, before any byte
         except EngineError as err:
             trace.failed(err.code.value)
-            return error_response(oa.api_error(err.code, err.message, err.param, err.retry_after))
+            return error_response(oa.from_error(err))
         if req.stream:
             rid = engine_req.request_id
             return EventStreamResponse(
@@ -281,7 +282,7 @@ class OpenAIRoutes:
                     ):
                         if out.text:
                             yield RequestOutput(rid, OutputKind.DELTA, text=out.text, num_tokens=out.num_tokens)
-                        raise EngineError(ErrorCode.SHUTTING_DOWN, _shutting_down().message)
+                        raise EngineError(EngineErrorCode.SHUTTING_DOWN, _shutting_down().message)
                     yield out
         finally:
             self._in_flight.discard(rid)
@@ -301,7 +302,7 @@ class OpenAIRoutes:
                         trace.finished(out)
                         return "".join(parts), out
             except EngineError as err:
-                return oa.api_error(err.code, err.message, err.param, err.retry_after)
+                return oa.from_error(err)
         return oa.APIError(500, "the generation ended without a result", code="generation_failed")
 
     async def _events(
@@ -343,7 +344,7 @@ class OpenAIRoutes:
                         break
             except EngineError as err:  # after the headers: report it in the stream
                 trace.failed(err.code.value)
-                yield sse(oa.api_error(err.code, err.message, err.param, err.retry_after).body())
+                yield sse(oa.from_error(err).body())
             finally:
                 trace.abandoned()  # a no-op unless the client left mid-stream
             yield sse("[DONE]")

@@ -19,6 +19,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from tokenwire.engine.interface import Engine, EngineError, FinishReason, GenerationRequest, OutputKind
 from tokenwire.server.backlog import Backlog
+from tokenwire.server.errors import GOING_AWAY, POLICY_VIOLATION, RequestError, openai_type, wire_error
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.realtime.protocol import (
     Item,
@@ -199,7 +200,7 @@ class RealtimeConnection:
         chat, params = build_request(self.session, create, self.items, self.limits)
         try:
             self.key_limits.acquire(self.tenant)
-        except EngineError as err:
+        except RequestError as err:
             raise RealtimeError(err.message, err.code.value) from None
         rid = new_id("resp")
         running = _Running(rid, f"{self.session.id}:{rid}", create.use_conversation)
@@ -273,10 +274,11 @@ class RealtimeConnection:
                             status, details = _STATUS[out.finish_reason or FinishReason.STOP]
                             if status == "cancelled" and self._shutting_down:
                                 details = {"type": "cancelled", "reason": "server_shutting_down"}
-            except EngineError as err:
+            except EngineError as failure:
+                err = wire_error(failure)
                 trace.failed(err.code.value)
                 self.telemetry.error(err.code.value)
-                details = {"type": "failed", "error": {"type": "invalid_request_error", "code": err.code.value}}
+                details = {"type": "failed", "error": {"type": openai_type(err.code), "code": err.code.value}}
                 await self.send(error_event(RealtimeError(err.message, err.code.value, err.param), create.event_id))
             item.status = "completed" if status == "completed" else "incomplete"
             part = {"type": "text", "text": item.text}
@@ -348,7 +350,7 @@ class RealtimeConnection:
             await self.send(error_event(_shutting_down(), None))
         if self.ws.application_state is WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
-                await self.ws.close(1001)
+                await self.ws.close(GOING_AWAY)
 
     async def send(self, message: dict[str, Any]) -> None:
         data = messages.encode(message)
@@ -358,8 +360,8 @@ class RealtimeConnection:
             except TimeoutError:  # the client does not read: close (nothing waits for its close handshake)
                 log.warning("closing realtime connection %s: the client does not read", self.session.id)
                 if self._closer is None:
-                    self._closer = asyncio.create_task(self.ws.close(1008))
-                raise WebSocketDisconnect(1008) from None
+                    self._closer = asyncio.create_task(self.ws.close(POLICY_VIOLATION))
+                raise WebSocketDisconnect(POLICY_VIOLATION) from None
             except RuntimeError as exc:  # sending after close
                 raise WebSocketDisconnect(1006) from exc
         self.telemetry.websocket_sent(data)

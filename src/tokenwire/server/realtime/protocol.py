@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, SamplingParams
-from tokenwire.server import strictjson
+from tokenwire.server import errors, strictjson
+from tokenwire.server.errors import ErrorCode
 from tokenwire.server.ws.protocol import Limits, ProtocolError, parse_generate
 
 # Sampling fields a session or a response may carry (an extension of OpenAI's events).
@@ -334,11 +335,18 @@ def event(kind: str, **fields: Any) -> dict[str, Any]:
     return {"type": kind, "event_id": new_id("event"), **fields}
 
 
+def _error_type(code: str) -> str:
+    """OpenAI's error type: from the shared table for a wire code; Realtime's own codes are the client's fault."""
+    if code in ErrorCode.__members__.values():
+        return errors.openai_type(code)
+    return "server_error" if code == "server_error" else "invalid_request_error"
+
+
 def error_event(err: RealtimeError, client_event_id: str | None) -> dict[str, Any]:
     return event(
         "error",
         error={
-            "type": "invalid_request_error" if err.code != "server_error" else "server_error",
+            "type": _error_type(err.code),
             "code": err.code,
             "message": err.message,
             "param": err.param,

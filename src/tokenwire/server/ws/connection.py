@@ -28,8 +28,16 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from tokenwire.engine.interface import Engine, EngineError, ErrorCode, GenerationRequest
+from tokenwire.engine.interface import Engine, GenerationRequest
 from tokenwire.server.backlog import Backlog
+from tokenwire.server.errors import (
+    GOING_AWAY,
+    INTERNAL_ERROR_CLOSURE,
+    NORMAL_CLOSURE,
+    POLICY_VIOLATION,
+    ErrorCode,
+    RequestError,
+)
 from tokenwire.server.journal import Journal, Registry, ResumeRefused, token_digest
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.redis_journal import Record
@@ -49,9 +57,6 @@ from tokenwire.server.ws.protocol import (
 )
 
 log = logging.getLogger(__name__)
-
-NORMAL_CLOSURE = 1000
-INTERNAL_ERROR_CLOSURE = 1011
 
 
 @dataclass(slots=True, frozen=True)
@@ -190,7 +195,7 @@ class Connection:
                 )
             )
         self._closing = True
-        await self._close(1001)
+        await self._close(GOING_AWAY)
 
     async def notify(self, notice: dict[str, Any]) -> bool:
         """Send a ``notice`` (an operator's broadcast, the drain); False if the client could not take it."""
@@ -291,7 +296,7 @@ class Connection:
         tenant = self.owner or ""
         try:
             self.key_limits.acquire(tenant)
-        except EngineError as err:
+        except RequestError as err:
             await self.send_error(err.code, err.message, gen_id, retry_after=err.retry_after)
             return
         engine_id = f"{self.session}:{gen_id}"
@@ -479,7 +484,7 @@ class Connection:
         close. The close handshake needs the client to read, so nothing waits for it."""
         self._closing = True
         await self._let_go(abort=False)
-        await self._close(1008)
+        await self._close(POLICY_VIOLATION)
 
     def _release(self, gen_id: str, journal: Journal) -> None:
         held = self._held.get(gen_id)

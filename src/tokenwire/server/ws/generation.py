@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tokenwire.engine.interface import Engine, EngineError, ErrorCode, GenerationRequest, OutputKind, RequestOutput
+from tokenwire.engine.interface import Engine, EngineError, GenerationRequest, OutputKind, RequestOutput
+from tokenwire.server.errors import ErrorCode, wire_error
 from tokenwire.server.journal import Entry, Journal, Registry
 from tokenwire.server.streams import with_deadlines
 from tokenwire.server.telemetry import Telemetry
@@ -124,7 +125,8 @@ class Producer:
                             out.cached_tokens,
                         )
                         self._emit(done, final=True)
-        except EngineError as err:
+        except EngineError as failure:
+            err = wire_error(failure)
             trace.failed(err.code.value)
             self._release_held()
             self._emit(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tokenwire.engine.interface import ErrorCode, FinishReason, Timings
+from tokenwire.engine.interface import FinishReason, Timings
+from tokenwire.server.errors import ErrorCode
 
 
 def encode(message: dict[str, Any]) -> str:

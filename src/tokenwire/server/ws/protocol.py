@@ -10,8 +10,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from tokenwire.engine.interface import ChatMessage, ErrorCode, InvalidParam, SamplingParams
+from tokenwire.engine.interface import ChatMessage, InvalidParam, SamplingParams
 from tokenwire.server import strictjson
+from tokenwire.server.errors import ErrorCode
 
 PROTOCOL_VERSION = 1
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
