@@ -17,8 +17,8 @@ from tests.e2e.server import free_port, serving
 from tests.fakes import FakeEngine
 from tokenwire.engine.interface import EngineError, EngineErrorCode
 from tokenwire.server.auth import AuthPolicy
+from tokenwire.server.params import Limits
 from tokenwire.server.ws.connection import ConnectionSettings
-from tokenwire.server.ws.protocol import Limits
 
 MS = scaled(10) * 1000  # Playwright timeouts, in milliseconds
 

@@ -20,8 +20,8 @@ from tests.conftest import scaled
 from tests.e2e.server import RunningServer, serve, serving
 from tests.fakes import FakeEngine
 from tokenwire.engine.interface import EngineError, EngineErrorCode
+from tokenwire.server.params import Limits
 from tokenwire.server.ws.connection import ConnectionSettings
-from tokenwire.server.ws.protocol import Limits
 
 RESPONSE_EVENTS = [
     "response.created",

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from tokenwire.server.errors import ErrorCode
 from tokenwire.server.openai import protocol as oa
+from tokenwire.server.params import Limits
 from tokenwire.server.realtime import protocol as rt
-from tokenwire.server.ws.protocol import Generate, Limits, ProtocolError, parse_message
+from tokenwire.server.ws.protocol import Generate, ProtocolError, parse_message
 
 LIMITS = Limits()
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

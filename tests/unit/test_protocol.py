@@ -8,17 +8,8 @@ from typing import Any
 import pytest
 
 from tokenwire.server.errors import ErrorCode
-from tokenwire.server.ws.protocol import (
-    BatchPolicy,
-    Cancel,
-    Generate,
-    Limits,
-    Ping,
-    Pong,
-    ProtocolError,
-    Resume,
-    parse_message,
-)
+from tokenwire.server.params import Limits
+from tokenwire.server.ws.protocol import BatchPolicy, Cancel, Generate, Ping, Pong, ProtocolError, Resume, parse_message
 
 LIMITS = Limits()
 

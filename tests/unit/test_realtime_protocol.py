@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tokenwire.server.params import Limits
 from tokenwire.server.realtime.protocol import (
     Item,
     ItemCreate,
@@ -18,7 +19,6 @@ from tokenwire.server.realtime.protocol import (
     parse_event,
     update_session,
 )
-from tokenwire.server.ws.protocol import Limits
 
 LIMITS = Limits()
 

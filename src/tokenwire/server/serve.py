@@ -17,9 +17,9 @@ from tokenwire.engine.factory import build_engine
 from tokenwire.server.app import ServerState, create_app
 from tokenwire.server.auth import AuthPolicy
 from tokenwire.server.capacity import auto_max_connections, raise_fd_limit
+from tokenwire.server.params import Limits
 from tokenwire.server.ws.connection import ConnectionSettings
 from tokenwire.server.ws.generation import FlowPolicy
-from tokenwire.server.ws.protocol import Limits
 
 log = logging.getLogger(__name__)
 

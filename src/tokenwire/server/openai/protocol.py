@@ -1,7 +1,7 @@
 """OpenAI-compatible request parsing and response shapes. Pure: dicts in, typed requests or errors out.
 
-Sampling parameters are validated by the same code as the WebSocket protocol (``protocol.parse_generate``),
-so both doors accept the same values and name the same fields in their errors.
+Request fields become sampling parameters and chat messages through params.py, as at every door, so all doors
+accept the same values and name the same fields in their errors.
 """
 
 from __future__ import annotations
@@ -10,24 +10,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tokenwire.engine.interface import EngineError, FinishReason, SamplingParams
-from tokenwire.server import errors, strictjson
+from tokenwire.engine.interface import ChatMessage, EngineError, FinishReason, SamplingParams
+from tokenwire.server import errors, params, strictjson
 from tokenwire.server.errors import ErrorCode
-from tokenwire.server.ws.protocol import Generate, Limits, ProtocolError, parse_generate
-
-# Fields shared with the WebSocket ``generate`` message, passed through as they are.
-_PASSTHROUGH = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-    "stop",
-    "ignore_eos",
-)
+from tokenwire.server.params import Limits
 
 
 class APIError(Exception):
@@ -82,24 +68,19 @@ def json_input_error(err: strictjson.JSONInputError) -> APIError:
 
 @dataclass(slots=True, frozen=True)
 class CompletionRequest:
-    """A parsed ``/v1/chat/completions`` or ``/v1/completions`` body."""
+    """A parsed ``/v1/chat/completions`` (``messages``) or ``/v1/completions`` (``prompt``, no chat template) body."""
 
     chat: bool
-    generate: Generate
+    params: SamplingParams
     stream: bool
     include_usage: bool
     model: str
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.generate.params
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
 
 
-def parse_completion_request(
-    body: Any, *, chat: bool, limits: Limits, model_name: str, model_aliases: tuple[str, ...] = ()
-) -> CompletionRequest:
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+def check_model(body: dict[str, Any], model_name: str, model_aliases: tuple[str, ...] = ()) -> None:
+    """``model``, when given, must name the model served (or an alias): 404 ``model_not_found`` otherwise."""
     model = body.get("model", model_name)
     if not isinstance(model, str):
         raise APIError(400, '"model" must be a string', code="invalid_request", param="model")
@@ -110,37 +91,36 @@ def parse_completion_request(
             code="model_not_found",
             param="model",
         )
+
+
+def field_error(err: params.FieldError) -> APIError:
+    return APIError(400, err.message, code="invalid_request", param=err.param)
+
+
+def parse_completion_request(
+    body: Any, *, chat: bool, limits: Limits, model_name: str, model_aliases: tuple[str, ...] = ()
+) -> CompletionRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    check_model(body, model_name, model_aliases)
     _reject_unsupported(body)
     try:
         strictjson.check(body, "the request")
     except strictjson.JSONInputError as err:
         raise json_input_error(err) from None
-    msg: dict[str, Any] = {k: body[k] for k in _PASSTHROUGH if k in body}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        msg["max_tokens"] = max_tokens
-    if chat:
-        if "messages" not in body:
-            raise APIError(400, '"messages" is required', code="invalid_request", param="messages")
-        msg["messages"] = body["messages"]
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]  # a batch of one prompt
-        elif isinstance(prompt, list):
-            raise APIError(
-                400,
-                '"prompt" must be one string (batches and token arrays are not supported)',
-                code="invalid_request",
-                param="prompt",
-            )
-        msg["prompt"] = prompt
-        msg["raw"] = True  # completions continue the text as given, without the chat template
     try:
-        gen = parse_generate(msg, limits)
-    except ProtocolError as err:
-        param = "max_tokens" if err.param == "max_length" else err.param
-        raise api_error(err.code, err.message, param) from None
+        max_tokens = params.max_tokens(body, ("max_completion_tokens", "max_tokens"), limits)
+        sampling = params.sampling_params(body, limits, max_tokens)
+        prompt: str | None = None
+        messages: tuple[ChatMessage, ...] | None = None
+        if chat:
+            if "messages" not in body:
+                raise params.FieldError('"messages" is required', "messages")
+            messages = params.chat_messages(body["messages"], limits)
+        else:
+            prompt = _prompt(body.get("prompt"))
+    except params.FieldError as err:
+        raise field_error(err) from None
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, '"stream" must be true or false', code="invalid_request", param="stream")
@@ -155,7 +135,17 @@ def parse_completion_request(
             code="invalid_request",
             param="stream_options.include_usage",
         )
-    return CompletionRequest(chat, gen, stream, include_usage, model_name)
+    return CompletionRequest(chat, sampling, stream, include_usage, model_name, prompt, messages)
+
+
+def _prompt(prompt: Any) -> str:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # a batch of one prompt
+    elif isinstance(prompt, list):
+        raise params.FieldError('"prompt" must be one string (batches and token arrays are not supported)', "prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise params.FieldError('"prompt" must be a non-empty string', "prompt")
+    return prompt
 
 
 def _reject_unsupported(body: dict[str, Any]) -> None:

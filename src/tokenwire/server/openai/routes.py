@@ -36,9 +36,9 @@ from tokenwire.server.errors import ErrorCode, RequestError
 from tokenwire.server.journal import owner_of
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.openai import protocol as oa
+from tokenwire.server.params import Limits
 from tokenwire.server.streams import with_deadlines
 from tokenwire.server.telemetry import Telemetry, Trace
-from tokenwire.server.ws.protocol import Limits
 
 T = TypeVar("T")
 
@@ -221,14 +221,12 @@ class OpenAIRoutes:
             )
         prefix = "chatcmpl" if chat else "cmpl"
         ids = oa.ResponseIds.new(f"{prefix}-{secrets.token_hex(12)}", self.engine.model_name)
-        gen = req.generate
         engine_req = GenerationRequest(
             request_id=f"http-{next(self._ids)}-{ids.id}",
-            params=gen.params,
-            prompt=gen.prompt,
-            messages=gen.messages,
-            raw=gen.raw,
-            truncate=gen.truncate,
+            params=req.params,
+            prompt=req.prompt,
+            messages=req.messages,
+            raw=not chat,  # completions continue the text as given, without the chat template
             tenant=(owner_of(bearer_token(request.headers)) or "") if self.keyed else "",
             connection=_peer(request),
         )

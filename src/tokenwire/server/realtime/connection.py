@@ -21,6 +21,7 @@ from tokenwire.engine.interface import Engine, EngineError, FinishReason, Genera
 from tokenwire.server.backlog import Backlog
 from tokenwire.server.errors import GOING_AWAY, POLICY_VIOLATION, RequestError, openai_type, wire_error
 from tokenwire.server.limits import KeyLimits
+from tokenwire.server.params import Limits
 from tokenwire.server.realtime.protocol import (
     Item,
     ItemCreate,
@@ -41,7 +42,6 @@ from tokenwire.server.realtime.protocol import (
 )
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.ws import messages
-from tokenwire.server.ws.protocol import Limits
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, SamplingParams
-from tokenwire.server import errors, strictjson
+from tokenwire.server import errors, params, strictjson
 from tokenwire.server.errors import ErrorCode
-from tokenwire.server.ws.protocol import Limits, ProtocolError, parse_generate
+from tokenwire.server.params import Limits
 
 # Sampling fields a session or a response may carry (an extension of OpenAI's events).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos")
@@ -234,9 +234,9 @@ def sampling_of(raw: dict[str, Any], limits: Limits, where: str) -> dict[str, An
     """The sampling fields of a session or response, checked by the WebSocket protocol's parser."""
     fields = {k: raw[k] for k in SAMPLING_FIELDS if k in raw}
     try:
-        parse_generate({"prompt": "x", **fields}, limits)
-    except ProtocolError as err:
-        raise RealtimeError(err.message, param=f"{where}.{err.param}" if err.param else where) from None
+        params.sampling_params(fields, limits, 1)
+    except params.FieldError as err:
+        raise RealtimeError(err.message, param=f"{where}.{err.param}") from None
     return fields
 
 
@@ -322,10 +322,10 @@ def build_request(
         raise RealtimeError(
             "the response has no input: add a conversation item first, or give response.input", param="response"
         )
-    max_tokens = session.max_output_tokens if create.max_output_tokens == "session" else create.max_output_tokens
-    fields = {**session.sampling, **create.sampling, "max_tokens": max_tokens or limits.max_tokens}
-    gen = parse_generate({"prompt": "x", **fields}, limits)  # already validated: cannot fail here
-    return tuple(messages), gen.params
+    chosen = create.max_output_tokens
+    max_tokens = session.max_output_tokens if chosen == "session" or isinstance(chosen, str) else chosen
+    fields = {**session.sampling, **create.sampling}
+    return tuple(messages), params.sampling_params(fields, limits, max_tokens or limits.max_tokens)
 
 
 # -- server events

@@ -40,6 +40,7 @@ from tokenwire.server.errors import (
 )
 from tokenwire.server.journal import Journal, Registry, ResumeRefused, token_digest
 from tokenwire.server.limits import KeyLimits
+from tokenwire.server.params import Limits
 from tokenwire.server.redis_journal import Record
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.ws import messages
@@ -48,7 +49,6 @@ from tokenwire.server.ws.protocol import (
     Cancel,
     ClientMessage,
     Generate,
-    Limits,
     Ping,
     Pong,
     ProtocolError,
