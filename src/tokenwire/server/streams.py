@@ -1,13 +1,16 @@
-"""Reading an engine stream with deadlines: for batch flushes (WebSocket) and keep-alives (SSE)."""
+"""Reading an engine stream: with deadlines (batch flushes, keep-alives), and as the events every door renders."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 
-from tokenwire.engine.interface import RequestOutput
+from tokenwire.engine.interface import EngineError, OutputKind, RequestOutput
+from tokenwire.server.errors import ErrorCode, RequestError, wire_error
+from tokenwire.server.telemetry import Trace
 
 
 async def with_deadlines(
@@ -44,3 +47,77 @@ async def with_deadlines(
             pending.cancel()
             with contextlib.suppress(BaseException):
                 await pending
+
+
+# -- one adapter from an engine stream to a door's events
+
+
+@dataclass(slots=True, frozen=True)
+class Delta:
+    """New text (``tokens`` generated tokens' worth; text may be empty while a character is incomplete)."""
+
+    text: str
+    tokens: int
+
+
+@dataclass(slots=True, frozen=True)
+class KeepAlive:
+    """Nothing came for the keep-alive interval: a door may send a comment or heartbeat."""
+
+
+@dataclass(slots=True, frozen=True)
+class Done:
+    """The generation finished; ``output`` has the finish reason, usage and timings (its text came as a Delta)."""
+
+    output: RequestOutput
+
+
+@dataclass(slots=True, frozen=True)
+class Failed:
+    """The generation failed, in wire terms."""
+
+    error: RequestError
+
+
+StreamEvent = Delta | KeepAlive | Done | Failed
+
+
+async def door_events(
+    stream: AsyncIterator[RequestOutput], trace: Trace, keepalive: float = 0.0
+) -> AsyncGenerator[StreamEvent, None]:
+    """An engine stream (after its STARTED) as the events every door renders: ``Delta`` per text delta, a
+    ``KeepAlive`` whenever ``keepalive`` seconds pass with nothing else (0: never), then exactly one ``Done`` or
+    ``Failed``. The trace (metrics, logs, dashboard) is kept here, so doors do not repeat it; a door that stops
+    reading before the end (its client left) counts as abandoned, and closing these events closes ``stream``
+    (which aborts the request in the engine)."""
+    next_ping = time.monotonic() + keepalive
+
+    def deadline() -> float:
+        return next_ping
+
+    try:
+        async for out in with_deadlines(stream, deadline if keepalive > 0 else None):
+            next_ping = time.monotonic() + keepalive
+            if out is None:
+                yield KeepAlive()
+                continue
+            if out.kind is OutputKind.STARTED:
+                continue
+            if out.text or out.num_tokens:
+                if out.text:
+                    trace.delta(out.text, out.num_tokens)
+                yield Delta(out.text, out.num_tokens)
+            if out.kind is OutputKind.FINISHED:
+                trace.finished(out)
+                yield Done(out)
+                return
+        trace.failed(ErrorCode.GENERATION_FAILED.value)
+        yield Failed(RequestError(ErrorCode.GENERATION_FAILED, "the generation ended without a result"))
+    except EngineError as err:
+        wire = wire_error(err)
+        trace.failed(wire.code.value)
+        yield Failed(wire)
+    finally:
+        trace.abandoned()  # a no-op unless the door stopped reading before the end
+        if isinstance(stream, AsyncGenerator):
+            await stream.aclose()  # a door that stops early aborts the request

@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator
+from typing import TypeVar
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.responses import JSONResponse, Response
 
 from tokenwire.engine.interface import (
     Engine,
@@ -31,13 +29,13 @@ from tokenwire.engine.interface import (
 )
 from tokenwire.server import strictjson
 from tokenwire.server.auth import bearer_token
-from tokenwire.server.backlog import Backlog
 from tokenwire.server.errors import ErrorCode, RequestError
 from tokenwire.server.journal import owner_of
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.openai import protocol as oa
 from tokenwire.server.params import Limits
-from tokenwire.server.streams import with_deadlines
+from tokenwire.server.sse import EventStreamResponse, sse, until_disconnect
+from tokenwire.server.streams import Delta, Done, Failed, KeepAlive, door_events
 from tokenwire.server.telemetry import Telemetry, Trace
 
 T = TypeVar("T")
@@ -56,99 +54,6 @@ def _peer(request: Request) -> str:
 
 def _shutting_down() -> oa.APIError:
     return oa.api_error(ErrorCode.SHUTTING_DOWN, "the server is shutting down; try again later")
-
-
-def sse(data: dict[str, Any] | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
-
-
-class EventStreamResponse(StreamingResponse):
-    """Streams ``events`` as ``text/event-stream``; a client disconnect cancels it (and so closes ``events``).
-
-    Flow control: while the socket holds ``MAX_UNREAD`` bytes the client has not taken (backlog.py), or a write
-    stays blocked for ``STALL_S`` (where the backlog cannot be read), the generation is paused (``pause``); it goes
-    on (``unpause``) when the client has read half of that, or the write completes. So a stalled reader costs no
-    compute, and the text waiting for it is bounded."""
-
-    STALL_S = 0.2
-    MAX_UNREAD = 16 << 10
-
-    def __init__(
-        self,
-        events: AsyncGenerator[bytes, None],
-        pause: Callable[[], None] | None = None,
-        unpause: Callable[[], None] | None = None,
-    ) -> None:
-        super().__init__(
-            events,
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self._events = events
-        self._pause = pause
-        self._unpause = unpause
-        self._writing_since: float | None = None
-        self._backlog: Backlog | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self._backlog = Backlog.of(scope)
-
-        async def stream() -> None:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            async with contextlib.aclosing(self._events) as events:
-                async for chunk in events:
-                    self._writing_since = time.monotonic()
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    self._writing_since = None
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        watch = asyncio.create_task(self._watch()) if self._pause is not None else None
-        try:
-            await until_disconnect(stream(), receive)
-        finally:
-            if watch is not None:
-                watch.cancel()
-
-    async def _watch(self) -> None:
-        """Pause the generation while a write is stalled; let it go on when the write completes."""
-        assert self._pause is not None and self._unpause is not None
-        backlog = self._backlog
-        paused = False
-        while True:
-            await asyncio.sleep(self.STALL_S / 2)
-            since = self._writing_since
-            blocked = since is not None and time.monotonic() - since >= self.STALL_S
-            unread = backlog.unread_bytes() if backlog is not None and backlog.known else 0
-            if not paused and (blocked or unread >= self.MAX_UNREAD):
-                self._pause()
-                paused = True
-            elif paused and not blocked and unread < self.MAX_UNREAD // 2:
-                self._unpause()
-                paused = False
-
-
-async def until_disconnect(work: Awaitable[T], receive: Receive) -> T | None:
-    """Run ``work``; if the client disconnects first, cancel it and return None."""
-
-    async def watch() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in (task, watcher):
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(task, watcher, return_exceptions=True)
-    if task.cancelled():
-        return None
-    with contextlib.suppress(OSError):  # the client went away while we wrote: nothing left to do
-        return task.result()
-    return None
 
 
 class OpenAIRoutes:
@@ -290,17 +195,14 @@ class OpenAIRoutes:
         self, stream: AsyncGenerator[RequestOutput, None], trace: Trace
     ) -> tuple[str, RequestOutput] | oa.APIError:
         parts: list[str] = []
-        async with contextlib.aclosing(stream):
-            try:
-                async for out in stream:
-                    parts.append(out.text)
-                    if out.text:
-                        trace.delta(out.text, out.num_tokens)
-                    if out.kind is OutputKind.FINISHED:
-                        trace.finished(out)
-                        return "".join(parts), out
-            except EngineError as err:
-                return oa.from_error(err)
+        async with contextlib.aclosing(door_events(stream, trace)) as events:
+            async for ev in events:
+                if isinstance(ev, Delta):
+                    parts.append(ev.text)
+                elif isinstance(ev, Done):
+                    return "".join(parts), ev.output
+                elif isinstance(ev, Failed):
+                    return oa.from_error(ev.error)
         return oa.APIError(500, "the generation ended without a result", code="generation_failed")
 
     async def _events(
@@ -312,37 +214,25 @@ class OpenAIRoutes:
     ) -> AsyncGenerator[bytes, None]:
         """The SSE body. Closing this generator (client gone) closes ``stream``, which aborts the request."""
         chat = req.chat
-        interval = self.keepalive_interval
-        next_ping = time.monotonic() + interval
-
-        def deadline() -> float:
-            return next_ping
-
-        async with contextlib.aclosing(stream):
+        events = door_events(stream, trace, self.keepalive_interval)
+        # ``stream`` too: ``events`` does not close it if it is closed before its first step.
+        async with contextlib.aclosing(stream), contextlib.aclosing(events):
             if chat:
                 yield sse(oa.chat_chunk(ids, {"role": "assistant", "content": ""}, None))
-            try:
-                items: AsyncIterator[RequestOutput | None] = with_deadlines(stream, deadline if interval > 0 else None)
-                async for out in items:
-                    next_ping = time.monotonic() + interval
-                    if out is None:
-                        yield b": keep-alive\n\n"
-                        continue
-                    if out.text:
-                        trace.delta(out.text, out.num_tokens)
-                        text_delta = {"content": out.text}
-                        yield sse(oa.chat_chunk(ids, text_delta, None) if chat else oa.text_chunk(ids, out.text, None))
-                    if out.kind is OutputKind.FINISHED:
-                        trace.finished(out)
-                        reason = oa.finish_reason(out.finish_reason) if out.finish_reason else "stop"
-                        yield sse(oa.chat_chunk(ids, {}, reason) if chat else oa.text_chunk(ids, "", reason))
-                        if req.include_usage:
-                            use = oa.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
-                            yield sse(oa.usage_chunk(ids, chat, use))
-                        break
-            except EngineError as err:  # after the headers: report it in the stream
-                trace.failed(err.code.value)
-                yield sse(oa.from_error(err).body())
-            finally:
-                trace.abandoned()  # a no-op unless the client left mid-stream
-            yield sse("[DONE]")
+            async for ev in events:
+                if isinstance(ev, KeepAlive):
+                    yield b": keep-alive\n\n"
+                elif isinstance(ev, Delta) and ev.text:
+                    yield sse(
+                        oa.chat_chunk(ids, {"content": ev.text}, None) if chat else oa.text_chunk(ids, ev.text, None)
+                    )
+                elif isinstance(ev, Done):
+                    out = ev.output
+                    reason = oa.finish_reason(out.finish_reason) if out.finish_reason else "stop"
+                    yield sse(oa.chat_chunk(ids, {}, reason) if chat else oa.text_chunk(ids, "", reason))
+                    if req.include_usage:
+                        use = oa.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
+                        yield sse(oa.usage_chunk(ids, chat, use))
+                elif isinstance(ev, Failed):  # after the headers: report it in the stream
+                    yield sse(oa.from_error(ev.error).body())
+        yield sse("[DONE]")
