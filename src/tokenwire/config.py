@@ -176,6 +176,17 @@ class Settings:
             "a drop aborts)"
         },
     )
+    responses_store: int = field(
+        default=1000,
+        metadata={
+            "help": "how many Responses API responses are kept for previous_response_id, GET and background "
+            "reads (past it the oldest finished go first; 0: none are kept)"
+        },
+    )
+    responses_ttl: float = field(
+        default=3600.0,
+        metadata={"help": "seconds a finished Responses API response stays retrievable and continuable"},
+    )
     journal: str = field(
         default="memory",
         metadata={

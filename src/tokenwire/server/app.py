@@ -25,6 +25,9 @@ from tokenwire.server.capacity import RequestCap
 from tokenwire.server.http_guard import RequestGuard
 from tokenwire.server.lifecycle import ServerState, lifespan
 from tokenwire.server.openai.routes import OpenAIRoutes
+from tokenwire.server.responses.routes import ResponsesRoutes
+from tokenwire.server.responses.service import Responses
+from tokenwire.server.responses.store import ResponseStore
 from tokenwire.server.routes import Routes
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.ws.connection import ConnectionSettings
@@ -73,6 +76,13 @@ def create_app(
         engine, state.settings.limits, sse_keepalive_interval, telemetry, policy.enabled, state.key_limits
     )
     state.doors.append(api)
+    settings = state.settings
+    responses = Responses(
+        engine, telemetry, ResponseStore(settings.responses_store, settings.responses_ttl), state.key_limits
+    )
+    state.doors.append(responses)
+    state.responses = responses
+    resp = ResponsesRoutes(responses, settings.limits, policy.enabled, sse_keepalive_interval)
     r = Routes(state, telemetry, policy, admin_key)
     app = App(
         routes=[
@@ -82,6 +92,7 @@ def create_app(
             WebSocketRoute("/", r.websocket),
             WebSocketRoute("/ws", r.websocket),
             WebSocketRoute("/v1/realtime", r.realtime),
+            WebSocketRoute("/v1/responses", r.responses),
             Route("/health", r.health),
             Route("/ready", r.ready),
             Route("/v1/stats", r.stats),
@@ -91,6 +102,10 @@ def create_app(
             Route("/v1/models", r.require_key(api.models)),
             Route("/v1/chat/completions", r.require_key(api.chat_completions), methods=["POST"]),
             Route("/v1/completions", r.require_key(api.completions), methods=["POST"]),
+            Route("/v1/responses", r.require_key(resp.create), methods=["POST"]),
+            Route("/v1/responses/{response_id}", r.require_key(resp.retrieve), methods=["GET"]),
+            Route("/v1/responses/{response_id}", r.require_key(resp.delete), methods=["DELETE"]),
+            Route("/v1/responses/{response_id}/cancel", r.require_key(resp.cancel), methods=["POST"]),
             Route("/v1/admin/broadcast", r.broadcast, methods=["POST"]),
         ],
         lifespan=lambda app: lifespan(state),

@@ -30,6 +30,8 @@ from tokenwire.server.journal import Journal, Registry
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.realtime.connection import RealtimeConnection
 from tokenwire.server.redis_journal import Record, RedisJournal
+from tokenwire.server.responses.service import Responses
+from tokenwire.server.responses.websocket import ResponsesConnection
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.ws import messages
 from tokenwire.server.ws.connection import Connection, ConnectionSettings
@@ -39,6 +41,14 @@ from tokenwire.server.ws.protocol import BatchPolicy
 log = logging.getLogger(__name__)
 
 DRAIN_POLL_S = 0.05
+
+
+class EventSocket(Protocol):
+    """An OpenAI-style WebSocket (Realtime, Responses) as the drain sees it."""
+
+    def stop_accepting(self) -> None: ...
+
+    async def shutdown(self, deliver_timeout: float = 2.0) -> None: ...
 
 
 class Door(Protocol):
@@ -73,6 +83,7 @@ class ServerState:
         self.settings = settings
         self.connections: set[Connection] = set()
         self.realtime_connections: set[RealtimeConnection] = set()
+        self.responses_connections: set[ResponsesConnection] = set()
         self.generations = Registry(settings.resume_window, settings.resume_buffer_bytes)
         if settings.journal_url:
             self.generations.shared = RedisJournal(settings.journal_url, self.generations, settings.journal_lease)
@@ -86,6 +97,7 @@ class ServerState:
         self.drain_timeout = drain_timeout
         self.load_task: asyncio.Task[None] | None = None
         self.doors: list[Door] = []  # the HTTP API
+        self.responses: Responses | None = None  # the Responses API (HTTP and WebSocket; create_app sets it)
         self.gate = ConnectionGate(settings.max_connections)
         self.per_ip = IpGate(settings.max_connections_per_ip)
         self.key_limits = KeyLimits(settings.max_generations_per_key, settings.rate_limit_tokens_per_minute)
@@ -96,10 +108,14 @@ class ServerState:
         """New work is welcome: not draining, and the engine runs."""
         return not self.draining and self.engine.ready and self.engine_error is None
 
+    def event_sockets(self) -> list[EventSocket]:
+        """The OpenAI-style WebSockets (Realtime, Responses) open now."""
+        return [*self.realtime_connections, *self.responses_connections]
+
     def in_flight(self) -> int:
         """Generations with a client waiting for them, on every door."""
         ws = sum(c.running_generations for c in list(self.connections))
-        rt = sum(c.running_responses for c in list(self.realtime_connections))
+        rt = sum(c.running_responses for c in list(self.realtime_connections))  # Responses: a door (self.doors)
         return ws + rt + sum(d.in_flight for d in self.doors)
 
     async def broadcast(self, notice: dict[str, Any]) -> int:
@@ -116,7 +132,7 @@ class ServerState:
         started = time.monotonic()
         for door in self.doors:
             door.stop_accepting()
-        for conn in list(self.realtime_connections):
+        for conn in self.event_sockets():
             conn.stop_accepting()
         for task in self.abandon_generations(orphans_only=True):
             task.cancel()
@@ -149,7 +165,7 @@ class ServerState:
         """End what still runs with ``shutting_down`` and close every socket with 1001."""
         self.draining = True
         closing: list[Awaitable[None]] = [c.shutdown() for c in list(self.connections)]
-        closing += [c.shutdown() for c in list(self.realtime_connections)]
+        closing += [c.shutdown() for c in self.event_sockets()]
         closing += [door.drain() for door in self.doors]
         await asyncio.gather(*closing, return_exceptions=True)
         for task in self.abandon_generations():  # orphans: nobody is left to tell

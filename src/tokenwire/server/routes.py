@@ -25,6 +25,7 @@ from tokenwire.server.journal import owner_of
 from tokenwire.server.lifecycle import ServerState
 from tokenwire.server.realtime import protocol as rt
 from tokenwire.server.realtime.connection import RealtimeConnection
+from tokenwire.server.responses.websocket import ResponsesConnection, responses_error
 from tokenwire.server.telemetry import Telemetry, public_ref
 from tokenwire.server.ws import messages
 from tokenwire.server.ws.connection import Connection
@@ -313,4 +314,33 @@ class Routes:
             await conn.run(subprotocol)
         finally:
             state.realtime_connections.discard(conn)
+            self._leave(ws)
+
+    async def responses(self, ws: WebSocket) -> None:
+        """``WS /v1/responses``: the Responses API's WebSocket mode (responses/websocket.py)."""
+        state = self.state
+        service = state.responses
+        assert service is not None
+        key, subprotocol, problem = self._refusal(ws)
+        status, code, close = 401, ErrorCode.UNAUTHORIZED.value, POLICY_VIOLATION
+        if problem is None and state.draining:
+            problem, status, code, close = DRAINING, 503, ErrorCode.SHUTTING_DOWN.value, GOING_AWAY
+        elif problem is None and not state.engine.ready:
+            problem, status, code = "the model is still loading; try again shortly", 503, ErrorCode.OVERLOADED.value
+        if problem is not None:
+            self.telemetry.error(code)
+            await self._refuse(ws, subprotocol, responses_error(status, code, problem), close)
+            return
+        if not await self._take_place(
+            ws, subprotocol, lambda why: responses_error(503, ErrorCode.OVERLOADED.value, why)
+        ):
+            return
+        tenant = owner_of(key if self.policy.enabled else None) or ""
+        settings = state.settings
+        conn = ResponsesConnection(ws, service, settings.limits, self.telemetry, settings.slow_consumer_timeout, tenant)
+        state.responses_connections.add(conn)
+        try:
+            await conn.run(subprotocol)
+        finally:
+            state.responses_connections.discard(conn)
             self._leave(ws)

@@ -53,6 +53,8 @@ def connection_settings(settings: Settings) -> ConnectionSettings:
         rate_limit_tokens_per_minute=max(0, settings.rate_limit),
         journal_url=journal_url(settings.journal),
         journal_lease=max(0.3, settings.journal_lease),
+        responses_store=max(0, settings.responses_store),
+        responses_ttl=max(0.0, settings.responses_ttl),
     )
 
 

@@ -7,15 +7,18 @@ import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from tokenwire.engine.interface import EngineError, OutputKind, RequestOutput
 from tokenwire.server.errors import ErrorCode, RequestError, wire_error
 from tokenwire.server.telemetry import Trace
 
+T = TypeVar("T")
+
 
 async def with_deadlines(
-    stream: AsyncIterator[RequestOutput], deadline: Callable[[], float | None] | None
-) -> AsyncIterator[RequestOutput | None]:
+    stream: AsyncIterator[T], deadline: Callable[[], float | None] | None
+) -> AsyncGenerator[T | None, None]:
     """Yield the stream's items, and ``None`` whenever ``deadline()`` (monotonic seconds) passes first.
 
     The pending ``__anext__`` is awaited with ``asyncio.wait`` rather than ``wait_for`` so that a deadline
@@ -25,7 +28,7 @@ async def with_deadlines(
         async for item in stream:
             yield item
         return
-    pending: asyncio.Future[RequestOutput] | None = None
+    pending: asyncio.Future[T] | None = None
     try:
         while True:
             if pending is None:

@@ -73,6 +73,8 @@ class ConnectionSettings:
     rate_limit_tokens_per_minute: int = 0  # tokens (prompt and generated) one API key may use a minute (0: no cap)
     journal_url: str | None = None  # redis://...: a journal shared by replicas (redis_journal.py); None: this process
     journal_lease: float = 3.0  # seconds a replica's lease on its generations lasts unless renewed
+    responses_store: int = 1000  # Responses API responses kept (previous_response_id, GET, background)
+    responses_ttl: float = 3600.0  # seconds a finished response stays kept
 
 
 class _SlowConsumer(Exception):

@@ -1,0 +1,166 @@
+"""``/v1/responses`` over HTTP: create (streamed as SSE, or not, or in the background), retrieve (and resume a
+stream ``starting_after`` a sequence number), cancel, delete.
+
+A streamed response that is not in the background is tied to its client: a disconnect cancels it, and a client
+that stops reading pauses it (sse.py). A background response runs on its own; any client with the same key reads
+it later, whole or from where it left off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from tokenwire.server import errors, strictjson
+from tokenwire.server.auth import bearer_token
+from tokenwire.server.journal import owner_of
+from tokenwire.server.openai import protocol as oa
+from tokenwire.server.params import Limits
+from tokenwire.server.responses import protocol as rp
+from tokenwire.server.responses.service import ResponseError, Responses, read_events
+from tokenwire.server.responses.store import Record
+from tokenwire.server.sse import EventStreamResponse, sse, until_disconnect
+from tokenwire.server.streams import with_deadlines
+
+
+def _error(status: int, code: str, message: str, param: str | None = None, retry: float | None = None) -> Response:
+    err = oa.APIError(status, message, code=code, param=param, retry_after=None if retry is None else int(retry))
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    return JSONResponse(err.body(), status_code=status, headers=headers)
+
+
+def _refused(err: ResponseError) -> Response:
+    retry = err.retry_after if err.retry_after is not None or err.status not in (429, 503) else 1.0
+    return _error(err.status, err.code, err.message, err.param, retry)
+
+
+def _not_found(response_id: str) -> Response:
+    return _error(404, "not_found", f"no response {response_id!r}: it never existed, expired, or was not stored")
+
+
+def _peer(request: Request) -> str:
+    client = request.client
+    return f"{client.host}:{client.port}" if client is not None else "http"
+
+
+class ResponsesRoutes:
+    def __init__(self, service: Responses, limits: Limits, keyed: bool, keepalive_interval: float = 15.0) -> None:
+        self.service = service
+        self.limits = limits
+        self.keyed = keyed  # API keys are on: a response belongs to the key that created it
+        self.keepalive_interval = keepalive_interval
+
+    def _tenant(self, request: Request) -> str:
+        return (owner_of(bearer_token(request.headers)) or "") if self.keyed else ""
+
+    async def create(self, request: Request) -> Response:
+        try:
+            body = strictjson.loads(await request.body(), "the request body")
+            create = rp.parse_create(body, self.limits, self.service.engine.model_name)
+        except strictjson.JSONInputError as err:
+            return JSONResponse(oa.json_input_error(err).body(), status_code=400)
+        except oa.APIError as err:
+            self.service.telemetry.error(err.code)
+            return JSONResponse(err.body(), status_code=err.status)
+        try:
+            record = await self.service.start(create, tenant=self._tenant(request), connection=_peer(request))
+        except ResponseError as err:
+            self.service.telemetry.error(err.code)
+            return _refused(err)
+        if create.background:
+            return JSONResponse(record.as_dict())
+        if create.stream:
+            engine, rid = self.service.engine, record.engine_id
+            return EventStreamResponse(
+                self._stream(record, -1, cancel_on_close=True),
+                pause=lambda: engine.pause(rid),
+                unpause=lambda: engine.unpause(rid),
+            )
+        finished = await until_disconnect(self._wait(record), request.receive)
+        if finished is None:  # the client left: the response is cancelled
+            self.service.cancel(record)
+            return Response(status_code=499)
+        if record.status == "failed" and record.error is not None:
+            code = record.error["code"]
+            return _error(errors.http_status(code), code, record.error["message"])
+        return JSONResponse(record.as_dict())
+
+    @staticmethod
+    async def _wait(record: Record) -> bool:
+        assert record.task is not None
+        await asyncio.shield(record.task)
+        return True
+
+    async def _stream(self, record: Record, after: int, cancel_on_close: bool) -> AsyncGenerator[bytes, None]:
+        """SSE of a response's events after ``after``; closing it early (client gone) cancels a response tied to
+        this client."""
+        events = read_events(record, after)
+        interval = self.keepalive_interval
+        next_ping = time.monotonic() + interval
+
+        def deadline() -> float:
+            return next_ping
+
+        finished = False
+        items = with_deadlines(events, deadline if interval > 0 else None)
+        try:
+            async with contextlib.aclosing(items):  # first: it may be awaiting ``events``
+                async for data in items:
+                    next_ping = time.monotonic() + interval
+                    if data is None:
+                        yield b": keep-alive\n\n"
+                        continue
+                    yield sse(data, event=Record.event_type(data))
+            finished = True
+        finally:
+            await events.aclose()
+            if cancel_on_close and not finished:
+                self.service.cancel(record)
+
+    async def retrieve(self, request: Request) -> Response:
+        response_id = request.path_params["response_id"]
+        record = self.service.get(response_id, self._tenant(request))
+        if record is None:
+            return _not_found(response_id)
+        query = request.query_params
+        stream = query.get("stream", "false").lower()
+        if stream not in ("true", "false"):
+            return _error(400, "invalid_request", '"stream" must be true or false', "stream")
+        if stream == "false":
+            return JSONResponse(record.as_dict())
+        after = query.get("starting_after")
+        try:
+            start = -1 if after is None else int(after)
+        except ValueError:
+            start = -2
+        if start < -1:
+            return _error(
+                400, "invalid_request", '"starting_after" must be a sequence number (0 or more)', "starting_after"
+            )
+        return EventStreamResponse(self._stream(record, start, cancel_on_close=False))
+
+    async def cancel(self, request: Request) -> Response:
+        response_id = request.path_params["response_id"]
+        record = self.service.get(response_id, self._tenant(request))
+        if record is None:
+            return _not_found(response_id)
+        self.service.cancel(record)
+        if record.task is not None:
+            await asyncio.wait({record.task}, timeout=5.0)
+        return JSONResponse(record.as_dict())
+
+    async def delete(self, request: Request) -> Response:
+        response_id = request.path_params["response_id"]
+        record = self.service.get(response_id, self._tenant(request))
+        if record is None:
+            return _not_found(response_id)
+        self.service.cancel(record)
+        self.service.store.remove(response_id)
+        body: dict[str, Any] = {"id": response_id, "object": "response.deleted", "deleted": True}
+        return JSONResponse(body)

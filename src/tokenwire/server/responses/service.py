@@ -1,0 +1,255 @@
+"""Running responses: one task per response turns its engine stream into numbered events (store.py's log).
+
+Both Responses doors (HTTP with SSE, and the WebSocket mode) start responses here and read their logs, so a
+stream, a background response fetched later and a stream resumed ``starting_after=N`` see the same events. A
+response that continues another (``previous_response_id``) starts from that one's conversation; instructions are
+not carried over (as OpenAI does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import AsyncGenerator, Mapping
+from typing import Any
+
+from tokenwire.engine.interface import (
+    ChatMessage,
+    Engine,
+    EngineError,
+    GenerationRequest,
+    OutputKind,
+    RequestOutput,
+)
+from tokenwire.server import errors
+from tokenwire.server.errors import ErrorCode, RequestError, wire_error
+from tokenwire.server.limits import KeyLimits
+from tokenwire.server.responses import protocol as rp
+from tokenwire.server.responses.protocol import CreateRequest
+from tokenwire.server.responses.store import Record, ResponseStore
+from tokenwire.server.streams import Delta, Done, Failed, door_events
+from tokenwire.server.telemetry import Telemetry, Trace
+
+log = logging.getLogger(__name__)
+
+DRAINING = "the server is shutting down; try again later"
+
+
+class ResponseError(Exception):
+    """A response that cannot be started: a wire error, or one of the Responses API's own codes
+    (``previous_response_not_found``)."""
+
+    def __init__(
+        self, status: int, code: str, message: str, param: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    @classmethod
+    def wire(cls, err: RequestError) -> ResponseError:
+        return cls(errors.http_status(err.code), err.code.value, err.message, err.param, err.retry_after)
+
+
+class Responses:
+    """Starts, runs, cancels and drains responses; keeps the stored ones (``store``)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        telemetry: Telemetry,
+        store: ResponseStore | None = None,
+        key_limits: KeyLimits | None = None,
+    ) -> None:
+        self.engine = engine
+        self.telemetry = telemetry
+        self.store = store or ResponseStore()
+        self.key_limits = key_limits or KeyLimits()
+        self._running: dict[str, Record] = {}
+        self._ids = itertools.count(1)
+        self._draining = False
+
+    # -- the drain (lifecycle.Door)
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def stop_accepting(self) -> None:
+        self._draining = True
+
+    async def drain(self, timeout: float = 2.0) -> None:
+        """Every response still running ends as failed with ``shutting_down``."""
+        self._draining = True
+        for record in list(self._running.values()):
+            self.engine.abort(record.engine_id)
+        deadline = time.monotonic() + timeout
+        while self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    # -- lookups
+    def get(self, response_id: str, tenant: str) -> Record | None:
+        """A stored response this tenant may see (another key's responses do not exist for it)."""
+        record = self.store.get(response_id)
+        if record is None or record.tenant != tenant:
+            return None
+        return record
+
+    def history(
+        self, request: CreateRequest, tenant: str, local: Mapping[str, Record] | None = None
+    ) -> tuple[ChatMessage, ...]:
+        """The conversation ``previous_response_id`` names (from the store, or this connection's own responses)."""
+        prev_id = request.previous_response_id
+        if prev_id is None:
+            return ()
+        record = (local or {}).get(prev_id) or self.get(prev_id, tenant)
+        if record is None or record.tenant != tenant:
+            raise ResponseError(
+                400,
+                "previous_response_not_found",
+                f"the previous response {prev_id!r} was not found: it expired, was not stored (store: false), or "
+                "never existed; send the whole conversation as input instead",
+                "previous_response_id",
+            )
+        if not record.done:
+            raise ResponseError(
+                400,
+                ErrorCode.INVALID_REQUEST.value,
+                f"the previous response {prev_id!r} is still running; continue it once it has ended",
+                "previous_response_id",
+            )
+        return record.conversation
+
+    # -- running
+    async def start(
+        self,
+        request: CreateRequest,
+        *,
+        tenant: str,
+        connection: str,
+        local: Mapping[str, Record] | None = None,
+    ) -> Record:
+        """Admit a response and start it: its first events are written before this returns. Raises
+        :class:`ResponseError` for one that cannot start (nothing is stored then)."""
+        if self._draining:
+            raise ResponseError.wire(RequestError(ErrorCode.SHUTTING_DOWN, DRAINING))
+        if not self.engine.ready:
+            message = "the model is still loading; try again shortly"
+            raise ResponseError.wire(RequestError(ErrorCode.OVERLOADED, message, retry_after=1.0))
+        history = self.history(request, tenant, local)
+        record = Record(rp.new_id("resp"), request, history, tenant=tenant)
+        record.engine_id = f"responses-{next(self._ids)}-{record.id}"
+        messages = list(record.conversation_input())
+        if request.instructions:
+            messages.insert(0, ChatMessage("system", request.instructions))
+        engine_request = GenerationRequest(
+            request_id=record.engine_id,
+            params=request.params,
+            messages=tuple(messages),
+            truncate=request.truncate,
+            tenant=tenant,
+            connection=connection,
+        )
+        try:
+            self.key_limits.acquire(tenant)
+        except RequestError as err:
+            self.telemetry.error(err.code.value)
+            raise ResponseError.wire(err) from None
+        stream = self._tracked(engine_request, record)
+        trace = self.telemetry.trace(record.engine_id, connection, "responses")
+        try:
+            await anext(stream)  # STARTED: tokenized and queued; prompt errors surface here
+        except EngineError as err:
+            wire = wire_error(err)
+            trace.failed(wire.code.value)
+            await stream.aclose()
+            raise ResponseError.wire(wire) from None
+        record.status = "queued" if request.background else "in_progress"
+        record.emit("response.created", response=record.as_dict())
+        if request.store:
+            self.store.add(record)
+        record.task = asyncio.create_task(self._run(record, stream, trace))
+        return record
+
+    def cancel(self, record: Record) -> None:
+        """Stop a running response: it ends with status ``cancelled`` (its events end with ``response.incomplete``)."""
+        if not record.done:
+            self.engine.abort(record.engine_id)
+
+    async def _tracked(self, request: GenerationRequest, record: Record) -> AsyncGenerator[RequestOutput, None]:
+        """The engine stream, counted in flight (for the drain) and against the key's limits until it ends."""
+        self._running[record.id] = record
+        used = 0
+        try:
+            async with contextlib.aclosing(self.engine.generate(request)) as stream:
+                async for out in stream:
+                    used += out.prompt_tokens if out.kind is OutputKind.STARTED else out.num_tokens
+                    yield out
+        finally:
+            self._running.pop(record.id, None)
+            self.key_limits.release(request.tenant, used)
+
+    async def _run(self, record: Record, stream: AsyncGenerator[RequestOutput, None], trace: Trace) -> None:
+        where: dict[str, Any] = {"item_id": record.item_id, "output_index": 0, "content_index": 0}
+        record.status = "in_progress"
+        record.emit("response.in_progress", response=record.as_dict())
+        record.emit(
+            "response.output_item.added", output_index=0, item=rp.message_item(record.item_id, "", "in_progress")
+        )
+        record.emit("response.content_part.added", **where, part=rp.output_text_part(""))
+        status, details, error = "failed", None, None
+        try:
+            async for ev in door_events(stream, trace):
+                if isinstance(ev, Delta):
+                    if ev.text:
+                        record.parts.append(ev.text)
+                        record.emit("response.output_text.delta", tokens=ev.tokens, **where, delta=ev.text, logprobs=[])
+                elif isinstance(ev, Done):
+                    status, details, error = self._finished(record, ev.output)
+                elif isinstance(ev, Failed):
+                    error = {"code": ev.error.code.value, "message": ev.error.message}
+        except asyncio.CancelledError:
+            status, error = "cancelled", None
+            raise
+        finally:
+            self._end(record, status, details, error)
+
+    def _finished(self, record: Record, out: RequestOutput) -> tuple[str, dict[str, str] | None, dict[str, str] | None]:
+        record.usage = rp.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
+        status, details = rp.status_of(out.finish_reason)
+        if status == "cancelled" and self._draining:
+            return "failed", None, {"code": ErrorCode.SHUTTING_DOWN.value, "message": DRAINING}
+        return status, details, None
+
+    def _end(self, record: Record, status: str, details: dict[str, str] | None, error: dict[str, str] | None) -> None:
+        """Write the closing events (item, part, text done; then the response's last event) and keep the result."""
+        where: dict[str, Any] = {"item_id": record.item_id, "output_index": 0, "content_index": 0}
+        text = record.text
+        item_status = "completed" if status == "completed" else "incomplete"
+        record.emit("response.output_text.done", **where, text=text, logprobs=[])
+        record.emit("response.content_part.done", **where, part=rp.output_text_part(text))
+        record.emit(
+            "response.output_item.done", output_index=0, item=rp.message_item(record.item_id, text, item_status)
+        )
+        record.status, record.incomplete_details, record.error = status, details, error
+        record.completed_at = time.time() if status == "completed" else None
+        last = {"completed": "response.completed", "failed": "response.failed"}.get(status, "response.incomplete")
+        record.emit(last, response=record.as_dict())
+        record.ended(self.store.clock)
+
+
+async def read_events(record: Record, after: int = -1) -> AsyncGenerator[str, None]:
+    """A response's events after ``sequence_number`` ``after``, as they come, until its last one."""
+    seq = after
+    while True:
+        for entry in record.log.read(seq + 1):
+            seq += 1
+            yield entry.data
+        if record.log.finished and seq >= record.log.last_seq:
+            return
+        await record.log.wait_beyond(seq)

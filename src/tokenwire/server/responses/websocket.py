@@ -1,0 +1,249 @@
+"""``WS /v1/responses``: the Responses API's WebSocket mode.
+
+Each turn is a ``response.create`` event with the fields of ``POST /v1/responses`` (always streamed, never in the
+background); its events come back on the socket as they would over SSE. Later turns send only their new input with
+``previous_response_id``: the responses of this socket are kept on it (even with ``store: false``) for that.
+``stream_id`` multiplexes: responses on one ``stream_id`` run one after another (FIFO), different ``stream_id``\\ s
+run at once, and every event of a response echoes its ``stream_id``. ``response.cancel`` (``response_id``, or a
+``stream_id`` to stop that lane's running response) stops one. Closing the socket cancels what still runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from tokenwire.server import strictjson
+from tokenwire.server.errors import GOING_AWAY, NORMAL_CLOSURE, POLICY_VIOLATION, ErrorCode
+from tokenwire.server.openai.protocol import APIError
+from tokenwire.server.params import Limits
+from tokenwire.server.responses import protocol as rp
+from tokenwire.server.responses.service import ResponseError, Responses, read_events
+from tokenwire.server.responses.store import Record
+from tokenwire.server.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+KEPT_PER_SOCKET = 64  # responses of this socket kept for previous_response_id beyond the shared store
+DEFAULT_LANE = ""
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.param = status, code, message, param
+
+
+class _Lane:
+    """The responses of one ``stream_id``: run one after another."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[rp.CreateRequest] = asyncio.Queue()
+        self.current: Record | None = None
+        self.task: asyncio.Task[None] | None = None
+
+
+class ResponsesConnection:
+    def __init__(
+        self,
+        ws: WebSocket,
+        service: Responses,
+        limits: Limits,
+        telemetry: Telemetry,
+        send_timeout: float,
+        tenant: str,
+    ) -> None:
+        self.ws = ws
+        self.service = service
+        self.limits = limits
+        self.telemetry = telemetry
+        self.send_timeout = send_timeout if send_timeout > 0 else None
+        self.tenant = tenant
+        self.local: OrderedDict[str, Record] = OrderedDict()
+        self.lanes: dict[str, _Lane] = {}
+        self._send_lock = asyncio.Lock()
+        self._errors = itertools.count()
+        self._accepting = True
+        self._closer: asyncio.Task[None] | None = None
+
+    @property
+    def running_responses(self) -> int:
+        return sum((lane.current is not None) + lane.queue.qsize() for lane in self.lanes.values())
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def shutdown(self, deliver_timeout: float = 2.0) -> None:
+        """The server stops: running responses are cancelled and their last events sent (at most
+        ``deliver_timeout`` seconds), then an error says why and the socket closes with 1001."""
+        self._accepting = False
+        for lane in self.lanes.values():
+            while not lane.queue.empty():
+                lane.queue.get_nowait()
+            if lane.current is not None:
+                self.service.cancel(lane.current)
+        tasks = [lane.task for lane in self.lanes.values() if lane.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=deliver_timeout)
+        with contextlib.suppress(WebSocketDisconnect, OSError):
+            await self._send_error(ErrorCode.SHUTTING_DOWN.value, "the server is shutting down", None, None, 503)
+        if self.ws.application_state is WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await self.ws.close(GOING_AWAY)
+
+    async def run(self, subprotocol: str | None) -> None:
+        await self.ws.accept(subprotocol=subprotocol)
+        try:
+            while True:
+                frame = await self.ws.receive()
+                if frame["type"] == "websocket.disconnect":
+                    return
+                data = frame.get("text")
+                if data is None:
+                    data = frame.get("bytes") or b""
+                await self._handle(data)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            for lane in self.lanes.values():
+                if lane.current is not None:
+                    self.service.cancel(lane.current)
+                if lane.task is not None:
+                    lane.task.cancel()
+            await asyncio.gather(*(lane.task for lane in self.lanes.values() if lane.task), return_exceptions=True)
+            if self.ws.application_state is WebSocketState.CONNECTED:
+                with contextlib.suppress(Exception):
+                    await self.ws.close(NORMAL_CLOSURE)
+
+    async def _handle(self, data: str | bytes) -> None:
+        stream_id: str | None = None
+        try:
+            try:
+                obj = strictjson.loads(data)
+            except strictjson.JSONInputError as err:
+                raise _Refused(400, "invalid_json", err.message, err.param) from None
+            if not isinstance(obj, dict):
+                raise _Refused(400, "invalid_json", 'an event must be a JSON object with a "type"')
+            sid = obj.get("stream_id")
+            stream_id = sid if isinstance(sid, str) and len(sid) <= rp.MAX_ID else None
+            kind = obj.get("type")
+            if kind == "response.create":
+                self._create(obj)
+            elif kind == "response.cancel":
+                self._cancel(obj)
+            else:
+                shown = kind if isinstance(kind, str) and len(kind) <= 40 else "?"
+                raise _Refused(
+                    400, "unknown_type", f"unknown event type {shown!r}; expected response.create or response.cancel"
+                )
+        except _Refused as err:
+            self.telemetry.error(err.code)
+            await self._send_error(err.code, err.message, err.param, stream_id, err.status)
+        except (WebSocketDisconnect, OSError):
+            raise
+        except Exception:  # a bug in handling one event: report it, keep the connection
+            log.exception("responses connection could not handle an event")
+            await self._send_error("server_error", "the server failed to handle this event", None, stream_id, 500)
+
+    def _create(self, obj: dict[str, Any]) -> None:
+        if not self._accepting:
+            raise _Refused(503, ErrorCode.SHUTTING_DOWN.value, "the server is shutting down; reconnect later")
+        body = {k: v for k, v in obj.items() if k != "type"}
+        if isinstance(body.get("response"), dict):  # the envelope form: {"type", "stream_id", "response": {...}}
+            body = {**body.pop("response"), **({"stream_id": body["stream_id"]} if "stream_id" in body else {})}
+        try:
+            create = rp.parse_create(body, self.limits, self.service.engine.model_name, websocket=True)
+        except APIError as err:
+            raise _Refused(err.status, err.code, err.message, err.param) from None
+        if self.running_responses >= self.limits.max_generations_per_connection:
+            raise _Refused(
+                429,
+                ErrorCode.RATE_LIMITED.value,
+                f"this connection already runs or queues {self.limits.max_generations_per_connection} responses",
+            )
+        lane_id = create.stream_id or DEFAULT_LANE
+        lane = self.lanes.get(lane_id)
+        if lane is None:
+            lane = self.lanes[lane_id] = _Lane()
+        lane.queue.put_nowait(create)
+        if lane.task is None or lane.task.done():
+            lane.task = asyncio.create_task(self._serve_lane(lane))
+
+    def _cancel(self, obj: dict[str, Any]) -> None:
+        response_id = obj.get("response_id")
+        if response_id is not None:
+            record = self.local.get(response_id) if isinstance(response_id, str) else None
+            if record is None:
+                raise _Refused(404, "not_found", f"no response {response_id!r} on this connection", "response_id")
+            self.service.cancel(record)
+            return
+        lane = self.lanes.get(obj.get("stream_id") or DEFAULT_LANE)
+        if lane is None or lane.current is None:
+            raise _Refused(400, "invalid_request", "nothing runs on that stream_id; name a response_id", "stream_id")
+        self.service.cancel(lane.current)
+
+    async def _serve_lane(self, lane: _Lane) -> None:
+        while not lane.queue.empty():
+            create = lane.queue.get_nowait()
+            try:
+                record = await self.service.start(
+                    create, tenant=self.tenant, connection="responses-ws", local=self.local
+                )
+            except ResponseError as err:
+                self.telemetry.error(err.code)
+                await self._send_error(err.code, err.message, err.param, create.stream_id, err.status)
+                continue
+            self._keep(record)
+            lane.current = record
+            try:
+                async for data in read_events(record):
+                    await self._send(data)
+            finally:
+                lane.current = None
+
+    def _keep(self, record: Record) -> None:
+        self.local[record.id] = record
+        while len(self.local) > KEPT_PER_SOCKET:
+            self.local.popitem(last=False)
+
+    async def _send_error(self, code: str, message: str, param: str | None, stream_id: str | None, status: int) -> None:
+        event = responses_error(status, code, message, param, next(self._errors))
+        if stream_id is not None:
+            event["stream_id"] = stream_id
+        await self._send(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+
+    async def _send(self, data: str) -> None:
+        async with self._send_lock:
+            try:
+                await asyncio.wait_for(self.ws.send_text(data), self.send_timeout)
+            except TimeoutError:  # the client does not read: close (nothing waits for its close handshake)
+                log.warning("closing a responses WebSocket: the client does not read")
+                if self._closer is None:
+                    self._closer = asyncio.create_task(self.ws.close(POLICY_VIOLATION))
+                raise WebSocketDisconnect(POLICY_VIOLATION) from None
+            except RuntimeError as exc:  # sending after close
+                raise WebSocketDisconnect(1006) from exc
+        self.telemetry.websocket_sent(data)
+
+
+def responses_error(
+    status: int, code: str, message: str, param: str | None = None, sequence_number: int = 0
+) -> dict[str, Any]:
+    """An ``error`` event: the fields of the openai package's ResponseErrorEvent, and OpenAI's WebSocket-mode
+    ``status`` and ``error`` object."""
+    return {
+        "type": "error",
+        "code": code,
+        "message": message,
+        "param": param,
+        "sequence_number": sequence_number,
+        "status": status,
+        **APIError(status, message, code=code, param=param).body(),
+    }
