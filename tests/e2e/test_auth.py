@@ -142,3 +142,30 @@ async def test_chat_page_asks_for_the_key_and_then_works(keyed_server: RunningSe
             assert await page.evaluate("localStorage.getItem('tokenwire.key')") == KEY
         finally:
             await browser.close()
+
+
+async def test_responses_belong_to_their_key_and_the_websocket_mode_needs_one(keyed_server: RunningServer) -> None:
+    """A stored response exists only for the key that made it (GET, cancel, previous_response_id); the Responses
+    WebSocket refuses a missing key as /ws does, and takes it as a Bearer header (as the openai package sends it)."""
+    mine = openai.OpenAI(base_url=keyed_server.http + "/v1", api_key=KEY, max_retries=0)
+    theirs = openai.OpenAI(base_url=keyed_server.http + "/v1", api_key="second-key", max_retries=0)
+    model = mine.models.list().data[0].id
+    r = mine.responses.create(model=model, input="Hi", max_output_tokens=3)
+    assert mine.responses.retrieve(r.id).id == r.id
+    with pytest.raises(openai.NotFoundError):
+        theirs.responses.retrieve(r.id)
+    with pytest.raises(openai.BadRequestError):
+        theirs.responses.create(model=model, previous_response_id=r.id, input="Hi", max_output_tokens=3)
+    mine.close()
+    theirs.close()
+    url = keyed_server.http.replace("http://", "ws://") + "/v1/responses"
+    first, code = await ws_hello(url)
+    assert first["type"] == "error" and first["status"] == 401 and code == 1008
+    client = openai.AsyncOpenAI(base_url=keyed_server.http + "/v1", api_key=KEY, max_retries=0)
+    async with client.responses.connect() as conn:
+        await conn.send({"type": "response.create", "model": model, "input": "Hi", "max_output_tokens": 3})
+        async for ev in conn:
+            assert ev.type != "error", ev
+            if ev.type in ("response.completed", "response.incomplete"):
+                break
+    await client.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -245,3 +246,24 @@ async def test_websocket_mode_runs_streams_at_once_and_echoes_their_stream_id(ti
         await ws.send(json.dumps({"type": "response.create", "model": model, "input": "x", "top_p": 0}))
         err = json.loads(await asyncio.wait_for(ws.recv(), scaled(60)))
         assert err["type"] == "error" and err["status"] == 400 and err["error"]["param"] == "top_p"
+
+
+def test_a_client_that_leaves_a_stream_cancels_its_response(tiny_server: RunningServer) -> None:
+    body = {"model": model_of(tiny_server), "input": "Go on", "max_output_tokens": 4000, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{tiny_server.http}/v1/responses", json=body, timeout=scaled(60)) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = r.iter_lines()
+        created = None
+        for line in lines:
+            if line.startswith("data: ") and created is None:
+                created = json.loads(line[6:])
+            if line.startswith("event: response.output_text.delta"):
+                break
+    assert created is not None and created["type"] == "response.created"
+    rid = created["response"]["id"]
+    deadline = time.monotonic() + scaled(30)
+    while (state := tiny_server.get_json(f"/v1/responses/{rid}"))["status"] == "in_progress":
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+    assert state["status"] == "cancelled" and state["usage"]["output_tokens"] < 4000
