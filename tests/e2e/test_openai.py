@@ -182,3 +182,62 @@ async def test_same_seed_gives_the_same_text_over_websocket_and_http(tiny_server
     assert r.status_code == 200
     assert r.json()["choices"][0]["message"]["content"] == ws.text("w")
     await asyncio.sleep(0)
+
+
+BOUNDED = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["small", "large"]}, "n": {"type": "integer"}},
+    "required": ["ok", "size", "n"],
+    "additionalProperties": False,
+}
+
+
+async def test_structured_output_is_valid_json_on_every_door(oai: openai.OpenAI, tiny_server: RunningServer) -> None:
+    """Even a random model answers with JSON valid against the schema: constrained decoding allows no other token,
+    and once the document is complete only the end of the answer. Streamed token by token, as any answer."""
+    import jsonschema
+
+    model = model_of(tiny_server)
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "schema": BOUNDED, "strict": True}}
+    chunks = [
+        c.choices[0].delta.content or ""
+        for c in oai.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "A thing, as JSON"}],
+            response_format=fmt,  # type: ignore[arg-type]
+            max_tokens=200,
+            stream=True,
+            seed=3,
+        )
+        if c.choices
+    ]
+    text = "".join(chunks)
+    jsonschema.validate(json.loads(text), BOUNDED)
+    assert sum(1 for c in chunks if c) >= 3  # streamed, not in one piece
+    c = await Client.connect(tiny_server.ws)
+    try:
+        await c.send({"type": "generate", "id": "j", "prompt": "A thing", "json_schema": BOUNDED, "max_tokens": 200})
+        done = await c.finish("j")
+    finally:
+        await c.close()
+    assert done["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(c.text("j")), BOUNDED)
+    resp = oai.responses.create(
+        model=model,
+        input="A thing",
+        text={"format": {"type": "json_schema", "name": "thing", "schema": BOUNDED}},  # type: ignore[typeddict-item]
+        max_output_tokens=200,
+    )
+    jsonschema.validate(json.loads(resp.output_text), BOUNDED)
+    assert resp.text.format.type == "json_schema"  # type: ignore[union-attr]
+
+
+def test_a_schema_feature_that_cannot_be_enforced_is_refused_by_name(tiny_server: RunningServer) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {"type": "string"}}}},
+    }
+    r = httpx.post(f"{tiny_server.http}/v1/chat/completions", json=body, timeout=scaled(30))
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "response_format.json_schema.schema" and '"not"' in err["message"]

@@ -83,6 +83,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # run to max_tokens even past the end-of-sequence token (benchmarks, tests)
+    # Structured output: the answer is JSON valid against this JSON Schema (its JSON text), enforced by constrained
+    # decoding: tokens that cannot continue a valid document are never sampled. The server has checked the schema.
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, param: str, what: str) -> None:

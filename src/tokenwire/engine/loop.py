@@ -290,6 +290,9 @@ class LoopEngine:
             raise EngineError(EngineErrorCode.DUPLICATE_ID, f"request id {rid!r} is already running", "id")
         if len(self._streams) >= self._max_in_flight:
             raise EngineError(EngineErrorCode.OVERLOADED, "too many requests are in flight; try again later")
+        refuse = getattr(self.backend, "refuse", None)  # optional: what a backend cannot honour
+        if refuse is not None and (reason := refuse(request.params)) is not None:
+            raise reason
         # Unbounded in type, bounded in fact: the model thread puts at most one item per step per request,
         # and the stream ends after max_tokens steps.
         stream: asyncio.Queue[_Item] = asyncio.Queue()

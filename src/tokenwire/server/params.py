@@ -7,6 +7,7 @@ own error shape, so all doors accept the same values and name the same fields wh
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -62,8 +63,11 @@ class FieldError(ValueError):
         self.param = param
 
 
-def sampling_params(fields: Mapping[str, Any], limits: Limits, max_tokens: int) -> SamplingParams:
-    """The sampling parameters named in :data:`SAMPLING_FIELDS` (absent or null: the default), checked."""
+def sampling_params(
+    fields: Mapping[str, Any], limits: Limits, max_tokens: int, json_schema: str | None = None
+) -> SamplingParams:
+    """The sampling parameters named in :data:`SAMPLING_FIELDS` (absent or null: the default), checked;
+    ``json_schema`` (from :func:`json_schema`) constrains the answer to JSON valid against it."""
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -77,9 +81,57 @@ def sampling_params(fields: Mapping[str, Any], limits: Limits, max_tokens: int) 
             seed=None if fields.get("seed") is None else integer(fields, "seed", 0, lo=0, hi=(1 << 63) - 1),
             stop=stop_strings(fields.get("stop"), limits),
             ignore_eos=flag(fields, "ignore_eos"),
+            json_schema=json_schema,
         )
     except InvalidParam as bad:  # well typed, but not a value that can be sampled
         raise FieldError(bad.message, bad.param) from None
+
+
+MAX_SCHEMA_BYTES = 64 << 10
+JSON_OBJECT = '{"type":"object"}'  # any JSON object: OpenAI's "json_object" format
+
+
+def json_schema(raw: Any, param: str) -> str:
+    """A JSON Schema (an object) that constrained decoding can enforce, as canonical JSON text. A schema feature
+    the grammar compiler does not implement is refused naming it (its message), never silently dropped."""
+    if isinstance(raw, bool) or not isinstance(raw, dict):
+        raise FieldError(f"{param} must be a JSON Schema object", param)
+    text = json.dumps(raw, ensure_ascii=False, separators=(",", ":"))
+    if len(text) > MAX_SCHEMA_BYTES:
+        raise FieldError(f"{param} is larger than {MAX_SCHEMA_BYTES} bytes", param)
+    import llguidance  # no torch: a grammar compiler (the transformers engine decodes with it too)
+
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(text)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    except Exception as exc:  # the compiler's own exception for a schema it cannot read
+        raise FieldError(f"{param} is not a schema this server can enforce: {exc}", param) from None
+    if is_error or messages:
+        detail = "; ".join(m.strip() for m in messages) or "the grammar compiler refused it"
+        raise FieldError(f"{param} is not a schema this server can enforce: {detail}", param)
+    return text
+
+
+def response_format(raw: Any, param: str, nested: bool) -> str | None:
+    """OpenAI's output formats: ``{"type": "text"}`` (None), ``{"type": "json_object"}`` (any JSON object) or
+    ``{"type": "json_schema", ...}`` with the schema under ``json_schema.schema`` (chat completions, ``nested``) or
+    ``schema`` (Responses' ``text.format``). Returns the schema to enforce, if any."""
+    if raw is None:
+        return None
+    kind = raw.get("type") if isinstance(raw, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT
+    if kind == "json_schema":
+        holder = raw.get("json_schema") if nested else raw
+        where = f"{param}.json_schema" if nested else param
+        if not isinstance(holder, dict) or "schema" not in holder:
+            raise FieldError(f'{where} needs a "schema" (a JSON Schema object)', where)
+        return json_schema(holder["schema"], f"{where}.schema")
+    raise FieldError(
+        f'{param} must be {{"type": "text"}}, {{"type": "json_object"}} or {{"type": "json_schema"}}', param
+    )
 
 
 def max_tokens(fields: Mapping[str, Any], names: tuple[str, ...], limits: Limits) -> int:

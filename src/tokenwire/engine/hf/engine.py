@@ -17,6 +17,7 @@ import torch
 
 from tokenwire.engine import models
 from tokenwire.engine.hf import loader
+from tokenwire.engine.hf.grammar import Grammars
 from tokenwire.engine.hf.parked import ParkedKV, ParkedStore
 from tokenwire.engine.hf.quant import quantize_int8
 from tokenwire.engine.hf.runner import ModelRunner
@@ -76,6 +77,8 @@ class HFBackend:
         self.sampler: RowSampler | None = None
         self.parked = ParkedStore()  # the KV of paused requests
         self._restore: dict[str, ParkedKV] = {}  # continued requests' kept KV, written to their row when admitted
+        self.grammars: Grammars | None = None  # constrained decoding (json_schema)
+        self._refused: dict[str, EngineError] = {}  # requests that failed on add: reported at the next step
 
     def load(self) -> LoadedModel:
         cfg = self.config
@@ -95,6 +98,7 @@ class HFBackend:
         max_context = min(cfg.max_model_len, int(model_len))
         self.runner = ModelRunner(model, device, dtype)
         self.sampler = RowSampler(device)
+        self.grammars = Grammars(tok, int(getattr(text_cfg, "vocab_size", 0) or len(tok)))
         log.info("model ready: %s, context %d tokens", self.name, max_context)
         return LoadedModel(tok, frozenset(_eos_ids(model, tok)), max_context)
 
@@ -110,6 +114,14 @@ class HFBackend:
             self._restore[request_id] = kept
         self.sampler.add(request_id, params.seed)  # a paused request gets its own generator back
         self.scheduler.add(seq)
+        if params.json_schema is not None and self.grammars is not None:
+            try:
+                self.grammars.add(request_id, params.json_schema, prompt_ids[len(prompt_ids) - continued :])
+            except Exception as exc:  # this request fails at the next step; the others go on
+                log.warning("request %s: its schema could not be enforced: %s", request_id, exc)
+                self._refused[request_id] = EngineError(
+                    EngineErrorCode.INVALID_REQUEST, f"the schema could not be enforced: {exc}", "json_schema"
+                )
 
     def park(self, request_id: str) -> None:
         """Out of the batch; its KV is copied out of its row (kept while the budget allows) and its generator kept."""
@@ -129,6 +141,8 @@ class HFBackend:
             kept = ParkedKV((seq.prompt_ids + seq.output_ids)[:computed], keys, values)
         self._apply(self.scheduler.remove(seq))
         self.sampler.park(request_id)
+        if self.grammars is not None:
+            self.grammars.park(request_id)
         if kept is not None:
             self.parked.put(request_id, kept)
             self._make_room()
@@ -139,6 +153,8 @@ class HFBackend:
             self._drop(seq)  # its row, generator and any KV waiting to be written back
         elif self.sampler is not None:
             self.sampler.remove(request_id)  # parked: its kept generator
+        if self.grammars is not None:
+            self.grammars.remove(request_id)
         self.parked.drop(request_id)
 
     def _make_room(self) -> None:
@@ -176,8 +192,15 @@ class HFBackend:
     def step(self) -> StepOutput:
         assert self.runner is not None
         runner, sched = self.runner, self.scheduler
+        out = StepOutput()
+        for request_id, error in self._refused.items():
+            seq = sched.get(request_id)
+            if seq is not None:
+                out.failed[request_id] = error
+                self._drop(seq)
+        self._refused.clear()
         plan = sched.schedule()
-        out = StepOutput(scheduled=[s.request_id for s in plan.admitted])
+        out.scheduled = [s.request_id for s in plan.admitted]
         try:
             if plan.admitted and self.parked:
                 self._make_room()
@@ -264,6 +287,8 @@ class HFBackend:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
         assert self.sampler is not None
+        if self.grammars is not None:
+            self.grammars.mask(logits, [s.request_id for s in seqs])
         tokens = self.sampler.sample(
             logits,
             [s.request_id for s in seqs],
@@ -281,6 +306,13 @@ class HFBackend:
                 )
                 self._drop(seq)
                 continue
+            refused = self.grammars.consume(seq.request_id, token) if self.grammars is not None else None
+            if refused is not None:  # cannot happen with the mask applied; never send a token the schema refuses
+                out.failed[seq.request_id] = EngineError(
+                    EngineErrorCode.GENERATION_FAILED, f"generation failed: the schema refused a token: {refused}"
+                )
+                self._drop(seq)
+                continue
             seq.output_ids.append(token)
             out.tokens[seq.request_id] = [token]
 
@@ -289,6 +321,8 @@ class HFBackend:
         self._apply(self.scheduler.remove(seq))
         self.sampler.remove(seq.request_id)
         self._restore.pop(seq.request_id, None)
+        if self.grammars is not None:
+            self.grammars.remove(seq.request_id)
 
     def _apply(self, swaps: list[Swap]) -> None:
         assert self.runner is not None

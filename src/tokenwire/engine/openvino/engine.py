@@ -12,6 +12,7 @@ adds and removes to the worker process (worker.py) and each of its steps returns
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import time
@@ -204,6 +205,21 @@ class OVBackend:
         self._rids[key] = request_id
         self._send(worker.Add(key, list(prompt_ids), params, max_new_tokens))
 
+    def refuse(self, params: SamplingParams) -> EngineError | None:
+        """What this pipeline cannot honour, named: its grammar backend was measured to ignore numeric bounds in
+        JSON Schemas (a "maximum": 1 let 1.1 through), so a schema with them is refused rather than half kept."""
+        if params.json_schema is None:
+            return None
+        used = sorted(NUMERIC_BOUNDS & _schema_keys(json.loads(params.json_schema)))
+        if not used:
+            return None
+        return EngineError(
+            EngineErrorCode.INVALID_REQUEST,
+            f"the OpenVINO engine cannot enforce {', '.join(used)} in a JSON Schema; leave them out, or serve with "
+            "--engine transformers, which does",
+            "json_schema",
+        )
+
     def park(self, request_id: str) -> None:
         self.remove(request_id)  # the pipeline's prefix cache keeps the blocks while it has room
 
@@ -319,3 +335,24 @@ class OVBackend:
             return
         with contextlib.suppress(OSError):  # the worker is gone; the next step notices and fails its requests
             self._conn.send(msg)
+
+
+NUMERIC_BOUNDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"})
+
+
+def _schema_keys(node: Any) -> set[str]:
+    """Every keyword used anywhere in a JSON Schema (property names under "properties" excepted)."""
+    keys: set[str] = set()
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
+                    stack.extend(value.values())
+                else:
+                    keys.add(key)
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return keys

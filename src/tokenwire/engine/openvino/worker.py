@@ -91,6 +91,8 @@ def generation_config(params: SamplingParams, max_new_tokens: int) -> Any:
     gc.repetition_penalty = params.repetition_penalty
     gc.presence_penalty = params.presence_penalty
     gc.frequency_penalty = params.frequency_penalty
+    if params.json_schema is not None:
+        gc.structured_output_config = og.StructuredOutputConfig(json_schema=params.json_schema)
     if params.greedy:
         gc.do_sample = False
     else:

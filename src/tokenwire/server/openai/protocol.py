@@ -110,7 +110,8 @@ def parse_completion_request(
         raise json_input_error(err) from None
     try:
         max_tokens = params.max_tokens(body, ("max_completion_tokens", "max_tokens"), limits)
-        sampling = params.sampling_params(body, limits, max_tokens)
+        schema = params.response_format(body.get("response_format"), "response_format", nested=True)
+        sampling = params.sampling_params(body, limits, max_tokens, schema)
         prompt: str | None = None
         messages: tuple[ChatMessage, ...] | None = None
         if chat:
@@ -158,14 +159,6 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
             raise APIError(400, f'"{name}" is not supported by this server', code="invalid_request", param=name)
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
         raise APIError(400, '"logprobs" is not supported by this server', code="invalid_request", param="logprobs")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise APIError(
-            400,
-            'only "response_format": {"type": "text"} is supported',
-            code="invalid_request",
-            param="response_format",
-        )
     if body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1):
         param = "echo" if body.get("echo") else "suffix" if body.get("suffix") else "best_of"
         raise APIError(400, f'"{param}" is not supported by this server', code="invalid_request", param=param)

@@ -42,6 +42,7 @@ class CreateRequest:
     truncate: bool = False  # truncation "auto": drop the oldest turns that do not fit
     metadata: dict[str, str] | None = None
     stream_id: str | None = None  # WebSocket mode: the lane this response runs on
+    text_format: dict[str, Any] | None = None  # text.format as asked, when it is JSON (echoed back)
 
     def echo(self) -> dict[str, Any]:
         """The request's fields as the response object repeats them."""
@@ -56,6 +57,7 @@ class CreateRequest:
             "temperature": self.params.temperature,
             "top_p": self.params.top_p,
             "truncation": "auto" if self.truncate else "disabled",
+            "text": {"format": self.text_format or {"type": "text"}},
         }
 
 
@@ -84,7 +86,12 @@ def _create(body: dict[str, Any], limits: Limits, model_name: str, websocket: bo
     _refuse_unsupported(body)
     max_output = body.get("max_output_tokens")
     max_tokens = params.max_tokens(body, ("max_output_tokens",), limits)
-    sampling = params.sampling_params(body, limits, max_tokens)
+    text = body.get("text")
+    if text is not None and not isinstance(text, dict):
+        raise FieldError('"text" must be an object such as {"format": {"type": "json_schema", ...}}', "text")
+    text_format = (text or {}).get("format")
+    schema = params.response_format(text_format, "text.format", nested=False)
+    sampling = params.sampling_params(body, limits, max_tokens, schema)
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise FieldError('"instructions" must be a string (system or developer text)', "instructions")
@@ -117,6 +124,7 @@ def _create(body: dict[str, Any], limits: Limits, model_name: str, websocket: bo
         truncate=truncation == "auto",
         metadata=_metadata(body.get("metadata")),
         stream_id=_optional_id(body, "stream_id") if websocket else None,
+        text_format=text_format if schema is not None else None,
     )
 
 
@@ -127,13 +135,6 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         raise FieldError('"tools" is not supported by this server yet', "tools")
     if body.get("tool_choice") not in (None, "none", "auto"):
         raise FieldError('"tool_choice" needs "tools", which this server does not support yet', "tool_choice")
-    text = body.get("text")
-    if text is not None:
-        if not isinstance(text, dict):
-            raise FieldError('"text" must be an object', "text")
-        fmt = text.get("format")
-        if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-            raise FieldError('only "text": {"format": {"type": "text"}} is supported', "text.format")
     reasoning = body.get("reasoning")
     if reasoning not in (None, {}) and not (isinstance(reasoning, dict) and reasoning.get("effort") in (None, "none")):
         raise FieldError('"reasoning" is not supported: the model served does not reason', "reasoning")

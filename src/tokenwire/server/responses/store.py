@@ -91,7 +91,6 @@ class Record:
             "parallel_tool_calls": False,
             "tool_choice": "none",
             "tools": [],
-            "text": {"format": {"type": "text"}},
             "usage": self.usage,
             **self.request.echo(),
         }

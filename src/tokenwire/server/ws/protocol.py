@@ -138,9 +138,10 @@ def _generate(obj: dict[str, Any], gen_id: str | None, limits: Limits) -> Genera
     else:
         messages = params.chat_messages(obj["messages"], limits)
     max_tokens = params.max_tokens(obj, ("max_tokens", "max_length"), limits)
+    schema = params.json_schema(obj["json_schema"], "json_schema") if obj.get("json_schema") is not None else None
     return Generate(
         id=gen_id,
-        params=params.sampling_params(obj, limits, max_tokens),
+        params=params.sampling_params(obj, limits, max_tokens, schema),
         prompt=prompt,
         messages=messages,
         raw=params.flag(obj, "raw"),

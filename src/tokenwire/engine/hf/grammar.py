@@ -1,0 +1,82 @@
+"""Constrained decoding for the transformers engine: a request with a JSON Schema samples only tokens that can
+continue a document valid against it (llguidance computes each step's allowed tokens as a bitmask).
+
+One matcher per constrained request, fed every token it samples; a paused request keeps its matcher, and a
+request continued from token ids (after a failover) replays them into a fresh one. Once the document is complete
+only the end-of-sequence token is allowed, so the answer ends there.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
+
+WHITESPACE: JsonCompileOptions = {
+    "whitespace_flexible": False
+}  # compact JSON: no runs of spaces and newlines from a small model
+
+
+class Grammars:
+    """The matchers of the running (and paused) constrained requests."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self._hf_tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._tokenizer: Any = None  # llguidance's view of the tokenizer, built on first use (~0.3 s)
+        self._matchers: dict[str, Any] = {}
+        self._parked: dict[str, Any] = {}
+
+    def _lltokenizer(self) -> Any:
+        if self._tokenizer is None:
+            import llguidance.hf
+
+            self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self._vocab_size)
+        return self._tokenizer
+
+    def add(self, request_id: str, schema: str, replay: list[int]) -> None:
+        """Start constraining ``request_id``; ``replay``: tokens it already generated (a continuation)."""
+        matcher = self._parked.pop(request_id, None)
+        if matcher is None:
+            import llguidance
+
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=WHITESPACE)
+            matcher = llguidance.LLMatcher(self._lltokenizer(), grammar)
+            if replay and not matcher.consume_tokens(replay):
+                raise ValueError(f"the tokens generated so far do not fit the schema: {matcher.get_error()}")
+        self._matchers[request_id] = matcher
+
+    def park(self, request_id: str) -> None:
+        matcher = self._matchers.pop(request_id, None)
+        if matcher is not None:
+            self._parked[request_id] = matcher
+
+    def remove(self, request_id: str) -> None:
+        self._matchers.pop(request_id, None)
+        self._parked.pop(request_id, None)
+
+    def constrains(self, request_id: str) -> bool:
+        return request_id in self._matchers
+
+    def mask(self, logits: torch.Tensor, request_ids: list[str]) -> None:
+        """Set the scores of tokens a constrained row may not take to -inf, in place."""
+        import llguidance.torch as lt
+
+        rows = [(i, self._matchers[rid]) for i, rid in enumerate(request_ids) if rid in self._matchers]
+        if not rows:
+            return
+        bitmask = lt.allocate_token_bitmask(len(rows), self._lltokenizer().vocab_size)
+        for j, (_, matcher) in enumerate(rows):
+            lt.fill_next_token_bitmask(matcher, bitmask, j)
+        for j, (i, _) in enumerate(rows):
+            lt.apply_token_bitmask_inplace(logits[i], bitmask[j].to(logits.device))
+
+    def consume(self, request_id: str, token: int) -> str | None:
+        """Feed a sampled token; returns why it was refused (None when it fits)."""
+        matcher = self._matchers.get(request_id)
+        if matcher is None or matcher.consume_token(token):
+            return None
+        return matcher.get_error() or "the token does not fit the schema"
