@@ -241,3 +241,99 @@ def test_a_schema_feature_that_cannot_be_enforced_is_refused_by_name(tiny_server
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["param"] == "response_format.json_schema.schema" and '"not"' in err["message"]
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Oslo"]}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+# OpenVINO's grammar allows any whitespace between JSON tokens, and a random model takes much of it: room for that.
+CALL_TOKENS = 500
+TIME = {
+    "type": "function",
+    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}, "additionalProperties": False}},
+}
+
+
+def test_tool_calls_forced_by_choice_validate_and_a_result_continues_the_chat(
+    oai: openai.OpenAI, tiny_server: RunningServer
+) -> None:
+    """Even a random model calls the tool when tool_choice forces it: the arguments validate against the function's
+    parameters (constrained decoding); streamed as a tool_calls delta; the tool's result continues the chat."""
+    import jsonschema
+
+    model = model_of(tiny_server)
+    question = [{"role": "user", "content": "Weather in Paris?"}]
+    r = oai.chat.completions.create(
+        model=model,
+        messages=question,
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        max_tokens=CALL_TOKENS,
+        seed=1,  # type: ignore[list-item]
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]  # type: ignore[index]
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name in ("get_weather", "get_time")  # type: ignore[union-attr]
+    params = WEATHER if call.function.name == "get_weather" else TIME  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(call.function.arguments), params["function"]["parameters"])  # type: ignore[union-attr, index]
+    chunks = list(
+        oai.chat.completions.create(
+            model=model,
+            messages=question,
+            tools=[WEATHER, TIME],  # type: ignore[list-item]
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            max_tokens=CALL_TOKENS,
+            seed=1,
+            stream=True,
+        )
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and chunks[-1].choices[0].finish_reason == "tool_calls", chunks[-3:]
+    streamed = deltas[0].tool_calls[0]  # type: ignore[index]
+    assert streamed.function.name == "get_weather"  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(streamed.function.arguments), WEATHER["function"]["parameters"])  # type: ignore[union-attr, index]
+    follow = oai.chat.completions.create(
+        model=model,
+        messages=[
+            *question,
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},  # type: ignore[list-item]
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
+        ],
+        tools=[WEATHER, TIME],  # type: ignore[list-item]
+        tool_choice="none",
+        max_tokens=5,
+    )
+    alone = oai.chat.completions.create(model=model, messages=question, max_tokens=1)
+    assert follow.choices[0].message.tool_calls is None  # "none": no call
+    # the call and its result are part of the prompt
+    assert follow.usage.prompt_tokens > alone.usage.prompt_tokens + 10  # type: ignore[union-attr]
+
+
+def test_bad_tools_are_refused_by_name(tiny_server: RunningServer) -> None:
+    url = f"{tiny_server.http}/v1/chat/completions"
+    msgs = [{"role": "user", "content": "Hi"}]
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+        ({"tools": [{"type": "code_interpreter"}]}, "tools[0]"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]},
+            "tools[0].function.parameters",
+        ),
+    ]
+    for fields, param in cases:
+        r = httpx.post(url, json={"messages": msgs, **fields}, timeout=scaled(30))
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (fields, r.text)

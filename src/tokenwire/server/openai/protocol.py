@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, EngineError, FinishReason, SamplingParams
-from tokenwire.server import errors, params, strictjson
+from tokenwire.server import errors, params, strictjson, tools
 from tokenwire.server.errors import ErrorCode
 from tokenwire.server.params import Limits
 
@@ -77,6 +77,7 @@ class CompletionRequest:
     model: str
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
+    tools: tuple[tools.Tool, ...] = ()  # tool calls are possible (tool_choice is not "none")
 
 
 def check_model(body: dict[str, Any], model_name: str, model_aliases: tuple[str, ...] = ()) -> None:
@@ -103,7 +104,7 @@ def parse_completion_request(
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     check_model(body, model_name, model_aliases)
-    _reject_unsupported(body)
+    _reject_unsupported(body, chat)
     try:
         strictjson.check(body, "the request")
     except strictjson.JSONInputError as err:
@@ -111,13 +112,23 @@ def parse_completion_request(
     try:
         max_tokens = params.max_tokens(body, ("max_completion_tokens", "max_tokens"), limits)
         schema = params.response_format(body.get("response_format"), "response_format", nested=True)
+        use_tools = tools.parse_tools(body.get("tools"), nested=True) if chat else ()
+        choice = tools.parse_choice(body.get("tool_choice"), use_tools, nested=True)
+        if choice.forced:
+            if schema is not None:
+                raise params.FieldError(
+                    '"response_format" and a forced "tool_choice" exclude each other', "tool_choice"
+                )
+            schema = tools.call_schema(use_tools, choice)
         sampling = params.sampling_params(body, limits, max_tokens, schema)
         prompt: str | None = None
         messages: tuple[ChatMessage, ...] | None = None
         if chat:
             if "messages" not in body:
                 raise params.FieldError('"messages" is required', "messages")
-            messages = params.chat_messages(body["messages"], limits)
+            messages = params.chat_messages(_calls_as_text(body["messages"]), limits)
+            if choice.mode != "none":
+                messages = _with_tools(messages, tools.system_text(use_tools, choice))
         else:
             prompt = _prompt(body.get("prompt"))
     except params.FieldError as err:
@@ -136,7 +147,34 @@ def parse_completion_request(
             code="invalid_request",
             param="stream_options.include_usage",
         )
-    return CompletionRequest(chat, sampling, stream, include_usage, model_name, prompt, messages)
+    return CompletionRequest(
+        chat, sampling, stream, include_usage, model_name, prompt, messages, use_tools if choice.mode != "none" else ()
+    )
+
+
+def _calls_as_text(raw: Any) -> Any:
+    """Assistant turns that called tools hold the calls' JSON as their text (the fallback's format)."""
+    if not isinstance(raw, list):
+        return raw
+    out = []
+    for m in raw:
+        if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list):
+            calls = [
+                tools.call_text(str(c["function"].get("name")), c["function"].get("arguments"))
+                for c in m["tool_calls"]
+                if isinstance(c, dict) and isinstance(c.get("function"), dict)
+            ]
+            text = m.get("content") if isinstance(m.get("content"), str) else ""
+            m = {"role": "assistant", "content": "\n".join([text, *calls]) if text else "\n".join(calls)}
+        out.append(m)
+    return out
+
+
+def _with_tools(messages: tuple[ChatMessage, ...], text: str) -> tuple[ChatMessage, ...]:
+    """The tools' description joins the system message (templates expect at most one, first)."""
+    if messages and messages[0].role == "system":
+        return (ChatMessage("system", f"{messages[0].content}\n\n{text}"), *messages[1:])
+    return (ChatMessage("system", text), *messages)
 
 
 def _prompt(prompt: Any) -> str:
@@ -149,14 +187,18 @@ def _prompt(prompt: Any) -> str:
     return prompt
 
 
-def _reject_unsupported(body: dict[str, Any]) -> None:
+def _reject_unsupported(body: dict[str, Any], chat: bool) -> None:
     """Refuse, rather than silently ignore, options that would change what the client gets back."""
     n = body.get("n", 1)
     if n is not None and n != 1:
         raise APIError(400, '"n" must be 1 (one choice per request)', code="invalid_request", param="n")
-    for name in ("tools", "functions", "tool_choice", "function_call"):
+    for name in ("functions", "function_call"):  # the deprecated forms of tools and tool_choice
         if body.get(name) not in (None, [], "none"):
-            raise APIError(400, f'"{name}" is not supported by this server', code="invalid_request", param=name)
+            raise APIError(
+                400, f'"{name}" is deprecated and not supported: use "tools"', code="invalid_request", param=name
+            )
+    if body.get("tools") not in (None, []) and not chat:
+        raise APIError(400, '"tools" needs /v1/chat/completions', code="invalid_request", param="tools")
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
         raise APIError(400, '"logprobs" is not supported by this server', code="invalid_request", param="logprobs")
     if body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1):
@@ -208,8 +250,20 @@ def usage_chunk(ids: ResponseIds, chat: bool, use: dict[str, Any]) -> dict[str, 
     return _envelope(ids, "chat.completion.chunk" if chat else "text_completion", [], usage=use)
 
 
-def chat_completion(ids: ResponseIds, text: str, reason: str, use: dict[str, int]) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text}
+def tool_calls(calls: list[tools.ToolCall]) -> list[dict[str, Any]]:
+    return [
+        {"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for i, c in enumerate(calls)
+    ]
+
+
+def chat_completion(
+    ids: ResponseIds, text: str, reason: str, use: dict[str, int], calls: list[tools.ToolCall] | None = None
+) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message = {"role": "assistant", "content": None, "tool_calls": tool_calls(calls)}
+        reason = "tool_calls"
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}
     return _envelope(ids, "chat.completion", [choice], usage=use)
 

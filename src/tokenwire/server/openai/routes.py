@@ -27,7 +27,7 @@ from tokenwire.engine.interface import (
     OutputKind,
     RequestOutput,
 )
-from tokenwire.server import strictjson
+from tokenwire.server import strictjson, tools
 from tokenwire.server.auth import bearer_token
 from tokenwire.server.errors import ErrorCode, RequestError
 from tokenwire.server.journal import owner_of
@@ -165,8 +165,10 @@ class OpenAIRoutes:
         text, out = result
         reason = oa.finish_reason(out.finish_reason) if out.finish_reason else "stop"
         use = oa.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
-        body_out = (oa.chat_completion if chat else oa.text_completion)(ids, text, reason, use)
-        return JSONResponse(body_out)
+        if chat:
+            call = tools.parse_call(text, req.tools) if req.tools else None
+            return JSONResponse(oa.chat_completion(ids, text, reason, use, [call] if call else None))
+        return JSONResponse(oa.text_completion(ids, text, reason, use))
 
     async def _tracked(self, request: GenerationRequest) -> AsyncGenerator[RequestOutput, None]:
         """The engine stream of ``request``, counted in flight (for drain) until it ends or is closed. A request
@@ -214,6 +216,8 @@ class OpenAIRoutes:
     ) -> AsyncGenerator[bytes, None]:
         """The SSE body. Closing this generator (client gone) closes ``stream``, which aborts the request."""
         chat = req.chat
+        held: list[str] = []  # with tools: text that may still turn out to be a call is held back
+        holding = bool(req.tools)
         events = door_events(stream, trace, self.keepalive_interval)
         # ``stream`` too: ``events`` does not close it if it is closed before its first step.
         async with contextlib.aclosing(stream), contextlib.aclosing(events):
@@ -223,12 +227,23 @@ class OpenAIRoutes:
                 if isinstance(ev, KeepAlive):
                     yield b": keep-alive\n\n"
                 elif isinstance(ev, Delta) and ev.text:
-                    yield sse(
-                        oa.chat_chunk(ids, {"content": ev.text}, None) if chat else oa.text_chunk(ids, ev.text, None)
-                    )
+                    text = ev.text
+                    if holding:
+                        held.append(text)
+                        if tools.may_be_call("".join(held)):
+                            continue
+                        holding, text = False, "".join(held)
+                    yield sse(oa.chat_chunk(ids, {"content": text}, None) if chat else oa.text_chunk(ids, text, None))
                 elif isinstance(ev, Done):
                     out = ev.output
                     reason = oa.finish_reason(out.finish_reason) if out.finish_reason else "stop"
+                    if holding and held:
+                        call = tools.parse_call("".join(held), req.tools)
+                        if call is not None:
+                            yield sse(oa.chat_chunk(ids, {"tool_calls": oa.tool_calls([call])}, None))
+                            reason = "tool_calls"
+                        else:
+                            yield sse(oa.chat_chunk(ids, {"content": "".join(held)}, None))
                     yield sse(oa.chat_chunk(ids, {}, reason) if chat else oa.text_chunk(ids, "", reason))
                     if req.include_usage:
                         use = oa.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
