@@ -156,7 +156,11 @@ def test_a_background_response_is_cancelled(oai: openai.OpenAI, tiny_server: Run
 def test_unsupported_fields_are_refused_by_name(oai: openai.OpenAI, tiny_server: RunningServer) -> None:
     model = model_of(tiny_server)
     cases: list[tuple[dict[str, Any], str]] = [
-        ({"tools": [{"type": "function", "name": "f", "parameters": {}}]}, "tools"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0]"),
+        (
+            {"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}},
+            "tool_choice",
+        ),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
         ({"temperature": -1}, "temperature"),
         ({"max_output_tokens": 10**9}, "max_output_tokens"),
@@ -267,3 +271,66 @@ def test_a_client_that_leaves_a_stream_cancels_its_response(tiny_server: Running
         assert time.monotonic() < deadline, state
         time.sleep(0.05)
     assert state["status"] == "cancelled" and state["usage"]["output_tokens"] < 4000
+
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"enum": ["Paris", "Oslo"]}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+CALL_TOKENS = 500  # OpenVINO's grammar allows any whitespace between JSON tokens: room for a random model's
+
+
+def test_a_forced_tool_call_is_a_function_call_item_and_its_output_continues(
+    oai: openai.OpenAI, tiny_server: RunningServer
+) -> None:
+    model = model_of(tiny_server)
+    with oai.responses.create(model=model, input="Weather in Paris?", tools=[WEATHER], tool_choice="required",  # type: ignore[list-item]
+                              max_output_tokens=CALL_TOKENS, extra_body={"seed": 1}, stream=True) as stream:  # fmt: skip
+        events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[2:] == [
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    call = events[-1].response.output[0]
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+    assert json.loads(call.arguments)["city"] in ("Paris", "Oslo")
+    after = oai.responses.create(
+        model=model,
+        previous_response_id=events[-1].response.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": '{"temp": 21}'}],
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice="none",
+        max_output_tokens=4,
+    )
+    assert after.output[0].type == "message" and after.status in ("completed", "incomplete")
+
+
+async def test_an_agent_turn_with_a_tool_call_over_the_websocket_mode(tiny_server: RunningServer) -> None:
+    """The openai package's Responses WebSocket: a call, its result sent back as the next turn, an answer."""
+    client = openai.AsyncOpenAI(base_url=tiny_server.http + "/v1", api_key="unused", max_retries=0)
+    model = model_of(tiny_server)
+    async with client.responses.connect() as conn:
+        await conn.send({"type": "response.create", "model": model, "input": "Weather in Oslo?", "tools": [WEATHER],
+                         "tool_choice": {"type": "function", "name": "get_weather"},
+                         "max_output_tokens": CALL_TOKENS, "seed": 2})  # type: ignore[typeddict-unknown-key]  # fmt: skip
+        first = await _until_done(conn)
+        call = first["output"][0]
+        assert call["type"] == "function_call" and call["name"] == "get_weather"
+        result = {"type": "function_call_output", "call_id": call["call_id"], "output": "sunny"}
+        await conn.send({"type": "response.create", "model": model, "previous_response_id": first["id"],
+                         "input": [result], "tools": [WEATHER], "max_output_tokens": 6})  # type: ignore[list-item]  # fmt: skip
+        second = await _until_done(conn)
+    await client.close()
+    assert second["previous_response_id"] == first["id"] and second["status"] in ("completed", "incomplete")
+    assert second["usage"]["input_tokens"] > first["usage"]["input_tokens"]

@@ -12,14 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, FinishReason, SamplingParams
-from tokenwire.server import params, strictjson
+from tokenwire.server import params, strictjson, tools
 from tokenwire.server.openai.protocol import APIError, check_model, field_error, json_input_error
 from tokenwire.server.params import FieldError, Limits
+from tokenwire.server.tools import Tool, ToolCall, ToolChoice
 
 # Content part types that carry text, per role of an input message.
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})
 _INPUT_ROLES = ("user", "assistant", "system", "developer")
 MAX_ID = 128
+NO_TOOLS = ToolChoice("none")
 
 
 def new_id(prefix: str) -> str:
@@ -43,6 +45,9 @@ class CreateRequest:
     metadata: dict[str, str] | None = None
     stream_id: str | None = None  # WebSocket mode: the lane this response runs on
     text_format: dict[str, Any] | None = None  # text.format as asked, when it is JSON (echoed back)
+    tools: tuple[Tool, ...] = ()  # tool calls are possible (tool_choice is not "none")
+    tool_choice: ToolChoice = NO_TOOLS
+    tools_asked: tuple[Any, ...] = ()  # the tools as sent (echoed back)
 
     def echo(self) -> dict[str, Any]:
         """The request's fields as the response object repeats them."""
@@ -58,7 +63,21 @@ class CreateRequest:
             "top_p": self.params.top_p,
             "truncation": "auto" if self.truncate else "disabled",
             "text": {"format": self.text_format or {"type": "text"}},
+            "tools": list(self.tools_asked),
+            "tool_choice": _choice_echo(self.tool_choice),
         }
+
+    def system_text(self) -> str | None:
+        """The instructions and the tools' description: this response's system message."""
+        parts = [self.instructions or ""]
+        if self.tools:
+            parts.append(tools.system_text(self.tools, self.tool_choice))
+        text = "\n\n".join(p for p in parts if p)
+        return text or None
+
+
+def _choice_echo(choice: ToolChoice) -> Any:
+    return {"type": "function", "name": choice.name} if choice.mode == "function" else choice.mode
 
 
 def parse_create(
@@ -91,6 +110,12 @@ def _create(body: dict[str, Any], limits: Limits, model_name: str, websocket: bo
         raise FieldError('"text" must be an object such as {"format": {"type": "json_schema", ...}}', "text")
     text_format = (text or {}).get("format")
     schema = params.response_format(text_format, "text.format", nested=False)
+    use_tools = tools.parse_tools(body.get("tools"), nested=False)
+    choice = tools.parse_choice(body.get("tool_choice"), use_tools, nested=False)
+    if choice.forced:
+        if schema is not None:
+            raise FieldError('"text.format" and a forced "tool_choice" exclude each other', "tool_choice")
+        schema = tools.call_schema(use_tools, choice)
     sampling = params.sampling_params(body, limits, max_tokens, schema)
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
@@ -124,17 +149,15 @@ def _create(body: dict[str, Any], limits: Limits, model_name: str, websocket: bo
         truncate=truncation == "auto",
         metadata=_metadata(body.get("metadata")),
         stream_id=_optional_id(body, "stream_id") if websocket else None,
-        text_format=text_format if schema is not None else None,
+        text_format=text_format if schema is not None and not choice.forced else None,
+        tools=use_tools if choice.mode != "none" else (),
+        tool_choice=choice,
+        tools_asked=tuple(body.get("tools") or ()),
     )
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
     """Options that would change what the client gets back and that this server cannot honour yet."""
-    tools = body.get("tools")
-    if tools not in (None, []):
-        raise FieldError('"tools" is not supported by this server yet', "tools")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise FieldError('"tool_choice" needs "tools", which this server does not support yet', "tool_choice")
     reasoning = body.get("reasoning")
     if reasoning not in (None, {}) and not (isinstance(reasoning, dict) and reasoning.get("effort") in (None, "none")):
         raise FieldError('"reasoning" is not supported: the model served does not reason', "reasoning")
@@ -194,9 +217,21 @@ def _item(item: Any, where: str) -> ChatMessage:
     if not isinstance(item, dict):
         raise FieldError(f'{where} must be a message item {{"role", "content"}}', where)
     kind = item.get("type", "message")
+    if kind == "function_call":  # a call the model made, sent back with its result
+        name = item.get("name")
+        if not isinstance(name, str) or not isinstance(item.get("arguments", ""), str):
+            raise FieldError(f"{where} must have a name and arguments (a JSON string)", where)
+        return ChatMessage("assistant", tools.call_text(name, item.get("arguments", "{}")))
+    if kind == "function_call_output":
+        output = item.get("output")
+        if not isinstance(output, str) or not isinstance(item.get("call_id"), str):
+            raise FieldError(f"{where} must have a call_id and an output (a string)", where)
+        return ChatMessage("tool", output)
     if kind != "message":
         shown = kind if isinstance(kind, str) and len(kind) <= 40 else "?"
-        raise FieldError(f"{where}.type {shown!r} is not supported: only message items (no tool calls yet)", where)
+        raise FieldError(
+            f"{where}.type {shown!r} is not supported: message, function_call or function_call_output", where
+        )
     role = item.get("role")
     if role not in _INPUT_ROLES:
         raise FieldError(f"{where}.role must be one of {', '.join(_INPUT_ROLES)}", f"{where}.role")
@@ -221,6 +256,17 @@ def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
         [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "in_progress" else []
     )
     return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
+
+
+def function_call_item(item_id: str, call: ToolCall, status: str, arguments: str | None = None) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "type": "function_call",
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": call.arguments if arguments is None else arguments,
+        "status": status,
+    }
 
 
 def output_text_part(text: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from tokenwire.engine.interface import (
     OutputKind,
     RequestOutput,
 )
-from tokenwire.server import errors
+from tokenwire.server import errors, tools
 from tokenwire.server.errors import ErrorCode, RequestError, wire_error
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.responses import protocol as rp
@@ -145,8 +145,9 @@ class Responses:
         record = Record(rp.new_id("resp"), request, history, tenant=tenant)
         record.engine_id = f"responses-{next(self._ids)}-{record.id}"
         messages = list(record.conversation_input())
-        if request.instructions:
-            messages.insert(0, ChatMessage("system", request.instructions))
+        system = request.system_text()
+        if system:
+            messages.insert(0, ChatMessage("system", system))
         engine_request = GenerationRequest(
             request_id=record.engine_id,
             params=request.params,
@@ -195,20 +196,28 @@ class Responses:
             self.key_limits.release(request.tenant, used)
 
     async def _run(self, record: Record, stream: AsyncGenerator[RequestOutput, None], trace: Trace) -> None:
-        where: dict[str, Any] = {"item_id": record.item_id, "output_index": 0, "content_index": 0}
         record.status = "in_progress"
         record.emit("response.in_progress", response=record.as_dict())
-        record.emit(
-            "response.output_item.added", output_index=0, item=rp.message_item(record.item_id, "", "in_progress")
-        )
-        record.emit("response.content_part.added", **where, part=rp.output_text_part(""))
+        holding = bool(record.request.tools)  # with tools: text that may still turn out to be a call is held back
+        held: list[str] = []
+        if not holding:
+            self._open_message(record)
         status, details, error = "failed", None, None
         try:
             async for ev in door_events(stream, trace):
                 if isinstance(ev, Delta):
-                    if ev.text:
-                        record.parts.append(ev.text)
-                        record.emit("response.output_text.delta", tokens=ev.tokens, **where, delta=ev.text, logprobs=[])
+                    text = ev.text
+                    if holding and text:
+                        held.append(text)
+                        if tools.may_be_call("".join(held)):
+                            continue
+                        holding, text = False, "".join(held)
+                        self._open_message(record)
+                    if text:
+                        record.parts.append(text)
+                        record.emit(
+                            "response.output_text.delta", tokens=ev.tokens, **record.where, delta=text, logprobs=[]
+                        )
                 elif isinstance(ev, Done):
                     status, details, error = self._finished(record, ev.output)
                 elif isinstance(ev, Failed):
@@ -217,7 +226,33 @@ class Responses:
             status, error = "cancelled", None
             raise
         finally:
+            if holding:
+                self._settle(record, "".join(held))
             self._end(record, status, details, error)
+
+    @staticmethod
+    def _open_message(record: Record) -> None:
+        item = rp.message_item(record.item_id, "", "in_progress")
+        record.emit("response.output_item.added", output_index=0, item=item)
+        record.emit("response.content_part.added", **record.where, part=rp.output_text_part(""))
+        record.message_open = True
+
+    @staticmethod
+    def _settle(record: Record, text: str) -> None:
+        """The held-back answer is a call (a function_call item) or, after all, text (a message)."""
+        call = tools.parse_call(text, record.request.tools)
+        if call is None:
+            Responses._open_message(record)
+            if text:
+                record.parts.append(text)
+                record.emit("response.output_text.delta", **record.where, delta=text, logprobs=[])
+            return
+        record.call = call
+        added = rp.function_call_item(record.item_id, call, "in_progress", arguments="")
+        record.emit("response.output_item.added", output_index=0, item=added)
+        where: dict[str, Any] = {"item_id": record.item_id, "output_index": 0}
+        record.emit("response.function_call_arguments.delta", **where, delta=call.arguments)
+        record.emit("response.function_call_arguments.done", **where, name=call.name, arguments=call.arguments)
 
     def _finished(self, record: Record, out: RequestOutput) -> tuple[str, dict[str, str] | None, dict[str, str] | None]:
         record.usage = rp.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
@@ -228,14 +263,16 @@ class Responses:
 
     def _end(self, record: Record, status: str, details: dict[str, str] | None, error: dict[str, str] | None) -> None:
         """Write the closing events (item, part, text done; then the response's last event) and keep the result."""
-        where: dict[str, Any] = {"item_id": record.item_id, "output_index": 0, "content_index": 0}
-        text = record.text
         item_status = "completed" if status == "completed" else "incomplete"
-        record.emit("response.output_text.done", **where, text=text, logprobs=[])
-        record.emit("response.content_part.done", **where, part=rp.output_text_part(text))
-        record.emit(
-            "response.output_item.done", output_index=0, item=rp.message_item(record.item_id, text, item_status)
-        )
+        if record.call is not None:
+            item = rp.function_call_item(record.item_id, record.call, item_status)
+            record.emit("response.output_item.done", output_index=0, item=item)
+        elif record.message_open:
+            text = record.text
+            record.emit("response.output_text.done", **record.where, text=text, logprobs=[])
+            record.emit("response.content_part.done", **record.where, part=rp.output_text_part(text))
+            item = rp.message_item(record.item_id, text, item_status)
+            record.emit("response.output_item.done", output_index=0, item=item)
         record.status, record.incomplete_details, record.error = status, details, error
         record.completed_at = time.time() if status == "completed" else None
         last = {"completed": "response.completed", "failed": "response.failed"}.get(status, "response.incomplete")

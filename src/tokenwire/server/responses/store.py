@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenwire.engine.interface import ChatMessage
+from tokenwire.server import tools
 from tokenwire.server.journal import Entry, MessageLog
 from tokenwire.server.responses import protocol as rp
 from tokenwire.server.responses.protocol import CreateRequest
+from tokenwire.server.tools import ToolCall
 
 FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
@@ -45,10 +47,17 @@ class Record:
     tenant: str = ""
     log: MessageLog = field(init=False)
     task: asyncio.Task[None] | None = None
+    call: ToolCall | None = None  # the answer is this tool call (not a message)
+    message_open: bool = False  # the message item's added events were written
     ended_at: float | None = None  # monotonic, for expiry
 
     def __post_init__(self) -> None:
         self.log = MessageLog(self.id)
+
+    @property
+    def where(self) -> dict[str, Any]:
+        """Where the answer's text is: the first output item's first content part."""
+        return {"item_id": self.item_id, "output_index": 0, "content_index": 0}
 
     @property
     def text(self) -> str:
@@ -67,16 +76,19 @@ class Record:
     @property
     def conversation(self) -> tuple[ChatMessage, ...]:
         """What a response continuing this one starts from: the history, this input, and this answer."""
-        answer = (ChatMessage("assistant", self.text),) if self.status != "failed" else ()
+        said = tools.call_text(self.call.name, self.call.arguments) if self.call is not None else self.text
+        answer = (ChatMessage("assistant", said),) if self.status != "failed" else ()
         return (*self.history, *self.request.input, *answer)
 
     def as_dict(self) -> dict[str, Any]:
         """The response object (``object: "response"``) as it stands."""
         output = []
-        if self.status not in ("queued", "failed") or self.text:
-            item_status = "in_progress" if self.status in ("queued", "in_progress") else "completed"
-            if self.status in ("incomplete", "cancelled"):
-                item_status = "incomplete"
+        item_status = "in_progress" if self.status in ("queued", "in_progress") else "completed"
+        if self.status in ("incomplete", "cancelled"):
+            item_status = "incomplete"
+        if self.call is not None:
+            output.append(rp.function_call_item(self.item_id, self.call, item_status))
+        elif self.message_open or (self.done and self.text):
             output.append(rp.message_item(self.item_id, self.text, item_status))
         return {
             "id": self.id,
@@ -89,8 +101,6 @@ class Record:
             "output": output,
             "output_text": self.text,
             "parallel_tool_calls": False,
-            "tool_choice": "none",
-            "tools": [],
             "usage": self.usage,
             **self.request.echo(),
         }
