@@ -291,8 +291,15 @@ def test_a_forced_tool_call_is_a_function_call_item_and_its_output_continues(
     oai: openai.OpenAI, tiny_server: RunningServer
 ) -> None:
     model = model_of(tiny_server)
-    with oai.responses.create(model=model, input="Weather in Paris?", tools=[WEATHER], tool_choice="required",  # type: ignore[list-item]
-                              max_output_tokens=CALL_TOKENS, extra_body={"seed": 1}, stream=True) as stream:  # fmt: skip
+    with oai.responses.create(
+        model=model,
+        input="Weather in Paris?",
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice="required",
+        max_output_tokens=CALL_TOKENS,
+        extra_body={"seed": 1},
+        stream=True,
+    ) as stream:
         events = list(stream)
     kinds = [e.type for e in events]
     assert kinds[2:] == [
