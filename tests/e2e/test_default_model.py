@@ -211,3 +211,29 @@ async def test_structured_output_of_the_default_model_validates_against_its_sche
     finally:
         await c.close()
     assert err["type"] == "error" and err["code"] == "invalid_request" and "maximum" in err["content"]
+
+
+async def test_the_default_model_calls_a_tool_whose_arguments_validate(default_server: RunningServer) -> None:
+    """Its chat template has no tool format: the fallback (tools in the system message, one JSON call format) with
+    tool_choice "required" gives a call whose arguments validate against the function's parameters."""
+    import httpx
+    import jsonschema
+
+    parameters = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 40}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    }
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                             "parameters": parameters}}  # fmt: skip
+    for temperature in (0.0, 0.7):
+        body = {"messages": [{"role": "user", "content": "What is the weather in Paris?"}], "tools": [tool],
+                "tool_choice": "required", "max_tokens": 200, "temperature": temperature, "seed": 7}  # fmt: skip
+        async with httpx.AsyncClient(timeout=120) as http:
+            r = (await http.post(default_server.http + "/v1/chat/completions", json=body)).json()
+        choice = r["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", choice
+        call = choice["message"]["tool_calls"][0]["function"]
+        assert call["name"] == "get_weather"
+        jsonschema.validate(json.loads(call["arguments"]), parameters)
