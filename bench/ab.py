@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,12 @@ import loadgen
 from compare import BENCH, free_port, start, stop, wait_ready, write_results
 
 WORKTREE = "WORKTREE"
+
+
+def served_model(http_url: str) -> str:
+    """The model id a server's ``GET /v1/models`` names (the openai mode sends it)."""
+    with urllib.request.urlopen(http_url + "/v1/models", timeout=30) as r:
+        return str(json.load(r)["data"][0]["id"])
 
 
 def export(rev: str, into: Path) -> str:
@@ -70,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-args", default="", help="more flags for both servers, one string")
     p.add_argument("--a-args", default="", help="more flags for server A only")
     p.add_argument("--b-args", default="", help="more flags for server B only")
+    p.add_argument(
+        "--mode",
+        default="tokenwire",
+        choices=("tokenwire", "openai"),
+        help="tokenwire: the WebSocket protocol; openai: POST /v1/chat/completions streamed as SSE",
+    )
     p.add_argument("--idle-connections", type=int, default=0, help="measure memory per idle WebSocket (N <= 5000)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--out", default=None, help="JSON result (default: bench/results/ab-DATE.json)")
@@ -173,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc = start(argv_tw, log_path, env)
                 procs.append(proc)
                 wait_ready(proc, port, True, log_path)
-                urls[build] = f"ws://127.0.0.1:{port}/"
+                urls[build] = f"ws://127.0.0.1:{port}/" if a.mode == "tokenwire" else f"http://127.0.0.1:{port}"
             pids = {"A": procs[0].pid, "B": procs[1].pid}
             idle: dict[str, float] = {}
             for build in ("A", "B") if a.idle_connections else ():
@@ -188,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                             max_tokens=a.max_tokens,
                             prompt=a.prompt,
                             temperature=a.temperature,
-                            mode="tokenwire",
+                            mode=a.mode,
+                            model=served_model(urls[build]) if a.mode == "openai" else "",
                             timeout=a.timeout,
                             label=f"{build} x{n}",
                         )

@@ -20,6 +20,9 @@ WHITESPACE: JsonCompileOptions = {
 }  # compact JSON: no runs of spaces and newlines from a small model
 
 
+COMPILED_KEPT = 64  # schemas kept compiled
+
+
 class Grammars:
     """The matchers of the running (and paused) constrained requests."""
 
@@ -29,6 +32,7 @@ class Grammars:
         self._tokenizer: Any = None  # llguidance's view of the tokenizer, built on first use (~0.3 s)
         self._matchers: dict[str, Any] = {}
         self._parked: dict[str, Any] = {}
+        self._compiled: dict[str, Any] = {}  # schema -> a matcher fed nothing, to copy
 
     def _lltokenizer(self) -> Any:
         if self._tokenizer is None:
@@ -41,13 +45,24 @@ class Grammars:
         """Start constraining ``request_id``; ``replay``: tokens it already generated (a continuation)."""
         matcher = self._parked.pop(request_id, None)
         if matcher is None:
-            import llguidance
-
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=WHITESPACE)
-            matcher = llguidance.LLMatcher(self._lltokenizer(), grammar)
+            matcher = self._fresh(schema)
             if replay and not matcher.consume_tokens(replay):
                 raise ValueError(f"the tokens generated so far do not fit the schema: {matcher.get_error()}")
         self._matchers[request_id] = matcher
+
+    def _fresh(self, schema: str) -> Any:
+        """A new matcher for ``schema``: a copy of a compiled one (compiling takes tens of ms on the model thread;
+        the same schema, as an app sends again and again, is compiled once)."""
+        compiled = self._compiled.pop(schema, None)
+        if compiled is None:
+            import llguidance
+
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=WHITESPACE)
+            compiled = llguidance.LLMatcher(self._lltokenizer(), grammar)
+        self._compiled[schema] = compiled  # most recently used last
+        while len(self._compiled) > COMPILED_KEPT:
+            self._compiled.pop(next(iter(self._compiled)))
+        return compiled.deep_copy()
 
     def park(self, request_id: str) -> None:
         matcher = self._matchers.pop(request_id, None)
