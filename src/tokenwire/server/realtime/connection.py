@@ -17,9 +17,9 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from tokenwire.engine.interface import Engine, EngineError, FinishReason, GenerationRequest, OutputKind
+from tokenwire.engine.interface import Engine, FinishReason, GenerationRequest
 from tokenwire.server.backlog import Backlog
-from tokenwire.server.errors import GOING_AWAY, POLICY_VIOLATION, RequestError, openai_type, wire_error
+from tokenwire.server.errors import GOING_AWAY, POLICY_VIOLATION, RequestError, openai_type
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.params import Limits
 from tokenwire.server.realtime.protocol import (
@@ -40,6 +40,7 @@ from tokenwire.server.realtime.protocol import (
     update_session,
     usage,
 )
+from tokenwire.server.streams import Delta, Done, Failed, door_events
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.ws import messages
 
@@ -256,30 +257,24 @@ class RealtimeConnection:
                 tenant=self.tenant,
                 connection=self.session.id,
             )
-            try:
-                stream = self.engine.generate(request)
-                async with contextlib.aclosing(stream):
-                    async for out in stream:
-                        if out.kind is OutputKind.STARTED:
-                            prompt_tokens = out.prompt_tokens
-                            continue
-                        if out.text:
-                            trace.delta(out.text, out.num_tokens)
-                            item.text += out.text
-                            await self.send(event("response.output_text.delta", **where, delta=out.text))
-                        if out.kind is OutputKind.FINISHED:
-                            trace.finished(out)
-                            prompt_tokens, completion_tokens = out.prompt_tokens, out.completion_tokens
-                            cached_tokens = out.cached_tokens
-                            status, details = _STATUS[out.finish_reason or FinishReason.STOP]
-                            if status == "cancelled" and self._shutting_down:
-                                details = {"type": "cancelled", "reason": "server_shutting_down"}
-            except EngineError as failure:
-                err = wire_error(failure)
-                trace.failed(err.code.value)
-                self.telemetry.error(err.code.value)
-                details = {"type": "failed", "error": {"type": openai_type(err.code), "code": err.code.value}}
-                await self.send(error_event(RealtimeError(err.message, err.code.value, err.param), create.event_id))
+            events = door_events(self.engine.generate(request), trace)
+            async with contextlib.aclosing(events):
+                async for ev in events:
+                    if isinstance(ev, Delta) and ev.text:
+                        item.text += ev.text
+                        await self.send(event("response.output_text.delta", **where, delta=ev.text))
+                    elif isinstance(ev, Done):
+                        out = ev.output
+                        prompt_tokens, completion_tokens = out.prompt_tokens, out.completion_tokens
+                        cached_tokens = out.cached_tokens
+                        status, details = _STATUS[out.finish_reason or FinishReason.STOP]
+                        if status == "cancelled" and self._shutting_down:
+                            details = {"type": "cancelled", "reason": "server_shutting_down"}
+                    elif isinstance(ev, Failed):  # traced (and counted) by door_events
+                        err = ev.error
+                        details = {"type": "failed", "error": {"type": openai_type(err.code), "code": err.code.value}}
+                        failed = RealtimeError(err.message, err.code.value, err.param)
+                        await self.send(error_event(failed, create.event_id))
             item.status = "completed" if status == "completed" else "incomplete"
             part = {"type": "text", "text": item.text}
             await self.send(event("response.output_text.done", **where, text=item.text))
