@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import websockets
 
@@ -110,6 +111,13 @@ async def test_the_drain_timeout_ends_what_is_still_running_with_shutting_down(t
         c = await Client.connect(server.ws)
         await c.send({"type": "generate", "id": "g", "prompt": "Hi", "max_tokens": 4000, "ignore_eos": True})
         await c.until(lambda m: m.get("id") == "g" and m["type"] == "token")
+        # a Responses stream over SSE and one over the Responses WebSocket mode, running too
+        body = {"input": "Hi", "max_output_tokens": 4000, "ignore_eos": True}
+        sse = asyncio.create_task(_responses_sse(server, {**body, "stream": True}))
+        rws = await websockets.connect(server.http.replace("http://", "ws://") + "/v1/responses")
+        await rws.send(json.dumps({"type": "response.create", **body}))
+        while json.loads(await rws.recv())["type"] != "response.output_text.delta":
+            pass
         t0 = time.monotonic()
         server.proc.terminate()
         err = await c.finish("g", timeout=30)
@@ -117,4 +125,28 @@ async def test_the_drain_timeout_ends_what_is_still_running_with_shutting_down(t
         assert time.monotonic() - t0 >= 0.9  # it had its second
         assert [m["seq"] for m in c.by_id["g"]] == list(range(len(c.by_id["g"])))
         assert await closed_with(c) == 1001
+        events = await asyncio.wait_for(sse, scaled(30))
+        assert events[-1]["type"] == "response.failed"
+        assert events[-1]["response"]["error"]["code"] == "shutting_down"
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        last: dict[str, Any] = {}
+        with pytest.raises(websockets.ConnectionClosed) as info:
+            for _ in range(100_000):
+                ev = json.loads(await asyncio.wait_for(rws.recv(), scaled(30)))
+                last = ev if ev["type"].startswith("response.") and "response" in ev else last
+                if ev["type"] == "error":
+                    assert ev["code"] == "shutting_down"
+        assert last["type"] == "response.failed" and info.value.rcvd is not None and info.value.rcvd.code == 1001
         assert server.proc.wait(timeout=scaled(20)) in (0, -signal.SIGTERM)
+
+
+async def _responses_sse(server: RunningServer, body: dict[str, Any]) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    async with (
+        httpx.AsyncClient(timeout=scaled(60)) as http,
+        http.stream("POST", server.http + "/v1/responses", json=body) as r,
+    ):
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+    return events
