@@ -299,11 +299,12 @@ def test_tool_calls_forced_by_choice_validate_and_a_result_continues_the_chat(
             stream=True,
         )
     )
-    deltas = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.tool_calls]
-    assert len(deltas) == 1 and chunks[-1].choices[0].finish_reason == "tool_calls", chunks[-3:]
-    streamed = deltas[0].tool_calls[0]  # type: ignore[index]
-    assert streamed.function.name == "get_weather"  # type: ignore[union-attr]
-    jsonschema.validate(json.loads(streamed.function.arguments), WEATHER["function"]["parameters"])  # type: ignore[union-attr, index]
+    deltas = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert len(deltas) >= 3  # the call streams: its id and name first, then its arguments piece by piece
+    assert deltas[0].id.startswith("call_") and deltas[0].function.name == "get_weather"  # type: ignore[union-attr]
+    arguments = "".join(d.function.arguments or "" for d in deltas)  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])  # type: ignore[index]
     follow = oai.chat.completions.create(
         model=model,
         messages=[

@@ -302,14 +302,17 @@ def test_a_forced_tool_call_is_a_function_call_item_and_its_output_continues(
     ) as stream:
         events = list(stream)
     kinds = [e.type for e in events]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
     assert kinds[2:] == [
         "response.output_item.added",
-        "response.function_call_arguments.delta",
+        *["response.function_call_arguments.delta"] * len(deltas),
         "response.function_call_arguments.done",
         "response.output_item.done",
         "response.completed",
     ]
+    assert len(deltas) >= 2  # the arguments stream piece by piece
     call = events[-1].response.output[0]
+    assert "".join(deltas) == call.arguments == events[-4].arguments
     assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
     assert json.loads(call.arguments)["city"] in ("Paris", "Oslo")
     after = oai.responses.create(

@@ -15,7 +15,7 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from tokenwire.server import params
 from tokenwire.server.params import FieldError
@@ -152,15 +152,155 @@ def parse_call(text: str, tools: tuple[Tool, ...]) -> ToolCall | None:
     return ToolCall(str(obj["name"]), json.dumps(arguments, ensure_ascii=False)).with_id()
 
 
-def may_be_call(text: str) -> bool:
-    """Whether an answer that begins with ``text`` may still turn out to be a call (so it is held back)."""
-    stripped = text.lstrip()
-    return not stripped or stripped.startswith("{")
-
-
 def call_text(name: str, arguments: Any) -> str:
     """A call as the model wrote it, for the conversation (an assistant turn)."""
     if isinstance(arguments, str):
         with contextlib.suppress(ValueError):  # arguments that are not JSON stay the string they are
             arguments = json.loads(arguments)
     return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+
+
+_WS = " \t\r\n"
+_ARGUMENT_KEYS = ("arguments", "parameters")
+
+
+@dataclass(slots=True)
+class CallStream:
+    """Reads an answer as it streams and tells, as soon as it can, whether it is a call; a call's name comes out
+    once it is complete and its arguments piece by piece, as generated (the JSON text of the arguments object,
+    without the call's closing brace). An answer that cannot be a call comes out as text.
+
+    ``feed`` returns what is known after each delta: ``("text", s)``, ``("name", s)`` or ``("arguments", s)``."""
+
+    tools: tuple[Tool, ...]
+    state: str = "undecided"  # then "call" (arguments streaming), "text", or "done" (the arguments ended)
+    buf: str = ""
+    name: str | None = None
+    arguments: list[str] | None = None
+    call_id: str = ""
+    _depth: int = 0
+    _in_string: bool = False
+    _escaped: bool = False
+    _started: bool = False  # the arguments' first non-space character was seen
+
+    def feed(self, text: str) -> list[tuple[str, str]]:
+        if self.state == "text":
+            return [("text", text)]
+        if self.state == "done":
+            return []  # the call's closing brace and whitespace
+        if self.state == "call":
+            return self._arguments(text)
+        self.buf += text
+        head = _call_head(self.buf)
+        if head is None:  # cannot be a call
+            self.state = "text"
+            return [("text", self.buf)]
+        if head is True:  # may still become one
+            return []
+        name, end = head
+        if not any(t.name == name for t in self.tools):
+            self.state = "text"
+            return [("text", self.buf)]
+        self.state, self.name, self.arguments = "call", name, []
+        self.call_id = f"call_{secrets.token_hex(12)}"
+        return [("name", name), *self._arguments(self.buf[end:])]
+
+    def finish(self) -> list[tuple[str, str]]:
+        """The answer ended: what was held back comes out as text if it never became a call."""
+        if self.state == "undecided" and self.buf:
+            self.state = "text"
+            return [("text", self.buf)]
+        return []
+
+    @property
+    def is_call(self) -> bool:
+        return self.name is not None
+
+    def call(self) -> ToolCall | None:
+        if self.name is None or self.arguments is None:
+            return None
+        return ToolCall(self.name, "".join(self.arguments), self.call_id)
+
+    def _arguments(self, text: str) -> list[tuple[str, str]]:
+        """Pass the arguments' characters on until their object closes (the rest is the call's closing brace)."""
+        assert self.arguments is not None
+        out = []
+        for ch in text:
+            if not self._started:
+                if ch in _WS:
+                    continue
+                self._started = True
+            out.append(ch)
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif ch == "\\":
+                    self._escaped = True
+                elif ch == '"':
+                    self._in_string = False
+            elif ch == '"':
+                self._in_string = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth <= 0:
+                    self.state = "done"
+                    break
+        piece = "".join(out)
+        if not piece:
+            return []
+        self.arguments.append(piece)
+        return [("arguments", piece)]
+
+
+def _call_head(buf: str) -> tuple[str, int] | Literal[True] | None:
+    """How ``buf`` begins: ``(name, end)`` once ``{"name": "<name>", "arguments":`` is complete (``end`` is where
+    the arguments start); True while it may still become that; None when it cannot."""
+    i = 0
+    n = len(buf)
+
+    def skip(j: int) -> int:
+        while j < n and buf[j] in _WS:
+            j += 1
+        return j
+
+    def literal(j: int, word: str) -> int | Literal[True] | None:
+        """Index after ``word`` at j; True if buf ends inside it; None if it differs."""
+        part = buf[j : j + len(word)]
+        if not word.startswith(part):
+            return None
+        return j + len(word) if len(part) == len(word) else True
+
+    i = skip(i)
+    for step in ("{", '"name"', ":"):
+        got = literal(i, step)
+        if got is None or got is True:
+            return got
+        i = skip(got)
+    if i >= n:
+        return True
+    if buf[i] != '"':
+        return None
+    close = buf.find('"', i + 1)
+    if close < 0:
+        return True if len(buf) - i <= 66 else None
+    name = buf[i + 1 : close]
+    i = skip(close + 1)
+    got = literal(i, ",")
+    if got is None or got is True:
+        return got
+    i = skip(got)
+    for key in _ARGUMENT_KEYS:
+        got = literal(i, f'"{key}"')
+        if got is True:
+            return True
+        if got is not None:
+            break
+    else:
+        return None
+    i = skip(got)
+    got = literal(i, ":")
+    if got is None or got is True:
+        return got
+    return name, got

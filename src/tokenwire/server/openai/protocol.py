@@ -257,6 +257,16 @@ def tool_calls(calls: list[tools.ToolCall]) -> list[dict[str, Any]]:
     ]
 
 
+def call_delta(kind: str, piece: str, call_id: str) -> dict[str, Any]:
+    """A streamed answer's delta: text, a call's start (its id and name), or a piece of its arguments."""
+    if kind == "text":
+        return {"content": piece}
+    if kind == "name":
+        function = {"name": piece, "arguments": ""}
+        return {"tool_calls": [{"index": 0, "id": call_id, "type": "function", "function": function}]}
+    return {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}
+
+
 def chat_completion(
     ids: ResponseIds, text: str, reason: str, use: dict[str, int], calls: list[tools.ToolCall] | None = None
 ) -> dict[str, Any]:

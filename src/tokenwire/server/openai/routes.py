@@ -216,8 +216,7 @@ class OpenAIRoutes:
     ) -> AsyncGenerator[bytes, None]:
         """The SSE body. Closing this generator (client gone) closes ``stream``, which aborts the request."""
         chat = req.chat
-        held: list[str] = []  # with tools: text that may still turn out to be a call is held back
-        holding = bool(req.tools)
+        calls = tools.CallStream(req.tools) if req.tools else None  # with tools: is the answer a call?
         events = door_events(stream, trace, self.keepalive_interval)
         # ``stream`` too: ``events`` does not close it if it is closed before its first step.
         async with contextlib.aclosing(stream), contextlib.aclosing(events):
@@ -227,23 +226,20 @@ class OpenAIRoutes:
                 if isinstance(ev, KeepAlive):
                     yield b": keep-alive\n\n"
                 elif isinstance(ev, Delta) and ev.text:
+                    if calls is not None:
+                        for kind, piece in calls.feed(ev.text):
+                            yield sse(oa.chat_chunk(ids, oa.call_delta(kind, piece, calls.call_id), None))
+                        continue
                     text = ev.text
-                    if holding:
-                        held.append(text)
-                        if tools.may_be_call("".join(held)):
-                            continue
-                        holding, text = False, "".join(held)
                     yield sse(oa.chat_chunk(ids, {"content": text}, None) if chat else oa.text_chunk(ids, text, None))
                 elif isinstance(ev, Done):
                     out = ev.output
                     reason = oa.finish_reason(out.finish_reason) if out.finish_reason else "stop"
-                    if holding and held:
-                        call = tools.parse_call("".join(held), req.tools)
-                        if call is not None:
-                            yield sse(oa.chat_chunk(ids, {"tool_calls": oa.tool_calls([call])}, None))
+                    if calls is not None:
+                        for kind, piece in calls.finish():
+                            yield sse(oa.chat_chunk(ids, oa.call_delta(kind, piece, calls.call_id), None))
+                        if calls.is_call:
                             reason = "tool_calls"
-                        else:
-                            yield sse(oa.chat_chunk(ids, {"content": "".join(held)}, None))
                     yield sse(oa.chat_chunk(ids, {}, reason) if chat else oa.text_chunk(ids, "", reason))
                     if req.include_usage:
                         use = oa.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)

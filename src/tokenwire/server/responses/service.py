@@ -198,26 +198,16 @@ class Responses:
     async def _run(self, record: Record, stream: AsyncGenerator[RequestOutput, None], trace: Trace) -> None:
         record.status = "in_progress"
         record.emit("response.in_progress", response=record.as_dict())
-        holding = bool(record.request.tools)  # with tools: text that may still turn out to be a call is held back
-        held: list[str] = []
-        if not holding:
+        calls = tools.CallStream(record.request.tools) if record.request.tools else None  # is the answer a call?
+        if calls is None:
             self._open_message(record)
         status, details, error = "failed", None, None
         try:
             async for ev in door_events(stream, trace):
-                if isinstance(ev, Delta):
-                    text = ev.text
-                    if holding and text:
-                        held.append(text)
-                        if tools.may_be_call("".join(held)):
-                            continue
-                        holding, text = False, "".join(held)
-                        self._open_message(record)
-                    if text:
-                        record.parts.append(text)
-                        record.emit(
-                            "response.output_text.delta", tokens=ev.tokens, **record.where, delta=text, logprobs=[]
-                        )
+                if isinstance(ev, Delta) and ev.text:
+                    pieces = calls.feed(ev.text) if calls is not None else [("text", ev.text)]
+                    for kind, piece in pieces:
+                        self._write(record, calls, kind, piece, ev.tokens)
                 elif isinstance(ev, Done):
                     status, details, error = self._finished(record, ev.output)
                 elif isinstance(ev, Failed):
@@ -226,9 +216,27 @@ class Responses:
             status, error = "cancelled", None
             raise
         finally:
-            if holding:
-                self._settle(record, "".join(held))
+            if calls is not None:
+                for kind, piece in calls.finish():
+                    self._write(record, calls, kind, piece, 0)
+                record.call = calls.call()
             self._end(record, status, details, error)
+
+    @classmethod
+    def _write(cls, record: Record, calls: tools.CallStream | None, kind: str, piece: str, tokens: int) -> None:
+        """One piece of the answer as events: message text, a call's start, or a piece of its arguments."""
+        where: dict[str, Any] = {"item_id": record.item_id, "output_index": 0}
+        if kind == "text":
+            if not record.message_open:
+                cls._open_message(record)
+            record.parts.append(piece)
+            record.emit("response.output_text.delta", tokens=tokens, **where, content_index=0, delta=piece, logprobs=[])
+        elif kind == "name" and calls is not None:
+            started = tools.ToolCall(piece, "", calls.call_id)
+            item = rp.function_call_item(record.item_id, started, "in_progress")
+            record.emit("response.output_item.added", output_index=0, item=item)
+        else:
+            record.emit("response.function_call_arguments.delta", tokens=tokens, **where, delta=piece)
 
     @staticmethod
     def _open_message(record: Record) -> None:
@@ -236,23 +244,6 @@ class Responses:
         record.emit("response.output_item.added", output_index=0, item=item)
         record.emit("response.content_part.added", **record.where, part=rp.output_text_part(""))
         record.message_open = True
-
-    @staticmethod
-    def _settle(record: Record, text: str) -> None:
-        """The held-back answer is a call (a function_call item) or, after all, text (a message)."""
-        call = tools.parse_call(text, record.request.tools)
-        if call is None:
-            Responses._open_message(record)
-            if text:
-                record.parts.append(text)
-                record.emit("response.output_text.delta", **record.where, delta=text, logprobs=[])
-            return
-        record.call = call
-        added = rp.function_call_item(record.item_id, call, "in_progress", arguments="")
-        record.emit("response.output_item.added", output_index=0, item=added)
-        where: dict[str, Any] = {"item_id": record.item_id, "output_index": 0}
-        record.emit("response.function_call_arguments.delta", **where, delta=call.arguments)
-        record.emit("response.function_call_arguments.done", **where, name=call.name, arguments=call.arguments)
 
     def _finished(self, record: Record, out: RequestOutput) -> tuple[str, dict[str, str] | None, dict[str, str] | None]:
         record.usage = rp.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
@@ -265,7 +256,10 @@ class Responses:
         """Write the closing events (item, part, text done; then the response's last event) and keep the result."""
         item_status = "completed" if status == "completed" else "incomplete"
         if record.call is not None:
-            item = rp.function_call_item(record.item_id, record.call, item_status)
+            where: dict[str, Any] = {"item_id": record.item_id, "output_index": 0}
+            call = record.call
+            record.emit("response.function_call_arguments.done", **where, name=call.name, arguments=call.arguments)
+            item = rp.function_call_item(record.item_id, call, item_status)
             record.emit("response.output_item.done", output_index=0, item=item)
         elif record.message_open:
             text = record.text
