@@ -104,7 +104,9 @@ def error_of(r: Any) -> dict[str, Any]:
         ({"messages": "hi"}, "messages"),
         ({"messages": [{"role": "user", "content": 1}]}, "messages[0].content"),
         ({"stream": "yes"}, "stream"),
-        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tools": [{"type": "function"}]}, "tools[0].function"),
+        ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
         ({"logprobs": True}, "logprobs"),
     ],
 )

@@ -76,18 +76,19 @@ class Grammars:
     def constrains(self, request_id: str) -> bool:
         return request_id in self._matchers
 
+    @torch.inference_mode()
     def mask(self, logits: torch.Tensor, request_ids: list[str]) -> None:
         """Set the scores of tokens a constrained row may not take to -inf, in place."""
-        import llguidance.torch as lt
-
-        rows = [(i, self._matchers[rid]) for i, rid in enumerate(request_ids) if rid in self._matchers]
-        if not rows:
-            return
-        bitmask = lt.allocate_token_bitmask(len(rows), self._lltokenizer().vocab_size)
-        for j, (_, matcher) in enumerate(rows):
-            lt.fill_next_token_bitmask(matcher, bitmask, j)
-        for j, (i, _) in enumerate(rows):
-            lt.apply_token_bitmask_inplace(logits[i], bitmask[j].to(logits.device))
+        for i, rid in enumerate(request_ids):
+            matcher = self._matchers.get(rid)
+            if matcher is None:
+                continue
+            # one byte per token of the tokenizer, 0 (not allowed) or 200; bytearray: frombuffer needs it writable
+            allowed = torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8)
+            n = min(int(allowed.numel()), int(logits.shape[-1]))
+            row = logits[i]
+            row[:n].masked_fill_(allowed[:n].to(row.device) == 0, float("-inf"))
+            row[n:] = float("-inf")  # ids past the tokenizer's (padding of the output layer)
 
     def consume(self, request_id: str, token: int) -> str | None:
         """Feed a sampled token; returns why it was refused (None when it fits)."""
