@@ -19,7 +19,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from tokenwire.engine.interface import Engine, FinishReason, GenerationRequest
 from tokenwire.server.backlog import Backlog
-from tokenwire.server.errors import GOING_AWAY, POLICY_VIOLATION, RequestError, openai_type
+from tokenwire.server.errors import GOING_AWAY, RequestError, openai_type
+from tokenwire.server.event_socket import Sender, read_frames
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.params import Limits
 from tokenwire.server.realtime.protocol import (
@@ -85,13 +86,11 @@ class RealtimeConnection:
         self.engine = engine
         self.limits = limits
         self.telemetry = telemetry
-        self.send_timeout = send_timeout
         self.session = Session(model=engine.model_name)
         self.conversation_id = new_id("conv")
         self.items: list[Item] = []
         self.responses: dict[str, _Running] = {}
-        self._send_lock = asyncio.Lock()
-        self._closer: asyncio.Task[None] | None = None
+        self.sender = Sender(ws, telemetry, send_timeout, "realtime")
         self._shutting_down = False
         self._accepting = True  # False once the server drains: no new responses
         self.backlog = Backlog.of(ws.scope)
@@ -102,14 +101,7 @@ class RealtimeConnection:
         flow = asyncio.create_task(self._flow()) if self.backlog.known else None
         try:
             await self.send(event("session.created", session=self.session.as_dict()))
-            while True:
-                frame = await self.ws.receive()
-                if frame["type"] == "websocket.disconnect":
-                    return
-                data = frame.get("text")
-                if data is None:
-                    data = frame.get("bytes") or b""
-                await self._handle(data)
+            await read_frames(self.ws, self._handle)
         except WebSocketDisconnect:
             pass
         finally:
@@ -348,15 +340,4 @@ class RealtimeConnection:
                 await self.ws.close(GOING_AWAY)
 
     async def send(self, message: dict[str, Any]) -> None:
-        data = messages.encode(message)
-        async with self._send_lock:
-            try:
-                await asyncio.wait_for(self.ws.send_text(data), self.send_timeout)
-            except TimeoutError:  # the client does not read: close (nothing waits for its close handshake)
-                log.warning("closing realtime connection %s: the client does not read", self.session.id)
-                if self._closer is None:
-                    self._closer = asyncio.create_task(self.ws.close(POLICY_VIOLATION))
-                raise WebSocketDisconnect(POLICY_VIOLATION) from None
-            except RuntimeError as exc:  # sending after close
-                raise WebSocketDisconnect(1006) from exc
-        self.telemetry.websocket_sent(data)
+        await self.sender.send(messages.encode(message))

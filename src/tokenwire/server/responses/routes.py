@@ -23,7 +23,7 @@ from tokenwire.server.journal import owner_of
 from tokenwire.server.openai import protocol as oa
 from tokenwire.server.params import Limits
 from tokenwire.server.responses import protocol as rp
-from tokenwire.server.responses.service import ResponseError, Responses, read_events
+from tokenwire.server.responses.service import Responses, read_events
 from tokenwire.server.responses.store import Record
 from tokenwire.server.sse import EventStreamResponse, sse, until_disconnect
 from tokenwire.server.streams import with_deadlines
@@ -35,9 +35,9 @@ def _error(status: int, code: str, message: str, param: str | None = None, retry
     return JSONResponse(err.body(), status_code=status, headers=headers)
 
 
-def _refused(err: ResponseError) -> Response:
-    retry = err.retry_after if err.retry_after is not None or err.status not in (429, 503) else 1.0
-    return _error(err.status, err.code, err.message, err.param, retry)
+def _refused(err: oa.APIError) -> Response:
+    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
 def _not_found(response_id: str) -> Response:
@@ -70,7 +70,7 @@ class ResponsesRoutes:
             return JSONResponse(err.body(), status_code=err.status)
         try:
             record = await self.service.start(create, tenant=self._tenant(request), connection=_peer(request))
-        except ResponseError as err:
+        except oa.APIError as err:
             self.service.telemetry.error(err.code)
             return _refused(err)
         if create.background:

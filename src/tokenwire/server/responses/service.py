@@ -24,9 +24,10 @@ from tokenwire.engine.interface import (
     OutputKind,
     RequestOutput,
 )
-from tokenwire.server import errors, tools
+from tokenwire.server import tools
 from tokenwire.server.errors import ErrorCode, RequestError, wire_error
 from tokenwire.server.limits import KeyLimits
+from tokenwire.server.openai.protocol import APIError, from_error
 from tokenwire.server.responses import protocol as rp
 from tokenwire.server.responses.protocol import CreateRequest
 from tokenwire.server.responses.store import Record, ResponseStore
@@ -36,25 +37,6 @@ from tokenwire.server.telemetry import Telemetry, Trace
 log = logging.getLogger(__name__)
 
 DRAINING = "the server is shutting down; try again later"
-
-
-class ResponseError(Exception):
-    """A response that cannot be started: a wire error, or one of the Responses API's own codes
-    (``previous_response_not_found``)."""
-
-    def __init__(
-        self, status: int, code: str, message: str, param: str | None = None, retry_after: float | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.param = param
-        self.retry_after = retry_after
-
-    @classmethod
-    def wire(cls, err: RequestError) -> ResponseError:
-        return cls(errors.http_status(err.code), err.code.value, err.message, err.param, err.retry_after)
 
 
 class Responses:
@@ -109,19 +91,19 @@ class Responses:
             return ()
         record = (local or {}).get(prev_id) or self.get(prev_id, tenant)
         if record is None or record.tenant != tenant:
-            raise ResponseError(
+            raise APIError(
                 400,
-                "previous_response_not_found",
                 f"the previous response {prev_id!r} was not found: it expired, was not stored (store: false), or "
                 "never existed; send the whole conversation as input instead",
-                "previous_response_id",
+                code="previous_response_not_found",
+                param="previous_response_id",
             )
         if not record.done:
-            raise ResponseError(
+            raise APIError(
                 400,
-                ErrorCode.INVALID_REQUEST.value,
                 f"the previous response {prev_id!r} is still running; continue it once it has ended",
-                "previous_response_id",
+                code=ErrorCode.INVALID_REQUEST.value,
+                param="previous_response_id",
             )
         return record.conversation
 
@@ -135,12 +117,12 @@ class Responses:
         local: Mapping[str, Record] | None = None,
     ) -> Record:
         """Admit a response and start it: its first events are written before this returns. Raises
-        :class:`ResponseError` for one that cannot start (nothing is stored then)."""
+        :class:`APIError` (OpenAI's error shape) for one that cannot start (nothing is stored then)."""
         if self._draining:
-            raise ResponseError.wire(RequestError(ErrorCode.SHUTTING_DOWN, DRAINING))
+            raise from_error(RequestError(ErrorCode.SHUTTING_DOWN, DRAINING))
         if not self.engine.ready:
             message = "the model is still loading; try again shortly"
-            raise ResponseError.wire(RequestError(ErrorCode.OVERLOADED, message, retry_after=1.0))
+            raise from_error(RequestError(ErrorCode.OVERLOADED, message, retry_after=1.0))
         history = self.history(request, tenant, local)
         record = Record(rp.new_id("resp"), request, history, tenant=tenant)
         record.engine_id = f"responses-{next(self._ids)}-{record.id}"
@@ -160,7 +142,7 @@ class Responses:
             self.key_limits.acquire(tenant)
         except RequestError as err:
             self.telemetry.error(err.code.value)
-            raise ResponseError.wire(err) from None
+            raise from_error(err) from None
         stream = self._tracked(engine_request, record)
         trace = self.telemetry.trace(record.engine_id, connection, "responses")
         try:
@@ -169,7 +151,7 @@ class Responses:
             wire = wire_error(err)
             trace.failed(wire.code.value)
             await stream.aclose()
-            raise ResponseError.wire(wire) from None
+            raise from_error(wire) from None
         record.status = "queued" if request.background else "in_progress"
         record.emit("response.created", response=record.as_dict())
         if request.store:

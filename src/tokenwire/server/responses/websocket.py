@@ -21,11 +21,12 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from tokenwire.server import strictjson
-from tokenwire.server.errors import GOING_AWAY, NORMAL_CLOSURE, POLICY_VIOLATION, ErrorCode
+from tokenwire.server.errors import GOING_AWAY, NORMAL_CLOSURE, ErrorCode
+from tokenwire.server.event_socket import Sender, read_frames
 from tokenwire.server.openai.protocol import APIError
 from tokenwire.server.params import Limits
 from tokenwire.server.responses import protocol as rp
-from tokenwire.server.responses.service import ResponseError, Responses, read_events
+from tokenwire.server.responses.service import Responses, read_events
 from tokenwire.server.responses.store import Record
 from tokenwire.server.telemetry import Telemetry
 
@@ -64,14 +65,12 @@ class ResponsesConnection:
         self.service = service
         self.limits = limits
         self.telemetry = telemetry
-        self.send_timeout = send_timeout if send_timeout > 0 else None
         self.tenant = tenant
         self.local: OrderedDict[str, Record] = OrderedDict()
         self.lanes: dict[str, _Lane] = {}
-        self._send_lock = asyncio.Lock()
+        self.sender = Sender(ws, telemetry, send_timeout, "responses")
         self._errors = itertools.count()
         self._accepting = True
-        self._closer: asyncio.Task[None] | None = None
 
     @property
     def running_responses(self) -> int:
@@ -101,16 +100,7 @@ class ResponsesConnection:
     async def run(self, subprotocol: str | None) -> None:
         await self.ws.accept(subprotocol=subprotocol)
         try:
-            while True:
-                frame = await self.ws.receive()
-                if frame["type"] == "websocket.disconnect":
-                    return
-                data = frame.get("text")
-                if data is None:
-                    data = frame.get("bytes") or b""
-                await self._handle(data)
-        except WebSocketDisconnect:
-            pass
+            await read_frames(self.ws, self._handle)
         finally:
             for lane in self.lanes.values():
                 if lane.current is not None:
@@ -196,7 +186,7 @@ class ResponsesConnection:
                 record = await self.service.start(
                     create, tenant=self.tenant, connection="responses-ws", local=self.local
                 )
-            except ResponseError as err:
+            except APIError as err:
                 self.telemetry.error(err.code)
                 await self._send_error(err.code, err.message, err.param, create.stream_id, err.status)
                 continue
@@ -220,17 +210,7 @@ class ResponsesConnection:
         await self._send(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
 
     async def _send(self, data: str) -> None:
-        async with self._send_lock:
-            try:
-                await asyncio.wait_for(self.ws.send_text(data), self.send_timeout)
-            except TimeoutError:  # the client does not read: close (nothing waits for its close handshake)
-                log.warning("closing a responses WebSocket: the client does not read")
-                if self._closer is None:
-                    self._closer = asyncio.create_task(self.ws.close(POLICY_VIOLATION))
-                raise WebSocketDisconnect(POLICY_VIOLATION) from None
-            except RuntimeError as exc:  # sending after close
-                raise WebSocketDisconnect(1006) from exc
-        self.telemetry.websocket_sent(data)
+        await self.sender.send(data)
 
 
 def responses_error(
