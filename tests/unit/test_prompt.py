@@ -93,3 +93,40 @@ def test_truncate_auto_drops_the_fewest_oldest_turns(byte_tokenizer: Any, turns:
         return
     prompt = builder.build(request(messages=tuple(messages), truncate=True))
     assert (prompt.token_ids, prompt.dropped_turns) == (expected, dropped)
+
+
+class RecordingTokenizer:
+    """Renders messages (and tools, when its template reads them) as text, and keeps what it was given."""
+
+    def __init__(self, template: str) -> None:
+        self.chat_template = template
+        self.calls: list[dict[str, Any]] = []
+
+    def get_vocab(self) -> dict[str, int]:
+        return {"a": 0}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [ord(c) for c in text]
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **kw: Any) -> list[int]:
+        self.calls.append({"messages": messages, **kw})
+        return [1] * sum(len(m["content"]) for m in messages)
+
+
+TOOL = '{"type": "function", "function": {"name": "f", "description": "", "parameters": {}}}'
+
+
+def test_a_template_with_a_tool_format_gets_the_tools_and_others_get_them_in_the_system_message() -> None:
+    native = RecordingTokenizer("{% if tools %}{{ tools | tojson }}{% endif %}{% for m in messages %}...")
+    req = request(messages=(ChatMessage("user", "hi"),), tools=(TOOL,), tools_text="TOOLS: f")
+    PromptBuilder(native, max_context=4096).build(req)
+    assert native.calls[-1]["tools"][0]["function"]["name"] == "f"
+    assert native.calls[-1]["messages"] == [{"role": "user", "content": "hi"}]
+    plain = RecordingTokenizer("{% for m in messages %}{{ m.content }}{% endfor %}")
+    PromptBuilder(plain, max_context=4096).build(req)
+    assert "tools" not in plain.calls[-1]
+    assert plain.calls[-1]["messages"][0] == {"role": "system", "content": "TOOLS: f"}
+    with_system = request(messages=(ChatMessage("system", "Be brief."), ChatMessage("user", "hi")), tools=(TOOL,),
+                          tools_text="TOOLS: f")  # fmt: skip
+    PromptBuilder(plain, max_context=4096).build(with_system)
+    assert plain.calls[-1]["messages"][0] == {"role": "system", "content": "Be brief.\n\nTOOLS: f"}

@@ -87,3 +87,13 @@ def test_choices() -> None:
     with pytest.raises(FieldError):
         tools.parse_choice("required", (), nested=True)
     assert "Call the tool get_time now." in tools.system_text(TOOLS, ToolChoice("function", "get_time"))
+
+
+def test_a_call_wrapped_in_a_templates_tool_call_tags_is_a_call() -> None:
+    text = '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>'
+    out, cs = stream(text, 3)
+    assert out[0] == ("name", "get_time") and cs.call() is not None and cs.call().arguments == "{}"  # type: ignore[union-attr]
+    call = tools.parse_call(text, TOOLS)
+    assert call is not None and call.name == "get_time"
+    text_out, _ = stream("<b>bold</b>", 2)
+    assert "".join(p for _, p in text_out) == "<b>bold</b>"

@@ -146,6 +146,10 @@ class GenerationRequest:
     # Set to go on with a generation begun elsewhere (another replica that died): the prompt is these ids as they
     # are (prompt, messages and truncate are not read), and the output starts after ``generated_ids``.
     continuation: Continuation | None = None
+    # Tools the model may call: each function as JSON text ({"type": "function", "function": {...}}). A chat
+    # template with a tool format renders them itself; without one, ``tools_text`` joins the system message.
+    tools: tuple[str, ...] = ()
+    tools_text: str = ""
 
 
 @dataclass(slots=True, frozen=True)

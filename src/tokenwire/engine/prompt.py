@@ -6,6 +6,7 @@ tutorial's "memory management", done on whole turns instead of cutting tokens mi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +36,25 @@ class PromptBuilder:
     def __init__(self, tokenizer: Any, max_context: int) -> None:
         self._tok = tokenizer
         self.max_context = max_context
-        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        template = getattr(tokenizer, "chat_template", None)
+        self.has_chat_template = bool(template)
+        # a template that reads ``tools`` renders them in the model's own tool format
+        self.tool_template = isinstance(template, str) and "tools" in template
         self.max_chars = max_context * longest_token_chars(tokenizer)
 
     def build(self, request: GenerationRequest) -> Prompt:
         limit = self.max_context - 1
         if request.messages is not None:
-            return self._fit_messages(list(request.messages), request.truncate, limit)
+            messages = list(request.messages)
+            tools = None
+            if request.tools and self.tool_template:
+                tools = [json.loads(t) for t in request.tools]
+            elif request.tools_text:  # no tool format of its own: the tools join the system message
+                if messages and messages[0].role == "system":
+                    messages[0] = ChatMessage("system", f"{messages[0].content}\n\n{request.tools_text}")
+                else:
+                    messages.insert(0, ChatMessage("system", request.tools_text))
+            return self._fit_messages(messages, request.truncate, limit, tools)
         assert request.prompt is not None  # guaranteed by the protocol layer
         if self.has_chat_template and not request.raw:
             return self._fit_messages([ChatMessage("user", request.prompt)], request.truncate, limit)
@@ -63,7 +76,7 @@ class PromptBuilder:
         ids: list[int] = self._tok.encode(text, add_special_tokens=True)
         return ids
 
-    def _apply_template(self, messages: list[ChatMessage]) -> list[int]:
+    def _apply_template(self, messages: list[ChatMessage], tools: list[Any] | None = None) -> list[int]:
         if not self.has_chat_template:
             # No template: plain "role: content" lines, the way base models are usually prompted.
             text = "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant:"
@@ -71,6 +84,7 @@ class PromptBuilder:
         try:
             out = self._tok.apply_chat_template(
                 [{"role": m.role, "content": m.content} for m in messages],
+                **({"tools": tools} if tools else {}),
                 add_generation_prompt=True,
                 tokenize=True,
                 return_dict=False,
@@ -85,7 +99,9 @@ class PromptBuilder:
             out = out["input_ids"]
         return [int(t) for t in out]
 
-    def _fit_messages(self, messages: list[ChatMessage], truncate: bool, limit: int) -> Prompt:
+    def _fit_messages(
+        self, messages: list[ChatMessage], truncate: bool, limit: int, tools: list[Any] | None = None
+    ) -> Prompt:
         dropped = 0
         first = 1 if messages and messages[0].role == "system" else 0
         while sum(len(m.content) for m in messages) > self.max_chars:  # cannot fit: no need to tokenize it
@@ -93,18 +109,18 @@ class PromptBuilder:
                 raise self._too_long_text(sum(len(m.content) for m in messages))
             del messages[first]
             dropped += 1
-        ids = self._apply_template(messages)
+        ids = self._apply_template(messages, tools)
         if len(ids) > limit and truncate and len(messages) - first > 1:
             # The fewest oldest turns to drop, by bisection: a few template passes, not one per turn.
             def without(k: int) -> list[ChatMessage]:
                 return messages[:first] + messages[first + k :]
 
             lo, hi = 1, len(messages) - first - 1  # dropping hi leaves only the last turn (and the system message)
-            best = self._apply_template(without(hi))
+            best = self._apply_template(without(hi), tools)
             fits = hi if len(best) <= limit else None
             while fits is not None and lo < fits:
                 mid = (lo + fits) // 2
-                trial = self._apply_template(without(mid))
+                trial = self._apply_template(without(mid), tools)
                 if len(trial) <= limit:
                     fits, best = mid, trial
                 else:

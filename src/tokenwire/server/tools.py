@@ -119,6 +119,20 @@ def system_text(tools: tuple[Tool, ...], choice: ToolChoice) -> str:
     return "\n".join(lines)
 
 
+def for_template(tools: tuple[Tool, ...]) -> tuple[str, ...]:
+    """The tools as a chat template with a tool format reads them (one JSON text each)."""
+    return tuple(
+        json.dumps(
+            {
+                "type": "function",
+                "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+            },
+            ensure_ascii=False,
+        )
+        for t in tools
+    )
+
+
 def call_schema(tools: tuple[Tool, ...], choice: ToolChoice) -> str:
     """The JSON Schema of a call that ``choice`` forces (``required``: any tool; a function: that one)."""
     chosen = [t for t in tools if choice.mode == "required" or t.name == choice.name]
@@ -138,6 +152,8 @@ def call_schema(tools: tuple[Tool, ...], choice: ToolChoice) -> str:
 def parse_call(text: str, tools: tuple[Tool, ...]) -> ToolCall | None:
     """The call an answer holds: one JSON object naming a known tool, with object arguments; else None (text)."""
     stripped = text.strip()
+    if stripped.startswith(TAG_OPEN):
+        stripped = stripped.removeprefix(TAG_OPEN).removesuffix(TAG_CLOSE).strip()
     if not stripped.startswith("{"):
         return None
     try:
@@ -161,6 +177,7 @@ def call_text(name: str, arguments: Any) -> str:
 
 
 _WS = " \t\r\n"
+TAG_OPEN, TAG_CLOSE = "<tool_call>", "</tool_call>"  # Hermes-style templates (Qwen and others) wrap calls so
 _ARGUMENT_KEYS = ("arguments", "parameters")
 
 
@@ -273,6 +290,11 @@ def _call_head(buf: str) -> tuple[str, int] | Literal[True] | None:
         return j + len(word) if len(part) == len(word) else True
 
     i = skip(i)
+    if buf[i : i + 1] == "<":  # a chat template's own format may wrap the call: <tool_call>{...}</tool_call>
+        got = literal(i, TAG_OPEN)
+        if got is None or got is True:
+            return got
+        i = skip(got)
     for step in ("{", '"name"', ":"):
         got = literal(i, step)
         if got is None or got is True:

@@ -78,6 +78,7 @@ class CompletionRequest:
     prompt: str | None = None
     messages: tuple[ChatMessage, ...] | None = None
     tools: tuple[tools.Tool, ...] = ()  # tool calls are possible (tool_choice is not "none")
+    tools_text: str = ""  # the tools described for a model whose chat template has no tool format
 
 
 def check_model(body: dict[str, Any], model_name: str, model_aliases: tuple[str, ...] = ()) -> None:
@@ -127,8 +128,6 @@ def parse_completion_request(
             if "messages" not in body:
                 raise params.FieldError('"messages" is required', "messages")
             messages = params.chat_messages(_calls_as_text(body["messages"]), limits)
-            if choice.mode != "none":
-                messages = _with_tools(messages, tools.system_text(use_tools, choice))
         else:
             prompt = _prompt(body.get("prompt"))
     except params.FieldError as err:
@@ -147,9 +146,9 @@ def parse_completion_request(
             code="invalid_request",
             param="stream_options.include_usage",
         )
-    return CompletionRequest(
-        chat, sampling, stream, include_usage, model_name, prompt, messages, use_tools if choice.mode != "none" else ()
-    )
+    offered = use_tools if choice.mode != "none" else ()
+    text = tools.system_text(offered, choice) if offered else ""
+    return CompletionRequest(chat, sampling, stream, include_usage, model_name, prompt, messages, offered, text)
 
 
 def _calls_as_text(raw: Any) -> Any:
@@ -168,13 +167,6 @@ def _calls_as_text(raw: Any) -> Any:
             m = {"role": "assistant", "content": "\n".join([text, *calls]) if text else "\n".join(calls)}
         out.append(m)
     return out
-
-
-def _with_tools(messages: tuple[ChatMessage, ...], text: str) -> tuple[ChatMessage, ...]:
-    """The tools' description joins the system message (templates expect at most one, first)."""
-    if messages and messages[0].role == "system":
-        return (ChatMessage("system", f"{messages[0].content}\n\n{text}"), *messages[1:])
-    return (ChatMessage("system", text), *messages)
 
 
 def _prompt(prompt: Any) -> str:

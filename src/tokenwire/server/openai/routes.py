@@ -132,6 +132,8 @@ class OpenAIRoutes:
             prompt=req.prompt,
             messages=req.messages,
             raw=not chat,  # completions continue the text as given, without the chat template
+            tools=tools.for_template(req.tools),
+            tools_text=req.tools_text,
             tenant=(owner_of(bearer_token(request.headers)) or "") if self.keyed else "",
             connection=_peer(request),
         )

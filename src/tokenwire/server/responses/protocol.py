@@ -67,13 +67,9 @@ class CreateRequest:
             "tool_choice": _choice_echo(self.tool_choice),
         }
 
-    def system_text(self) -> str | None:
-        """The instructions and the tools' description: this response's system message."""
-        parts = [self.instructions or ""]
-        if self.tools:
-            parts.append(tools.system_text(self.tools, self.tool_choice))
-        text = "\n\n".join(p for p in parts if p)
-        return text or None
+    def tools_text(self) -> str:
+        """The tools described for a model whose chat template has no tool format."""
+        return tools.system_text(self.tools, self.tool_choice) if self.tools else ""
 
 
 def _choice_echo(choice: ToolChoice) -> Any:

@@ -127,14 +127,15 @@ class Responses:
         record = Record(rp.new_id("resp"), request, history, tenant=tenant)
         record.engine_id = f"responses-{next(self._ids)}-{record.id}"
         messages = list(record.conversation_input())
-        system = request.system_text()
-        if system:
-            messages.insert(0, ChatMessage("system", system))
+        if request.instructions:
+            messages.insert(0, ChatMessage("system", request.instructions))
         engine_request = GenerationRequest(
             request_id=record.engine_id,
             params=request.params,
             messages=tuple(messages),
             truncate=request.truncate,
+            tools=tools.for_template(request.tools),
+            tools_text=request.tools_text(),
             tenant=tenant,
             connection=connection,
         )
