@@ -87,3 +87,29 @@ async def test_events_are_numbered_by_their_place_and_read_from_any_number() -> 
     assert all(e["stream_id"] == "lane" for e in got)
     assert Record.event_type(r.log.entries[0].data) == "response.created"
     assert [e["sequence_number"] for e in await read(-1)] == [0, 1, 2]
+
+
+def test_event_logs_stay_under_the_budget_foreground_ones_let_go_first_results_kept() -> None:
+    clock = Clock()
+
+    def filled(rid: str, background: bool = False) -> Record:
+        r = record(rid)
+        if background:
+            r.request = CreateRequest(input=(), params=SamplingParams(), model="m", background=True)
+        for _ in range(10):
+            r.emit("response.output_text.delta", delta="x" * 80)
+        finish(r, clock)
+        return r
+
+    one = filled("probe").log.nbytes
+    store = ResponseStore(max_responses=100, ttl=600, clock=clock, budget_bytes=int(2.5 * one))
+    fore, back, read = filled("fore"), filled("back", background=True), filled("read")
+    read.readers = 1  # a stream still reads it
+    for r in (fore, back, read):
+        store.add(r)
+    assert fore.log.dropped and not back.log.dropped and not read.log.dropped
+    assert store.nbytes <= store.budget_bytes
+    assert store.get("fore") is fore and fore.status == "completed"  # the result stays
+    store.budget_bytes = int(1.5 * one)
+    store.trim()
+    assert back.log.dropped and not read.log.dropped  # background logs go last; one being read never

@@ -76,7 +76,7 @@ class MessageLog:
     :meth:`Registry.sweep`; in Redis, the keys' time to live). No connections, no tasks: those are
     :class:`Journal`'s."""
 
-    __slots__ = ("_grew", "entries", "finished", "gen_id", "nbytes", "tokens")
+    __slots__ = ("_grew", "dropped", "entries", "finished", "gen_id", "nbytes", "tokens")
 
     def __init__(self, gen_id: str) -> None:
         self.gen_id = gen_id
@@ -84,6 +84,7 @@ class MessageLog:
         self.finished = False  # no more entries will come
         self.nbytes = 0
         self.tokens = 0  # tokens in all entries
+        self.dropped = False  # its entries were let go (let_go)
         self._grew = asyncio.Event()
 
     @property
@@ -106,6 +107,12 @@ class MessageLog:
     def read(self, first_seq: int) -> list[Entry]:
         """The messages from ``first_seq`` on, as far as they go now."""
         return self.entries[max(0, first_seq) :]
+
+    def let_go(self) -> None:
+        """Free the entries of a finished log (its keeper needs only the result); reading it gives nothing more."""
+        self.entries = []
+        self.nbytes = 0
+        self.dropped = True
 
     def close(self) -> None:
         """No more entries (the producer stopped without a final message: aborted or shut down)."""

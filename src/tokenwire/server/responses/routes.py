@@ -134,6 +134,14 @@ class ResponsesRoutes:
             return _error(400, "invalid_request", '"stream" must be true or false', "stream")
         if stream == "false":
             return JSONResponse(record.as_dict())
+        if record.log.dropped:
+            return _error(
+                409,
+                "events_gone",
+                "this response's events are no longer kept (stored responses keep their events within a memory "
+                "budget, background ones longest); its result is still here without stream=true",
+                "stream",
+            )
         after = query.get("starting_after")
         try:
             start = -1 if after is None else int(after)

@@ -260,10 +260,14 @@ class Responses:
 async def read_events(record: Record, after: int = -1) -> AsyncGenerator[str, None]:
     """A response's events after ``sequence_number`` ``after``, as they come, until its last one."""
     seq = after
-    while True:
-        for entry in record.log.read(seq + 1):
-            seq += 1
-            yield entry.data
-        if record.log.finished and seq >= record.log.last_seq:
-            return
-        await record.log.wait_beyond(seq)
+    record.readers += 1
+    try:
+        while True:
+            for entry in record.log.read(seq + 1):
+                seq += 1
+                yield entry.data
+            if record.log.finished and seq >= record.log.last_seq:
+                return
+            await record.log.wait_beyond(seq)
+    finally:
+        record.readers -= 1

@@ -5,7 +5,9 @@ A :class:`Record` is one response. Its stream events are numbered by ``sequence_
 number, wait for more, finish), so a stream read from the start, a background response read later, and one resumed
 ``starting_after=N`` all read the same log. The :class:`ResponseStore` keeps records by id for
 ``previous_response_id``, ``GET`` and cancel: at most ``max_responses``, each for ``ttl`` seconds after it ended;
-past the bound the oldest finished go first. No I/O; the clock is injectable.
+past the bound the oldest finished go first. Their event logs stay under ``budget_bytes``: past it, a finished
+response's events are let go (oldest first; a background response's last), keeping its result; then whole
+records go. No I/O; the clock is injectable.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Record:
     task: asyncio.Task[None] | None = None
     call: ToolCall | None = None  # the answer is this tool call (not a message)
     message_open: bool = False  # the message item's added events were written
+    readers: int = 0  # streams reading its events now
     ended_at: float | None = None  # monotonic, for expiry
 
     def __post_init__(self) -> None:
@@ -134,6 +137,7 @@ class ResponseStore:
 
     max_responses: int = 1000
     ttl: float = 3600.0
+    budget_bytes: int = 64 << 20  # all event logs together
     clock: Callable[[], float] = time.monotonic
     _records: OrderedDict[str, Record] = field(default_factory=OrderedDict)
 
@@ -145,6 +149,25 @@ class ResponseStore:
         self._records[record.id] = record
         while len(self._records) > self.max_responses and self._evict_one():
             pass
+        self.trim()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.log.nbytes for r in self._records.values())
+
+    def trim(self) -> None:
+        """Keep the event logs under the budget: let go of finished responses' events that nobody reads, those of
+        responses in the foreground first; then drop whole finished records, oldest first."""
+        total = self.nbytes
+        for background in (False, True):
+            for record in list(self._records.values()):
+                if total <= self.budget_bytes:
+                    return
+                if record.done and record.readers == 0 and record.request.background == background:
+                    total -= record.log.nbytes
+                    record.log.let_go()
+        while total > self.budget_bytes and self._evict_one():
+            total = self.nbytes
 
     def get(self, response_id: str) -> Record | None:
         record = self._records.get(response_id)
@@ -167,9 +190,9 @@ class ResponseStore:
         return record.ended_at is not None and self.clock() - record.ended_at > self.ttl
 
     def _evict_one(self) -> bool:
-        """Drop the oldest finished record; False when every record still runs."""
+        """Drop the oldest finished record nobody reads; False when there is none."""
         for rid, record in self._records.items():
-            if record.done:
+            if record.done and record.readers == 0:
                 del self._records[rid]
                 return True
         return False
