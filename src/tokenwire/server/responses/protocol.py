@@ -286,7 +286,3 @@ def status_of(reason: FinishReason | None) -> tuple[str, dict[str, str] | None]:
     if reason is FinishReason.CANCELLED:
         return "cancelled", None
     return "completed", None
-
-
-def error_event(code: str, message: str, param: str | None, sequence_number: int) -> dict[str, Any]:
-    return {"type": "error", "code": code, "message": message, "param": param, "sequence_number": sequence_number}

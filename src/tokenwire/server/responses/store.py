@@ -179,9 +179,6 @@ class ResponseStore:
     def remove(self, response_id: str) -> Record | None:
         return self._records.pop(response_id, None)
 
-    def running(self) -> list[Record]:
-        return [r for r in self._records.values() if not r.done]
-
     def sweep(self) -> None:
         for rid in [rid for rid, r in self._records.items() if self._expired(r)]:
             del self._records[rid]
