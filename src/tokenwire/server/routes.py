@@ -18,6 +18,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.websockets import WebSocket
 
 from tokenwire.metrics import Session
+from tokenwire.server import errors
 from tokenwire.server.auth import AuthPolicy, bearer_token, key_matches, origin_allowed, websocket_key
 from tokenwire.server.capacity import PER_IP_FULL, client_ip, open_fds
 from tokenwire.server.errors import GOING_AWAY, POLICY_VIOLATION, TRY_AGAIN_LATER, ErrorCode
@@ -276,28 +277,43 @@ class Routes:
             state.connections.discard(conn)
             self._leave(ws)
 
+    async def _admit(
+        self, ws: WebSocket, error: Callable[[str, str], dict[str, object]], problem: tuple[str, str] | None = None
+    ) -> tuple[str | None, str | None] | None:
+        """The checks an OpenAI-style WebSocket door (Realtime, Responses) makes before it serves: key and origin,
+        then the door's own ``problem`` (message, code), the drain (1001) and a loading model, then a place under
+        the connection limits (1013). Returns (API key, subprotocol), or None once ``error(code, message)`` was
+        sent and the socket closed."""
+        state = self.state
+        key, subprotocol, refused = self._refusal(ws)
+        code, close = ErrorCode.UNAUTHORIZED.value, POLICY_VIOLATION
+        if refused is None and problem is not None:
+            refused, code = problem
+        if refused is None and state.draining:
+            refused, code, close = DRAINING, ErrorCode.SHUTTING_DOWN.value, GOING_AWAY
+        elif refused is None and not state.engine.ready:
+            refused, code = "the model is still loading; try again shortly", ErrorCode.OVERLOADED.value
+        if refused is not None:
+            self.telemetry.error(code)
+            await self._refuse(ws, subprotocol, error(code, refused), close)
+            return None
+        if not await self._take_place(ws, subprotocol, lambda why: error(ErrorCode.OVERLOADED.value, why)):
+            return None
+        return key, subprotocol
+
     async def realtime(self, ws: WebSocket) -> None:
         state = self.state
-        key, subprotocol, problem = self._refusal(ws)
         model = ws.query_params.get("model")
-        close = POLICY_VIOLATION
-        if problem is None and model is not None and model != state.engine.model_name:
-            problem = f"the model {model!r} does not exist; this server serves {state.engine.model_name!r}"
-            code = "model_not_found"
-        else:
-            code = ErrorCode.UNAUTHORIZED.value
-        if problem is None and state.draining:
-            problem, code, close = DRAINING, ErrorCode.SHUTTING_DOWN.value, GOING_AWAY
-        elif problem is None and not state.engine.ready:
-            problem, code = "the model is still loading; try again shortly", ErrorCode.OVERLOADED.value
-        if problem is not None:
-            self.telemetry.error(code)
-            await self._refuse(ws, subprotocol, rt.error_event(rt.RealtimeError(problem, code), None), close)
+        problem = None
+        if model is not None and model != state.engine.model_name:
+            message = f"the model {model!r} does not exist; this server serves {state.engine.model_name!r}"
+            problem = (message, "model_not_found")
+        admitted = await self._admit(
+            ws, lambda code, message: rt.error_event(rt.RealtimeError(message, code), None), problem
+        )
+        if admitted is None:
             return
-        if not await self._take_place(
-            ws, subprotocol, lambda why: rt.error_event(rt.RealtimeError(why, ErrorCode.OVERLOADED.value), None)
-        ):
-            return
+        key, subprotocol = admitted
         settings = state.settings
         tenant = owner_of(key if self.policy.enabled else None) or ""
         conn = RealtimeConnection(
@@ -321,20 +337,10 @@ class Routes:
         state = self.state
         service = state.responses
         assert service is not None
-        key, subprotocol, problem = self._refusal(ws)
-        status, code, close = 401, ErrorCode.UNAUTHORIZED.value, POLICY_VIOLATION
-        if problem is None and state.draining:
-            problem, status, code, close = DRAINING, 503, ErrorCode.SHUTTING_DOWN.value, GOING_AWAY
-        elif problem is None and not state.engine.ready:
-            problem, status, code = "the model is still loading; try again shortly", 503, ErrorCode.OVERLOADED.value
-        if problem is not None:
-            self.telemetry.error(code)
-            await self._refuse(ws, subprotocol, responses_error(status, code, problem), close)
+        admitted = await self._admit(ws, lambda code, message: responses_error(errors.http_status(code), code, message))
+        if admitted is None:
             return
-        if not await self._take_place(
-            ws, subprotocol, lambda why: responses_error(503, ErrorCode.OVERLOADED.value, why)
-        ):
-            return
+        key, subprotocol = admitted
         tenant = owner_of(key if self.policy.enabled else None) or ""
         settings = state.settings
         conn = ResponsesConnection(ws, service, settings.limits, self.telemetry, settings.slow_consumer_timeout, tenant)
