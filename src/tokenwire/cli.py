@@ -2,11 +2,16 @@
 
 tokenwire serve [--model M] [--device D] [--port P] ...
 tokenwire prepare [--model M] [--engine E]     (make the model loadable now: the caches a first start fills)
+tokenwire generate "prompt" [--url U] [--json]  (one answer from a running server, to stdout)
+tokenwire chat [--url U]                        (a terminal chat with a running server)
+
+The client commands need only ``pip install tokenwire``; ``serve`` and ``prepare`` need ``tokenwire[server]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from dataclasses import fields
@@ -32,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
         "from a GGUF file for the openvino engine, the converted model folder for transformers), then exit: "
         "for images built ahead of time.",
     )
+    from tokenwire.commands import chat, generate
+
+    generate.add_parser(sub)
+    chat.add_parser(sub)
     for command in (serve, prepare):
         for f in fields(Settings):
             kind = str(f.type)
@@ -46,22 +55,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+SERVER_PACKAGES = ("starlette", "uvicorn", "torch", "transformers", "openvino_genai")
+SERVER_MISSING = (
+    "tokenwire {command} needs the server's packages ({missing} is not installed): pip install 'tokenwire[server]'"
+)
+
+
 def settings_from_args(argv: list[str] | None = None) -> Settings:
-    return _parse(argv)[1]
+    return _parse(_parser().parse_args(argv))
 
 
-def _parse(argv: list[str] | None) -> tuple[str, Settings]:
-    args = _parser().parse_args(argv)
+def _parse(args: argparse.Namespace) -> Settings:
     base = from_env()
     given = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
-    return args.command, base.replace(**given)
+    return base.replace(**given)
 
 
 def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command in ("generate", "chat"):
+        from tokenwire.commands import chat, generate
+
+        sys.exit((generate if args.command == "generate" else chat).run(args))
+    command = args.command
     try:
-        command, settings = _parse(argv)
+        settings = _parse(args)
     except ValueError as exc:  # a bad TOKENWIRE_* value
         sys.exit(f"tokenwire: error: {exc}")
+    try:
+        _server_installed()
+    except ModuleNotFoundError as exc:
+        sys.exit("tokenwire: error: " + SERVER_MISSING.format(command=command, missing=exc.name))
     try:
         logs.configure(settings.log_level, settings.log_format)
     except ValueError as exc:
@@ -82,6 +106,14 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:  # a model that does not exist, an unknown dtype, ...
         sys.exit(f"tokenwire: error: {exc}")
     sys.exit(code)
+
+
+def _server_installed() -> None:
+    """Raises ModuleNotFoundError naming the first of the server's packages that is missing (without importing
+    them: that is the server's job, and slow)."""
+    for name in SERVER_PACKAGES:
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(name=name)
 
 
 if __name__ == "__main__":

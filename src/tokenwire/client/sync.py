@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Coroutine, Generator, Mapping, Sequence
 from typing import Any, TypeVar, Unpack
 
 from tokenwire.client.connection import DEFAULT_URL, Client
@@ -55,7 +55,7 @@ class SyncGeneration:
         self.generation = generation
         self._loop = loop
 
-    def __iter__(self) -> Iterator[Delta]:
+    def __iter__(self) -> Generator[Delta, None, None]:
         gen = self.generation
         try:
             while (delta := self._loop.call(gen.next())) is not None:
