@@ -15,13 +15,14 @@ from tests.conftest import scaled
 from tests.e2e.server import serving
 from tests.fakes import FakeEngine
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "clients.md"
+ROOT = Path(__file__).resolve().parents[2]
+DOC = ROOT / "docs" / "clients.md"
 DEFAULT_URL = "ws://127.0.0.1:8765/ws"
 REPLY = " ".join(f"word{i}" for i in range(60))
 
 
-def examples(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", DOC.read_text(), flags=re.DOTALL | re.MULTILINE)
+def examples(language: str, doc: Path = DOC) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", doc.read_text(), flags=re.DOTALL | re.MULTILINE)
 
 
 @pytest.fixture
@@ -79,3 +80,14 @@ async def test_the_shell_examples_run(url: str, tmp_path: Path) -> None:
     assert outputs[1] == REPLY + "\n" and (tmp_path / "french.txt").read_text() == REPLY + "\n"
     assert '"type": "complete"' in outputs[2] and '"finish_reason": "stop"' in outputs[2]
     assert outputs[3] == "exit code 1\n"
+
+
+async def test_the_readme_client_examples_run(url: str, tmp_path: Path) -> None:
+    readme = examples("python", ROOT / "README.md")
+    assert len(readme) == 2  # with tokenwire.client, and by hand with websockets
+    for i, code in enumerate(readme):
+        script = tmp_path / f"readme{i}.py"
+        script.write_text(code.replace(DEFAULT_URL, url))
+        rc, out, err = await run([sys.executable, str(script)], tmp_path, url)
+        assert (rc, err) == (0, ""), f"README example {i}:\n{code}\n{err}"
+        assert REPLY in out and "completion_tokens" in out
