@@ -72,11 +72,15 @@ class RunningServer:
 
 @contextmanager
 def serve(
-    *args: str, startup_timeout: float = 120.0, log_path: Path | None = None, preexec: Callable[[], None] | None = None
+    *args: str,
+    startup_timeout: float = 120.0,
+    log_path: Path | None = None,
+    preexec: Callable[[], None] | None = None,
+    port: int | None = None,
 ) -> Iterator[RunningServer]:
-    """Run ``tokenwire serve ARGS``; its output goes to ``log_path`` when given; ``preexec`` runs in the child
-    before it starts (to set resource limits)."""
-    port = free_port()
+    """Run ``tokenwire serve ARGS`` (on ``port``, or a free one); its output goes to ``log_path`` when given;
+    ``preexec`` runs in the child before it starts (to set resource limits)."""
+    port = port or free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
         sys.executable,

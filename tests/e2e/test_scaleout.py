@@ -6,6 +6,7 @@ with it: the text continues at the junction as an uninterrupted greedy run's. Re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import signal
 import time
@@ -18,14 +19,14 @@ import redis
 
 from tests.conftest import scaled
 from tests.e2e.client import Client
-from tests.e2e.server import RunningServer, serve
+from tests.e2e.server import RunningServer, free_port, serve
 from tests.e2e.test_resume import read_until_seq, reference, seqs, story, text_of
 
 LEASE = 1.0
 WINDOW = 30.0
 
 
-def replica(model: Path, redis_url: str, *more: str, log_path: Path | None = None) -> Any:
+def replica(model: Path, redis_url: str, *more: str, log_path: Path | None = None, port: int | None = None) -> Any:
     return serve(
         "--model",
         str(model),
@@ -39,6 +40,7 @@ def replica(model: Path, redis_url: str, *more: str, log_path: Path | None = Non
         "0",
         *more,
         log_path=log_path,
+        port=port,
     )
 
 
@@ -237,6 +239,35 @@ async def test_a_replica_that_is_rolled_hands_its_running_answers_over(tiny_gguf
         assert seqs(rest) == list(range(seen + 1, rest[-1]["seq"] + 1))
         assert text_of(got) + text_of(rest) == whole
         assert time.monotonic() - closed < scaled(60)
+
+
+async def test_the_python_client_goes_on_through_a_restart_of_its_server(tiny_gguf: Path, redis_url: str) -> None:
+    """tokenwire.client (which tokenwire chat uses) against a server that is stopped mid-answer and started again
+    on the same port with the same journal: the client reconnects with backoff, resumes, and its loop gets the
+    whole greedy answer, each delta once."""
+    from tokenwire.client import Client as PyClient
+    from tokenwire.client import ConnectionState, Delta
+
+    prompt, request = "Tell me a story about a lighthouse", {"max_tokens": 2000, "temperature": 0, "ignore_eos": True}
+    port = free_port()
+    deltas: list[Delta] = []
+    states: list[ConnectionState] = []
+    with contextlib.ExitStack() as servers:
+        first = servers.enter_context(replica(tiny_gguf, redis_url, "--drain-timeout", "0.2", port=port))
+        async with PyClient(first.ws + "/ws") as client:
+            whole = await client.generate(prompt, **request).collect()
+        async with PyClient(first.ws + "/ws", min_delay=0.1, on_state=states.append) as client:
+            gen = client.generate(prompt, **request)
+            async for delta in gen:
+                deltas.append(delta)
+                if len(deltas) == 5:
+                    first.proc.send_signal(signal.SIGTERM)  # rolled: its answers are handed over on the journal
+                    await asyncio.to_thread(first.proc.wait, scaled(30))
+                    servers.enter_context(replica(tiny_gguf, redis_url, port=port))  # within the reconnect time
+    assert ConnectionState.RECONNECTING in states
+    assert "".join(d.text for d in deltas) == whole == gen.text
+    assert [d.seq for d in deltas] == list(range(1, len(deltas) + 1))
+    assert gen.usage is not None and gen.usage.completion_tokens == 2000
 
 
 def test_a_journal_that_cannot_be_reached_stops_the_server_with_a_clear_error(tiny_gguf: Path, tmp_path: Path) -> None:
