@@ -281,3 +281,14 @@ async def test_a_connection_that_cannot_come_back_fails_the_running_generation_a
             await client.generate("Hi", id="g1").collect()
         assert client.state is ConnectionState.CLOSED
     assert [m["type"] for m in received] == ["generate"]  # no resume reached a server that had it
+
+
+async def test_a_generation_on_a_closed_client_fails_at_once_and_stays_ended() -> None:
+    async with serving(FakeEngine()) as (base, _):
+        client = Client(ws_url(base))
+        await client.connect()
+        await client.close()
+        gen = client.generate("Hi")
+        with pytest.raises(ConnectionFailed, match="the client is closed"):
+            await gen.next()
+        assert gen.done and await gen.next() is None

@@ -83,7 +83,11 @@ class Generation:
             return None
         if not self._sent:
             self._sent = True
-            await self._client._start(self)
+            try:
+                await self._client._start(self)
+            except BaseException:
+                self._ended = True  # nothing will come: later calls end at once
+                raise
         while True:
             if self._error is not None and self._queue.empty():
                 self._ended = True
