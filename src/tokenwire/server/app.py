@@ -88,6 +88,7 @@ def create_app(
         routes=[
             Route("/", r.index),
             Route("/tutorial", r.tutorial),
+            Route("/client.js", r.client_js),
             Mount("/static", StaticFiles(directory=r.web_dir), name="static"),
             WebSocketRoute("/", r.websocket),
             WebSocketRoute("/ws", r.websocket),

@@ -80,6 +80,7 @@ class Routes:
             name: web.joinpath(f"{name}.html").read_text(encoding="utf-8")
             for name in ("index", "tutorial", "dashboard")
         }
+        self._client_js = web.joinpath("client.js").read_text(encoding="utf-8")
 
     # -- pages and probes
     async def index(self, request: Request) -> Response:
@@ -87,6 +88,11 @@ class Routes:
 
     async def tutorial(self, request: Request) -> Response:
         return HTMLResponse(self._pages["tutorial"])
+
+    async def client_js(self, request: Request) -> Response:
+        """``GET /client.js``: the browser client, an ES module (web/client.js) that the chat page imports too. Any
+        page may import it (public code, no credentials): the WebSocket it opens is what --allowed-origins checks."""
+        return Response(self._client_js, media_type="text/javascript", headers={"Access-Control-Allow-Origin": "*"})
 
     async def dashboard(self, request: Request) -> Response:
         return HTMLResponse(self._pages["dashboard"])
