@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -360,3 +361,25 @@ async def test_the_example_page_in_docs_streams_an_answer() -> None:
         assert await page.text_content("#status") == f"done (stop, {pieces} tokens)"
         messages = engine.requests[0].messages
         assert messages is not None and [(m.role, m.content) for m in messages] == [("user", "A poem, please")]
+
+
+async def test_the_browser_example_in_clients_md_runs() -> None:
+    """The ```js example of docs/clients.md, run as a module script in a page of the server's origin."""
+    doc = (EXAMPLE.parents[1] / "clients.md").read_text(encoding="utf-8")
+    (code,) = re.findall(r"^```js\n(.*?)^```", doc, flags=re.DOTALL | re.MULTILINE)
+    engine = FakeEngine(reply="Waves fold on the shore.", pieces=4)
+    async with serving(engine) as (base, _), browser_page() as page:
+        logged: list[str] = []
+        page.on("console", lambda msg: logged.append(msg.text))
+        await serve_page(page, base + "/example.html", BLANK)
+        await page.goto(base + "/example.html")
+        await page.add_script_tag(content=code, type="module")
+        for _ in range(int(scaled(200))):
+            if "connection: closed" in logged:
+                break
+            await asyncio.sleep(0.05)
+    assert logged == [
+        "connection: connecting", "connection: open", "connected to fake-model", "Waves fold on the shore.",
+        "stop 4 tokens", "refused: invalid_request temperature", "connection: closed",
+    ]  # fmt: skip
+    assert engine.requests[0].messages is not None and engine.requests[0].params.max_tokens == 64
