@@ -138,7 +138,8 @@ async def test_a_dropped_connection_mid_answer_gives_the_same_greedy_text_as_an_
     """The real model, greedy: the client's socket vanishes twice mid-answer; the caller's loop gets the text of
     a run that was never interrupted, every delta once."""
     request: dict[str, Any] = {"max_tokens": 120, "temperature": 0, "ignore_eos": True}
-    async with Client(tiny_server.ws + "/ws", min_delay=0.05) as client:
+    states: list[ConnectionState] = []
+    async with Client(tiny_server.ws + "/ws", min_delay=0.05, on_state=states.append) as client:
         whole = await client.generate("Tell me a story about a lighthouse", **request).collect()
         deltas: list[Delta] = []
         gen = client.generate("Tell me a story about a lighthouse", **request)
@@ -150,6 +151,7 @@ async def test_a_dropped_connection_mid_answer_gives_the_same_greedy_text_as_an_
     assert gen.text == whole and "".join(d.text for d in deltas) == whole
     check_once_in_order(deltas)
     assert gen.usage is not None and gen.usage.completion_tokens == 120
+    assert states.count(ConnectionState.RECONNECTING) == 2  # both drops came while the answer still ran
 
 
 def test_the_sync_client_streams_and_leaving_the_loop_early_cancels(tiny_server: RunningServer) -> None:
