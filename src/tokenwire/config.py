@@ -90,8 +90,10 @@ class Settings:
     kv_cache_tokens: int = field(
         default=1 << 17,
         metadata={
-            "help": "KV-cache budget in tokens (transformers: rows x reserved length, grown on demand; openvino: "
-            "blocks of 32 tokens, the KV bytes per token depend on the model)"
+            "help": "KV-cache pool in tokens, in blocks of 32 tokens; the KV bytes per token depend on the model "
+            "(transformers: at least one whole context; a request is admitted while its prompt + max_tokens fits "
+            "beside what the running ones reserved; blocks are allocated as sequences grow, memory on demand; "
+            "openvino: allocated whole at start)"
         },
     )
     engine_hang_timeout: float = field(
@@ -105,8 +107,9 @@ class Settings:
     prefix_caching: str = field(
         default="on",
         metadata={
-            "help": "on or off: reuse the KV of a prompt's leading blocks computed before (a chat's history, a "
-            "shared system prompt); the openvino engine has it, the transformers engine has none"
+            "help": "on or off: reuse the KV of a prompt's leading whole blocks (32 tokens) computed before (a "
+            "chat's history, a shared system prompt), kept until their room is needed, least recently used first; "
+            "both engines; the reused tokens are reported as cached_tokens"
         },
     )
     max_prefill_tokens: int = field(default=512, metadata={"help": "prompt tokens per step (long prompts chunk)"})

@@ -24,7 +24,7 @@ from tokenwire.engine import (
 )
 from tokenwire.engine.detokenizer import decode
 from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig
-from tokenwire.engine.interface import SamplingParams
+from tokenwire.engine.interface import Continuation, SamplingParams
 from tokenwire.engine.scheduler import SchedulerConfig
 
 DEVICE = os.environ.get("TOKENWIRE_TEST_DEVICE", "cpu")  # "cuda" on a GPU machine
@@ -59,16 +59,23 @@ async def run(eng: HFEngine, rid: str, **kw: Any) -> dict[str, Any]:
         messages=kw.get("messages"),
         raw=kw.get("raw", False),
         truncate=kw.get("truncate", False),
+        continuation=kw.get("continuation"),
     )
-    out: dict[str, Any] = {"text": "", "deltas": 0}
+    out: dict[str, Any] = {"text": "", "deltas": 0, "ids": []}
     async for item in eng.generate(req):
         if item.kind is OutputKind.STARTED:
             out["prompt_tokens"] = item.prompt_tokens
             out["dropped"] = item.start.truncated_messages if item.start else 0
         out["text"] += item.text
+        out["ids"] += item.token_ids
         out["deltas"] += item.kind is OutputKind.DELTA
         if item.kind is OutputKind.FINISHED:
-            out.update(reason=item.finish_reason, completion=item.completion_tokens, timings=item.timings)
+            out.update(
+                reason=item.finish_reason,
+                completion=item.completion_tokens,
+                cached=item.cached_tokens,
+                timings=item.timings,
+            )
     return out
 
 
@@ -483,13 +490,17 @@ async def test_a_paused_request_keeps_its_kv_generator_and_penalties(engine: HFE
     prompt_len = paused["prompt_tokens"]
     assert paused["kept_kv"] >= prompt_len + 11  # kept: the prompt and every token fed back before the pause
     assert prefills[-1] == 1  # on continuing, only the token sampled last before the pause is computed
-    assert sum(prefills[:-1]) == prompt_len  # before it, the prompt (in chunks of 16)
+    # before it, the prompt (in chunks of 16), less the whole blocks the plain run left in the prefix cache
+    assert sum(prefills[:-1]) == prompt_len - (prompt_len - 1) // 32 * 32
     assert engine.stats().kv_cache_tokens_paused == 0  # given back once it continued
 
 
-async def test_kept_kv_gives_way_to_running_requests_and_is_rebuilt(tiny_model_dir: Path) -> None:
-    """Under pressure (the running rows need the KV budget), a paused request's kept KV is dropped; when it
-    continues, its prompt plus its generated tokens are computed again, and the text is still whole."""
+@pytest.mark.parametrize("prefix_caching", [False, True])
+async def test_kept_kv_gives_way_to_running_requests_and_is_rebuilt(tiny_model_dir: Path, prefix_caching: bool) -> None:
+    """Under pressure (a request being admitted needs the KV pool), a paused request's kept KV is dropped; when it
+    continues, its prompt plus its generated tokens are computed again, and the text is still whole. With the prefix
+    cache on, the dropped KV's whole blocks stay cached (the big request evicts the least recently used blocks,
+    not those), so only the tail after them is computed again."""
     from tests.pausing import paused_run
 
     eng = HFEngine(
@@ -497,7 +508,9 @@ async def test_kept_kv_gives_way_to_running_requests_and_is_rebuilt(tiny_model_d
             model=str(tiny_model_dir),
             device=DEVICE,
             dtype="float32",
-            scheduler=SchedulerConfig(max_batch_size=8, max_prefill_tokens=256, kv_cache_tokens=260),
+            scheduler=SchedulerConfig(
+                max_batch_size=8, max_prefill_tokens=256, kv_cache_tokens=260, prefix_caching=prefix_caching
+            ),
         )
     )
     await eng.start()
@@ -517,6 +530,99 @@ async def test_kept_kv_gives_way_to_running_requests_and_is_rebuilt(tiny_model_d
         assert eng.backend.parked.evicted == 1
         assert paused["text"] == plain["text"] and paused["completion"] == 48
         rebuilt = paused["kept_kv"] + 1  # the prompt and every token it generated before the pause
-        assert prefills[-1] == rebuilt and rebuilt > paused["prompt_tokens"] + 11
+        assert rebuilt > paused["prompt_tokens"] + 11
+        assert prefills[-1] == (rebuilt - (rebuilt - 1) // 32 * 32 if prefix_caching else rebuilt)
     finally:
         await eng.shutdown()
+
+
+SYSTEM = "You are Ada, the support assistant of Northwind Rail. Answer in two sentences, plainly and politely."
+
+
+def chat(*turns: str, system: str = SYSTEM) -> tuple[ChatMessage, ...]:
+    """A conversation: the system message, then user and assistant turns alternately."""
+    roles = ("user", "assistant")
+    return (ChatMessage("system", system), *(ChatMessage(roles[i % 2], t) for i, t in enumerate(turns)))
+
+
+async def test_a_shared_system_prompt_is_computed_once_and_the_next_request_prefills_only_its_suffix(
+    engine: HFEngine,
+) -> None:
+    """The second conversation with the same system prompt reports the whole blocks it found as cached_tokens, and
+    its prefill computes only the rest; its greedy text is what generate() gives it alone."""
+    first = await run(engine, "a", messages=chat("When is the first train?"), max_tokens=8, temperature=0)
+    assert first["cached"] == 0
+    prefills = record_prefills(engine)
+    question = "How much is a day pass?"
+    second = await run(engine, "b", messages=chat(question), max_tokens=8, temperature=0)
+    system = [{"role": "system", "content": SYSTEM}]
+    shared = len(engine.tokenizer.apply_chat_template(system, tokenize=True, return_dict=False))
+    assert second["cached"] == shared // 32 * 32 > 0  # every whole block of the shared system turn
+    assert sum(prefills) == second["prompt_tokens"] - second["cached"]
+    assert engine.backend.scheduler.blocks.hit_tokens == second["cached"]
+
+
+async def test_greedy_output_alone_is_the_same_with_the_prefix_cache_on_and_off(tiny_model_dir: Path) -> None:
+    """A request run alone gives the same tokens whether its prompt's KV is computed or found in the prefix cache
+    (computed earlier, in other chunks), and whether the engine caches at all."""
+    texts: dict[str, str] = {}
+    for caching in (False, True):
+        eng = HFEngine(
+            HFEngineConfig(
+                model=str(tiny_model_dir),
+                device=DEVICE,
+                dtype="float32",
+                scheduler=SchedulerConfig(max_batch_size=8, max_prefill_tokens=16, prefix_caching=caching),
+            )
+        )
+        await eng.start()
+        try:
+            for attempt in ("cold", "warm"):
+                r = await run(eng, attempt, messages=chat(PROMPTS[1]), max_tokens=40, temperature=0, ignore_eos=True)
+                texts[f"{caching}-{attempt}"] = r["text"]
+                assert (r["cached"] > 0) == (caching and attempt == "warm")
+        finally:
+            await eng.shutdown()
+    assert len(set(texts.values())) == 1, texts
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+async def test_a_chats_next_turn_reuses_the_blocks_of_the_turn_before_prompt_and_answer(
+    tiny_long_model_dir: Path,
+) -> None:
+    """Each turn sends the whole conversation; the next one finds in the prefix cache the whole blocks of what the
+    turns before computed, answers included, as far as its tokens are the same (a random model's answer does not
+    tokenize back to the ids it was generated as: the next turn as token ids shows the answer's blocks reused), also
+    after the engine went idle between turns."""
+    engine = await make_engine(tiny_long_model_dir)
+    tok = engine.tokenizer
+    turns: list[str] = []
+    computed: list[list[int]] = []  # per turn: the tokens whose KV it computed (prompt and answer less its last)
+    prompt_before: list[int] = []
+    try:
+        for i, question in enumerate(("When is the first train?", "How much is a day pass?", "And for a child?")):
+            turns.append(question)
+            messages = chat(*turns)
+            template = [{"role": m.role, "content": m.content} for m in messages]
+            ids = tok.apply_chat_template(template, add_generation_prompt=True, tokenize=True, return_dict=False)
+            r = await run(engine, f"turn{i}", messages=messages, max_tokens=24, temperature=0, ignore_eos=True)
+            found = max((common_prefix(c, ids) for c in computed), default=0)
+            assert r["cached"] == min(found, len(ids) - 1) // 32 * 32
+            if computed:  # at least the turn before's prompt
+                assert r["cached"] >= len(prompt_before) // 32 * 32 > 0
+            computed.append(ids + r["ids"][:-1])
+            prompt_before = ids
+            turns.append(r["text"])
+            await asyncio.sleep(0.6)  # the model loop waits for work and goes idle (idle() keeps the cache)
+        question = tok.encode("<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n")
+        following = Continuation((*computed[-1], r["ids"][-1], *question))
+        r = await run(engine, "next", continuation=following, max_tokens=4, temperature=0)
+        assert r["cached"] == len(computed[-1]) // 32 * 32  # the last answer's whole blocks too
+    finally:
+        await engine.shutdown()

@@ -105,6 +105,7 @@ def build_engine(settings: Settings) -> Engine:
                 max_waiting=settings.max_waiting,
                 kv_cache_tokens=settings.kv_cache_tokens,
                 max_prefill_tokens=settings.max_prefill_tokens,
+                prefix_caching=settings.prefix_caching == "on",
             ),
             queue_timeout=settings.queue_timeout,
             hang_timeout=settings.engine_hang_timeout,

@@ -1,4 +1,5 @@
-"""A running request as the scheduler sees it (plain Python, no torch): its prompt, its KV row, its tokens."""
+"""A running request as the scheduler sees it (plain Python, no torch): its prompt, its place in the batch, its
+tokens. Its KV-cache blocks are the block manager's, under its request id."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from tokenwire.engine.interface import SamplingParams
 
 
 class SeqState(enum.Enum):
-    WAITING = "waiting"  # tokenized, no slot yet
-    PREFILL = "prefill"  # has a slot; prompt partly in the KV cache
+    WAITING = "waiting"  # tokenized, not in the batch yet
+    PREFILL = "prefill"  # in the batch; prompt partly in the KV cache
     DECODE = "decode"  # producing one token per step
     FINISHED = "finished"
 
@@ -22,8 +23,9 @@ class Sequence:
     max_new_tokens: int  # max_tokens clipped to the room left in the context window
     params: SamplingParams = field(default_factory=SamplingParams)
     state: SeqState = SeqState.WAITING
-    row: int = -1  # slot index in the KV cache while running
+    row: int = -1  # place in the running batch (decoding ones first) while running
     num_computed: int = 0  # prompt tokens already in the KV cache
+    cached_tokens: int = 0  # of those, found in the prefix cache (not computed for this request)
     output_ids: list[int] = field(default_factory=list)
     generated_before: int = 0  # the last prompt ids are this many tokens it generated before it was paused
 

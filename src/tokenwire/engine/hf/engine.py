@@ -1,16 +1,18 @@
 """The transformers backend: load a model, and step it (engine/loop.py runs the loop around it).
 
-Each step asks the scheduler what to run, runs the prefill chunks and one batched decode step over the slot KV
-cache, and samples one token per row. End-of-sequence, stop strings, max_tokens and detokenizing are the engine
-core's (engine/output.py); a request that ended is removed before the next step. A paused request's KV, random
-generator and penalty counts are kept (parked.py) while the KV budget allows, and go on when it continues.
+Each step asks the scheduler what to run (its KV-cache blocks are then in place), runs the prefill chunks and one
+batched decode step over the block KV cache, registers the blocks those passes filled in the prefix cache, and
+samples one token per row. End-of-sequence, stop strings, max_tokens and detokenizing are the engine core's
+(engine/output.py); a request that ended is removed before the next step, its full blocks left in the prefix
+cache. A paused request's KV blocks, random generator and penalty counts are kept (parked.py) while the pool
+allows, and go on when it continues.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -24,7 +26,7 @@ from tokenwire.engine.hf.runner import ModelRunner
 from tokenwire.engine.hf.sampler import RowSampler, SamplingFailure
 from tokenwire.engine.interface import EngineError, EngineErrorCode, EngineStats, SamplingParams
 from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
-from tokenwire.engine.scheduler import Scheduler, SchedulerConfig, Swap
+from tokenwire.engine.scheduler import Scheduler, SchedulerConfig
 from tokenwire.engine.sequence import SeqState, Sequence
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ class HFEngineConfig:
 
 
 class HFEngine(LoopEngine):
-    """Serves any transformers causal LM with continuous batching over a slot KV cache."""
+    """Serves any transformers causal LM with continuous batching over a block KV cache with prefix reuse."""
 
     backend: HFBackend
 
@@ -60,7 +62,7 @@ class HFEngine(LoopEngine):
 
 
 class HFBackend:
-    """A transformers model over a slot KV cache, stepped by the engine loop's thread."""
+    """A transformers model over a block KV cache, stepped by the engine loop's thread."""
 
     kind = "transformers"
     alive = True
@@ -72,11 +74,10 @@ class HFBackend:
         self.config = config
         self._resolved = models.resolve(config.model)
         self.name = self._resolved.name
-        self.scheduler = Scheduler(config.scheduler)
+        self.scheduler = Scheduler(config.scheduler, self._make_room)  # again in load(), with the context window
         self.runner: ModelRunner | None = None
         self.sampler: RowSampler | None = None
-        self.parked = ParkedStore()  # the KV of paused requests
-        self._restore: dict[str, ParkedKV] = {}  # continued requests' kept KV, written to their row when admitted
+        self.parked = ParkedStore(self._release)  # the KV blocks of paused requests
         self.grammars: Grammars | None = None  # constrained decoding (json_schema)
         self._refused: dict[str, EngineError] = {}  # requests that failed on add: reported at the next step
 
@@ -96,7 +97,10 @@ class HFBackend:
         text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         model_len = getattr(text_cfg, "max_position_embeddings", None) or cfg.max_model_len
         max_context = min(cfg.max_model_len, int(model_len))
-        self.runner = ModelRunner(model, device, dtype)
+        # The pool holds at least one whole context: a request larger than --kv-cache-tokens still runs alone.
+        self.scheduler = Scheduler(replace(cfg.scheduler, max_context=max_context), self._make_room)
+        blocks = self.scheduler.blocks
+        self.runner = ModelRunner(model, device, dtype, blocks.block_tokens, blocks.num_blocks, self._table_of)
         self.sampler = RowSampler(device)
         self.grammars = Grammars(tok, int(getattr(text_cfg, "vocab_size", 0) or len(tok)))
         log.info("model ready: %s, context %d tokens", self.name, max_context)
@@ -110,8 +114,9 @@ class HFBackend:
         seq = Sequence(request_id, prompt_ids, max_new_tokens, params, generated_before=continued)
         kept = self.parked.take(request_id)
         if kept is not None and kept.fits(prompt_ids):
-            seq.num_computed = kept.tokens  # its prefill starts after the kept positions
-            self._restore[request_id] = kept
+            seq.num_computed = kept.tokens  # its block table is adopted: its prefill starts after the kept positions
+        else:
+            self._release(request_id)  # a table it kept that does not fit: a fresh one, from the prefix cache
         self.sampler.add(request_id, params.seed)  # a paused request gets its own generator back
         self.scheduler.add(seq)
         if params.json_schema is not None and self.grammars is not None:
@@ -124,45 +129,53 @@ class HFBackend:
                 )
 
     def park(self, request_id: str) -> None:
-        """Out of the batch; its KV is copied out of its row (kept while the budget allows) and its generator kept."""
-        assert self.runner is not None and self.sampler is not None
-        seq = self.scheduler.get(request_id)
+        """Out of the batch; its block table is kept (nothing is copied) while the pool allows, and its generator
+        and grammar state too."""
+        assert self.sampler is not None
+        sched = self.scheduler
+        seq = sched.get(request_id)
         if seq is None:
             return
-        kept = self._restore.pop(request_id, None)  # continued, then paused again before it was admitted
-        if seq.state is SeqState.DECODE:
-            computed = seq.length - 1  # the last sampled token is not fed yet
-        elif seq.state is SeqState.PREFILL:
-            computed = seq.num_computed
+        # computed positions: the last sampled token is not fed yet; a queued one may hold a table it adopted
+        computed = seq.length - 1 if seq.state is SeqState.DECODE else seq.num_computed
+        if computed > 0 and request_id in sched.blocks:
+            tokens = (seq.prompt_ids + seq.output_ids)[:computed]
+            sched.blocks.commit(request_id, tokens, computed)  # its full blocks: found again even if it gives way
+            sched.remove(seq, keep_blocks=True)
+            self.parked.put(request_id, ParkedKV(tokens))
         else:
-            computed = 0
-        if computed > 0:
-            keys, values = self.runner.cache.read_row(seq.row, computed)
-            kept = ParkedKV((seq.prompt_ids + seq.output_ids)[:computed], keys, values)
-        self._apply(self.scheduler.remove(seq))
+            sched.remove(seq)
         self.sampler.park(request_id)
         if self.grammars is not None:
             self.grammars.park(request_id)
-        if kept is not None:
-            self.parked.put(request_id, kept)
-            self._make_room()
 
     def remove(self, request_id: str) -> None:
         seq = self.scheduler.get(request_id)
         if seq is not None:
-            self._drop(seq)  # its row, generator and any KV waiting to be written back
+            self._drop(seq)  # its place, blocks and generator
         elif self.sampler is not None:
             self.sampler.remove(request_id)  # parked: its kept generator
         if self.grammars is not None:
             self.grammars.remove(request_id)
-        self.parked.drop(request_id)
+        self.parked.drop(request_id)  # and its kept blocks
 
-    def _make_room(self) -> None:
-        """Paused requests' KV gives way to the running rows' reservations: the oldest goes first."""
-        budget = self.config.scheduler.kv_cache_tokens - self.scheduler.reserved_tokens()
-        dropped = self.parked.shrink(max(0, budget))
+    def _make_room(self, need: int) -> None:
+        """Paused requests' kept KV gives way to sequences being admitted (the scheduler asks for ``need`` blocks
+        available): the oldest goes first; its full blocks stay in the prefix cache."""
+        blocks = self.scheduler.blocks
+        dropped = 0
+        while blocks.num_available_blocks < need and self.parked.drop_oldest() is not None:
+            dropped += 1
         if dropped:
             log.debug("dropped the kept KV of %d paused requests for room", dropped)
+
+    def _release(self, request_id: str) -> None:
+        if request_id in self.scheduler.blocks:
+            self.scheduler.blocks.free(request_id)
+
+    def _table_of(self, row: int) -> list[int]:
+        sched = self.scheduler
+        return sched.blocks.table(sched.running[row].request_id).block_ids
 
     @property
     def has_work(self) -> bool:
@@ -172,20 +185,23 @@ class HFBackend:
         pass  # the model goes with the process
 
     def idle(self) -> None:
-        if self.runner is not None and self.runner.cache.rows_cap:
-            self.runner.cache.release()
+        """Storage shrinks to the blocks still referenced or cached: the prefix cache is kept between a chat's
+        turns (the loop calls this whenever it waits for work)."""
+        if self.runner is not None and self.runner.cache.capacity_blocks:
+            self.runner.cache.shrink(self.scheduler.blocks.high_water())
 
     def stats(self) -> EngineStats:
         s = self.scheduler
         cache = self.runner.cache if self.runner else None
+        block = s.blocks.block_tokens
         return EngineStats(
             running=len(s.running),
             waiting=len(s.waiting),
             max_batch_size=self.config.scheduler.max_batch_size,
-            kv_cache_tokens_used=sum(q.length for q in list(s.running)),
-            kv_cache_tokens_capacity=(cache.rows_cap * cache.len_cap) if cache is not None else 0,
-            kv_cache_tokens_paused=self.parked.tokens + sum(k.tokens for k in self._restore.values()),
-            kv_cache_tokens_budget=self.config.scheduler.kv_cache_tokens,
+            kv_cache_tokens_used=s.blocks_in_batch() * block,
+            kv_cache_tokens_capacity=cache.capacity_tokens if cache is not None else 0,
+            kv_cache_tokens_paused=self.parked.tokens,
+            kv_cache_tokens_budget=s.blocks.num_blocks * block,
         )
 
     # -- the step
@@ -199,18 +215,11 @@ class HFBackend:
                 out.failed[request_id] = error
                 self._drop(seq)
         self._refused.clear()
-        plan = sched.schedule()
+        plan = sched.schedule()  # every position this step computes has a block now
         out.scheduled = [s.request_id for s in plan.admitted]
+        for seq in plan.matched:
+            out.cached[seq.request_id] = seq.cached_tokens
         try:
-            if plan.admitted and self.parked:
-                self._make_room()
-            if sched.running:
-                # +2: room for the token being fed, and the scratch column (kv_cache.py) above every sequence
-                runner.cache.ensure(len(sched.running), max(s.length + 2 for s in sched.running))
-            for seq in plan.admitted:  # a continued request's kept KV goes back into its new row
-                kept = self._restore.pop(seq.request_id, None)
-                if kept is not None:
-                    runner.cache.write_row(seq.row, kept.keys, kept.values)
             # Prefill first: its chunks sit in consecutive rows from num_decode, in order, exactly as scheduled.
             # Promotions and finishes that follow only move rows >= num_decode, so the decode rows below stay
             # put. (Decoding first would let a finishing sequence reorder the prefill rows under the chunks.)
@@ -230,11 +239,13 @@ class HFBackend:
                     ),
                     out,
                 )
-                for i in ran:
-                    chunks[i].seq.num_computed = chunks[i].end
+                for i in ran:  # computed: their full blocks can be shared from now on
+                    c = chunks[i]
+                    c.seq.num_computed = c.end
+                    sched.blocks.commit(c.seq.request_id, c.seq.prompt_ids, c.end)
                 done = [j for j, i in enumerate(ran) if chunks[i].is_last]
                 for j in done:
-                    self._apply(sched.promote(chunks[ran[j]].seq))
+                    sched.promote(chunks[ran[j]].seq)
                 if done:
                     self._sample([chunks[ran[j]].seq for j in done], logits[done], out)
             if plan.num_decode:
@@ -245,15 +256,23 @@ class HFBackend:
                     lambda i: runner.decode([decoding[i].output_ids[-1]], [decoding[i].length - 1], decoding[i].row),
                     out,
                 )
+                block = sched.blocks.block_tokens
+                for i in ran:
+                    seq = decoding[i]
+                    if seq.length % block == 0:  # this step filled its last block
+                        sched.blocks.commit(seq.request_id, seq.prompt_ids + seq.output_ids, seq.length)
                 if ran:
                     self._sample([decoding[i] for i in ran], logits, out)
-        except Exception as exc:  # outside the forward passes (the cache could not grow): nothing is consistent
+        except Exception as exc:  # outside the forward passes (the cache could not grow): the batch fails
             log.exception("model step failed")
             for seq in list(sched.running):
                 out.failed[seq.request_id] = EngineError(EngineErrorCode.GENERATION_FAILED, f"generation failed: {exc}")
                 out.tokens.pop(seq.request_id, None)
                 self._drop(seq)
-            runner.cache.release()
+            # Blocks are written only past what is shared, and registered only after their pass ran, so kept and
+            # cached KV stays valid; the cache is dropped all the same, to be safe, and the storage given back.
+            sched.blocks.clear_cache()
+            runner.cache.shrink(sched.blocks.high_water())
         return out
 
     def _forward_isolated(
@@ -265,7 +284,8 @@ class HFBackend:
     ) -> tuple[list[int], torch.Tensor]:
         """Run ``batched`` (one forward pass for ``seqs``); if it fails, run each sequence ``alone`` so that only the
         ones that fail by themselves fail. Returns the indexes into ``seqs`` that ran, and their logits [k, V].
-        Rewriting a row's KV positions is idempotent, so running a row again after a failed batch is safe."""
+        Rewriting a row's KV positions is idempotent (they lie in blocks it owns alone, registered in the prefix
+        cache only after a pass succeeded), so running a row again after a failed batch is safe."""
         try:
             return list(range(len(seqs))), batched()
         except Exception as exc:
@@ -318,16 +338,10 @@ class HFBackend:
 
     def _drop(self, seq: Sequence) -> None:
         assert self.sampler is not None
-        self._apply(self.scheduler.remove(seq))
+        self.scheduler.remove(seq)  # its blocks: full ones stay in the prefix cache
         self.sampler.remove(seq.request_id)
-        self._restore.pop(seq.request_id, None)
         if self.grammars is not None:
             self.grammars.remove(seq.request_id)
-
-    def _apply(self, swaps: list[Swap]) -> None:
-        assert self.runner is not None
-        for i, j in swaps:
-            self.runner.cache.swap_rows(i, j)
 
 
 def _pick_device(device: str) -> str:

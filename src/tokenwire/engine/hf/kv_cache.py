@@ -1,115 +1,139 @@
-"""A slot-based KV cache that plugs into transformers' attention layers.
+"""A block KV cache that plugs into transformers' attention layers through ``Cache.update``.
 
-Every layer keeps K and V as ``[rows, kv_heads, capacity, head_dim]``. Row ``i`` belongs to the sequence
-the scheduler put there; the buffers grow (rows in powers of two, positions in blocks) as sequences need
-it and shrink when the engine is idle. Before each forward pass the runner says where the new keys go
-(:meth:`plan`); the attention layers then call :meth:`update`, which writes
-them in place and returns a view of the rows and positions to attend to. Nothing is recomputed and
-nothing is copied per step except the new keys.
+Every layer keeps K and V token-major, ``[blocks * block_tokens, kv_heads, head_dim]`` (the layout of transformers'
+own paged cache). Block ``b`` of the block manager (engine/block_manager.py) is storage block ``b + 1``: storage
+block 0 is scratch, where the padding queries of a batched prefill write and where a row's reads point past the end
+of its block table (those positions are always masked; the storage starts zeroed, so a masked read is finite).
 
-The last position of the buffers is a scratch column: padding queries of a batched prefill write there. It is
-never inside the attended range (the engine keeps capacity above every sequence's length), and a sequence
-that later reaches that position writes its real key before reading it.
+Before each forward pass the runner says, per row, which slots the new keys go to and which slots hold the
+positions ``0..kv_len-1`` it attends to (:meth:`BlockKVCache.plan`, from the rows' block tables). Each attention
+layer then calls :meth:`BlockKVCache.update`, which writes the new keys with ``index_copy_`` and gathers the rows'
+keys and values with one ``index_select`` each: the model's own attention runs on the result, unchanged. The gather
+is a copy of the attended positions per layer, the price of blocks on this path (docs/architecture.md measures
+it); a paged attention kernel could later read the blocks in place.
+
+The storage grows on demand (doubling, contents kept) up to the pool, and shrinks when the engine is idle to the
+highest block still referenced or cached, so that the prefix cache survives between a chat's turns.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers.cache_utils import Cache
 
-POSITION_BLOCK = 256
+MIN_BLOCKS = 16  # the first allocation, scratch included
 
 
-class SlotKVCache(Cache):
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+class BlockKVCache(Cache):
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        block_tokens: int,
+        max_blocks: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         super().__init__(layers=[])
         self.num_layers = num_layers
         self.kv_heads = kv_heads
         self.head_dim = head_dim
+        self.block_tokens = block_tokens
+        self.max_blocks = max_blocks  # the block manager's pool
         self.dtype = dtype
         self.device = device
-        self.rows_cap = 0
-        self.len_cap = 0
-        self.keys: list[torch.Tensor] = []
+        self.capacity_blocks = 0  # storage blocks allocated, scratch included
+        self.keys: list[torch.Tensor] = []  # per layer [capacity_blocks * block_tokens, kv_heads, head_dim]
         self.values: list[torch.Tensor] = []
         # the plan for the next forward pass
-        self._rows = slice(0, 0)
-        self._write_rows = torch.zeros(0, 1, dtype=torch.long)
-        self._write_pos = torch.zeros(0, 1, dtype=torch.long)
-        self._kv_len = 0
+        self._write = torch.zeros(0, dtype=torch.long)  # [k * q] slots of the new keys
+        self._read = torch.zeros(0, 0, dtype=torch.long)  # [k, kv_len] slots of the attended positions
 
     # -- capacity
-    def bytes_per_position(self) -> int:
-        return 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+    @property
+    def capacity_tokens(self) -> int:
+        """Positions allocated for sequences (the scratch block not counted)."""
+        return max(0, self.capacity_blocks - 1) * self.block_tokens
 
-    def ensure(self, rows: int, length: int) -> None:
-        """Grow the buffers so that ``rows`` rows of ``length`` positions fit, keeping their contents."""
-        if rows <= self.rows_cap and length <= self.len_cap:
+    def ensure_blocks(self, num_blocks: int) -> None:
+        """Storage for the manager's blocks ``0..num_blocks-1``, keeping what is stored."""
+        if num_blocks > self.max_blocks:
+            raise ValueError(f"block {num_blocks - 1} is outside the pool of {self.max_blocks} blocks")
+        needed = num_blocks + 1
+        if needed <= self.capacity_blocks:
             return
-        new_rows = max(self.rows_cap, 1 << max(0, (rows - 1).bit_length()))
-        new_len = max(self.len_cap, -(-length // POSITION_BLOCK) * POSITION_BLOCK)
-        shape = (new_rows, self.kv_heads, new_len, self.head_dim)
-        for store in (self.keys, self.values):
-            for layer in range(self.num_layers):
-                fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if layer < len(store):
-                    old = store[layer]
-                    fresh[: old.shape[0], :, : old.shape[2]] = old
-                    store[layer] = fresh
-                else:
-                    store.append(fresh)
-        self.rows_cap, self.len_cap = new_rows, new_len
+        self._resize(min(self.max_blocks + 1, max(needed, MIN_BLOCKS, 2 * self.capacity_blocks)))
+
+    def shrink(self, num_blocks: int) -> None:
+        """Keep storage for the manager's blocks ``0..num_blocks-1`` only (none: free it all)."""
+        if num_blocks == 0:
+            self.release()
+        elif num_blocks + 1 < self.capacity_blocks:
+            self._resize(num_blocks + 1)
 
     def release(self) -> None:
-        """Free all memory (the engine is idle)."""
+        """Free all memory (what the blocks held is gone: the block manager must forget it too)."""
         self.keys.clear()
         self.values.clear()
-        self.rows_cap = self.len_cap = 0
+        self.capacity_blocks = 0
 
-    def read_row(self, row: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Copies of row ``row``'s keys and values at positions ``0..length-1``, per layer ``[kv_heads, length, d]``."""
-        keys = [buf[row, :, :length].clone() for buf in self.keys]
-        values = [buf[row, :, :length].clone() for buf in self.values]
-        return keys, values
-
-    def write_row(self, row: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Put keys and values (as :meth:`read_row` gave them) back at positions ``0..n-1`` of row ``row``."""
-        for store, saved in ((self.keys, keys), (self.values, values)):
-            for buf, part in zip(store, saved, strict=True):
-                buf[row, :, : part.shape[1]] = part
-
-    def swap_rows(self, i: int, j: int) -> None:
+    def _resize(self, blocks: int) -> None:
+        shape = (blocks * self.block_tokens, self.kv_heads, self.head_dim)
+        keep = min(blocks, self.capacity_blocks) * self.block_tokens
+        fresh: list[list[torch.Tensor]] = []
         for store in (self.keys, self.values):
-            for buf in store:
-                tmp = buf[i].clone()
-                buf[i] = buf[j]
-                buf[j] = tmp
+            layers = []
+            for layer in range(self.num_layers):
+                buf = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if layer < len(store):
+                    buf[:keep] = store[layer][:keep]
+                layers.append(buf)
+            fresh.append(layers)
+        self.keys, self.values = fresh  # all or nothing: a failed allocation leaves the old storage whole
+        self.capacity_blocks = blocks
 
     # -- plans
-    def plan(self, first_row: int, positions: torch.Tensor, kv_len: int) -> None:
-        """The next forward pass covers rows ``first_row..first_row+k-1``; query ``j`` of row ``i`` writes its
-        key at ``positions[i, j]`` (shape ``[k, q]``); every row attends to positions ``0..kv_len-1``."""
-        k = positions.shape[0]
-        self._rows = slice(first_row, first_row + k)
-        self._write_rows = torch.arange(first_row, first_row + k, device=self.device)[:, None]  # [k, 1]
-        self._write_pos = positions  # [k, q]
-        self._kv_len = kv_len
+    def read_slots(self, tables: Sequence[Sequence[int]], kv_len: int) -> torch.Tensor:
+        """``[k, kv_len]`` (on the CPU): the storage slot of positions ``0..kv_len-1`` of each row, given the rows'
+        block tables (block manager ids); the scratch block past the end of a row's table."""
+        b = self.block_tokens
+        width = -(-kv_len // b)
+        padded = [list(t[:width]) + [-1] * (width - min(len(t), width)) for t in tables]
+        storage = torch.tensor(padded, dtype=torch.long).add_(1)  # [k, width]; -1 (none) -> 0 (scratch)
+        slots = storage[:, :, None] * b + torch.arange(b)  # [k, width, b]
+        return slots.view(len(tables), width * b)[:, :kv_len]
+
+    def plan(self, write: torch.Tensor, read: torch.Tensor) -> None:
+        """The next forward pass: query ``j`` of row ``i`` writes its key and value at slot ``write[i, j]`` (shape
+        ``[k, q]``; 0, scratch, for padding), and row ``i`` attends to the slots ``read[i]`` (shape ``[k, kv_len]``).
+        Every block a slot names must have storage (:meth:`ensure_blocks`)."""
+        self._write = write.reshape(-1).to(self.device)
+        self._read = read.to(self.device)
 
     # -- the transformers Cache API used by attention layers
     def update(  # type: ignore[override]
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # key_states: [k, kv_heads, q, head_dim]; the indexed buffer is [k, q, kv_heads, head_dim]
+        # key_states: [k, kv_heads, q, head_dim] -> token-major [k * q, kv_heads, head_dim]
+        k, _, q, d = key_states.shape
         k_buf, v_buf = self.keys[layer_idx], self.values[layer_idx]
-        k_buf[self._write_rows, :, self._write_pos] = key_states.transpose(1, 2).to(self.dtype)
-        v_buf[self._write_rows, :, self._write_pos] = value_states.transpose(1, 2).to(self.dtype)
-        return k_buf[self._rows, :, : self._kv_len], v_buf[self._rows, :, : self._kv_len]
+        k_buf.index_copy_(0, self._write, key_states.transpose(1, 2).reshape(k * q, self.kv_heads, d).to(self.dtype))
+        v_buf.index_copy_(0, self._write, value_states.transpose(1, 2).reshape(k * q, self.kv_heads, d).to(self.dtype))
+        rows, kv_len = self._read.shape
+        flat = self._read.reshape(-1)
+        # [rows * kv_len, kv_heads, d] -> [rows, kv_heads, kv_len, d]; not made contiguous (measured slower)
+        keys = k_buf.index_select(0, flat).view(rows, kv_len, self.kv_heads, d).transpose(1, 2)
+        values = v_buf.index_select(0, flat).view(rows, kv_len, self.kv_heads, d).transpose(1, 2)
+        return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._kv_len
+        return int(self._read.shape[1])
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:  # type: ignore[override]
-        return self._kv_len, 0
+        return int(self._read.shape[1]), 0
 
     @property
     def is_compileable(self) -> bool:  # type: ignore[override]

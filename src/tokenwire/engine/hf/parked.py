@@ -1,25 +1,23 @@
-"""The KV of paused requests, kept out of the batch while the KV budget allows.
+"""The KV of paused requests, kept out of the batch while the KV-cache pool allows.
 
-A paused request leaves its KV-cache row (engine/loop.py): the row goes to someone else. Its keys and values are
-copied here first, with the tokens they belong to, so that when it continues they are copied back instead of
-computed again. What is kept is bounded: whenever the running rows need the room (their reserved KV positions
-plus the kept ones would pass the KV budget, ``--kv-cache-tokens``), the oldest entries go first, and such a
-request is then rebuilt from its prompt plus its generated tokens, as if nothing had been kept.
+A paused request leaves the batch (engine/loop.py), but its block table stays in the block manager under its
+request id, references held: a pause copies nothing. What is recorded here is which tokens those blocks hold, so
+that when it continues (its prompt is then its old prompt plus what it generated) the table is adopted as it is and
+only the rest is computed. Whenever sequences being admitted need the room, the oldest entries give way first: their
+tables are freed through ``release``; their full blocks stay in the prefix cache, so such a request usually finds most
+of its KV there again, and computes the rest.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
 
 
 @dataclass(slots=True, frozen=True)
 class ParkedKV:
-    token_ids: list[int]  # the tokens at positions 0..n-1 whose keys and values these are
-    keys: list[torch.Tensor]  # per layer, [kv_heads, n, head_dim]
-    values: list[torch.Tensor]
+    token_ids: list[int]  # the tokens at positions 0..n-1 whose keys and values the request's blocks hold
 
     @property
     def tokens(self) -> int:
@@ -35,7 +33,9 @@ class ParkedKV:
 class ParkedStore:
     """Kept KV by request id, oldest first."""
 
-    def __init__(self) -> None:
+    def __init__(self, release: Callable[[str], None] = lambda request_id: None) -> None:
+        """``release(request_id)`` frees the blocks of an entry that is dropped (not of one that is taken back)."""
+        self._release = release
         self._entries: OrderedDict[str, ParkedKV] = OrderedDict()
         self.tokens = 0  # KV positions held, all entries together
         self.evicted = 0  # entries dropped for room, since the start
@@ -47,25 +47,31 @@ class ParkedStore:
         return request_id in self._entries
 
     def put(self, request_id: str, entry: ParkedKV) -> None:
-        self.drop(request_id)
+        """Keep ``entry``; one already kept for the request is replaced (it described the same blocks)."""
+        old = self._entries.pop(request_id, None)
+        if old is not None:
+            self.tokens -= old.tokens
         self._entries[request_id] = entry
         self.tokens += entry.tokens
 
     def take(self, request_id: str) -> ParkedKV | None:
+        """Take an entry back to use its blocks (they are not released)."""
         entry = self._entries.pop(request_id, None)
         if entry is not None:
             self.tokens -= entry.tokens
         return entry
 
     def drop(self, request_id: str) -> None:
-        self.take(request_id)
+        """Forget an entry and release its blocks (the request ended)."""
+        if self.take(request_id) is not None:
+            self._release(request_id)
 
-    def shrink(self, max_tokens: int) -> int:
-        """Drop the oldest entries until at most ``max_tokens`` positions are held; returns how many went."""
-        dropped = 0
-        while self._entries and self.tokens > max_tokens:
-            _, entry = self._entries.popitem(last=False)
-            self.tokens -= entry.tokens
-            dropped += 1
-        self.evicted += dropped
-        return dropped
+    def drop_oldest(self) -> str | None:
+        """Give the oldest entry's blocks back for room; returns its request id (None: nothing is kept)."""
+        if not self._entries:
+            return None
+        request_id, entry = self._entries.popitem(last=False)
+        self.tokens -= entry.tokens
+        self.evicted += 1
+        self._release(request_id)
+        return request_id

@@ -1,22 +1,33 @@
-"""Runs the transformers model over the slot KV cache: prefill chunks and batched decode steps."""
+"""Runs the transformers model over the block KV cache: prefill chunks and batched decode steps."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from tokenwire.engine.hf.kv_cache import SlotKVCache
+from tokenwire.engine.hf.kv_cache import BlockKVCache
 
 
 class ModelRunner:
-    def __init__(self, model: Any, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        model: Any,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_tokens: int,
+        max_blocks: int,
+        table_of: Callable[[int], Sequence[int]],
+    ) -> None:
+        """``table_of(row)`` is the block table (block manager ids) of the sequence at that row of the batch."""
         self.model = model
         self.device = device
+        self.table_of = table_of
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.cache = SlotKVCache(cfg.num_hidden_layers, kv_heads, head_dim, dtype, device)
+        self.cache = BlockKVCache(cfg.num_hidden_layers, kv_heads, head_dim, block_tokens, max_blocks, dtype, device)
         self.vocab_size = int(cfg.vocab_size)
 
     @torch.inference_mode()
@@ -25,22 +36,22 @@ class ModelRunner:
         positions ``starts[i]..starts[i]+len-1``. Returns each row's logits at its last position, [k, V].
 
         Chunks are left-padded to one length so that every row's last token is the last query; padding queries
-        write to the cache's scratch column and their outputs are ignored."""
+        write to the cache's scratch block and their outputs are ignored."""
         k, q = len(chunks), max(len(c) for c in chunks)
-        scratch = self.cache.len_cap - 1
         ids = torch.zeros(k, q, dtype=torch.long)
         pos = torch.empty(k, q, dtype=torch.long)
-        write = torch.full((k, q), scratch, dtype=torch.long)
+        real = torch.zeros(k, q, dtype=torch.bool)
         for i, (chunk, start) in enumerate(zip(chunks, starts, strict=True)):
             pad = q - len(chunk)
             ids[i, pad:] = torch.tensor(chunk)
-            real = torch.arange(start, start + len(chunk))
-            pos[i, pad:] = real
+            pos[i, pad:] = torch.arange(start, start + len(chunk))
             pos[i, :pad] = start  # any valid position: padding outputs are discarded
-            write[i, pad:] = real
+            real[i, pad:] = True
         kv_len = max(s + len(c) for s, c in zip(starts, chunks, strict=True))
-        ids, pos, write = ids.to(self.device), pos.to(self.device), write.to(self.device)
-        self.cache.plan(first_row, write, kv_len)
+        read = self._read_slots(first_row, k, kv_len)  # [k, kv_len]
+        write = torch.where(real, read.gather(1, pos), 0)  # [k, q]; padding -> scratch
+        self.cache.plan(write, read)
+        ids, pos = ids.to(self.device), pos.to(self.device)
         mask = torch.arange(kv_len, device=self.device)[None, None, :] <= pos[:, :, None]  # [k, q, kv]
         return self._forward(ids, pos, mask[:, None])
 
@@ -48,11 +59,18 @@ class ModelRunner:
     def decode(self, token_ids: list[int], positions: list[int], first_row: int = 0) -> torch.Tensor:
         """One token for each of rows ``first_row..first_row+n-1``, at the given positions; returns logits [n, V]."""
         kv_len = max(positions) + 1
-        pos = torch.tensor(positions, device=self.device)[:, None]  # [n, 1]
-        self.cache.plan(first_row, pos, kv_len)
+        pos = torch.tensor(positions)[:, None]  # [n, 1]
+        read = self._read_slots(first_row, len(positions), kv_len)
+        self.cache.plan(read.gather(1, pos), read)
+        pos = pos.to(self.device)
         ids = torch.tensor(token_ids, device=self.device)[:, None]  # [n, 1]
         mask = torch.arange(kv_len, device=self.device)[None, None, :] <= pos[:, :, None]  # [n, 1, kv]
         return self._forward(ids, pos, mask[:, None])
+
+    def _read_slots(self, first_row: int, k: int, kv_len: int) -> torch.Tensor:
+        tables = [self.table_of(first_row + i) for i in range(k)]
+        self.cache.ensure_blocks(max((max(t) + 1 for t in tables if t), default=0))
+        return self.cache.read_slots(tables, kv_len)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.model(
