@@ -3,22 +3,38 @@
 Each turn sends the whole conversation so far (system prompt, every question and answer) to an OpenAI-compatible
 ``/v1/chat/completions`` endpoint, streamed, and times the first content chunk. Without prefix caching a server
 recomputes the growing history every turn; with it, turn 10 costs about what turn 1 does. Works against
-tokenwire and llama-server alike. Prints one JSON object: TTFT per turn (median over ``--rounds`` chats) and
-turn 10 / turn 1.
+tokenwire and llama-server alike. Prints one JSON object per server: TTFT per turn (median over ``--rounds``
+chats), turn 10 / turn 1, and the prompt tokens the server reported cached per turn (``usage``; 0 if it does not).
 
     python bench/chat_turns.py --url http://127.0.0.1:8765 [--turns 10] [--rounds 3]
+
+Or let it start tokenwire servers (the default model unless the arguments name one), side by side in one run: each
+``--serve`` is one server's arguments; all start first, then every round runs one chat against each, in an order
+that alternates, so that drift of the machine hits all of them. ``--out`` writes the results (JSON and a Markdown
+table):
+
+    python bench/chat_turns.py --serve "--engine transformers --prefix-caching on" \
+        --serve "--engine transformers --prefix-caching off" --rounds 2 --out bench/results/chat-turns-hf-cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shlex
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+
+from compare import free_port, start, stop, wait_ready
 
 # About 300 tokens with SmolLM2's tokenizer.
 SYSTEM = (
@@ -52,46 +68,108 @@ QUESTIONS = [
 
 def turn(
     client: httpx.Client, url: str, model: str, messages: list[dict[str, str]], max_tokens: int
-) -> tuple[float, str]:
+) -> tuple[float, str, int]:
+    """One streamed request: (TTFT ms, the answer, the prompt tokens the server reported cached)."""
     body: dict[str, Any] = {
         "model": model,
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
     first: float | None = None
     text = ""
+    cached = 0
     with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            choices = json.loads(line[6:]).get("choices") or []
+            chunk = json.loads(line[6:])
+            details = (chunk.get("usage") or {}).get("prompt_tokens_details") or {}
+            cached = int(details.get("cached_tokens") or cached)
+            choices = chunk.get("choices") or []
             piece = (choices[0].get("delta") or {}).get("content") if choices else None
             if piece:
                 if first is None:
                     first = time.perf_counter()
                 text += piece
-    return ((first or time.perf_counter()) - start) * 1000, text
+    return ((first or time.perf_counter()) - start) * 1000, text, cached
 
 
-def chat(client: httpx.Client, url: str, model: str, turns: int, max_tokens: int, tag: str) -> list[float]:
+Chat = tuple[list[float], list[int], list[str]]  # per turn: TTFT ms, cached prompt tokens, the answer
+
+
+def chat(client: httpx.Client, url: str, model: str, turns: int, max_tokens: int, tag: str) -> Chat:
+    """One conversation, turn by turn."""
     # A tag in the system prompt makes every chat new to the server's cache (nothing from an earlier round).
     messages = [{"role": "system", "content": f"[{tag}] {SYSTEM}"}]
-    ttfts = []
+    ttfts, cached, answers = [], [], []
     for q in QUESTIONS[:turns]:
         messages.append({"role": "user", "content": q})
-        ttft, answer = turn(client, url, model, messages, max_tokens)
+        ttft, answer, hit = turn(client, url, model, messages, max_tokens)
         ttfts.append(ttft)
+        cached.append(hit)
+        answers.append(answer)
         messages.append({"role": "assistant", "content": answer})
-    return ttfts
+    return ttfts, cached, answers
+
+
+@contextlib.contextmanager
+def servers(serve_args: list[str], logs: Path) -> Iterator[list[str]]:
+    """Start a ``tokenwire serve`` per argument string (the same venv, this checkout); yields their URLs."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    procs = []
+    urls = []
+    try:
+        for i, args in enumerate(serve_args):
+            port = free_port()
+            argv = [sys.executable, "-m", "tokenwire.cli", "serve", "--port", str(port), *shlex.split(args)]
+            log = logs / f"server-{i}.log"
+            procs.append(start(argv, log, env))
+            wait_ready(procs[-1], port, True, log)
+            urls.append(f"http://127.0.0.1:{port}")
+        yield urls
+    finally:
+        for proc in procs:
+            stop(proc)
+
+
+def summary(label: str, url: str, turns: int, rounds: list[Chat]) -> dict[str, Any]:
+    per_turn = [round(statistics.median(r[0][t] for r in rounds), 1) for t in range(turns)]
+    return {
+        "label": label,
+        "url": url,
+        "turns": turns,
+        "rounds": len(rounds),
+        "ttft_ms_per_turn": per_turn,
+        "cached_tokens_per_turn": [min(r[1][t] for r in rounds) for t in range(turns)],
+        "last_over_first": round(per_turn[-1] / per_turn[0], 2),
+        "answers": [r[2] for r in rounds],
+    }
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| server | TTFT turn 1 ms | turn 2 | turn 5 | turn 10 | last turn / turn 1 | cached tokens, last turn |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        t = r["ttft_ms_per_turn"]
+        pick = [f"{t[i]:.0f}" if i < len(t) else "" for i in (0, 1, 4, 9)]
+        lines.append(
+            f"| {r['label']} | {' | '.join(pick)} | {r['last_over_first']:.2f} | {r['cached_tokens_per_turn'][-1]} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--url", required=True, help="http://127.0.0.1:PORT")
+    p.add_argument("--url", help="http://127.0.0.1:PORT of a running server")
+    p.add_argument("--serve", action="append", default=[], help="start tokenwire serve with these arguments")
+    p.add_argument("--out", default=None, help="write the results here (JSON) and as a Markdown table (.md)")
     p.add_argument("--model", default="", help="the model field (default: the first of /v1/models)")
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
@@ -100,22 +178,42 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not 1 <= a.turns <= len(QUESTIONS) or a.rounds < 1:
         p.error(f"--turns from 1 to {len(QUESTIONS)}, --rounds >= 1")
-    # A new connection per request: some servers close an idle keep-alive connection between turns.
-    with httpx.Client(timeout=300, limits=httpx.Limits(max_keepalive_connections=0)) as client:
-        if not a.model:
-            a.model = client.get(a.url + "/v1/models").json()["data"][0]["id"]
-        chat(client, a.url, a.model, 1, 4, "warm-up")
-        rounds = [chat(client, a.url, a.model, a.turns, a.max_tokens, f"chat {i}") for i in range(a.rounds)]
-    per_turn = [round(statistics.median(r[t] for r in rounds), 1) for t in range(a.turns)]
-    result = {
-        "label": a.label,
-        "url": a.url,
-        "turns": a.turns,
-        "rounds": a.rounds,
-        "ttft_ms_per_turn": per_turn,
-        "last_over_first": round(per_turn[-1] / per_turn[0], 2),
-    }
-    print(json.dumps(result), flush=True)
+    if bool(a.url) == bool(a.serve):
+        p.error("give --url or --serve (one or more)")
+    with tempfile.TemporaryDirectory(prefix="tokenwire-chat-turns-") as tmp, contextlib.ExitStack() as stack:
+        urls = [a.url] if a.url else stack.enter_context(servers(a.serve, Path(tmp)))
+        labels = [a.label] if a.url else [f"tokenwire {args}" for args in a.serve]
+        load = os.getloadavg()[0]
+        # A new connection per request: some servers close an idle keep-alive connection between turns.
+        with httpx.Client(timeout=300, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            models = [a.model or client.get(url + "/v1/models").json()["data"][0]["id"] for url in urls]
+            for url, model in zip(urls, models, strict=True):
+                chat(client, url, model, 1, 4, "warm-up")
+            rounds: list[list[Chat]] = [[] for _ in urls]
+            for i in range(a.rounds):
+                order = list(range(len(urls)))
+                for s in order if i % 2 == 0 else order[::-1]:
+                    rounds[s].append(chat(client, urls[s], models[s], a.turns, a.max_tokens, f"chat {i}"))
+    results = [summary(label, url, a.turns, r) for label, url, r in zip(labels, urls, rounds, strict=True)]
+    for result in results:
+        print(json.dumps(result), flush=True)
+    # Greedy: servers that differ only in settings that must not change the text (a cache) answer alike.
+    same = all(r["answers"] == results[0]["answers"] for r in results)
+    if len(results) > 1:
+        print(f"answers identical across servers: {same}", flush=True)
+    if a.out:
+        out = Path(a.out)
+        table = markdown(results)
+        if len(results) > 1:
+            verdict = "yes" if same else "no"
+            table += f"\n\nGreedy answers identical across the servers, every turn of every chat: {verdict}"
+        meta = {"command": shlex.join(sys.argv), "cpu_count": os.cpu_count(), "loadavg_1m": [load, os.getloadavg()[0]]}
+        out.write_text(
+            json.dumps({"meta": meta, "answers_identical": same, "results": results, "markdown": table}, indent=2)
+            + "\n"
+        )
+        out.with_suffix(".md").write_text(table + "\n")
+        print(table)
     return 0
 
 
