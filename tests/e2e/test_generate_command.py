@@ -6,9 +6,10 @@ import asyncio
 import json
 import os
 import shlex
+import signal
 import sys
 
-from tests.conftest import scaled
+from tests.conftest import scaled, wait_until
 from tests.e2e.server import RunningServer, free_port, serving
 from tests.fakes import FakeEngine
 from tokenwire.client import Client
@@ -103,3 +104,18 @@ async def test_bad_arguments_and_an_empty_prompt_exit_2() -> None:
     assert code == 2 and "prompt" in err
     code, _, err = await shell("tokenwire generate - < /dev/null")
     assert code == 2 and "the prompt is empty" in err
+
+
+async def test_ctrl_c_cancels_the_answer_on_the_server_and_exits_130() -> None:
+    engine = FakeEngine(reply=" ".join(f"w{i}" for i in range(400)), pieces=400, delay=0.02)
+    async with serving(engine) as (base, _):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tokenwire.cli", "generate", "Count", "--url", ws(base),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        assert (await asyncio.wait_for(proc.stdout.read(10), scaled(30))).startswith(b"w0")  # it streams
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), scaled(30))
+        assert proc.returncode == 130 and b"interrupted" in err and b"w399" not in out
+        await wait_until(lambda: len(engine.aborted | engine.closed_early) == 1)  # stopped on the server
