@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import wait_until
-from tests.e2e.server import serving
+from tests.e2e.server import free_port, serving
 from tests.e2e.terminal import Terminal
 from tests.fakes import FakeEngine
+from tokenwire.server.auth import AuthPolicy
 
 
 def chat(base: str, *flags: str) -> Terminal:
@@ -117,3 +118,26 @@ async def test_an_error_is_shown_and_the_chat_goes_on() -> None:
             assert await term.exit_code() == 0
         finally:
             term.kill()
+
+
+async def test_a_refused_key_or_no_server_ends_the_chat_with_its_exit_code() -> None:
+    async with serving(FakeEngine(), auth=AuthPolicy(api_keys=("k1",))) as (base, _):
+        term = chat(base, "--api-key", "wrong")
+        try:
+            await term.expect("unauthorized")
+            assert "--api-key" in term.text and await term.exit_code() == 4
+        finally:
+            term.kill()
+        term = chat(base, "--api-key", "k1")
+        try:
+            await term.expect("Ctrl+D to quit")
+            term.type("\x04")
+            assert await term.exit_code() == 0
+        finally:
+            term.kill()
+    term = chat(f"http://127.0.0.1:{free_port()}")
+    try:
+        await term.expect("cannot connect")
+        assert await term.exit_code() == 3
+    finally:
+        term.kill()
