@@ -66,11 +66,9 @@ QUESTIONS = [
 ]
 
 
-def turn(
-    client: httpx.Client, url: str, model: str, messages: list[dict[str, str]], max_tokens: int
-) -> tuple[float, str, int]:
-    """One streamed request: (TTFT ms, the answer, the prompt tokens the server reported cached)."""
-    body: dict[str, Any] = {
+def streamed_chat(model: str, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    """The body of a greedy, streamed chat completion that reports usage (with the cached prompt tokens)."""
+    return {
         "model": model,
         "messages": messages,
         "max_tokens": max_tokens,
@@ -78,6 +76,25 @@ def turn(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+
+
+def read_event(line: str) -> tuple[str | None, int | None]:
+    """One SSE line of a streamed chat completion: (its text delta, the cached prompt tokens it reports)."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return None, None
+    chunk = json.loads(line[6:])
+    details = (chunk.get("usage") or {}).get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens")
+    choices = chunk.get("choices") or []
+    piece = (choices[0].get("delta") or {}).get("content") if choices else None
+    return piece, int(cached) if cached else None
+
+
+def turn(
+    client: httpx.Client, url: str, model: str, messages: list[dict[str, str]], max_tokens: int
+) -> tuple[float, str, int]:
+    """One streamed request: (TTFT ms, the answer, the prompt tokens the server reported cached)."""
+    body = streamed_chat(model, messages, max_tokens)
     start = time.perf_counter()
     first: float | None = None
     text = ""
@@ -85,13 +102,8 @@ def turn(
     with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            details = (chunk.get("usage") or {}).get("prompt_tokens_details") or {}
-            cached = int(details.get("cached_tokens") or cached)
-            choices = chunk.get("choices") or []
-            piece = (choices[0].get("delta") or {}).get("content") if choices else None
+            piece, reported = read_event(line)
+            cached = reported if reported is not None else cached
             if piece:
                 if first is None:
                     first = time.perf_counter()

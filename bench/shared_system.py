@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from chat_turns import QUESTIONS, SYSTEM, servers
+from chat_turns import QUESTIONS, SYSTEM, read_event, servers, streamed_chat
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -42,27 +42,17 @@ async def conversation(
     client: httpx.AsyncClient, url: str, model: str, system: str, question: str, max_tokens: int
 ) -> tuple[float, int]:
     """One streamed first turn: (TTFT ms, the prompt tokens the server reported cached)."""
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    body = streamed_chat(model, messages, max_tokens)
     start = time.perf_counter()
     first: float | None = None
     cached = 0
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            details = (chunk.get("usage") or {}).get("prompt_tokens_details") or {}
-            cached = int(details.get("cached_tokens") or cached)
-            choices = chunk.get("choices") or []
-            if first is None and choices and (choices[0].get("delta") or {}).get("content"):
+            piece, reported = read_event(line)
+            cached = reported if reported is not None else cached
+            if first is None and piece:
                 first = time.perf_counter()
     return ((first or time.perf_counter()) - start) * 1000, cached
 
