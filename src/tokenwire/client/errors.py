@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from tokenwire.client.messages import number
+
 
 class TokenwireError(Exception):
     """An ``error`` message from the server, or a failure of the connection (``code`` says which)."""
@@ -143,6 +145,6 @@ def error_from(message: Mapping[str, Any]) -> TokenwireError:
         content,
         code=code,
         param=str(param) if param is not None else None,
-        retry_after_s=float(retry) if isinstance(retry, int | float) and not isinstance(retry, bool) else None,
+        retry_after_s=number(retry),
         generation_id=str(gen_id) if gen_id is not None else None,
     )

@@ -119,7 +119,8 @@ def _int(value: Any, default: int = 0) -> int:
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else default
 
 
-def _float(value: Any) -> float | None:
+def number(value: Any) -> float | None:
+    """A JSON number as a float; None for anything else (a bool is not a number here)."""
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
@@ -130,7 +131,7 @@ def parse_hello(msg: Mapping[str, Any]) -> Hello:
         model=str(msg.get("model") or ""),
         engine=str(msg.get("engine") or ""),
         protocol=_int(msg.get("protocol"), 1),
-        limits={str(k): v for k, v in limits.items() if _float(v) is not None} if isinstance(limits, dict) else {},
+        limits={str(k): v for k, v in limits.items() if number(v) is not None} if isinstance(limits, dict) else {},
     )
 
 
@@ -155,10 +156,10 @@ def parse_timings(msg: Mapping[str, Any]) -> Timings | None:
     if not isinstance(raw, dict):
         return None
     return Timings(
-        queue_ms=_float(raw.get("queue_ms")) or 0.0,
-        ttft_ms=_float(raw.get("ttft_ms")),
-        total_ms=_float(raw.get("total_ms")) or 0.0,
-        tokens_per_second=_float(raw.get("tokens_per_second")) or 0.0,
+        queue_ms=number(raw.get("queue_ms")) or 0.0,
+        ttft_ms=number(raw.get("ttft_ms")),
+        total_ms=number(raw.get("total_ms")) or 0.0,
+        tokens_per_second=number(raw.get("tokens_per_second")) or 0.0,
     )
 
 

@@ -6,9 +6,10 @@ import argparse
 import os
 from typing import Any
 
+from tokenwire.client import DEFAULT_URL
+
 URL_ENV = "TOKENWIRE_URL"
 KEY_ENV = "TOKENWIRE_API_KEY"
-DEFAULT_URL = "ws://127.0.0.1:8765/ws"
 
 # Exit codes of the client commands (docs/clients.md).
 EXIT_OK = 0
