@@ -40,6 +40,21 @@ def test_the_same_seed_draws_the_same_tokens() -> None:
     assert runs[0] == runs[1]
 
 
+def test_a_seed_draws_the_same_tokens_whatever_the_models_device() -> None:
+    """The generators live on the CPU whatever the model's device (on CUDA a device generator could not serve
+    the CPU draws: every sampled request failed there). A sampler made for "cuda" needs no GPU to be made, and
+    its seeded draws equal the CPU sampler's."""
+    logits = torch.randn(2, 300, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for device in ("cpu", "cuda"):
+        sampler = RowSampler(torch.device(device))
+        sampler.add("a", 7)
+        sampler.add("b", 8)
+        params = [SamplingParams(temperature=0.8)] * 2
+        runs.append([sampler.sample(logits.clone(), ["a", "b"], params, [[]] * 2, [[]] * 2) for _ in range(10)])
+    assert runs[0] == runs[1]
+
+
 def test_a_row_of_nan_or_inf_fails_alone_greedy_or_sampled() -> None:
     sampler = RowSampler(torch.device("cpu"))
     for rid in "abcd":

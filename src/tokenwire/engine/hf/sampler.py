@@ -21,7 +21,9 @@ class SamplingFailure:
 
 
 class RowSampler:
-    """Holds the random generator of each running request (seeded ones are reproducible)."""
+    """Holds the random generator of each running request (seeded ones are reproducible). The generators are on
+    the CPU whatever the model's device: one number a row a step, drawn without a device round trip, and a seed
+    gives the same draws on every device."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -31,7 +33,7 @@ class RowSampler:
     def add(self, request_id: str, seed: int | None) -> None:
         gen = self._parked.pop(request_id, None)
         if gen is None:
-            gen = torch.Generator(device=self.device)
+            gen = torch.Generator()
             gen.manual_seed(seed if seed is not None else secrets.randbits(63))
         self._generators[request_id] = gen
 
@@ -87,7 +89,7 @@ class RowSampler:
         totals = cdf[:, -1]  # ~1; NaN or 0 when the row's scores were not finite
         draws = torch.tensor(
             [torch.rand((), generator=self._generators[request_ids[i]]).item() for i in rows], dtype=cdf.dtype
-        )
+        ).to(cdf.device)
         picked = torch.searchsorted(cdf, (draws * totals)[:, None]).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
         for i, total, t in zip(rows, totals.tolist(), picked.tolist(), strict=True):
             result[i] = int(t) if math.isfinite(total) and total > 0 else SamplingFailure(NOT_FINITE)
