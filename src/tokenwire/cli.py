@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-SERVER_PACKAGES = ("starlette", "uvicorn", "torch", "transformers", "openvino_genai")
+SERVER_PACKAGES = ("starlette", "uvicorn", "transformers")
+# what each engine adds; --engine auto falls back to transformers (saying why) where openvino-genai is missing
+ENGINE_PACKAGES = {"openvino": ("openvino_genai",), "transformers": ("torch",), "auto": ("torch",)}
 SERVER_MISSING = (
     "tokenwire {command} needs the server's packages ({missing} is not installed): pip install 'tokenwire[server]'"
 )
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:  # a bad TOKENWIRE_* value
         sys.exit(f"tokenwire: error: {exc}")
     try:
-        _server_installed()
+        _server_installed(settings.engine)
     except ModuleNotFoundError as exc:
         sys.exit("tokenwire: error: " + SERVER_MISSING.format(command=command, missing=exc.name))
     try:
@@ -108,10 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-def _server_installed() -> None:
-    """Raises ModuleNotFoundError naming the first of the server's packages that is missing (without importing
-    them: that is the server's job, and slow)."""
-    for name in SERVER_PACKAGES:
+def _server_installed(engine: str) -> None:
+    """Raises ModuleNotFoundError naming the first of the server's packages, or the engine's, that is missing
+    (without importing them: that is the server's job, and slow)."""
+    for name in (*SERVER_PACKAGES, *ENGINE_PACKAGES.get(engine, ())):
         if importlib.util.find_spec(name) is None:
             raise ModuleNotFoundError(name=name)
 
