@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TIMEOUT_FACTOR = float(os.environ.get("TOKENWIRE_TEST_TIMEOUT_FACTOR", "1"))
+# The transformers engine's device in the engine tests and the e2e suites: "cuda" on a GPU machine (the OpenVINO
+# engine is then left out of the e2e suites: it serves CPUs).
+TEST_DEVICE = os.environ.get("TOKENWIRE_TEST_DEVICE", "cpu")
 
 
 def scaled(seconds: float) -> float:

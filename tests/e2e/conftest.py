@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TEST_DEVICE
 from tests.e2e.client import Client
 from tests.e2e.server import RunningServer, serve
 
 RESUME_WINDOW = 3.0  # seconds; short, so that tests can watch orphaned generations expire
 
 
-ENGINES = ("transformers", "openvino")
+ENGINES = ("transformers",) if TEST_DEVICE.startswith("cuda") else ("transformers", "openvino")
 
 
 @pytest.fixture(scope="session", params=ENGINES)
@@ -33,7 +34,7 @@ def tiny_server(engine_name: str, tiny_long_model_dir: Path, tiny_gguf: Path) ->
         "--model",
         str(tiny_gguf if engine_name == "openvino" else tiny_long_model_dir),
         "--device",
-        "cpu",
+        TEST_DEVICE if engine_name == "transformers" else "cpu",
         "--heartbeat-interval",
         "1",
         "--max-message-bytes",

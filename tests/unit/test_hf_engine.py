@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import scaled
+from tests.conftest import TEST_DEVICE, scaled
 from tests.pausing import check_pause_resumes_whole
 from tokenwire.engine import (
     ChatMessage,
@@ -27,7 +26,7 @@ from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig
 from tokenwire.engine.interface import Continuation, SamplingParams
 from tokenwire.engine.scheduler import SchedulerConfig
 
-DEVICE = os.environ.get("TOKENWIRE_TEST_DEVICE", "cpu")  # "cuda" on a GPU machine
+DEVICE = TEST_DEVICE  # "cuda" on a GPU machine
 
 
 async def make_engine(model_dir: Path, max_prefill_tokens: int = 16) -> HFEngine:
