@@ -42,7 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--in-process", action="store_true", help="also OpenVINO's pipeline in process (the ceiling)")
     p.add_argument("--transformers", default=None, help="the `transformers` command of a venv with [serving]")
     p.add_argument("--transformers-dtype", default="float32", help="its --dtype (PEERS.md: float32)")
+    p.add_argument("--transformers-args", default="", help="more flags for transformers serve, one string")
     p.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (optional)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a model folder for tokenwire and transformers serve (default: the default model's converted folder)",
+    )
     p.add_argument("--llama-parallel", type=int, default=32, help="its --parallel (slots)")
     p.add_argument("--streams", default="1,8,32", help="comma-separated concurrent stream counts")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -91,6 +97,21 @@ def cpu_model() -> dict[str, Any]:
     return {"name": name, "cores": os.cpu_count(), "flags": [x for x in wanted if x in flags.split()]}
 
 
+def gpu_model() -> str | None:
+    """The GPU the figures come from, as nvidia-smi names it (None where there is none)."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
 def in_process(n: int, a: argparse.Namespace, log_path: Path) -> dict[str, Any]:
     """One run of bench/ov_pipeline.py (its own process: nothing else shares its GIL)."""
     argv = [sys.executable, str(Path(__file__).with_name("ov_pipeline.py")), "--streams", str(n)]
@@ -100,6 +121,19 @@ def in_process(n: int, a: argparse.Namespace, log_path: Path) -> dict[str, Any]:
     summary: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
     summary["label"] = f"{IN_PROCESS} x{n}"
     return summary
+
+
+def save_metrics(base: str, path: Path) -> None:
+    """What a tokenwire server counted over the whole run (/metrics, then /v1/stats): flow-control pauses, queue
+    times, messages sent; read before it stops."""
+    try:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        with urllib.request.urlopen(f"{base}/v1/stats", timeout=10) as r:
+            text += "\n" + r.read().decode() + "\n"
+    except OSError as exc:
+        text = f"could not read the metrics: {exc}\n"
+    path.write_text(text)
 
 
 def served_model(port: int) -> str:
@@ -142,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(a.out) if a.out else BENCH / "results" / f"peers-{stamp}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    gguf = default_gguf()
-    folder = converted_folder() if a.transformers else None
+    gguf = default_gguf() if a.llama_server else None
+    folder = Path(a.model) if a.model else converted_folder() if a.transformers else None
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     procs: list[subprocess.Popen[bytes]] = []
     targets: dict[str, tuple[str, str, str]] = {}  # server -> (mode, url, model)
@@ -154,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, engine in enumerate(a.engines_list):
             port = free_port()
             argv_tw = [sys.executable, "-m", "tokenwire.cli", "serve", "--port", str(port), "--engine", engine]
+            argv_tw += ["--model", str(folder)] if a.model else []
             argv_tw += a.tokenwire_args.split()
             log_path = out.with_suffix(f".tokenwire-{engine}.log")
             procs.append(start(argv_tw, log_path, env))
@@ -169,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             name = f"transformers serve ({a.transformers_dtype})"
             argv_tf = [a.transformers, "serve", str(folder), "--continuous-batching", "--dtype", a.transformers_dtype]
-            argv_tf += ["--host", "127.0.0.1", "--port", str(port)]
+            argv_tf += ["--host", "127.0.0.1", "--port", str(port), *a.transformers_args.split()]
             procs.append(start(argv_tf, out.with_suffix(".transformers.log"), env))
             wait_ready(procs[-1], port, False, out.with_suffix(".transformers.log"))
             targets[name] = ("openai", f"http://127.0.0.1:{port}", str(folder))
@@ -213,9 +248,13 @@ def main(argv: list[str] | None = None) -> int:
                     print(loadgen.format_summary(summary), flush=True)
                     results.append(summary)
     finally:
+        for server, (mode, url, _) in targets.items():
+            if server.startswith("tokenwire") and mode == "tokenwire":
+                base = url.replace("ws://", "http://").rstrip("/")
+                save_metrics(base, out.with_suffix(f".{server.split()[1]}.metrics"))
         for proc in procs:
             stop(proc)
-    meta = {"date": stamp, "model_folder": str(folder), "gguf": str(gguf), "cpu": cpu_model()}
+    meta = {"date": stamp, "model_folder": str(folder), "gguf": str(gguf), "cpu": cpu_model(), "gpu": gpu_model()}
     write_results(out, a, meta, results, markdown(results, ours, peers))
     return 1 if any(r["errors"] or r["timed_out"] for r in results) else 0
 
