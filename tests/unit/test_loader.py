@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +41,61 @@ def test_a_gguf_file_is_converted_into_the_cache_once(tmp_path: Path, monkeypatc
     first = loader.local_folder(r)
     second = loader.local_folder(r)
     assert first == second and len(calls) == 1 and Path(first).parent == tmp_path
+
+
+def test_the_cache_key_follows_a_gguf_files_content_not_its_path_or_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same file reinstalled elsewhere (another virtual environment, a newer mtime) keeps its key, so it finds
+    its conversion; other content gets another key."""
+    monkeypatch.setenv("TOKENWIRE_CACHE_DIR", str(tmp_path / "cache"))
+    a, b, c = tmp_path / "a.gguf", tmp_path / "copy" / "a.gguf", tmp_path / "c.gguf"
+    b.parent.mkdir()
+    a.write_bytes(b"GGUF" + bytes(range(256)) * 100)
+    b.write_bytes(a.read_bytes())
+    c.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 100)
+    os.utime(b, (1_000_000, 1_000_000))
+    assert models.gguf_cache_key(a) == models.gguf_cache_key(b) != models.gguf_cache_key(c)
+    assert len(models.gguf_cache_key(a)) == 16
+
+
+def test_a_files_key_is_computed_once_per_path_size_and_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key is remembered in the cache directory: a start does not read a big file again. A changed file (a
+    new mtime) is read again; an unreadable index only costs a new hash."""
+    monkeypatch.setenv("TOKENWIRE_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + b"x" * 5000)
+    stamp = os.stat(f).st_mtime_ns
+    first = models.gguf_cache_key(f)
+    f.write_bytes(b"GGUF" + b"y" * 5000)  # same size; the same time put back: taken for the same file
+    os.utime(f, ns=(stamp, stamp))
+    assert models.gguf_cache_key(f) == first
+    os.utime(f, ns=(stamp + 10**9, stamp + 10**9))  # a new time: read again
+    second = models.gguf_cache_key(f)
+    assert second != first
+    (tmp_path / "cache" / models.KEY_INDEX).write_text("{not json")
+    assert models.gguf_cache_key(f) == second
+
+
+def test_two_installs_of_the_default_model_share_one_conversion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TOKENWIRE_CACHE_DIR", str(tmp_path / "cache"))
+    r = models.resolve(None)
+    other = tmp_path / "venv2" / r.gguf_file
+    other.parent.mkdir()
+    shutil.copyfile(Path(r.path) / r.gguf_file, other)
+    calls: list[Path] = []
+
+    def fake_convert(resolved: loader.ResolvedModel, target: Path) -> None:
+        calls.append(target)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(loader, "_convert_gguf", fake_convert)
+    first = loader.local_folder(r)
+    second = loader.local_folder(models.resolve(str(other)))
+    assert first == second and len(calls) == 1
 
 
 def test_a_hub_id_is_passed_to_transformers() -> None:

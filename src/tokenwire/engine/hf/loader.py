@@ -2,7 +2,8 @@
 
 References are resolved by engine/models.py. A GGUF file is dequantized by
 transformers once (~14 s for the default model) and the result is saved as a plain model folder in the cache
-directory, keyed by the file's path, size and mtime, so later starts load it in about a second.
+directory, keyed by a hash of the file's content (models.gguf_cache_key), so later starts, from any copy or
+install of the file, load it in about a second.
 """
 
 from __future__ import annotations
