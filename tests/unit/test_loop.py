@@ -410,3 +410,48 @@ async def test_a_generation_continued_from_its_prompt_and_tokens_gives_the_rest_
         assert ended[-1].kind is OutputKind.FINISHED and ended[-1].finish_reason is FinishReason.LENGTH
     finally:
         await engine.shutdown()
+
+
+@pytest.mark.parametrize("action", ["abort", "pause"])
+async def test_an_abort_or_pause_while_the_prompt_is_tokenized_is_not_lost(
+    byte_tokenizer: Any, monkeypatch: pytest.MonkeyPatch, action: str
+) -> None:
+    """A cancel that arrives while the request's prompt is still being tokenized (a client that sends generate
+    then cancel at once) ends it, cancelled, as soon as it is added; it used to reach the model thread first, find
+    nothing, and the request ran to its max_tokens. A pause asked then holds it the same way."""
+    backend = ScriptedBackend(byte_tokenizer, step_s=0.005)
+    engine = await started(backend)
+    try:
+        assert engine.prompts is not None
+        build = engine.prompts.build
+        tokenizing = threading.Event()
+
+        def slow_build(req: GenerationRequest) -> Any:
+            tokenizing.set()
+            time.sleep(0.2)
+            return build(req)
+
+        monkeypatch.setattr(engine.prompts, "build", slow_build)
+        outs: list[RequestOutput] = []
+
+        async def consume() -> None:
+            async for out in engine.generate(request("x", 2000)):
+                outs.append(out)
+
+        task = asyncio.create_task(consume())
+        await wait_until(tokenizing.is_set)
+        getattr(engine, action)("x")
+        if action == "abort":
+            await asyncio.wait_for(task, scaled(5))
+            end = outs[-1]
+            assert end.kind is OutputKind.FINISHED and end.finish_reason is FinishReason.CANCELLED
+            assert end.completion_tokens < 100
+        else:
+            await wait_until(lambda: engine.stats().paused == 1)
+            await asyncio.sleep(0.1)
+            assert sum(o.num_tokens for o in outs) == 0 and "x" not in backend.running
+            engine.unpause("x")
+            await asyncio.wait_for(task, scaled(30))
+            assert outs[-1].finish_reason is FinishReason.LENGTH and outs[-1].completion_tokens == 2000
+    finally:
+        await engine.shutdown()

@@ -197,6 +197,10 @@ class LoopEngine:
         self._rows = 0
         self._next_expiry = 0.0
         self._streams: dict[str, asyncio.Queue[_Item]] = {}
+        # event loop only: requests whose _Add is not in the inbox yet (their prompt is being tokenized), with the
+        # aborts, pauses and unpauses asked for them meanwhile, sent after the _Add (else an abort would reach the
+        # model thread first, find nothing, and the request would run to its end)
+        self._deferred: dict[str, list[_Abort | _Pause | _Unpause]] = {}
         self._thread: threading.Thread | None = None
         self._steps = 0
         self.prompts: PromptBuilder | None = None
@@ -297,6 +301,7 @@ class LoopEngine:
         # and the stream ends after max_tokens steps.
         stream: asyncio.Queue[_Item] = asyncio.Queue()
         self._streams[rid] = stream
+        self._deferred[rid] = []
         submitted_at = time.monotonic()
         finished = False
         try:
@@ -308,6 +313,8 @@ class LoopEngine:
                 prompt = await self._tokenize(request)
             n = len(prompt.token_ids)
             self._inbox.put(_Add(request, prompt, min(request.params.max_tokens, self._max_context - n), submitted_at))
+            for deferred in self._deferred.pop(rid, ()):
+                self._inbox.put(deferred)
             start = GenerationStart(n, prompt.dropped_turns, tuple(prompt.token_ids))
             yield RequestOutput(rid, OutputKind.STARTED, start=start, prompt_tokens=n)
             while True:
@@ -325,6 +332,7 @@ class LoopEngine:
             raise
         finally:
             self._streams.pop(rid, None)
+            self._deferred.pop(rid, None)  # never added: what was asked for it is moot
             if not finished:  # the consumer went away: free the slot
                 self._inbox.put(_Abort(rid))
 
@@ -343,15 +351,23 @@ class LoopEngine:
             ) from exc
 
     def abort(self, request_id: str) -> None:
-        self._inbox.put(_Abort(request_id))
+        """End a request (finish reason ``cancelled``), also one whose prompt is still being tokenized."""
+        self._tell(_Abort(request_id))
 
     def pause(self, request_id: str) -> None:
         """Take a request out of the running batch (no compute, its row and KV freed) until :meth:`unpause`."""
-        self._inbox.put(_Pause(request_id))
+        self._tell(_Pause(request_id))
 
     def unpause(self, request_id: str) -> None:
         """Let a paused request continue: it is admitted ahead of new requests, its KV rebuilt."""
-        self._inbox.put(_Unpause(request_id))
+        self._tell(_Unpause(request_id))
+
+    def _tell(self, msg: _Abort | _Pause | _Unpause) -> None:
+        deferred = self._deferred.get(msg.request_id)
+        if deferred is not None:  # its _Add is not in the inbox yet: this goes after it
+            deferred.append(msg)
+        else:
+            self._inbox.put(msg)
 
     def stats(self) -> EngineStats:
         s = self.backend.stats()
