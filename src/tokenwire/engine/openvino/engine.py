@@ -25,7 +25,7 @@ from typing import Any
 from tokenwire.engine import models
 from tokenwire.engine.interface import EngineError, EngineErrorCode, EngineStats, FinishReason, SamplingParams
 from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
-from tokenwire.engine.openvino import convert, worker
+from tokenwire.engine.openvino import convert, kernel_cache, worker
 from tokenwire.engine.openvino.model import plan, prepare
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def worker_config(
 ) -> worker.WorkerConfig:
     """How the worker runs the pipeline on ``source`` for the settings ``cfg`` (``properties``: more compile
     properties, for experiments)."""
-    props: dict[str, str | int] = {"CACHE_DIR": str(models.cache_dir() / "openvino-kernels")}
+    props: dict[str, str | int] = {"CACHE_DIR": str(kernel_cache.folder())}
     if cfg.threads > 0:
         props["INFERENCE_NUM_THREADS"] = cfg.threads
     if cfg.dtype != "auto":
@@ -136,6 +136,7 @@ class OVBackend:
         cfg = self.config
         self.source = self.plan.weights(cfg.quantize)  # a Hugging Face folder is converted here, once
         wcfg = worker_config(cfg, self.source)
+        kernel_cache.prune(kernel_cache.folder())
         log.info("loading %s with OpenVINO on %s in a worker process", self.name, wcfg.device)
         self._wcfg = wcfg
         ours, process = self._start()
