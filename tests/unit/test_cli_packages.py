@@ -19,23 +19,21 @@ def without(monkeypatch: pytest.MonkeyPatch, *missing: str) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
 
 
-def test_the_transformers_engine_starts_without_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("missing", "fine", "refused"),
+    [("openvino_genai", ("transformers", "auto"), "openvino"), ("torch", ("openvino",), "transformers")],
+)
+def test_an_engine_starts_without_the_other_engines_package(
+    monkeypatch: pytest.MonkeyPatch, missing: str, fine: tuple[str, ...], refused: str
+) -> None:
     """A GPU machine with PyTorch and no openvino-genai serves with --engine transformers (and auto, which then
-    falls back to transformers)."""
-    without(monkeypatch, "openvino_genai")
-    cli._server_installed("transformers")
-    cli._server_installed("auto")
+    falls back to transformers); the OpenVINO engine needs no torch."""
+    without(monkeypatch, missing)
+    for engine in fine:
+        cli._server_installed(engine)
     with pytest.raises(ModuleNotFoundError) as err:
-        cli._server_installed("openvino")
-    assert err.value.name == "openvino_genai"
-
-
-def test_the_openvino_engine_starts_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    without(monkeypatch, "torch")
-    cli._server_installed("openvino")
-    with pytest.raises(ModuleNotFoundError) as err:
-        cli._server_installed("transformers")
-    assert err.value.name == "torch"
+        cli._server_installed(refused)
+    assert err.value.name == missing
 
 
 def test_a_missing_server_package_is_named_whatever_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,10 +26,8 @@ def test_a_model_folder_is_loaded_as_is(tiny_model_dir: Path) -> None:
     assert loader.local_folder(r) == str(tiny_model_dir)
 
 
-def test_a_gguf_file_is_converted_into_the_cache_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The cache key follows the file, so the second start finds the converted folder."""
-    monkeypatch.setenv("TOKENWIRE_CACHE_DIR", str(tmp_path))
-    r = models.resolve(None)
+def fake_conversions(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Conversions write a stub folder instead; returns the list of their targets, as they happen."""
     calls: list[Path] = []
 
     def fake_convert(resolved: loader.ResolvedModel, target: Path) -> None:
@@ -38,6 +36,14 @@ def test_a_gguf_file_is_converted_into_the_cache_once(tmp_path: Path, monkeypatc
         (target / "config.json").write_text("{}")
 
     monkeypatch.setattr(loader, "_convert_gguf", fake_convert)
+    return calls
+
+
+def test_a_gguf_file_is_converted_into_the_cache_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache key follows the file, so the second start finds the converted folder."""
+    monkeypatch.setenv("TOKENWIRE_CACHE_DIR", str(tmp_path))
+    r = models.resolve(None)
+    calls = fake_conversions(monkeypatch)
     first = loader.local_folder(r)
     second = loader.local_folder(r)
     assert first == second and len(calls) == 1 and Path(first).parent == tmp_path
@@ -85,14 +91,7 @@ def test_two_installs_of_the_default_model_share_one_conversion(
     other = tmp_path / "venv2" / r.gguf_file
     other.parent.mkdir()
     shutil.copyfile(Path(r.path) / r.gguf_file, other)
-    calls: list[Path] = []
-
-    def fake_convert(resolved: loader.ResolvedModel, target: Path) -> None:
-        calls.append(target)
-        target.mkdir(parents=True)
-        (target / "config.json").write_text("{}")
-
-    monkeypatch.setattr(loader, "_convert_gguf", fake_convert)
+    calls = fake_conversions(monkeypatch)
     first = loader.local_folder(r)
     second = loader.local_folder(models.resolve(str(other)))
     assert first == second and len(calls) == 1
