@@ -7,11 +7,15 @@
 # the missing ones travel as wheels in .whl/, the default model's tokenizer in .gpu/tokenizer (bench/README.md
 # says how to make both). Run from the repository root; results go to $OUT (default /tmp/gpu-check).
 #
-#   OUT=/tmp/gpu-check bash bench/gpu_check.sh [tests-seconds] [bench-seconds]
+#   OUT=/tmp/gpu-check bash bench/gpu_check.sh [tests-seconds] [bench-seconds] [diagnosis-seconds]
+#
+# The diagnosis (bench/ws_diag.sh, on the 135M architecture) looks into why the WebSocket door was slower than the
+# SSE door on an H200: both doors with and without flow-control pauses, and py-spy profiles of the server.
 set -u
 OUT=${OUT:-/tmp/gpu-check}
 TEST_S=${1:-170}
 BENCH_S=${2:-330}
+DIAG_S=${3:-0}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -29,6 +33,9 @@ python3 bench/random_model.py --arch smollm2-1.7b --tokenizer .gpu/tokenizer --o
     tests/unit/test_hf_engine.py tests/unit/test_scheduler.py tests/unit/test_block_manager.py \
     tests/e2e/test_websocket.py tests/e2e/test_resume.py tests/e2e/test_openai.py tests/e2e/test_realtime.py \
     tests/e2e/test_responses.py 2>&1 | tail -40 | tee "$OUT/tests.log"
+
+[ "$DIAG_S" -gt 0 ] && echo "== the WebSocket door ($DIAG_S s at most)" && OUT="$OUT" timeout "$DIAG_S" \
+    bash bench/ws_diag.sh /tmp/m135 "--device cuda --dtype bfloat16" 2>&1 | tail -30
 
 echo "== tokenwire against transformers serve ($BENCH_S s at most)"
 runs=/tmp/gpu-peers
