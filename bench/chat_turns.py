@@ -149,6 +149,28 @@ def servers(serve_args: list[str], logs: Path) -> Iterator[list[str]]:
             stop(proc)
 
 
+def add_target_arguments(p: argparse.ArgumentParser) -> None:
+    """The servers to measure (see :func:`targets`), the model field, and where results go."""
+    p.add_argument("--url", help="http://127.0.0.1:PORT of a running server")
+    p.add_argument("--serve", action="append", default=[], help="start tokenwire serve with these arguments")
+    p.add_argument("--model", default="", help="the model field (default: the first of /v1/models)")
+    p.add_argument("--label", default="")
+    p.add_argument("--out", default=None, help="write the results here (JSON) and as a Markdown table (.md)")
+
+
+@contextlib.contextmanager
+def targets(p: argparse.ArgumentParser, a: argparse.Namespace, prefix: str) -> Iterator[tuple[list[str], list[str]]]:
+    """``--url``, or a ``tokenwire serve`` per ``--serve`` (started here, its log in a temporary folder, stopped at
+    the end); yields their URLs and labels."""
+    if bool(a.url) == bool(a.serve):
+        p.error("give --url or --serve (one or more)")
+    if a.url:
+        yield [a.url], [a.label]
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, servers(a.serve, Path(tmp)) as urls:
+        yield urls, [f"tokenwire {args}" for args in a.serve]
+
+
 def summary(label: str, url: str, turns: int, rounds: list[Chat]) -> dict[str, Any]:
     per_turn = [round(statistics.median(r[0][t] for r in rounds), 1) for t in range(turns)]
     return {
@@ -179,22 +201,14 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--url", help="http://127.0.0.1:PORT of a running server")
-    p.add_argument("--serve", action="append", default=[], help="start tokenwire serve with these arguments")
-    p.add_argument("--out", default=None, help="write the results here (JSON) and as a Markdown table (.md)")
-    p.add_argument("--model", default="", help="the model field (default: the first of /v1/models)")
+    add_target_arguments(p)
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--label", default="")
     a = p.parse_args(argv)
     if not 1 <= a.turns <= len(QUESTIONS) or a.rounds < 1:
         p.error(f"--turns from 1 to {len(QUESTIONS)}, --rounds >= 1")
-    if bool(a.url) == bool(a.serve):
-        p.error("give --url or --serve (one or more)")
-    with tempfile.TemporaryDirectory(prefix="tokenwire-chat-turns-") as tmp, contextlib.ExitStack() as stack:
-        urls = [a.url] if a.url else stack.enter_context(servers(a.serve, Path(tmp)))
-        labels = [a.label] if a.url else [f"tokenwire {args}" for args in a.serve]
+    with targets(p, a, "tokenwire-chat-turns-") as (urls, labels):
         load = os.getloadavg()[0]
         # A new connection per request: some servers close an idle keep-alive connection between turns.
         with httpx.Client(timeout=300, limits=httpx.Limits(max_keepalive_connections=0)) as client:

@@ -17,20 +17,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from chat_turns import QUESTIONS, SYSTEM, read_event, servers, streamed_chat
+from chat_turns import QUESTIONS, SYSTEM, add_target_arguments, read_event, streamed_chat, targets
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -104,22 +102,14 @@ def markdown(results: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--url", help="http://127.0.0.1:PORT of a running server")
-    p.add_argument("--serve", action="append", default=[], help="start tokenwire serve with these arguments")
-    p.add_argument("--model", default="", help="the model field (default: the first of /v1/models)")
+    add_target_arguments(p)
     p.add_argument("--conversations", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--label", default="")
-    p.add_argument("--out", default=None, help="write the results here (JSON) and as a Markdown table (.md)")
     a = p.parse_args(argv)
     if a.conversations < 1 or a.rounds < 1:
         p.error("--conversations and --rounds must be >= 1")
-    if bool(a.url) == bool(a.serve):
-        p.error("give --url or --serve (one or more)")
-    with tempfile.TemporaryDirectory(prefix="tokenwire-shared-system-") as tmp, contextlib.ExitStack() as stack:
-        urls = [a.url] if a.url else stack.enter_context(servers(a.serve, Path(tmp)))
-        labels = [a.label] if a.url else [f"tokenwire {args}" for args in a.serve]
+    with targets(p, a, "tokenwire-shared-system-") as (urls, labels):
         load = os.getloadavg()[0]
         models = [a.model or httpx.get(url + "/v1/models").json()["data"][0]["id"] for url in urls]
         for url, model in zip(urls, models, strict=True):
