@@ -93,7 +93,6 @@ def gguf_cache_key(gguf: Path) -> str:
             while chunk := f.read(1 << 22):
                 digest.update(chunk)
         key = digest.hexdigest()
-        known.pop(stamp, None)
         known[stamp] = key
         _write_key_index(index, dict(list(known.items())[-KEY_INDEX_ENTRIES:]))
     return key
