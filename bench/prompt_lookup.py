@@ -23,20 +23,17 @@ from typing import Any
 
 from peers import cpu_model
 from tokenwire.engine import models
+from tokenwire.engine.openvino.engine import BLOCK_TOKENS, OVEngineConfig, worker_config
+from tokenwire.engine.openvino.worker import load
 
 PROMPT = "Write a long story about a dragon who learns to paint."
 
 
 def pipeline(gguf: str, lookup: bool) -> Any:
-    import openvino_genai as og
-
-    sc = og.SchedulerConfig()
-    sc.num_kv_blocks = 2048
-    sc.max_num_seqs = 64
-    sc.max_num_batched_tokens = 512
-    sc.dynamic_split_fuse = True
-    sc.enable_prefix_caching = True
-    return og.ContinuousBatchingPipeline(gguf, sc, "CPU", {"prompt_lookup": True} if lookup else {})
+    """The pipeline as tokenwire's worker builds it (2,048 KV blocks, 64 sequences, 512 tokens a step, prefix
+    caching), in prompt-lookup mode or not."""
+    cfg = OVEngineConfig(kv_cache_tokens=2048 * BLOCK_TOKENS, max_batch_size=64, max_prefill_tokens=512)
+    return load(worker_config(cfg, gguf, {"prompt_lookup": True} if lookup else None))
 
 
 def config(max_tokens: int, temperature: float, assistant_tokens: int) -> Any:
