@@ -5,7 +5,7 @@ same chat prompt tokens (tokenwire's tokenizer); all streams are added at once a
 one JSON summary per run in bench/loadgen.py's shape (tokens/s over the wall time, TTFT, inter-token latency),
 so bench/peers.py can put it in its tables.
 
-    python bench/ov_pipeline.py --streams 32 --max-tokens 64 [--model FILE.gguf] [--runs 2]
+    python bench/ov_pipeline.py --streams 32 --max-tokens 64 [--model FILE.gguf] [--quantize int4] [--runs 2]
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def run_once(pipe: Any, ids: list[int], streams: int, max_tokens: int, temperatu
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--model", default=None, help="a .gguf file or OpenVINO IR folder (default: the default model)")
+    p.add_argument("--quantize", default="auto", help="weights of the IR made from a GGUF file: auto, none, int8, int4")
     p.add_argument("--streams", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     properties: dict[str, str | int] = dict(kv.split("=", 1) for kv in a.property)
     found = plan(models.resolve(a.model))
-    source = found.weights("auto")
+    source = found.weights(a.quantize)
     prepared = prepare(found, 8192)
     prompt = PromptBuilder(prepared.tokenizer, prepared.max_context).build(
         GenerationRequest("x", SamplingParams(), messages=(ChatMessage("user", a.prompt),))

@@ -124,5 +124,5 @@ def save_tiny_gguf(source: Path, target: Path) -> Path:
     transformers by converting it back), so the same file tests both and their outputs can be compared."""
     from tokenwire.engine.openvino.convert import write_gguf
 
-    write_gguf(source, target, "none")
+    write_gguf(source, target)
     return target

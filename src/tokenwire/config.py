@@ -52,8 +52,8 @@ class Settings:
     engine: str = field(
         default="auto",
         metadata={
-            "help": "auto, openvino or transformers. auto: openvino on CPU for GGUF files and OpenVINO IR folders, "
-            "transformers on CUDA, for transformers folders and hub ids, and for --quantize int8"
+            "help": "auto, openvino or transformers. auto: openvino on CPU for GGUF files, OpenVINO IR folders and "
+            "llama-family folders and hub ids; transformers on CUDA and for other models"
         },
     )
     device: str = field(
@@ -70,9 +70,10 @@ class Settings:
     quantize: str = field(
         default="auto",
         metadata={
-            "help": "auto, none or int8. openvino: auto uses the weights as the model file stores them. transformers: "
-            "auto is none; int8 (CPU) decodes steps of <= 8 streams with int8 weights: 1.6x the tokens/s for one "
-            "stream, for one more byte per weight and ~0.7%% error per product (docs/benchmarks.md)"
+            "help": "auto, none, int8 or int4. openvino: the weights of the IR made from a GGUF file or folder, auto "
+            "is int8 (none: float16; int4: 4-bit, embeddings int8; an IR folder: auto only). transformers: auto is "
+            "none; int8 (CPU) decodes steps of <= 8 streams with int8 weights: 1.6x the tokens/s for one stream, for "
+            "one more byte per weight and ~0.7%% error per product (docs/benchmarks.md)"
         },
     )
     max_model_len: int = field(default=8192, metadata={"help": "context window cap in tokens"})

@@ -111,10 +111,11 @@ async def test_batch_messages_hold_at_most_max_tokens(default_server: RunningSer
 
 
 async def test_with_int8_weights_the_default_model_still_answers_right(tmp_path: Path) -> None:
-    """--quantize int8: one stream decodes on int8 weights (every linear layer got a copy), and the answer is
-    still the right one."""
+    """The transformers engine's --quantize int8: one stream decodes on int8 weights (every linear layer got a
+    copy), and the answer is still the right one."""
     log = tmp_path / "server.log"
-    args = ("--heartbeat-interval", "0", "--quantize", "int8", "--device", "cpu", "--log-level", "info")
+    args = ("--heartbeat-interval", "0", "--engine", "transformers", "--quantize", "int8", "--device", "cpu")
+    args += ("--log-level", "info")
     with serve(*args, log_path=log) as server:
         c = await Client.connect(server.ws)
         try:

@@ -35,8 +35,7 @@ def test_auto_falls_back_to_transformers_and_says_why(tiny_model_dir: Path, tiny
     assert kind == "transformers" and "hub model" in why
     kind, why = choose_engine(Settings(model=str(tiny_gguf), device="cuda"))
     assert kind == "transformers" and "cuda" in why
-    kind, why = choose_engine(Settings(model=str(tiny_gguf), quantize="int8"))
-    assert kind == "transformers" and "int8" in why
+    assert choose_engine(Settings(model=str(tiny_gguf), quantize="int8"))[0] == "openvino"  # int8 IR
     assert isinstance(build_engine(Settings(model=str(other), device="cpu")), HFEngine)
 
 
@@ -44,8 +43,8 @@ def test_a_forced_engine_is_used_or_refused_with_a_reason(tiny_model_dir: Path, 
     assert isinstance(build_engine(Settings(model=str(tiny_gguf), engine="transformers", device="cpu")), HFEngine)
     with pytest.raises(ValueError, match="--engine transformers"):
         build_engine(Settings(model="HuggingFaceTB/SmolLM2-135M-Instruct", engine="openvino"))
-    with pytest.raises(ValueError, match="quantize"):  # a GGUF file's weights are used as stored
-        build_engine(Settings(model=str(tiny_gguf), engine="openvino", quantize="int8"))
+    with pytest.raises(ValueError, match="quantize"):
+        build_engine(Settings(model=str(tiny_gguf), engine="openvino", quantize="int2"))
     with pytest.raises(ValueError, match="unknown engine"):
         choose_engine(Settings(engine="vllm"))
 

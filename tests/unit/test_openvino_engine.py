@@ -64,7 +64,7 @@ async def test_greedy_text_and_prompt_tokens_equal_the_transformers_engine(tiny_
         hf_prompts = [hf.prompts.build(_chat(f"x{i}", p)).token_ids for i, p in enumerate(PROMPTS)]  # type: ignore[union-attr]
     finally:
         await hf.shutdown()
-    ov = await make_engine(tiny_gguf)
+    ov = await make_engine(tiny_gguf, quantize="none")  # the file's float16 weights, as transformers reads them
     try:
         got = await asyncio.gather(*(run(ov, f"ov{i}", p, max_tokens=12, temperature=0) for i, p in enumerate(PROMPTS)))
         ov_prompts = [ov.prompts.build(_chat(f"x{i}", p)).token_ids for i, p in enumerate(PROMPTS)]  # type: ignore[union-attr]
@@ -209,10 +209,10 @@ def test_a_folder_it_cannot_convert_is_refused_with_the_reason_and_the_way_out(
 async def test_a_hugging_face_folder_is_converted_once_and_gives_the_transformers_text(
     tiny_long_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A llama-family folder is written as a GGUF file (float16 with --quantize none) in the cache, keyed by its
-    content; the transformers engine reading that file gives the same greedy tokens; a partial or corrupt file
-    is converted again; int8 and int4 weights load and answer."""
-    from tokenwire.engine.openvino import convert
+    """A llama-family folder is written as a float16 GGUF file in the cache, keyed by its content, and made into
+    OpenVINO IR (float16 with --quantize none); the transformers engine reading that file gives the same greedy
+    tokens; a partial or corrupt file is converted again; int8 and int4 weights load and answer."""
+    from tokenwire.engine.openvino import convert, ir
 
     monkeypatch.setenv("TOKENWIRE_CACHE_DIR", str(tmp_path))
     eng = await make_engine(tiny_long_model_dir, quantize="none")
@@ -220,8 +220,8 @@ async def test_a_hugging_face_folder_is_converted_once_and_gives_the_transformer
         got = [await run(eng, f"c{i}", p, max_tokens=12, temperature=0) for i, p in enumerate(PROMPTS)]
     finally:
         await eng.shutdown()
-    gguf = convert.converted(tiny_long_model_dir, "none")
-    assert gguf.parent == tmp_path and eng.backend.source == str(gguf)
+    gguf = convert.converted(tiny_long_model_dir)
+    assert gguf.parent == tmp_path and eng.backend.source == str(ir.converted(gguf, "none"))
     hf = HFEngine(HFEngineConfig(model=str(gguf), device="cpu", dtype="float32", scheduler=SchedulerConfig()))
     await hf.start()
     try:
@@ -230,12 +230,12 @@ async def test_a_hugging_face_folder_is_converted_once_and_gives_the_transformer
         await hf.shutdown()
     assert [g["text"] for g in got] == [e["text"] for e in expected]
     stamp = gguf.stat().st_mtime_ns
-    assert convert.converted(tiny_long_model_dir, "none").stat().st_mtime_ns == stamp  # cached
+    assert convert.converted(tiny_long_model_dir).stat().st_mtime_ns == stamp  # cached
     with gguf.open("r+b") as f:  # a conversion cut short
         f.truncate(1000)
-    assert convert.converted(tiny_long_model_dir, "none").stat().st_size > 1000
+    assert convert.converted(tiny_long_model_dir).stat().st_size > 1000
     gguf.with_suffix(".json").unlink()  # no marker: never finished
-    assert convert.converted(tiny_long_model_dir, "none").stat().st_mtime_ns != stamp
+    assert convert.converted(tiny_long_model_dir).stat().st_mtime_ns != stamp
     for fmt in ("int8", "int4"):
         eng = await make_engine(tiny_long_model_dir, quantize=fmt)
         try:
@@ -246,7 +246,7 @@ async def test_a_hugging_face_folder_is_converted_once_and_gives_the_transformer
 
 def test_settings_it_cannot_honour_are_refused(tiny_gguf: Path) -> None:
     with pytest.raises(ValueError, match="quantize"):
-        OVEngine(OVEngineConfig(model=str(tiny_gguf), quantize="int8"))
+        OVEngine(OVEngineConfig(model=str(tiny_gguf), quantize="int2"))
     with pytest.raises(ValueError, match="cuda"):
         OVEngine(OVEngineConfig(model=str(tiny_gguf), device="cuda"))
     with pytest.raises(ValueError, match="dtype"):

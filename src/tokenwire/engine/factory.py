@@ -31,15 +31,13 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
         found = plan(models.resolve(settings.model))
     except models.NotForOpenVINO as exc:
         return "transformers", str(exc).split(" (use ", 1)[0]
-    if settings.quantize == "int8" and not found.convert:
-        return "transformers", "--quantize int8 of a GGUF file is the transformers engine's"
     if importlib.util.find_spec("openvino_genai") is None:
         return "transformers", "openvino-genai is not installed"
     if settings.device == "auto" and _cuda_available():
         return "transformers", "a CUDA device is present"
     if found.convert:
-        return "openvino", "a llama-family Hugging Face folder, converted to GGUF once, on the CPU"
-    return "openvino", "the model is a GGUF file or an OpenVINO IR folder and runs on the CPU"
+        return "openvino", "a llama-family Hugging Face folder, converted to OpenVINO IR once, on the CPU"
+    return "openvino", "the model is a GGUF file (converted to OpenVINO IR once) or an IR folder, on the CPU"
 
 
 def _cuda_available() -> bool:

@@ -1,12 +1,12 @@
-"""A Hugging Face model folder written as a GGUF file, once, so that OpenVINO GenAI can read it.
+"""A Hugging Face model folder written as a float16 GGUF file, once, so that OpenVINO GenAI can build its graph.
 
-OpenVINO GenAI reads GGUF files directly; its own route from a Hugging Face folder (``optimum-cli export
-openvino``) needs optimum-intel, whose releases pin transformers and torch below tokenwire's. So tokenwire writes
-the GGUF file itself, as llama.cpp's converter does, with the ``gguf`` package it already depends on: llama-family
-models (``LlamaForCausalLM``: Llama, SmolLM2, ...) with a byte-level BPE tokenizer. Weights are float16, or
-quantized by ``gguf`` (int8: Q8_0, int4: Q4_1). The file is kept in the cache directory under the SHA-256 of the
-folder's content (config, tokenizer, weights) and the format, with a ``.json`` marker written after it: a file
-without its marker or of another size than the marker says is a partial or corrupt conversion and is made again.
+OpenVINO GenAI builds a model from a GGUF file (engine/openvino/ir.py makes that IR and quantizes it); its own
+route from a Hugging Face folder (``optimum-cli export openvino``) needs optimum-intel, whose releases pin
+transformers and torch below tokenwire's. So tokenwire writes the GGUF file itself, as llama.cpp's converter does,
+with the ``gguf`` package it already depends on: llama-family models (``LlamaForCausalLM``: Llama, SmolLM2, ...)
+with a byte-level BPE tokenizer, weights in float16. The file is kept in the cache directory under the SHA-256 of
+the folder's content (config, tokenizer, weights), with a ``.json`` marker written after it: a file without its
+marker or of another size than the marker says is a partial or corrupt conversion and is made again.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = 1
 ARCHITECTURES = {"LlamaForCausalLM": "llama"}
-FORMATS = ("none", "int8", "int4")  # float16, Q8_0, Q4_1
 
 
 def unsupported(folder: Path) -> str | None:
@@ -49,9 +48,9 @@ def unsupported(folder: Path) -> str | None:
     return None
 
 
-def content_key(folder: Path, fmt: str) -> str:
+def content_key(folder: Path) -> str:
     """SHA-256 of what the conversion reads, and how it writes."""
-    digest = hashlib.sha256(f"tokenwire-gguf|v{CONVERTER_VERSION}|{fmt}".encode())
+    digest = hashlib.sha256(f"tokenwire-gguf|v{CONVERTER_VERSION}|none".encode())
     names = ["config.json", "tokenizer.json", "tokenizer_config.json"]
     names += sorted(p.name for p in folder.glob("*.safetensors"))
     for name in names:
@@ -65,11 +64,9 @@ def content_key(folder: Path, fmt: str) -> str:
     return digest.hexdigest()[:20]
 
 
-def converted(folder: Path, fmt: str) -> Path:
-    """The GGUF file of ``folder`` in format ``fmt``, written now if missing, partial or corrupt."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    target = models.cache_dir() / f"{folder.name}-{content_key(folder, fmt)}-{fmt}.gguf"
+def converted(folder: Path) -> Path:
+    """The float16 GGUF file of ``folder``, written now if missing, partial or corrupt."""
+    target = models.cache_dir() / f"{folder.name}-{content_key(folder)}-none.gguf"
     marker = target.with_suffix(".json")
     try:
         if json.loads(marker.read_text()).get("size") == target.stat().st_size:
@@ -79,14 +76,14 @@ def converted(folder: Path, fmt: str) -> Path:
         pass
     marker.unlink(missing_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s to GGUF (%s weights) for OpenVINO (one time; cached at %s)", folder, fmt, target)
+    log.info("converting %s to GGUF (float16) for OpenVINO (one time; cached at %s)", folder, target)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     try:
-        write_gguf(folder, tmp, fmt)
+        write_gguf(folder, tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    marker.write_text(json.dumps({"source": str(folder), "format": fmt, "size": target.stat().st_size}))
+    marker.write_text(json.dumps({"source": str(folder), "format": "none", "size": target.stat().st_size}))
     return target
 
 
@@ -102,7 +99,7 @@ def _tensors(folder: Path) -> dict[str, Any]:
     return out
 
 
-def write_gguf(folder: Path, target: Path, fmt: str) -> None:
+def write_gguf(folder: Path, target: Path) -> None:
     import gguf
     import numpy as np
     from tqdm import tqdm
@@ -111,11 +108,6 @@ def write_gguf(folder: Path, target: Path, fmt: str) -> None:
     cfg = AutoConfig.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     weights = _tensors(folder)
-    qtype, file_type = {
-        "none": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
-        "int8": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-        "int4": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
-    }[fmt]
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     rope = getattr(cfg, "rope_parameters", None) or {}
@@ -131,14 +123,11 @@ def write_gguf(folder: Path, target: Path, fmt: str) -> None:
     w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(len(tok))
-    w.add_file_type(file_type)  # OpenVINO reads it
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)  # OpenVINO reads it
     _write_tokenizer(w, tok)
 
     def matrix(name: str, data: Any) -> None:
-        if qtype == gguf.GGMLQuantizationType.F16 or data.shape[-1] % 32:
-            w.add_tensor(name, data.astype(np.float16))
-        else:
-            w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        w.add_tensor(name, data.astype(np.float16))
 
     def rotary(data: Any, n: int) -> Any:  # llama.cpp's row order for Q and K
         return data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)

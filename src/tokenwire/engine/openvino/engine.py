@@ -25,7 +25,7 @@ from typing import Any
 from tokenwire.engine import models
 from tokenwire.engine.interface import EngineError, EngineErrorCode, EngineStats, FinishReason, SamplingParams
 from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
-from tokenwire.engine.openvino import convert, kernel_cache, worker
+from tokenwire.engine.openvino import ir, kernel_cache, worker
 from tokenwire.engine.openvino.model import plan, prepare
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class OVEngineConfig:
     model: str | None = None  # None: the default model
     device: str = "auto"  # auto (CPU) | cpu | gpu (an Intel GPU)
     dtype: str = "auto"  # inference precision: auto (OpenVINO's choice for the CPU) | float32 | bfloat16 | float16
-    quantize: str = "auto"  # weights: auto = as the model file stores them
+    quantize: str = "auto"  # weights: auto (int8) | none | int8 | int4 (engine/openvino/ir.py; IR folders: auto)
     max_model_len: int = 8192
     threads: int = 0  # 0: all cores
     max_batch_size: int = 64
@@ -110,12 +110,11 @@ class OVBackend:
         self.config = config
         self.resolved = models.resolve(config.model)
         self.plan = plan(self.resolved)  # NotForOpenVINO (a ValueError) if OpenVINO cannot read it
-        allowed = ("auto", *convert.FORMATS) if self.plan.convert else ("auto",)
+        allowed = ("auto",) if self.plan.as_is else ("auto", *ir.FORMATS)
         if config.quantize not in allowed:
             raise ValueError(
-                f"--quantize {config.quantize} is not available here: the openvino engine uses the weights of a "
-                "GGUF file or IR folder as they are stored (auto); pick a quantized file, or convert a Hugging Face "
-                "folder (auto, none, int8, int4)"
+                f"--quantize {config.quantize} is not available here: an OpenVINO IR folder is run with the weights "
+                "it has (auto); a GGUF file or Hugging Face folder takes auto, none, int8 or int4"
             )
         self.source = str(self.plan.source)
         self.name = self.resolved.name
@@ -134,7 +133,7 @@ class OVBackend:
     def load(self) -> LoadedModel:
         """Start the worker (it loads the weights), read the tokenizer meanwhile, then wait for the worker."""
         cfg = self.config
-        self.source = self.plan.weights(cfg.quantize)  # a Hugging Face folder is converted here, once
+        self.source = self.plan.weights(cfg.quantize)  # made into IR here, once
         wcfg = worker_config(cfg, self.source)
         kernel_cache.prune(kernel_cache.folder())
         log.info("loading %s with OpenVINO on %s in a worker process", self.name, wcfg.device)

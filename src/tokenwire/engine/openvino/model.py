@@ -1,7 +1,9 @@
-"""What the server's process needs of a model the OpenVINO worker runs: its tokenizer, end-of-sequence ids and
-context window.
+"""How the OpenVINO worker reads a model (:func:`plan`), and what the server's process needs of it: its tokenizer,
+end-of-sequence ids and context window.
 
-OpenVINO GenAI reads a GGUF file's weights itself (no conversion). tokenwire tokenizes with its own
+A GGUF file is made into OpenVINO IR once, with weights tokenwire quantizes (engine/openvino/ir.py); a Hugging
+Face folder is first written as a float16 GGUF file (engine/openvino/convert.py); an IR folder is read as it
+is. tokenwire tokenizes with its own
 (transformers) tokenizer, the same one the transformers engine uses, so both engines give a model the same
 prompt tokens. Reading a GGUF file's tokenizer takes transformers ~10 s for the default model, so it is done once
 and kept in the cache directory (``<name>-<key>-tokenizer``) with a ``tokenwire.json`` written last: a folder
@@ -29,22 +31,29 @@ MARKER_VERSION = 1
 
 @dataclass(slots=True, frozen=True)
 class Plan:
-    """How OpenVINO will read a model: a GGUF file or an IR folder as it is, or a folder converted to GGUF."""
+    """How OpenVINO will read a model: an IR folder as it is; a GGUF file, or a Hugging Face folder written as one
+    first (``convert``), made into IR with weights in the ``--quantize`` format."""
 
-    source: Path  # the GGUF file or IR folder; for a conversion, the Hugging Face folder
-    convert: bool = False
+    source: Path  # the GGUF file, IR folder or Hugging Face folder
+    convert: bool = False  # a Hugging Face folder: written as a float16 GGUF file first
+
+    @property
+    def as_is(self) -> bool:
+        """An IR folder, read as it is (its weights are what they are: --quantize auto only)."""
+        return self.source.is_dir() and not self.convert
 
     def weights(self, quantize: str) -> str:
-        """The file or folder the worker loads (converting now, once, if that is the plan)."""
-        if not self.convert:
+        """The IR folder the worker loads (converting now, once, unless it is one already)."""
+        if self.as_is:
             return str(self.source)
-        from tokenwire.engine.openvino import convert
+        from tokenwire.engine.openvino import convert, ir
 
-        return str(convert.converted(self.source, DEFAULT_CONVERTED_FORMAT if quantize == "auto" else quantize))
+        gguf = convert.converted(self.source) if self.convert else self.source
+        return str(ir.converted(gguf, DEFAULT_FORMAT if quantize == "auto" else quantize))
 
 
-# What --quantize auto writes when a Hugging Face folder is converted (docs/benchmarks.md: measured per format).
-DEFAULT_CONVERTED_FORMAT = "int8"
+# What --quantize auto gives a GGUF file or Hugging Face folder (docs/benchmarks.md: measured per format).
+DEFAULT_FORMAT = "int8"
 
 
 def plan(resolved: models.ResolvedModel) -> Plan:

@@ -1,0 +1,269 @@
+"""The OpenVINO IR tokenwire runs: made once from a GGUF file, with weights tokenwire quantizes itself.
+
+OpenVINO GenAI reads GGUF files, but not exactly: it stores a Q4_1 block's float minimum as a rounded 4-bit
+zero point, and the default model (Q4_1) then scores perplexity 12.0 on the benchmark text where its own weights
+score 8.9 (docs/benchmarks.md). So every GGUF model goes the same way, once:
+
+1. the file's weights are written dequantized to a float16 GGUF (the ``gguf`` package decodes every block type
+   exactly; a file already in float16 or float32 is used as it is);
+2. OpenVINO GenAI builds its graph from that file and saves it as IR (``enable_save_ov_model``); the save
+   stores float32 constants as float16, so those that are the file's float32 tensors (the norms) or the rotary
+   frequencies are put back in float32 (:func:`restore_float32`);
+3. every weight matrix is quantized here, in numpy (:func:`quantize`): ``int8`` (one scale and zero point per
+   output row), ``int4`` (4-bit, a scale per 64 or 32 inputs; the embedding matrix, also the output layer, in
+   int8) or ``none`` (float16).
+
+The result is kept in the cache directory as ``<name>-<content key>-<format>-ir/`` with ``tokenwire-ir.json``
+written last, naming each file's size: a folder without it, or whose files differ from it, is a partial or
+corrupt conversion and is made again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tokenwire.engine import models
+
+log = logging.getLogger(__name__)
+
+IR_VERSION = 1
+FORMATS = ("none", "int8", "int4")
+MARKER = "tokenwire-ir.json"
+MODEL_FILES = ("openvino_model.xml", "openvino_model.bin")
+EMBEDDING_BITS = 8  # the embedding matrix stays int8 under int4: it is also the output layer, and costs the most
+
+
+def converted(gguf: Path, fmt: str) -> Path:
+    """The IR folder of ``gguf`` with ``fmt`` weights, made now if missing, partial or corrupt."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    target = models.cache_dir() / f"{gguf.stem}-{models.gguf_cache_key(gguf)}-{fmt}-ir"
+    if whole(target):
+        return target
+    if target.exists():
+        log.warning("the converted model at %s is incomplete or corrupt; converting again", target)
+        shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("converting %s to OpenVINO IR (%s weights; one time, cached at %s)", gguf.name, fmt, target)
+    with tempfile.TemporaryDirectory(prefix="tokenwire-ir-", dir=target.parent) as work:
+        exported = Path(work) / "export"
+        export(gguf, exported)
+        built = Path(work) / "out"
+        quantize_folder(exported, built, fmt, gguf)
+        _mark(built, gguf, fmt)
+        if whole(target):  # another process made it meanwhile
+            return target
+        os.replace(built, target)
+    return target
+
+
+def whole(folder: Path) -> bool:
+    """Whether ``folder`` is a complete conversion: its marker names the sizes its files have."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+        sizes = marker["sizes"]
+        return marker.get("version") == IR_VERSION and all(
+            (folder / name).stat().st_size == size for name, size in sizes.items()
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _mark(folder: Path, gguf: Path, fmt: str) -> None:
+    sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    marker = {"version": IR_VERSION, "source": gguf.name, "format": fmt, "sizes": sizes}
+    (folder / MARKER).write_text(json.dumps(marker))  # last: its presence says the folder is whole
+
+
+def export(gguf: Path, folder: Path) -> None:
+    """OpenVINO GenAI's graph of ``gguf`` as IR in ``folder``, with the weights as float16 (or as stored when the
+    file's matrices are float16 or float32 already), and its tokenizer models beside it."""
+    import openvino_genai as og
+
+    folder.mkdir(parents=True)
+    source = folder / "model.gguf"
+    if _unquantized(gguf):
+        source.symlink_to(gguf.resolve())
+    else:
+        dequantize_gguf(gguf, source)
+    # GenAI saves what it built next to the file it read; compiling is part of building the pipeline
+    og.LLMPipeline(str(source), "CPU", enable_save_ov_model=True)
+    source.unlink()
+    if not (folder / "openvino_model.xml").is_file():
+        raise RuntimeError(f"OpenVINO GenAI did not save an IR for {gguf}")
+
+
+def _unquantized(gguf: Path) -> bool:
+    import gguf as gg
+
+    plain = {gg.GGMLQuantizationType.F16, gg.GGMLQuantizationType.F32}
+    return all(t.tensor_type in plain for t in gg.GGUFReader(str(gguf)).tensors)
+
+
+def dequantize_gguf(src: Path, dst: Path) -> None:
+    """``src`` written again with every quantized tensor decoded to float16: the same metadata and tokenizer."""
+    import gguf as gg
+    import numpy as np
+
+    reader = gg.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gg.GGUFWriter(str(dst), arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = field.contents()
+        if name == "general.file_type":
+            value = int(gg.LlamaFileType.MOSTLY_F16)
+        sub = field.types[-1] if field.types[0] == gg.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, value, field.types[0], sub_type=sub)
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dimensions innermost first
+        if t.tensor_type in (gg.GGMLQuantizationType.F32, gg.GGMLQuantizationType.F16):
+            data = np.asarray(t.data).reshape(shape)
+        else:
+            data = gg.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float16)
+        writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def quantize_folder(src: Path, dst: Path, fmt: str, gguf: Path) -> None:
+    """The IR in ``src`` (exported from ``gguf``) with its weights in ``fmt``, saved to ``dst`` with the tokenizer
+    models beside it."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(src / "openvino_model.xml"))
+    restored = restore_float32(model, gguf)
+    count = quantize(model, fmt)
+    log.debug("%d float32 constants restored", restored)
+    log.info("quantized %d weight matrices to %s", count, fmt)
+    dst.mkdir(parents=True)
+    ov.save_model(model, str(dst / "openvino_model.xml"), compress_to_fp16=False)
+    for path in src.iterdir():
+        if path.is_file() and "tokenizer" in path.name:
+            shutil.copy(path, dst / path.name)
+
+
+def restore_float32(model: Any, gguf: Path) -> int:
+    """Put back in float32 the small constants the IR save stored as float16 (a float16 constant feeding a
+    Convert) whose float16 values are those of one of ``gguf``'s float32 tensors, or of the rotary frequencies its
+    metadata gives; the number restored. Matrices are left to :func:`quantize`."""
+    import gguf as gg
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    reader = gg.GGUFReader(str(gguf))
+    candidates: dict[bytes, list[Any]] = {}
+    arrays = [np.asarray(t.data) for t in reader.tensors if t.tensor_type == gg.GGMLQuantizationType.F32]
+    arch = reader.fields["general.architecture"].contents()
+    base, dims = reader.fields.get(f"{arch}.rope.freq_base"), reader.fields.get(f"{arch}.rope.dimension_count")
+    if base is not None and dims is not None:
+        n = int(dims.contents())
+        arrays.append((1.0 / float(base.contents()) ** (np.arange(0, n, 2, dtype=np.float64) / n)).astype(np.float32))
+    for a in arrays:
+        candidates.setdefault(a.astype(np.float16).tobytes(), []).append(a.astype(np.float32).reshape(-1))
+    count = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Constant" or op.get_element_type() != ov.Type.f16:
+            continue
+        shape = list(op.get_output_shape(0))
+        if sum(d > 1 for d in shape) != 1:  # one axis of values: a vector
+            continue
+        found = candidates.get(op.get_data().astype(np.float16).tobytes())
+        users = _consumers(op)
+        if not found or any(not np.array_equal(found[0], f) for f in found) or not users:
+            continue
+        if any(u.get_type_name() != "Convert" or u.get_output_element_type(0) != ov.Type.f32 for u in users):
+            continue
+        exact = ops.constant(found[0].reshape(shape)).output(0)
+        for u in users:
+            for target in list(u.output(0).get_target_inputs()):
+                target.replace_source_output(exact)
+        count += 1
+    return count
+
+
+def quantize(model: Any, fmt: str) -> int:
+    """Replace every float16 weight matrix of ``model`` (a constant that a Convert feeds to MatMul or Gather) by
+    ``fmt`` weights with the decompression pattern OpenVINO's CPU plugin runs compressed; the number replaced."""
+    import openvino as ov
+
+    if fmt == "none":
+        return 0
+    count = 0
+    for op in model.get_ordered_ops():
+        converts = _weight_converts(op, ov)
+        if not converts:
+            continue
+        weights = op.get_data().astype("float32")
+        gather = any(c.get_type_name() == "Gather" for cv in converts for c in _consumers(cv))
+        bits = 8 if fmt == "int8" or gather else 4
+        replacement = _int8_rows(weights) if bits == 8 else _int4_groups(weights)
+        for cv in converts:
+            for target in list(cv.output(0).get_target_inputs()):
+                target.replace_source_output(replacement)
+        count += 1
+    return count
+
+
+def _consumers(node: Any) -> list[Any]:
+    return [t.get_node() for t in node.output(0).get_target_inputs()]
+
+
+def _weight_converts(op: Any, ov: Any) -> list[Any]:
+    """The Convert nodes that take the weight matrix ``op`` to MatMul or Gather, or [] if ``op`` is not one."""
+    if op.get_type_name() != "Constant" or op.get_element_type() != ov.Type.f16:
+        return []
+    if op.get_output_partial_shape(0).rank.get_length() != 2:
+        return []
+    converts = _consumers(op)
+    if not converts or any(c.get_type_name() != "Convert" for c in converts):
+        return []
+    if all(n.get_type_name() in ("MatMul", "Gather") for c in converts for n in _consumers(c)):
+        return converts
+    return []
+
+
+def _int8_rows(w: Any) -> Any:
+    """Asymmetric int8, one scale and zero point per output row."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    lo = np.minimum(w.min(axis=1, keepdims=True), 0.0)
+    hi = np.maximum(w.max(axis=1, keepdims=True), 0.0)
+    scale = (hi - lo) / 255.0
+    scale[scale == 0] = 1.0
+    zero = np.clip(np.rint(-lo / scale), 0, 255)
+    q = np.clip(np.rint(w / scale) + zero, 0, 255).astype(np.uint8)
+    zeros = ops.convert(ops.constant(zero.astype(np.uint8)), ov.Type.f16)
+    deq = ops.subtract(ops.convert(ops.constant(q), ov.Type.f16), zeros)
+    deq = ops.multiply(deq, ops.constant(scale.astype(np.float16)))
+    return ops.convert(deq, ov.Type.f32).output(0)
+
+
+def _int4_groups(w: Any) -> Any:
+    """Symmetric int4, one scale per group of 64 inputs (32 where the width is not a multiple of 64)."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    rows, cols = w.shape
+    group = 64 if cols % 64 == 0 else 32 if cols % 32 == 0 else cols
+    g = w.reshape(rows, cols // group, group)
+    scale = np.abs(g).max(axis=2, keepdims=True) / 7.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(g / scale), -8, 7).astype(np.int8)
+    deq = ops.convert(ops.constant(q, dtype=ov.Type.i4), ov.Type.f16)
+    deq = ops.multiply(deq, ops.constant(scale.astype(np.float16)))
+    deq = ops.reshape(deq, ops.constant(np.array([rows, cols], dtype=np.int64)), special_zero=False)
+    return ops.convert(deq, ov.Type.f32).output(0)
