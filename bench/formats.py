@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             row: dict[str, Any] = {"format": fmt, "mb": round(mb, 1), "file_perplexity": reference}
             row["perplexity"] = round(ir_perplexity(folder, ids), 3)
             for n in a.streams.split(","):
-                argv_p = [sys.executable, str(BENCH / "ov_pipeline.py"), "--model", str(folder), "--streams", n]
+                argv_p = [sys.executable, str(BENCH / "ov_pipeline.py"), "--model", str(gguf), "--ir", str(folder)]
+                argv_p += ["--streams", n]
                 argv_p += ["--max-tokens", str(a.max_tokens), "--runs", str(a.runs)]
                 done = subprocess.run(argv_p, capture_output=True, text=True, check=True, timeout=900)
                 runs = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

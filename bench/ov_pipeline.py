@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--model", default=None, help="a .gguf file or OpenVINO IR folder (default: the default model)")
     p.add_argument("--quantize", default="auto", help="weights of the IR made from a GGUF file: auto, none, int8, int4")
+    p.add_argument("--ir", default=None, help="run this IR folder instead (prompt tokens still from --model)")
     p.add_argument("--streams", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.7)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     properties: dict[str, str | int] = dict(kv.split("=", 1) for kv in a.property)
     found = plan(models.resolve(a.model))
-    source = found.weights(a.quantize)
+    source = a.ir or found.weights(a.quantize)
     prepared = prepare(found, 8192)
     prompt = PromptBuilder(prepared.tokenizer, prepared.max_context).build(
         GenerationRequest("x", SamplingParams(), messages=(ChatMessage("user", a.prompt),))

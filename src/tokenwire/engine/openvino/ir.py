@@ -110,6 +110,7 @@ def dequantize_gguf(src: Path, dst: Path) -> None:
     """``src`` written again with every quantized tensor decoded to float16: the same metadata and tokenizer."""
     import gguf as gg
     import numpy as np
+    from tqdm import tqdm
 
     reader = gg.GGUFReader(str(src))
     arch = reader.fields["general.architecture"].contents()
@@ -122,7 +123,7 @@ def dequantize_gguf(src: Path, dst: Path) -> None:
             value = int(gg.LlamaFileType.MOSTLY_F16)
         sub = field.types[-1] if field.types[0] == gg.GGUFValueType.ARRAY else None
         writer.add_key_value(name, value, field.types[0], sub_type=sub)
-    for t in reader.tensors:
+    for t in tqdm(reader.tensors, desc="decoding the GGUF weights", unit="tensor"):
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dimensions innermost first
         if t.tensor_type in (gg.GGMLQuantizationType.F32, gg.GGMLQuantizationType.F16):
             data = np.asarray(t.data).reshape(shape)
@@ -196,14 +197,13 @@ def quantize(model: Any, fmt: str) -> int:
     """Replace every float16 weight matrix of ``model`` (a constant that a Convert feeds to MatMul or Gather) by
     ``fmt`` weights with the decompression pattern OpenVINO's CPU plugin runs compressed; the number replaced."""
     import openvino as ov
+    from tqdm import tqdm
 
     if fmt == "none":
         return 0
+    matrices = [(op, converts) for op in model.get_ordered_ops() if (converts := _weight_converts(op, ov))]
     count = 0
-    for op in model.get_ordered_ops():
-        converts = _weight_converts(op, ov)
-        if not converts:
-            continue
+    for op, converts in tqdm(matrices, desc=f"quantizing to {fmt}", unit="matrix"):
         weights = op.get_data().astype("float32")
         gather = any(c.get_type_name() == "Gather" for cv in converts for c in _consumers(cv))
         bits = 8 if fmt == "int8" or gather else 4
