@@ -123,6 +123,9 @@ def test_the_formats_quantize_every_matrix_and_stay_near_the_float_weights(tiny_
             and op.get_element_type() in (ov.Type.u8, ov.Type.i4, ov.Type.f16, ov.Type.f32)
         }
         assert weights == kinds, (fmt, weights)  # no float16 matrix is left
+        products = sum(op.get_type_name() == "MatMul" for op in model.get_ops())
+        # per layer q+k+v, output, gate+up, down (7 products before fusing); the head; the rotary angles
+        assert products == 2 * 4 + 1 + 1, products
         errors[fmt] = relative_error(logits(folder, PROMPT_IDS), want)
     # a random model with large weights amplifies rounding (the default model's perplexity: docs/benchmarks.md)
     assert errors["int8"] < 0.25 and errors["int8"] < errors["int4"] / 2, errors

@@ -9,7 +9,9 @@ score 8.9 (docs/benchmarks.md). So every GGUF model goes the same way, once:
 2. OpenVINO GenAI builds its graph from that file and saves it as IR (``enable_save_ov_model``); the save
    stores float32 constants as float16, so those that are the file's float32 tensors (the norms) or the rotary
    frequencies are put back in float32 (:func:`restore_float32`);
-3. every weight matrix is quantized here, in numpy (:func:`quantize`): ``int8`` (one scale and zero point per
+3. projections of one input (a layer's query, key and value; its gate and up) become one matrix product whose
+   result is split (:func:`fuse_projections`: fewer, larger products, the same arithmetic);
+4. every weight matrix is quantized here, in numpy (:func:`quantize`): ``int8`` (one scale and zero point per
    output row), ``int4`` (4-bit, a scale per 64 or 32 inputs; the embedding matrix, also the output layer, in
    int8) or ``none`` (float16).
 
@@ -32,7 +34,7 @@ from tokenwire.engine import models
 
 log = logging.getLogger(__name__)
 
-IR_VERSION = 1
+IR_VERSION = 2
 FORMATS = ("none", "int8", "int4")
 MARKER = "tokenwire-ir.json"
 MODEL_FILES = ("openvino_model.xml", "openvino_model.bin")
@@ -143,8 +145,9 @@ def quantize_folder(src: Path, dst: Path, fmt: str, gguf: Path) -> None:
 
     model = ov.Core().read_model(str(src / "openvino_model.xml"))
     restored = restore_float32(model, gguf)
+    fused = fuse_projections(model)
     count = quantize(model, fmt)
-    log.debug("%d float32 constants restored", restored)
+    log.debug("%d float32 constants restored, %d groups of projections fused", restored, fused)
     log.info("quantized %d weight matrices to %s", count, fmt)
     dst.mkdir(parents=True)
     ov.save_model(model, str(dst / "openvino_model.xml"), compress_to_fp16=False)
@@ -191,6 +194,45 @@ def restore_float32(model: Any, gguf: Path) -> int:
                 target.replace_source_output(exact)
         count += 1
     return count
+
+
+def fuse_projections(model: Any) -> int:
+    """Make the products of one input with several float16 weight matrices (``x @ W.T`` for each) one product
+    with the matrices stacked, split back into the same outputs: a layer's query, key and value projections, its
+    gate and up. Each output row keeps its weights, so every format quantizes it as before; OpenVINO runs one
+    kernel where it ran two or three. The number of groups fused."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    groups: dict[tuple[int, int], list[tuple[Any, Any]]] = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul" or not op.get_attributes().get("transpose_b"):
+            continue
+        if op.get_attributes().get("transpose_a"):
+            continue
+        convert = op.input(1).get_source_output().get_node()
+        weight = convert.input(0).get_source_output().get_node() if convert.get_type_name() == "Convert" else None
+        if weight is None or not _weight_converts(weight, ov):
+            continue
+        if len(_consumers(convert)) != 1 or len(_consumers(weight)) != 1:  # shared (tied embeddings): leave it
+            continue
+        source = op.input(0).get_source_output()
+        groups.setdefault((source.get_node().get_instance_id(), source.get_index()), []).append((op, weight))
+    fused = 0
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        stacked = np.concatenate([w.get_data() for _, w in members])
+        matrix = ops.convert(ops.constant(stacked), ov.Type.f32)
+        product = ops.matmul(members[0][0].input(0).get_source_output(), matrix, False, True)
+        rows = np.array([w.get_output_shape(0)[0] for _, w in members], dtype=np.int64)
+        split = ops.variadic_split(product, ops.constant(np.int64(-1)), ops.constant(rows))
+        for i, (op, _) in enumerate(members):
+            for target in list(op.output(0).get_target_inputs()):
+                target.replace_source_output(split.output(i))
+        fused += 1
+    return fused
 
 
 def quantize(model: Any, fmt: str) -> int:
