@@ -39,20 +39,11 @@ def file_perplexity(gguf: Path, ids: list[int]) -> float:
 def ir_perplexity(folder: Path, ids: list[int]) -> float:
     """Perplexity of ``ids`` by the IR in ``folder``, one forward pass, with the engine's compile settings."""
     import numpy as np
-    import openvino as ov
 
-    core = ov.Core()
-    request = core.compile_model(core.read_model(str(folder / "openvino_model.xml")), "CPU").create_infer_request()
+    from tokenwire.engine.openvino import ir
+
     n = len(ids)
-    request.infer(
-        {
-            "input_ids": np.array([ids], dtype=np.int64),
-            "attention_mask": np.ones((1, n), dtype=np.int64),
-            "position_ids": np.arange(n, dtype=np.int64)[None],
-            "beam_idx": np.zeros(1, dtype=np.int32),
-        }
-    )
-    logits = request.get_tensor("logits").data[0].astype(np.float64)
+    logits = ir.logits(folder, ids)
     top = logits.max(axis=-1, keepdims=True)
     lse = np.log(np.exp(logits - top).sum(axis=-1)) + top[:, 0]
     nll = lse[:-1] - logits[np.arange(n - 1), ids[1:]]

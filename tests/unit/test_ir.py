@@ -16,22 +16,7 @@ PROMPT_IDS = [5, 17, 42, 99, 7, 64, 3, 120, 33, 8, 250, 11]
 
 def logits(folder: Path, ids: list[int]) -> Any:
     """The IR's logits for ``ids`` (one forward pass over the whole prompt, float32 inference)."""
-    import openvino as ov
-
-    core = ov.Core()
-    request = core.compile_model(
-        core.read_model(str(folder / "openvino_model.xml")), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
-    ).create_infer_request()
-    n = len(ids)
-    request.infer(
-        {
-            "input_ids": np.array([ids], dtype=np.int64),
-            "attention_mask": np.ones((1, n), dtype=np.int64),
-            "position_ids": np.arange(n, dtype=np.int64)[None],
-            "beam_idx": np.zeros(1, dtype=np.int32),
-        }
-    )
-    return request.get_tensor("logits").data[0].astype(np.float64).copy()
+    return ir.logits(folder, ids, {"INFERENCE_PRECISION_HINT": "f32"})
 
 
 def transformers_logits(gguf: Path, ids: list[int]) -> Any:

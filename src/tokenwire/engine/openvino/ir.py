@@ -309,3 +309,24 @@ def _int4_groups(w: Any) -> Any:
     deq = ops.multiply(deq, ops.constant(scale.astype(np.float16)))
     deq = ops.reshape(deq, ops.constant(np.array([rows, cols], dtype=np.int64)), special_zero=False)
     return ops.convert(deq, ov.Type.f32).output(0)
+
+
+def logits(folder: Path, ids: list[int], properties: dict[str, str] | None = None) -> Any:
+    """The logits (tokens × vocabulary, float64) the IR in ``folder`` gives ``ids`` in one forward pass: what
+    bench/formats.py's perplexity and the tests' comparisons read. ``properties``: OpenVINO compile settings."""
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(folder / "openvino_model.xml"))
+    request = core.compile_model(model, "CPU", properties or {}).create_infer_request()
+    n = len(ids)
+    request.infer(
+        {
+            "input_ids": np.array([ids], dtype=np.int64),
+            "attention_mask": np.ones((1, n), dtype=np.int64),
+            "position_ids": np.arange(n, dtype=np.int64)[None],
+            "beam_idx": np.zeros(1, dtype=np.int32),
+        }
+    )
+    return request.get_tensor("logits").data[0].astype(np.float64)
