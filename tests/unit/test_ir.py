@@ -29,13 +29,13 @@ def transformers_logits(gguf: Path, ids: list[int]) -> Any:
         return model(torch.tensor([ids])).logits[0].double().numpy()
 
 
-def q4_1_gguf(f16: Path, target: Path) -> Path:
+def q4_1_gguf(f16: Path, target: Path, arch: str | None = None) -> Path:
     """``f16`` written again with its matrices in Q4_1 and its embeddings in Q8_0, as the default model stores
-    them."""
+    them (``arch``: another architecture name)."""
     import gguf as gg
 
     reader = gg.GGUFReader(str(f16))
-    writer = gg.GGUFWriter(str(target), reader.fields["general.architecture"].contents())
+    writer = gg.GGUFWriter(str(target), arch or reader.fields["general.architecture"].contents())
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
             continue
@@ -135,6 +135,15 @@ def test_a_conversion_is_made_once_and_a_partial_or_corrupt_one_again(tiny_gguf:
     assert not list(cache.glob("tokenwire-ir-*"))  # no work folder left behind
     with pytest.raises(ValueError, match=r"int3.*none, int8, int4"):
         ir.converted(tiny_gguf, "int3")
+
+
+def test_a_file_openvino_cannot_build_is_refused_with_the_way_out(tiny_gguf: Path, cache: Path) -> None:
+    from tokenwire.engine.models import NotForOpenVINO
+
+    odd = q4_1_gguf(tiny_gguf, cache / "odd.gguf", arch="falcon-like")
+    with pytest.raises(NotForOpenVINO, match=r"cannot read odd\.gguf.*--engine transformers"):
+        ir.converted(odd, "int8")
+    assert not list(cache.glob("*-ir")) and not list(cache.glob("tokenwire-ir-*"))  # nothing half made
 
 
 def test_dequantizing_keeps_the_metadata_and_decodes_every_block_exactly(q4_gguf: Path, tmp_path: Path) -> None:

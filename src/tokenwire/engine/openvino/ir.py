@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 IR_VERSION = 2
 FORMATS = ("none", "int8", "int4")
 MARKER = "tokenwire-ir.json"
-MODEL_FILES = ("openvino_model.xml", "openvino_model.bin")
-EMBEDDING_BITS = 8  # the embedding matrix stays int8 under int4: it is also the output layer, and costs the most
 
 
 def converted(gguf: Path, fmt: str) -> Path:
@@ -95,7 +93,13 @@ def export(gguf: Path, folder: Path) -> None:
     else:
         dequantize_gguf(gguf, source)
     # GenAI saves what it built next to the file it read; compiling is part of building the pipeline
-    og.LLMPipeline(str(source), "CPU", enable_save_ov_model=True)
+    try:
+        og.LLMPipeline(str(source), "CPU", enable_save_ov_model=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise models.NotForOpenVINO(
+            f"the openvino engine cannot read {gguf.name}: OpenVINO GenAI says {reason!r} (use --engine transformers)"
+        ) from exc
     source.unlink()
     if not (folder / "openvino_model.xml").is_file():
         raise RuntimeError(f"OpenVINO GenAI did not save an IR for {gguf}")
