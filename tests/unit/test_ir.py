@@ -137,6 +137,17 @@ def test_a_conversion_is_made_once_and_a_partial_or_corrupt_one_again(tiny_gguf:
         ir.converted(tiny_gguf, "int3")
 
 
+def test_two_processes_converting_at_once_both_get_the_one_conversion(tiny_gguf: Path, cache: Path) -> None:
+    """Replicas started together on an empty cache each convert the model; the one that finishes second finds the
+    first one's folder in place and uses it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda _: ir.converted(tiny_gguf, "none"), range(2)))
+    assert got[0] == got[1] and ir.whole(got[0])
+    assert not list(cache.glob("tokenwire-ir-*"))
+
+
 def test_a_file_openvino_cannot_build_is_refused_with_the_way_out(tiny_gguf: Path, cache: Path) -> None:
     from tokenwire.engine.models import NotForOpenVINO
 

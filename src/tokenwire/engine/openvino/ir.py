@@ -57,9 +57,11 @@ def converted(gguf: Path, fmt: str) -> Path:
         built = Path(work) / "out"
         quantize_folder(exported, built, fmt, gguf)
         _mark(built, gguf, fmt)
-        if whole(target):  # another process made it meanwhile
-            return target
-        os.replace(built, target)
+        try:
+            os.replace(built, target)
+        except OSError:  # another process (a replica starting beside this one) put its copy there first
+            if not whole(target):
+                raise
     return target
 
 
