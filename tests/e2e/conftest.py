@@ -30,7 +30,10 @@ def engine_name(request: pytest.FixtureRequest) -> str:
 def tiny_server(engine_name: str, tiny_long_model_dir: Path, tiny_gguf: Path) -> Iterator[RunningServer]:
     """A real server process on the tiny random model (4096-token context), with short heartbeats, a small
     frame limit and a resume window of RESUME_WINDOW seconds; on the transformers engine from the model folder,
-    on the OpenVINO engine from the same model written as a GGUF file."""
+    on the OpenVINO engine from the same model written as a GGUF file, run with its float16 weights
+    (``--quantize none``): a random model's texts turn on near-ties that int8 rounding tips one way in a prefill
+    and the other in a decode step, and the suites compare texts across a rebuilt KV cache. The int8 IR is tested
+    on the default model (test_default_model.py) and in tests/unit/test_ir.py."""
     with serve(
         "--engine",
         engine_name,
@@ -38,6 +41,7 @@ def tiny_server(engine_name: str, tiny_long_model_dir: Path, tiny_gguf: Path) ->
         str(tiny_gguf if engine_name == "openvino" else tiny_long_model_dir),
         "--device",
         TEST_DEVICE if engine_name == "transformers" else "cpu",
+        *(("--quantize", "none") if engine_name == "openvino" else ()),
         "--heartbeat-interval",
         "1",
         "--max-message-bytes",

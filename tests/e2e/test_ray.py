@@ -53,6 +53,7 @@ async def test_two_ray_serve_replicas_serve_spread_streams_and_survive_one_dying
 ) -> None:
     ray_installed()
     args = ("--replicas", "2", "--max-replicas", "3", "--replica-cpus", "0.5", "--model", str(tiny_gguf))
+    args += ("--quantize", "none")  # the continuation is compared with a whole run: float16, as tiny_server
     args += ("--journal", redis_url)
     args += ("--journal-lease", "1", "--heartbeat-interval", "0", "--max-tokens-limit", "4096")
     with serve(*args, startup_timeout=240) as server:
