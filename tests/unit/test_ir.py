@@ -35,13 +35,7 @@ def q4_1_gguf(f16: Path, target: Path, arch: str | None = None) -> Path:
     import gguf as gg
 
     reader = gg.GGUFReader(str(f16))
-    writer = gg.GGUFWriter(str(target), arch or reader.fields["general.architecture"].contents())
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        sub = field.types[-1] if field.types[0] == gg.GGUFValueType.ARRAY else None
-        value = int(gg.LlamaFileType.MOSTLY_Q4_1) if name == "general.file_type" else field.contents()
-        writer.add_key_value(name, value, field.types[0], sub_type=sub)  # GenAI reads the file type
+    writer = ir.copy_metadata(reader, target, gg.LlamaFileType.MOSTLY_Q4_1, arch)
     for t in reader.tensors:
         data = np.asarray(t.data).reshape(tuple(int(x) for x in reversed(t.shape))).astype(np.float32)
         if data.ndim == 2:

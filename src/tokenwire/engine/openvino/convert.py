@@ -50,6 +50,7 @@ def unsupported(folder: Path) -> str | None:
 
 def content_key(folder: Path) -> str:
     """SHA-256 of what the conversion reads, and how it writes."""
+    # "none": the format name it had when it also wrote quantized files, so earlier float16 conversions still match
     digest = hashlib.sha256(f"tokenwire-gguf|v{CONVERTER_VERSION}|none".encode())
     names = ["config.json", "tokenizer.json", "tokenizer_config.json"]
     names += sorted(p.name for p in folder.glob("*.safetensors"))

@@ -121,16 +121,7 @@ def dequantize_gguf(src: Path, dst: Path) -> None:
     from tqdm import tqdm
 
     reader = gg.GGUFReader(str(src))
-    arch = reader.fields["general.architecture"].contents()
-    writer = gg.GGUFWriter(str(dst), arch)
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        value = field.contents()
-        if name == "general.file_type":
-            value = int(gg.LlamaFileType.MOSTLY_F16)
-        sub = field.types[-1] if field.types[0] == gg.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, value, field.types[0], sub_type=sub)
+    writer = copy_metadata(reader, dst, gg.LlamaFileType.MOSTLY_F16)
     for t in tqdm(reader.tensors, desc="decoding the GGUF weights", unit="tensor"):
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dimensions innermost first
         if t.tensor_type in (gg.GGMLQuantizationType.F32, gg.GGMLQuantizationType.F16):
@@ -142,6 +133,22 @@ def dequantize_gguf(src: Path, dst: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def copy_metadata(reader: Any, dst: Path, file_type: int, arch: str | None = None) -> Any:
+    """A ``GGUFWriter`` for ``dst`` with every metadata field ``reader`` (a ``GGUFReader``) has (the tokenizer
+    too), the file type set to ``file_type`` (OpenVINO GenAI reads it) and the architecture named ``arch`` if
+    given; the caller adds the tensors and writes."""
+    import gguf as gg
+
+    writer = gg.GGUFWriter(str(dst), arch or reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = int(file_type) if name == "general.file_type" else field.contents()
+        sub = field.types[-1] if field.types[0] == gg.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, value, field.types[0], sub_type=sub)
+    return writer
 
 
 def quantize_folder(src: Path, dst: Path, fmt: str, gguf: Path) -> None:
@@ -196,8 +203,7 @@ def restore_float32(model: Any, gguf: Path) -> int:
             continue
         exact = ops.constant(found[0].reshape(shape)).output(0)
         for u in users:
-            for target in list(u.output(0).get_target_inputs()):
-                target.replace_source_output(exact)
+            u.output(0).replace(exact)
         count += 1
     return count
 
@@ -235,8 +241,7 @@ def fuse_projections(model: Any) -> int:
         rows = np.array([w.get_output_shape(0)[0] for _, w in members], dtype=np.int64)
         split = ops.variadic_split(product, ops.constant(np.int64(-1)), ops.constant(rows))
         for i, (op, _) in enumerate(members):
-            for target in list(op.output(0).get_target_inputs()):
-                target.replace_source_output(split.output(i))
+            op.output(0).replace(split.output(i))
         fused += 1
     return fused
 
@@ -253,12 +258,10 @@ def quantize(model: Any, fmt: str) -> int:
     count = 0
     for op, converts in tqdm(matrices, desc=f"quantizing to {fmt}", unit="matrix"):
         weights = op.get_data().astype("float32")
-        gather = any(c.get_type_name() == "Gather" for cv in converts for c in _consumers(cv))
-        bits = 8 if fmt == "int8" or gather else 4
-        replacement = _int8_rows(weights) if bits == 8 else _int4_groups(weights)
+        embedding = any(c.get_type_name() == "Gather" for cv in converts for c in _consumers(cv))
+        replacement = _int8_rows(weights) if fmt == "int8" or embedding else _int4_groups(weights)
         for cv in converts:
-            for target in list(cv.output(0).get_target_inputs()):
-                target.replace_source_output(replacement)
+            cv.output(0).replace(replacement)
         count += 1
     return count
 

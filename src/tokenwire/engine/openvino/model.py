@@ -3,11 +3,11 @@ end-of-sequence ids and context window.
 
 A GGUF file is made into OpenVINO IR once, with weights tokenwire quantizes (engine/openvino/ir.py); a Hugging
 Face folder is first written as a float16 GGUF file (engine/openvino/convert.py); an IR folder is read as it
-is. tokenwire tokenizes with its own
-(transformers) tokenizer, the same one the transformers engine uses, so both engines give a model the same
-prompt tokens. Reading a GGUF file's tokenizer takes transformers ~10 s for the default model, so it is done once
-and kept in the cache directory (``<name>-<key>-tokenizer``) with a ``tokenwire.json`` written last: a folder
-without it, or one that does not load, is a partial or corrupt cache and is built again.
+is. tokenwire tokenizes with its own (transformers) tokenizer, the same one the transformers engine uses, so
+both engines give a model the same prompt tokens. Reading a GGUF file's tokenizer takes transformers ~10 s for
+the default model, so it is done once and kept in the cache directory (``<name>-<key>-tokenizer``) with a
+``tokenwire.json`` written last: a folder without it, or one that does not load, is a partial or corrupt cache
+and is built again.
 """
 
 from __future__ import annotations
