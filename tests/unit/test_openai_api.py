@@ -108,6 +108,11 @@ def error_of(r: Any) -> dict[str, Any]:
         ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
         ({"response_format": {"type": "xml"}}, "response_format"),
         ({"logprobs": True}, "logprobs"),
+        ({"logit_bias": {"50": -100}}, "logit_bias"),
+        ({"reasoning_effort": "low"}, "reasoning_effort"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"web_search_options": {}}, "web_search_options"),
     ],
 )
 def test_invalid_parameters_are_400_naming_the_parameter(
@@ -117,6 +122,18 @@ def test_invalid_parameters_are_400_naming_the_parameter(
     assert r.status_code == 400
     err = error_of(r)
     assert err["param"] == param and err["type"] == "invalid_request_error"
+
+
+def test_options_that_ask_for_nothing_the_server_cannot_do_are_accepted(client: TestClient) -> None:
+    """The refusals above are for what would change the answer; the neutral values clients send are fine."""
+    neutral = {"logit_bias": {}, "reasoning_effort": "none", "modalities": ["text"], "user": "u", "store": False}
+    assert client.post("/v1/chat/completions", json={**CHAT, **neutral}).status_code == 200
+    assert client.post("/v1/chat/completions", json={**CHAT, "reasoning_effort": None}).status_code == 200
+
+
+def test_logit_bias_on_completions_is_refused_not_ignored(client: TestClient) -> None:
+    r = client.post("/v1/completions", json={"prompt": "Once upon", "logit_bias": {"50": 5}})
+    assert r.status_code == 400 and error_of(r)["param"] == "logit_bias"
 
 
 def test_body_that_is_not_json_is_400(client: TestClient) -> None:

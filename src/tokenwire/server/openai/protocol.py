@@ -196,6 +196,28 @@ def _reject_unsupported(body: dict[str, Any], chat: bool) -> None:
     if body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1):
         param = "echo" if body.get("echo") else "suffix" if body.get("suffix") else "best_of"
         raise APIError(400, f'"{param}" is not supported by this server', code="invalid_request", param=param)
+    if body.get("logit_bias") not in (None, {}):  # neither engine can add a bias to chosen tokens' logits
+        raise APIError(400, '"logit_bias" is not supported by this server', code="invalid_request", param="logit_bias")
+    if chat:
+        _reject_unsupported_chat(body)
+
+
+def _reject_unsupported_chat(body: dict[str, Any]) -> None:
+    """Chat options for what the served model cannot do: reasoning, audio, web search (the Responses door refuses
+    ``reasoning`` the same way)."""
+    if body.get("reasoning_effort") not in (None, "none"):
+        raise APIError(
+            400,
+            '"reasoning_effort" is not supported: the model served does not reason',
+            code="invalid_request",
+            param="reasoning_effort",
+        )
+    modalities = body.get("modalities")
+    if modalities is not None and (not isinstance(modalities, list) or any(m != "text" for m in modalities)):
+        raise APIError(400, '"modalities" may only be ["text"]', code="invalid_request", param="modalities")
+    for name in ("audio", "web_search_options"):
+        if body.get(name) is not None:
+            raise APIError(400, f'"{name}" is not supported by this server', code="invalid_request", param=name)
 
 
 # -- response shapes
