@@ -79,6 +79,27 @@ def test_models_lists_the_served_model(client: TestClient) -> None:
     assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["fake-model"]
 
 
+def test_a_model_is_retrieved_by_its_id(client: TestClient) -> None:
+    """``GET /v1/models/{id}``, the ``openai`` package's ``models.retrieve``."""
+    body = client.get("/v1/models/fake-model").json()
+    assert body["id"] == "fake-model" and body["object"] == "model"
+    r = client.get("/v1/models/gpt-4o")
+    assert r.status_code == 404 and error_of(r)["code"] == "model_not_found"
+    assert client.get("/v1/models/org/gpt-4o").status_code == 404  # hub-style ids hold a slash
+
+
+def test_an_unknown_endpoint_or_method_under_v1_is_an_openai_error(client: TestClient) -> None:
+    r = client.post("/v1/embeddings", json={"input": "hi"})
+    assert r.status_code == 404
+    err = error_of(r)
+    assert err["code"] == "not_found" and "POST /v1/embeddings" in err["message"]
+    r = client.get("/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert error_of(r)["code"] == "method_not_allowed"
+    r = client.get("/no-such-page")  # outside the API: a plain page
+    assert r.status_code == 404 and r.text == "Not Found"
+
+
 def test_parameters_reach_the_engine(client: TestClient, engine: FakeEngine) -> None:
     body = {**CHAT, "max_completion_tokens": 9, "temperature": 0.2, "top_p": 0.5, "seed": 3, "stop": ["x"], "n": 1}
     assert client.post("/v1/chat/completions", json=body).status_code == 200

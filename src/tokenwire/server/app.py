@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
@@ -41,6 +42,18 @@ class App(Starlette):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         expose_transport(scope, send)
         await super().__call__(scope, receive, send)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """No such route (404) or method (405): under ``/v1/`` an OpenAI-shaped error naming the method and path, as
+    OpenAI answers, so that API clients show it; elsewhere Starlette's plain text."""
+    assert isinstance(exc, HTTPException)
+    if not request.url.path.startswith("/v1/") or exc.status_code not in (404, 405):
+        return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+    what = "no such endpoint" if exc.status_code == 404 else "this endpoint does not take that method"
+    error = {"message": f"{what}: {request.method} {request.url.path}", "type": "invalid_request_error"}
+    body = {"error": {**error, "param": None, "code": "not_found" if exc.status_code == 404 else "method_not_allowed"}}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 async def internal_error(request: Request, exc: Exception) -> Response:
@@ -101,6 +114,7 @@ def create_app(
             Route("/metrics", r.metrics),
             Route("/dashboard", r.dashboard),
             Route("/v1/models", r.require_key(api.models)),
+            Route("/v1/models/{model_id:path}", r.require_key(api.model), methods=["GET"]),
             Route("/v1/chat/completions", r.require_key(api.chat_completions), methods=["POST"]),
             Route("/v1/completions", r.require_key(api.completions), methods=["POST"]),
             Route("/v1/responses", r.require_key(resp.create), methods=["POST"]),
@@ -119,7 +133,7 @@ def create_app(
                 on_refused=telemetry.error,
             ),
         ],
-        exception_handlers={Exception: internal_error},
+        exception_handlers={HTTPException: http_error, Exception: internal_error},
     )
     app.state.tokenwire = state
     return app

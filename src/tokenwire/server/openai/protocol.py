@@ -297,5 +297,9 @@ def text_completion(ids: ResponseIds, text: str, reason: str, use: dict[str, int
     return _envelope(ids, "text_completion", [choice], usage=use)
 
 
+def model_object(model: str, created: int) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": created, "owned_by": "tokenwire"}
+
+
 def model_list(model: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "tokenwire"}]}
+    return {"object": "list", "data": [model_object(model, created)]}

@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
+"""OpenAI-compatible HTTP routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models[/{id}]``.
 
 Streaming answers are Server-Sent Events: one ``data: {chunk}`` per text delta, ``: keep-alive`` comments
 while nothing else is sent (a long prompt being prefilled, a queue), and ``data: [DONE]`` at the end. A client
@@ -98,6 +98,21 @@ class OpenAIRoutes:
 
     async def models(self, request: Request) -> Response:
         return JSONResponse(oa.model_list(self.engine.model_name, self.created))
+
+    async def model(self, request: Request) -> Response:
+        """``GET /v1/models/{id}``: the served model, or 404 ``model_not_found`` (the ``openai`` package's
+        ``models.retrieve``)."""
+        name = request.path_params["model_id"]
+        if name != self.engine.model_name:
+            return error_response(
+                oa.APIError(
+                    404,
+                    f"the model {name!r} does not exist; this server serves {self.engine.model_name!r}",
+                    code="model_not_found",
+                    param="model",
+                )
+            )
+        return JSONResponse(oa.model_object(name, self.created))
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._complete(request, chat=True)
