@@ -6,6 +6,12 @@
 - A body larger than ``max_body_bytes`` is refused with 413: at once when ``Content-Length`` says so, else as
   soon as the bytes read pass the limit. A body within the limit is read here and handed on unchanged.
 
+- CORS: a page whose origin is allowed (the same rule as for WebSocket upgrades, auth.py: this machine's pages,
+  the server's own, ``--allowed-origins``) may call the HTTP API from its scripts. Its preflight (``OPTIONS``
+  with ``Access-Control-Request-Method``) is answered here, before any route or key check, and every answer to
+  it carries ``Access-Control-Allow-Origin``; another origin's preflight gets 403 and no CORS header, so its
+  browser never sends the request.
+
 Refusals are OpenAI-shaped JSON errors. Pure ASGI, so that nothing is buffered before these checks.
 """
 
@@ -37,11 +43,21 @@ class RequestGuard:
         self.on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in _BODYLESS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
         origin = headers.get("origin")
+        if origin is not None:
+            allowed = origin_allowed(origin, headers.get("host"), self.policy, http=True)
+            if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
+                await self._preflight(send, origin, headers, allowed)
+                return
+            if allowed:
+                send = _with_cors(send, origin)
+        if scope["method"] in _BODYLESS:
+            await self.app(scope, receive, send)
+            return
         if not is_json_type(headers.get("content-type")) and not origin_allowed(
             origin, headers.get("host"), self.policy, http=True
         ):
@@ -85,6 +101,31 @@ class RequestGuard:
 
         await self.app(scope, replay, send)
 
+    async def _preflight(self, send: Send, origin: str, headers: Headers, allowed: bool) -> None:
+        """A browser asks whether a page at ``origin`` may send a request with a JSON body or an API key."""
+        if not allowed:
+            await self._refuse(
+                send,
+                403,
+                "forbidden_origin",
+                f"pages at {origin!r} may not call this server; add the origin to --allowed-origins",
+            )
+            return
+        out = [
+            (b"access-control-allow-origin", origin.encode("latin-1")),
+            (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
+            (b"access-control-max-age", b"600"),
+            (b"vary", b"Origin, Access-Control-Request-Headers"),
+            (b"content-length", b"0"),
+        ]
+        asked = headers.get("access-control-request-headers")
+        if asked:
+            out.append((b"access-control-allow-headers", asked[:1024].encode("latin-1")))
+        if headers.get("access-control-request-private-network") == "true":  # a public page asks for a local server
+            out.append((b"access-control-allow-private-network", b"true"))
+        await send({"type": "http.response.start", "status": 204, "headers": out})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
     async def _too_large(self, send: Send, length: int | None) -> None:
         size = f" ({length} bytes)" if length is not None else ""
         await self._refuse(
@@ -98,6 +139,24 @@ class RequestGuard:
         if self.on_refused is not None:
             self.on_refused(code)
         await send_error(send, status, code, message, extra_headers=[(b"connection", b"close")])
+
+
+def _with_cors(send: Send, origin: str) -> Send:
+    """``send``, with the headers that let the page at ``origin`` read the answer (unless the route set its own)."""
+
+    async def cors_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            sent = list(message.get("headers", []))
+            if not any(name.lower() == b"access-control-allow-origin" for name, _ in sent):
+                sent += [
+                    (b"access-control-allow-origin", origin.encode("latin-1")),
+                    (b"access-control-expose-headers", b"Retry-After"),
+                    (b"vary", b"Origin"),
+                ]
+                message = {**message, "headers": sent}
+        await send(message)
+
+    return cors_send
 
 
 async def send_error(
