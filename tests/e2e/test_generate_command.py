@@ -99,6 +99,16 @@ async def test_an_invalid_parameter_exits_1_naming_it() -> None:
     assert err.startswith("tokenwire generate: error: invalid_request:") and "(param: temperature)" in err
 
 
+async def test_the_url_the_server_prints_works_too() -> None:
+    """The ready line names http://HOST:PORT/ (the chat page); that, or a bare HOST:PORT, reaches the protocol."""
+    async with serving(FakeEngine(reply="Hi.")) as (base, _):
+        for url in (base, base + "/", base.removeprefix("http://")):
+            code, out, err = await shell(f"tokenwire generate Hi --url {url}")
+            assert (code, out, err) == (0, "Hi.\n", ""), url
+    code, _, err = await shell("tokenwire generate Hi --url ftp://example.com")
+    assert code == 2 and "'ftp://example.com' is not a server address" in err
+
+
 async def test_bad_arguments_and_an_empty_prompt_exit_2() -> None:
     code, _, err = await shell("tokenwire generate")
     assert code == 2 and "prompt" in err

@@ -14,6 +14,7 @@ from tokenwire.client import (
     Unauthorized,
     error_from,
 )
+from tokenwire.client.connection import websocket_url
 from tokenwire.client.messages import (
     generate_message,
     parse_delta,
@@ -110,3 +111,23 @@ def test_each_error_code_raises_its_own_class(code: str, cls: type[TokenwireErro
 def test_an_unknown_error_code_keeps_its_code() -> None:
     exc = error_from({"type": "error", "code": "teapot", "content": "short and stout"})
     assert type(exc) is TokenwireError and exc.code == "teapot" and exc.param is None
+
+
+@pytest.mark.parametrize(
+    ("given", "opened"),
+    [
+        ("ws://127.0.0.1:8765/ws", "ws://127.0.0.1:8765/ws"),
+        ("wss://llm.example/ws", "wss://llm.example/ws"),
+        ("http://127.0.0.1:8765/", "ws://127.0.0.1:8765/"),
+        ("HTTPS://llm.example/chat/ws", "wss://llm.example/chat/ws"),
+        (" localhost:8765 ", "ws://localhost:8765"),
+    ],
+)
+def test_a_server_address_becomes_the_websocket_url_to_open(given: str, opened: str) -> None:
+    assert websocket_url(given) == opened
+
+
+@pytest.mark.parametrize("given", ["", "ftp://example.com", "http://", "ws:///ws"])
+def test_an_address_that_names_no_server_is_refused_in_words(given: str) -> None:
+    with pytest.raises(ValueError, match="is not a server address"):
+        websocket_url(given)

@@ -26,6 +26,21 @@ from tokenwire.client.generation import Generation
 from tokenwire.client.messages import Hello, Sampling, generate_message, parse_hello, resume_message
 
 DEFAULT_URL = "ws://127.0.0.1:8765/ws"
+_SCHEMES = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
+
+
+def websocket_url(url: str) -> str:
+    """``url`` as the WebSocket URL to open: ``ws://`` and ``wss://`` as given, ``http://`` and ``https://`` (the
+    address the server prints for its chat page) as ``ws://`` and ``wss://``, and a bare ``host:port`` as
+    ``ws://host:port`` (the server answers its protocol at ``/`` as at ``/ws``). ValueError for anything else."""
+    text = url.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "ws", text
+    ws_scheme = _SCHEMES.get(scheme.lower())
+    if ws_scheme is None or not rest or rest.startswith("/"):
+        raise ValueError(f"{url!r} is not a server address: give ws://HOST:PORT/ws (or http://HOST:PORT, HOST:PORT)")
+    return f"{ws_scheme}://{rest}"
 
 
 def not_found(msg: Mapping[str, Any]) -> bool:
@@ -40,7 +55,7 @@ class ConnectionState(enum.StrEnum):
 
 
 class Client:
-    """A connection to a tokenwire server's WebSocket protocol::
+    """A connection to a tokenwire server's WebSocket protocol (``url``: see :func:`websocket_url`)::
 
         async with Client("ws://127.0.0.1:8765/ws", api_key="...") as client:
             async for delta in client.generate("Hello!", max_tokens=32):
@@ -71,7 +86,7 @@ class Client:
     ) -> None:
         if buffer < 1:
             raise ValueError("buffer must be at least 1")
-        self.url = url
+        self.url = websocket_url(url)
         self.hello: Hello | None = None
         self.state = ConnectionState.CLOSED
         self._api_key = api_key

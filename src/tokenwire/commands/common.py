@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from tokenwire.client import DEFAULT_URL
+from tokenwire.client.connection import websocket_url
 
 URL_ENV = "TOKENWIRE_URL"
 KEY_ENV = "TOKENWIRE_API_KEY"
@@ -20,11 +21,21 @@ EXIT_UNAUTHORIZED = 4  # the server wants a key, and this one is missing or wron
 EXIT_INTERRUPTED = 130  # Ctrl+C
 
 
+def server_url(text: str) -> str:
+    """``--url`` (or ``TOKENWIRE_URL``) as a WebSocket URL; a usage error (exit 2) names what is wrong."""
+    try:
+        return websocket_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url",
-        default=os.environ.get(URL_ENV, DEFAULT_URL),
-        help=f"the server's WebSocket URL (default: {DEFAULT_URL}; env {URL_ENV})",
+        type=server_url,
+        default=os.environ.get(URL_ENV) or DEFAULT_URL,
+        help=f"the server's WebSocket URL; http://HOST:PORT and HOST:PORT work too (default: {DEFAULT_URL}; env "
+        f"{URL_ENV})",
     )
     parser.add_argument(
         "--api-key",
