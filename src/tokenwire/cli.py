@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     command = args.command
     try:
         settings = _parse(args)
-    except ValueError as exc:  # a bad TOKENWIRE_* value
+        settings.check()
+    except ValueError as exc:  # a bad TOKENWIRE_* value, a number out of its range
         sys.exit(f"tokenwire: error: {exc}")
     try:
         _server_installed(settings.engine)

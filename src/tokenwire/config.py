@@ -7,6 +7,7 @@ Each field can be set by a command-line flag (``--max-batch-size``) or an enviro
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -33,8 +34,9 @@ class Settings:
     allowed_origins: str = field(
         default="",
         metadata={
-            "help": "extra browser origins allowed to open WebSockets and post non-JSON bodies, comma-separated "
-            "(* = any); the server's own origin and pages on localhost are always allowed"
+            "help": "extra browser origins allowed to open WebSockets, call the HTTP API from their scripts (CORS) "
+            "and post non-JSON bodies, comma-separated (* = any); the server's own origin and pages on localhost "
+            "are always allowed"
         },
     )
     null_origin: str = field(
@@ -255,6 +257,36 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def check(self) -> None:
+        """ValueError naming the flag of the first number out of its range: a typo fails at start, in words."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            lo = _AT_LEAST.get(f.name, 0)
+            if not math.isfinite(value) or value < lo or (f.name in _ABOVE_ZERO and value <= 0):
+                floor = "above 0" if f.name in _ABOVE_ZERO else f"at least {lo}"
+                raise ValueError(f"{flag} must be a number {floor}, not {value!r}")
+        if self.port > 65535:
+            raise ValueError(f"--port must be a port number, 0 to 65535, not {self.port}")
+
+
+# The numbers that must be more than 0 (every other one: 0 or more; 0 often means "off" or "no limit").
+_AT_LEAST = {
+    "max_model_len": 1,
+    "max_batch_size": 1,
+    "kv_cache_tokens": 32,  # one block
+    "max_prefill_tokens": 1,
+    "max_message_bytes": 1,
+    "max_body_bytes": 1,
+    "max_tokens_limit": 1,
+    "default_max_tokens": 1,
+    "max_generations_per_connection": 1,
+    "max_unsent_tokens": 1,
+}
+_ABOVE_ZERO = frozenset({"journal_lease", "replica_cpus", "ray_target_waiting"})
 
 
 def _convert(name: str, raw: str, kind: Any) -> Any:

@@ -33,3 +33,33 @@ def test_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
 def test_every_setting_has_a_flag() -> None:
     s = settings_from_args(["serve", "--max-model-len", "1024", "--dtype", "bfloat16", "--host", "0.0.0.0"])
     assert (s.max_model_len, s.dtype, s.host) == (1024, "bfloat16", "0.0.0.0")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-batch-size", "0"], "--max-batch-size must be a number at least 1, not 0"),
+        (["--threads", "-1"], "--threads must be a number at least 0, not -1"),
+        (["--kv-cache-tokens", "10"], "--kv-cache-tokens must be a number at least 32, not 10"),
+        (["--queue-timeout", "nan"], "--queue-timeout must be a number at least 0, not nan"),
+        (["--journal-lease", "0"], "--journal-lease must be a number above 0, not 0.0"),
+        (["--port", "70000"], "--port must be a port number, 0 to 65535, not 70000"),
+    ],
+)
+def test_a_number_out_of_its_range_is_refused_naming_the_flag(flags: list[str], message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        settings_from_args(["serve", *flags]).check()
+    assert str(err.value) == message
+
+
+def test_the_defaults_and_zero_for_off_pass_the_check() -> None:
+    Settings().check()
+    settings_from_args(["serve", "--max-connections", "0", "--resume-window", "0", "--threads", "0"]).check()
+
+
+def test_serve_with_a_number_out_of_range_exits_before_loading_anything() -> None:
+    from tokenwire.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--max-batch-size", "0"])
+    assert exc.value.code == "tokenwire: error: --max-batch-size must be a number at least 1, not 0"
