@@ -173,12 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         f"Weights in 8 bits or fewer: {result['weight_mb_8bit_or_less']} MB, read once a step by the matrix "
         f"products in {products:.2f} ms: {result['products_gb_per_s']} GB/s.",
     ]
-    print("\n".join(lines))
-    if a.out is not None:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=2) + "\n")
-        a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    save(a.out, result, lines)
     return 0
+
+
+def save(out: Path | None, result: dict[str, Any], lines: list[str]) -> None:
+    """Print the table ``lines``; with ``out``, write ``result`` there (JSON) and the table beside it (.md)."""
+    print("\n".join(lines))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

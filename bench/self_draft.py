@@ -13,13 +13,13 @@ converts the GGUF file to) and computes that acceptance at every position for ea
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ov_step import save
 from peers import converted_folder, cpu_model
 
 PROMPTS = (
@@ -82,11 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "|---:|---:|---|",
         *(f"| {r['layers']} of {layers} | {r['acceptance']} | {', '.join(map(str, r['per_prompt']))} |" for r in rows),
     ]
-    print("\n".join(lines))
-    if a.out is not None:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=2) + "\n")
-        a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    save(a.out, result, lines)
     return 0
 
 
