@@ -11,6 +11,7 @@ from tokenwire.engine import GenerationRequest, OutputKind
 from tokenwire.engine.factory import build_engine, choose_engine
 from tokenwire.engine.hf.engine import HFEngine
 from tokenwire.engine.interface import SamplingParams
+from tokenwire.engine.models import ModelNotFoundError, NotForOpenVINO
 from tokenwire.engine.openvino.engine import OVEngine
 
 
@@ -31,17 +32,26 @@ def test_auto_falls_back_to_transformers_and_says_why(tiny_model_dir: Path, tiny
     (other / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
     kind, why = choose_engine(Settings(model=str(other)))
     assert kind == "transformers" and "GPT2LMHeadModel" in why
-    kind, why = choose_engine(Settings(model="HuggingFaceTB/SmolLM2-135M-Instruct"))  # offline, not cached
-    assert kind == "transformers" and "hub model" in why
     kind, why = choose_engine(Settings(model=str(tiny_gguf), device="cuda"))
     assert kind == "transformers" and "cuda" in why
     assert choose_engine(Settings(model=str(tiny_gguf), quantize="int8"))[0] == "openvino"  # int8 IR
     assert isinstance(build_engine(Settings(model=str(other), device="cpu")), HFEngine)
 
 
-def test_a_forced_engine_is_used_or_refused_with_a_reason(tiny_model_dir: Path, tiny_gguf: Path) -> None:
+def test_a_forced_engine_is_used_or_refused_with_a_reason(
+    tiny_model_dir: Path, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
     assert isinstance(build_engine(Settings(model=str(tiny_gguf), engine="transformers", device="cpu")), HFEngine)
+    other = tmp_path / "gpt2-like"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(ValueError, match="--engine transformers"):
+        build_engine(Settings(model=str(other), engine="openvino"))
+    with pytest.raises(ValueError, match="cannot get hub model"):  # offline and not cached: no engine can have it
         build_engine(Settings(model="HuggingFaceTB/SmolLM2-135M-Instruct", engine="openvino"))
     with pytest.raises(ValueError, match="quantize"):
         build_engine(Settings(model=str(tiny_gguf), engine="openvino", quantize="int2"))
@@ -74,6 +84,17 @@ def test_prepare_fills_the_cache_and_a_partial_or_corrupt_cache_is_rebuilt(
     assert (rebuilt / "tokenizer.json").read_text().startswith("{\n") or "model" in (
         rebuilt / "tokenizer.json"
     ).read_text()
+
+
+def test_a_hub_id_that_cannot_be_had_stops_the_start_in_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline (as the tests run) and not cached: neither engine could load it, so it is an error at once, not a
+    fallback to the transformers engine that fails later."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError) as err:
+        choose_engine(Settings(model="nobody-here/no-such-model"))
+    message = str(err.value)
+    assert "cannot get hub model 'nobody-here/no-such-model'" in message and "HF_HUB_OFFLINE is set" in message
+    assert not isinstance(err.value, NotForOpenVINO)
 
 
 async def test_a_hub_id_in_the_local_cache_is_converted_for_openvino(

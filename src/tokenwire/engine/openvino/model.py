@@ -82,9 +82,22 @@ def _hub_snapshot(repo_id: str) -> Path:
     Only what the conversion reads is fetched (config, tokenizer, safetensors). Remembered: choosing the engine
     and building it both plan the model, and the hub is asked once."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except LocalEntryNotFoundError as exc:  # no engine can load it: say so before the server starts
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") else ""
+        raise models.ModelNotFoundError(
+            f"cannot get hub model {repo_id!r}: it is not in the local Hugging Face cache and the hub cannot be "
+            f"reached{offline}; download it where there is a network (hf download {repo_id}), or pass a local "
+            "folder or .gguf file"
+        ) from exc
+    except RepositoryNotFoundError as exc:  # also a gated or private one without a token
+        raise models.ModelNotFoundError(
+            f"the Hugging Face hub has no model {repo_id!r} that this machine may read (a private or gated one "
+            "needs a token: hf auth login, or HF_TOKEN)"
+        ) from exc
     except Exception as exc:
         raise models.NotForOpenVINO(
             f"the openvino engine could not get hub model {repo_id!r} ({type(exc).__name__}: {exc}) "
