@@ -51,11 +51,14 @@ def converted(gguf: Path, fmt: str) -> Path:
         shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     log.info("converting %s to OpenVINO IR (%s weights; one time, cached at %s)", gguf.name, fmt, target)
+    import gguf as gg
+
+    reader = gg.GGUFReader(str(gguf))  # read once (seconds: it parses the whole vocabulary), used by every step
     with tempfile.TemporaryDirectory(prefix="tokenwire-ir-", dir=target.parent) as work:
         exported = Path(work) / "export"
-        export(gguf, exported)
+        export(gguf, exported, reader)
         built = Path(work) / "out"
-        quantize_folder(exported, built, fmt, gguf)
+        quantize_folder(exported, built, fmt, reader)
         _mark(built, gguf, fmt)
         try:
             os.replace(built, target)
@@ -83,17 +86,18 @@ def _mark(folder: Path, gguf: Path, fmt: str) -> None:
     (folder / MARKER).write_text(json.dumps(marker))  # last: its presence says the folder is whole
 
 
-def export(gguf: Path, folder: Path) -> None:
-    """OpenVINO GenAI's graph of ``gguf`` as IR in ``folder``, with the weights as float16 (or as stored when the
-    file's matrices are float16 or float32 already), and its tokenizer models beside it."""
+def export(gguf: Path, folder: Path, reader: Any) -> None:
+    """OpenVINO GenAI's graph of ``gguf`` (open in ``reader``, a ``GGUFReader``) as IR in ``folder``, with the
+    weights as float16 (or as stored when the file's matrices are float16 or float32 already), and its tokenizer
+    models beside it."""
     import openvino_genai as og
 
     folder.mkdir(parents=True)
     source = folder / "model.gguf"
-    if _unquantized(gguf):
+    if _unquantized(reader):
         source.symlink_to(gguf.resolve())
     else:
-        dequantize_gguf(gguf, source)
+        dequantize_gguf(gguf, source, reader)
     # GenAI saves what it built next to the file it read; compiling is part of building the pipeline
     try:
         og.LLMPipeline(str(source), "CPU", enable_save_ov_model=True)
@@ -107,20 +111,21 @@ def export(gguf: Path, folder: Path) -> None:
         raise RuntimeError(f"OpenVINO GenAI did not save an IR for {gguf}")
 
 
-def _unquantized(gguf: Path) -> bool:
+def _unquantized(reader: Any) -> bool:
     import gguf as gg
 
     plain = {gg.GGMLQuantizationType.F16, gg.GGMLQuantizationType.F32}
-    return all(t.tensor_type in plain for t in gg.GGUFReader(str(gguf)).tensors)
+    return all(t.tensor_type in plain for t in reader.tensors)
 
 
-def dequantize_gguf(src: Path, dst: Path) -> None:
-    """``src`` written again with every quantized tensor decoded to float16: the same metadata and tokenizer."""
+def dequantize_gguf(src: Path, dst: Path, reader: Any = None) -> None:
+    """``src`` written again with every quantized tensor decoded to float16: the same metadata and tokenizer.
+    ``reader``: ``src`` already open in a ``GGUFReader``."""
     import gguf as gg
     import numpy as np
     from tqdm import tqdm
 
-    reader = gg.GGUFReader(str(src))
+    reader = reader if reader is not None else gg.GGUFReader(str(src))
     writer = copy_metadata(reader, dst, gg.LlamaFileType.MOSTLY_F16)
     for t in tqdm(reader.tensors, desc="decoding the GGUF weights", unit="tensor"):
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dimensions innermost first
@@ -151,13 +156,13 @@ def copy_metadata(reader: Any, dst: Path, file_type: int, arch: str | None = Non
     return writer
 
 
-def quantize_folder(src: Path, dst: Path, fmt: str, gguf: Path) -> None:
-    """The IR in ``src`` (exported from ``gguf``) with its weights in ``fmt``, saved to ``dst`` with the tokenizer
-    models beside it."""
+def quantize_folder(src: Path, dst: Path, fmt: str, reader: Any) -> None:
+    """The IR in ``src`` (exported from the GGUF file open in ``reader``) with its weights in ``fmt``, saved to
+    ``dst`` with the tokenizer models beside it."""
     import openvino as ov
 
     model = ov.Core().read_model(str(src / "openvino_model.xml"))
-    restored = restore_float32(model, gguf)
+    restored = restore_float32(model, reader)
     fused = fuse_projections(model)
     count = quantize(model, fmt)
     log.debug("%d float32 constants restored, %d groups of projections fused", restored, fused)
@@ -169,16 +174,16 @@ def quantize_folder(src: Path, dst: Path, fmt: str, gguf: Path) -> None:
             shutil.copy(path, dst / path.name)
 
 
-def restore_float32(model: Any, gguf: Path) -> int:
+def restore_float32(model: Any, reader: Any) -> int:
     """Put back in float32 the small constants the IR save stored as float16 (a float16 constant feeding a
-    Convert) whose float16 values are those of one of ``gguf``'s float32 tensors, or of the rotary frequencies its
-    metadata gives; the number restored. Matrices are left to :func:`quantize`."""
+    Convert) whose float16 values are those of one of the GGUF file's float32 tensors (``reader``: the file open
+    in a ``GGUFReader``), or of the rotary frequencies its metadata gives; the number restored. Matrices are left
+    to :func:`quantize`."""
     import gguf as gg
     import numpy as np
     import openvino as ov
     import openvino.opset13 as ops
 
-    reader = gg.GGUFReader(str(gguf))
     candidates: dict[bytes, list[Any]] = {}
     arrays = [np.asarray(t.data) for t in reader.tensors if t.tensor_type == gg.GGMLQuantizationType.F32]
     arch = reader.fields["general.architecture"].contents()
