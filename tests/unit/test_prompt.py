@@ -42,10 +42,16 @@ def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(byte_tokeniz
     builder = PromptBuilder(tok, max_context=64)
     assert builder.max_chars == 64 * longest_token_chars(byte_tokenizer)
     huge = "x" * (builder.max_chars + 1)
-    for req in (request(prompt=huge), request(prompt=huge, raw=True), request(messages=(ChatMessage("user", huge),))):
+    cases = [
+        (request(prompt=huge), "prompt"),
+        (request(prompt=huge, raw=True), "prompt"),
+        (request(messages=(ChatMessage("user", huge),)), "messages"),
+    ]
+    for req, param in cases:
         with pytest.raises(EngineError) as info:
             builder.build(req)
         assert info.value.code is EngineErrorCode.PROMPT_TOO_LONG and "characters" in info.value.message
+        assert info.value.param == param  # the field the client sent, not always "messages"
     assert tok.chars == 0
 
 

@@ -12,6 +12,11 @@ from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, EngineError, EngineErrorCode, GenerationRequest
 
+# Where a client can ask the server to drop what does not fit (docs/protocol.md, docs/openai.md).
+TRUNCATION_HINT = (
+    'shorten it, or ask for truncation (truncate: "auto" on the WebSocket, truncation: "auto" in the Responses API)'
+)
+
 
 @dataclass(slots=True, frozen=True)
 class Prompt:
@@ -57,16 +62,16 @@ class PromptBuilder:
             return self._fit_messages(messages, request.truncate, limit, tools)
         assert request.prompt is not None  # guaranteed by the protocol layer
         if self.has_chat_template and not request.raw:
-            return self._fit_messages([ChatMessage("user", request.prompt)], request.truncate, limit)
+            return self._fit_messages([ChatMessage("user", request.prompt)], request.truncate, limit, param="prompt")
         text = request.prompt
         if len(text) > self.max_chars:
             if not request.truncate:
-                raise self._too_long_text(len(text))
+                raise self._too_long_text(len(text), "prompt")
             text = text[-self.max_chars :]
         ids = self._encode_raw(text)
         if len(ids) > limit:
             if not request.truncate:
-                raise self._too_long(len(ids))
+                raise self._too_long(len(ids), "prompt")
             ids = ids[-limit:]  # a raw prompt keeps its most recent tokens
         if not ids:
             raise EngineError(EngineErrorCode.INVALID_REQUEST, "the prompt encodes to no tokens", "prompt")
@@ -100,13 +105,18 @@ class PromptBuilder:
         return [int(t) for t in out]
 
     def _fit_messages(
-        self, messages: list[ChatMessage], truncate: bool, limit: int, tools: list[Any] | None = None
+        self,
+        messages: list[ChatMessage],
+        truncate: bool,
+        limit: int,
+        tools: list[Any] | None = None,
+        param: str = "messages",
     ) -> Prompt:
         dropped = 0
         first = 1 if messages and messages[0].role == "system" else 0
         while sum(len(m.content) for m in messages) > self.max_chars:  # cannot fit: no need to tokenize it
             if not truncate or len(messages) - first <= 1:
-                raise self._too_long_text(sum(len(m.content) for m in messages))
+                raise self._too_long_text(sum(len(m.content) for m in messages), param)
             del messages[first]
             dropped += 1
         ids = self._apply_template(messages, tools)
@@ -127,21 +137,21 @@ class PromptBuilder:
                     lo = mid + 1
             ids, dropped = best, dropped + (fits if fits is not None else hi)
         if len(ids) > limit:
-            raise self._too_long(len(ids))
+            raise self._too_long(len(ids), param)
         return Prompt(ids, dropped)
 
-    def _too_long_text(self, n: int) -> EngineError:
+    def _too_long_text(self, n: int, param: str) -> EngineError:
         return EngineError(
             EngineErrorCode.PROMPT_TOO_LONG,
             f"the prompt is {n} characters, more than the model's context of {self.max_context} tokens can hold "
-            f'whatever they say; shorten it or send truncate: "auto"',
-            "messages",
+            f"whatever they say; {TRUNCATION_HINT}",
+            param,
         )
 
-    def _too_long(self, n: int) -> EngineError:
+    def _too_long(self, n: int, param: str) -> EngineError:
         return EngineError(
             EngineErrorCode.PROMPT_TOO_LONG,
             f"the prompt is {n} tokens but the model's context holds {self.max_context} "
-            f'(at most {self.max_context - 1} for the prompt); shorten it or send truncate: "auto"',
-            "messages",
+            f"(at most {self.max_context - 1} for the prompt); {TRUNCATION_HINT}",
+            param,
         )
