@@ -165,6 +165,7 @@ def test_unsupported_fields_are_refused_by_name(oai: openai.OpenAI, tiny_server:
         ({"temperature": -1}, "temperature"),
         ({"max_output_tokens": 10**9}, "max_output_tokens"),
         ({"background": True, "store": False}, "store"),
+        ({"input": "word " * 6000}, "input"),  # prompt_too_long names this API's field
     ]
     for fields, param in cases:
         body: dict[str, Any] = {"model": model, "input": "Hi", **fields}

@@ -150,6 +150,8 @@ class Responses:
             await anext(stream)  # STARTED: tokenized and queued; prompt errors surface here
         except EngineError as err:
             wire = wire_error(err)
+            if wire.param == "messages":  # the conversation this API was sent is its "input"
+                wire = RequestError(wire.code, wire.message, "input", wire.retry_after)
             trace.failed(wire.code.value)
             await stream.aclose()
             raise from_error(wire) from None
