@@ -9,8 +9,8 @@
 - CORS: a page whose origin is allowed (the same rule as for WebSocket upgrades, auth.py: this machine's pages,
   the server's own, ``--allowed-origins``) may call the HTTP API from its scripts. Its preflight (``OPTIONS``
   with ``Access-Control-Request-Method``) is answered here, before any route or key check, and every answer to
-  it carries ``Access-Control-Allow-Origin``; another origin's preflight gets 403 and no CORS header, so its
-  browser never sends the request.
+  such a page carries ``Access-Control-Allow-Origin``; another origin's preflight gets 403 and no CORS header,
+  so its browser never sends the request.
 
 Refusals are OpenAI-shaped JSON errors. Pure ASGI, so that nothing is buffered before these checks.
 """
@@ -48,8 +48,8 @@ class RequestGuard:
             return
         headers = Headers(scope=scope)
         origin = headers.get("origin")
+        allowed = origin_allowed(origin, headers.get("host"), self.policy, http=True)  # no Origin: not a browser
         if origin is not None:
-            allowed = origin_allowed(origin, headers.get("host"), self.policy, http=True)
             if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
                 await self._preflight(send, origin, headers, allowed)
                 return
@@ -58,9 +58,7 @@ class RequestGuard:
         if scope["method"] in _BODYLESS:
             await self.app(scope, receive, send)
             return
-        if not is_json_type(headers.get("content-type")) and not origin_allowed(
-            origin, headers.get("host"), self.policy, http=True
-        ):
+        if not is_json_type(headers.get("content-type")) and not allowed:
             await self._refuse(
                 send,
                 403,
