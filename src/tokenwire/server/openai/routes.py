@@ -103,15 +103,10 @@ class OpenAIRoutes:
         """``GET /v1/models/{id}``: the served model, or 404 ``model_not_found`` (the ``openai`` package's
         ``models.retrieve``)."""
         name = request.path_params["model_id"]
-        if name != self.engine.model_name:
-            return error_response(
-                oa.APIError(
-                    404,
-                    f"the model {name!r} does not exist; this server serves {self.engine.model_name!r}",
-                    code="model_not_found",
-                    param="model",
-                )
-            )
+        try:
+            oa.check_model({"model": name}, self.engine.model_name)
+        except oa.APIError as err:
+            return error_response(err)
         return JSONResponse(oa.model_object(name, self.created))
 
     async def chat_completions(self, request: Request) -> Response:
