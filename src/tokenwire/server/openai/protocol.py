@@ -192,12 +192,11 @@ def _reject_unsupported(body: dict[str, Any], chat: bool) -> None:
     if body.get("tools") not in (None, []) and not chat:
         raise APIError(400, '"tools" needs /v1/chat/completions', code="invalid_request", param="tools")
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-        raise APIError(400, '"logprobs" is not supported by this server', code="invalid_request", param="logprobs")
+        raise _not_supported("logprobs")
     if body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1):
-        param = "echo" if body.get("echo") else "suffix" if body.get("suffix") else "best_of"
-        raise APIError(400, f'"{param}" is not supported by this server', code="invalid_request", param=param)
+        raise _not_supported("echo" if body.get("echo") else "suffix" if body.get("suffix") else "best_of")
     if body.get("logit_bias") not in (None, {}):  # neither engine can add a bias to chosen tokens' logits
-        raise APIError(400, '"logit_bias" is not supported by this server', code="invalid_request", param="logit_bias")
+        raise _not_supported("logit_bias")
     if chat:
         _reject_unsupported_chat(body)
 
@@ -217,7 +216,11 @@ def _reject_unsupported_chat(body: dict[str, Any]) -> None:
         raise APIError(400, '"modalities" may only be ["text"]', code="invalid_request", param="modalities")
     for name in ("audio", "web_search_options"):
         if body.get(name) is not None:
-            raise APIError(400, f'"{name}" is not supported by this server', code="invalid_request", param=name)
+            raise _not_supported(name)
+
+
+def _not_supported(name: str) -> APIError:
+    return APIError(400, f'"{name}" is not supported by this server', code="invalid_request", param=name)
 
 
 # -- response shapes
