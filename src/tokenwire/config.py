@@ -284,7 +284,6 @@ _AT_LEAST = {
     "max_tokens_limit": 1,
     "default_max_tokens": 1,
     "max_generations_per_connection": 1,
-    "max_unsent_tokens": 1,
 }
 _ABOVE_ZERO = frozenset({"journal_lease", "replica_cpus", "ray_target_waiting"})
 

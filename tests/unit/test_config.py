@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 
 from tokenwire.cli import settings_from_args
@@ -55,6 +57,15 @@ def test_a_number_out_of_its_range_is_refused_naming_the_flag(flags: list[str], 
 def test_the_defaults_and_zero_for_off_pass_the_check() -> None:
     Settings().check()
     settings_from_args(["serve", "--max-connections", "0", "--resume-window", "0", "--threads", "0"]).check()
+
+
+def test_every_setting_whose_help_gives_zero_a_meaning_accepts_zero() -> None:
+    """A flag documented as "(0: off)" or "(0: no limit)" must not be refused at 0 (--max-unsent-tokens was)."""
+    documented = [f.name for f in fields(Settings) if "(0:" in f.metadata.get("help", "")]
+    assert "max_unsent_tokens" in documented and "max_connections" in documented
+    for name in documented:
+        Settings().replace(**{name: 0}).check()
+    assert settings_from_args(["serve", "--max-unsent-tokens", "0"]).max_unsent_tokens == 0
 
 
 def test_serve_with_a_number_out_of_range_exits_before_loading_anything() -> None:
