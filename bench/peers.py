@@ -5,7 +5,8 @@ Starts ``tokenwire serve`` (default model) on each engine of ``--engines``, ``tr
 ``--transformers`` names its command, and llama.cpp's ``llama-server`` on the GGUF itself when ``--llama-server``
 names its binary; see ../shared/PEERS.md for installing them outside this repository. All stay up, idle between
 runs; the same load (bench/loadgen.py) then runs against each in turns, ``--rounds`` times per stream count, the
-order reversed every round so that the machine's drift hits all. The first engine is measured twice: over
+order reversed every round so that the machine's drift hits all; ``--warmup-rounds`` untimed rounds go first at
+each stream count. The first engine is measured twice: over
 tokenwire's WebSocket protocol and over the same OpenAI SSE endpoint as the peers. ``--in-process`` adds OpenVINO
 GenAI's pipeline run in process with no server (bench/ov_pipeline.py): the ceiling for the OpenVINO engine.
 
@@ -53,6 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--streams", default="1,8,32", help="comma-separated concurrent stream counts")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=0,
+        help="untimed rounds against every server before the timed ones, at each stream count (on a GPU the first "
+        "run of a new batch shape is 2-3x slower: docs/benchmarks.md)",
+    )
     p.add_argument("--prompt", default=loadgen.DEFAULT_PROMPT)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--tokenwire-args", default="", help="more flags for tokenwire serve, one string")
@@ -62,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.streams_list = sorted({int(s) for s in a.streams.split(",") if s.strip()})
     if not a.streams_list or min(a.streams_list) < 1 or a.max_tokens < 1 or a.rounds < 1:
         p.error("--streams values, --max-tokens and --rounds must be >= 1")
+    if a.warmup_rounds < 0:
+        p.error("--warmup-rounds must be >= 0")
     a.engines_list = [e.strip() for e in a.engines.split(",") if e.strip()]
     if not a.engines_list:
         p.error("--engines names no engine")
@@ -223,30 +233,32 @@ def main(argv: list[str] | None = None) -> int:
             peers.append(IN_PROCESS)
         order = [*targets, *([IN_PROCESS] if a.in_process else [])]
         for n in a.streams_list:
-            for turn in range(a.rounds):
+            for turn in range(a.warmup_rounds + a.rounds):
+                timed = turn >= a.warmup_rounds
                 for server in order if turn % 2 == 0 else order[::-1]:
                     if server == IN_PROCESS:
                         summary = in_process(n, a, out.with_suffix(".in-process.log"))
                         summary["server"] = server
-                        print(loadgen.format_summary({**summary, "requests": n, "completed": n}), flush=True)
+                        line = loadgen.format_summary({**summary, "requests": n, "completed": n})
+                    else:
+                        mode, url, model = targets[server]
+                        cfg = loadgen.LoadConfig(
+                            url=url,
+                            streams=n,
+                            max_tokens=a.max_tokens,
+                            prompt=a.prompt,
+                            temperature=a.temperature,
+                            mode=mode,
+                            model=model,
+                            timeout=a.timeout,
+                            label=f"{server} x{n}",
+                        )
+                        summary = asyncio.run(loadgen.run_load(cfg))
+                        summary["server"] = server
+                        line = loadgen.format_summary(summary)
+                    print(line if timed else f"(warm-up, not counted) {line}", flush=True)
+                    if timed:
                         results.append(summary)
-                        continue
-                    mode, url, model = targets[server]
-                    cfg = loadgen.LoadConfig(
-                        url=url,
-                        streams=n,
-                        max_tokens=a.max_tokens,
-                        prompt=a.prompt,
-                        temperature=a.temperature,
-                        mode=mode,
-                        model=model,
-                        timeout=a.timeout,
-                        label=f"{server} x{n}",
-                    )
-                    summary = asyncio.run(loadgen.run_load(cfg))
-                    summary["server"] = server
-                    print(loadgen.format_summary(summary), flush=True)
-                    results.append(summary)
     finally:
         for server, (mode, url, _) in targets.items():
             if server.startswith("tokenwire") and mode == "tokenwire":
