@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 from tests.fakes import FakeEngine
 from tokenwire.server.app import create_app
 from tokenwire.server.auth import AuthPolicy
+from tokenwire.server.ws.connection import ConnectionSettings
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 ASK = {"access-control-request-method": "POST", "access-control-request-headers": "authorization,content-type"}
@@ -61,3 +62,19 @@ def test_answers_to_other_pages_and_to_programs_carry_no_cors_header(client: Tes
 def test_client_js_keeps_its_own_cors_header(client: TestClient) -> None:
     r = client.get("/client.js", headers={"origin": "http://localhost:5173"})
     assert r.status_code == 200 and r.headers.get_list("access-control-allow-origin") == ["*"]
+
+
+def test_an_allowed_page_reads_the_503_of_a_full_server() -> None:
+    """The request cap answers before any route: its 503 must be readable by an allowed page all the same (a
+    browser hides an answer without the header, and the page could not tell "busy, retry" from a network error)."""
+    app = create_app(FakeEngine(reply="Hello."), ConnectionSettings(max_connections=1))
+    with TestClient(app) as c:
+        assert app.state.tokenwire.gate.enter()  # the one place is taken
+        r = c.post("/v1/chat/completions", json=CHAT, headers={"origin": "http://localhost:5173"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+        assert r.headers["access-control-allow-origin"] == "http://localhost:5173"
+        assert "Retry-After" in r.headers["access-control-expose-headers"] and r.headers["retry-after"] == "1"
+        r = c.options("/v1/chat/completions", headers={"origin": "http://localhost:5173", **ASK})
+        assert r.status_code == 204  # a preflight costs nothing and is answered even when full
+        r = c.post("/v1/chat/completions", json=CHAT, headers={"origin": "https://evil.example"})
+        assert r.status_code == 503 and "access-control-allow-origin" not in r.headers

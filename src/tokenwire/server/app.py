@@ -23,7 +23,7 @@ from tokenwire.engine.interface import Engine
 from tokenwire.server.auth import AuthPolicy
 from tokenwire.server.backlog import expose_transport
 from tokenwire.server.capacity import RequestCap
-from tokenwire.server.http_guard import RequestGuard
+from tokenwire.server.http_guard import CorsGuard, RequestGuard
 from tokenwire.server.lifecycle import ServerState, lifespan
 from tokenwire.server.openai.routes import OpenAIRoutes
 from tokenwire.server.responses.routes import ResponsesRoutes
@@ -125,6 +125,7 @@ def create_app(
         ],
         lifespan=lambda app: lifespan(state),
         middleware=[
+            Middleware(CorsGuard, policy=policy, on_refused=telemetry.error),
             Middleware(RequestCap, gate=state.gate, per_ip=state.per_ip),
             Middleware(
                 RequestGuard,

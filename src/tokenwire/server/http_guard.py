@@ -12,7 +12,10 @@
   such a page carries ``Access-Control-Allow-Origin``; another origin's preflight gets 403 and no CORS header,
   so its browser never sends the request.
 
-Refusals are OpenAI-shaped JSON errors. Pure ASGI, so that nothing is buffered before these checks.
+Two middlewares: ``CorsGuard`` (the origin rule, preflights, CORS headers) outside the request cap
+(capacity.py), so that its 503 is readable by an allowed page too, and ``RequestGuard`` (the body checks) inside
+it, so that nothing is read from a request the cap refuses. Refusals are OpenAI-shaped JSON errors. Pure ASGI, so
+that nothing is buffered before these checks.
 """
 
 from __future__ import annotations
@@ -33,13 +36,16 @@ def is_json_type(content_type: str | None) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
-class RequestGuard:
-    def __init__(
-        self, app: ASGIApp, policy: AuthPolicy, max_body_bytes: int, on_refused: Callable[[str], None] | None = None
-    ) -> None:
+ORIGIN_ALLOWED = "tokenwire.origin_allowed"  # the scope key where CorsGuard leaves its verdict for RequestGuard
+
+
+class CorsGuard:
+    """The outermost middleware: works out the origin rule once per request, answers preflights, and makes every
+    answer to an allowed page readable by it (the request cap's 503 included, which comes before RequestGuard)."""
+
+    def __init__(self, app: ASGIApp, policy: AuthPolicy, on_refused: Callable[[str], None] | None = None) -> None:
         self.app = app
         self.policy = policy
-        self.max_body_bytes = max_body_bytes
         self.on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -49,23 +55,70 @@ class RequestGuard:
         headers = Headers(scope=scope)
         origin = headers.get("origin")
         allowed = origin_allowed(origin, headers.get("host"), self.policy, http=True)  # no Origin: not a browser
+        scope[ORIGIN_ALLOWED] = allowed
         if origin is not None:
             if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:
                 await self._preflight(send, origin, headers, allowed)
                 return
             if allowed:
                 send = _with_cors(send, origin)
-        if scope["method"] in _BODYLESS:
-            await self.app(scope, receive, send)
-            return
-        if not is_json_type(headers.get("content-type")) and not allowed:
-            await self._refuse(
+        await self.app(scope, receive, send)
+
+    async def _preflight(self, send: Send, origin: str, headers: Headers, allowed: bool) -> None:
+        """A browser asks whether a page at ``origin`` may send a request with a JSON body or an API key."""
+        if not allowed:
+            await _refuse(
                 send,
+                self.on_refused,
                 403,
                 "forbidden_origin",
-                f"a request from the page at {origin!r} with a body that is not JSON is refused (a browser sends "
-                "those cross-site without asking); add the origin to --allowed-origins, or send Content-Type: "
-                "application/json",
+                f"pages at {origin!r} may not call this server; add the origin to --allowed-origins",
+            )
+            return
+        out = [
+            (b"access-control-allow-origin", origin.encode("latin-1")),
+            (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
+            (b"access-control-max-age", b"600"),
+            (b"vary", b"Origin, Access-Control-Request-Headers"),
+            (b"content-length", b"0"),
+        ]
+        asked = headers.get("access-control-request-headers")
+        if asked:
+            out.append((b"access-control-allow-headers", asked[:1024].encode("latin-1")))
+        if headers.get("access-control-request-private-network") == "true":  # a public page asks for a local server
+            out.append((b"access-control-allow-private-network", b"true"))
+        await send({"type": "http.response.start", "status": 204, "headers": out})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class RequestGuard:
+    """The body checks, inside the request cap: a non-JSON body from a page not allowed, and the size limit."""
+
+    def __init__(
+        self, app: ASGIApp, policy: AuthPolicy, max_body_bytes: int, on_refused: Callable[[str], None] | None = None
+    ) -> None:
+        self.app = app
+        self.policy = policy
+        self.max_body_bytes = max_body_bytes
+        self.on_refused = on_refused
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in _BODYLESS:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        allowed = scope.get(ORIGIN_ALLOWED)
+        if allowed is None:  # not behind CorsGuard
+            allowed = origin_allowed(headers.get("origin"), headers.get("host"), self.policy, http=True)
+        if not is_json_type(headers.get("content-type")) and not allowed:
+            await _refuse(
+                send,
+                self.on_refused,
+                403,
+                "forbidden_origin",
+                f"a request from the page at {headers.get('origin')!r} with a body that is not JSON is refused (a "
+                "browser sends those cross-site without asking); add the origin to --allowed-origins, or send "
+                "Content-Type: application/json",
             )
             return
         limit = self.max_body_bytes
@@ -99,44 +152,21 @@ class RequestGuard:
 
         await self.app(scope, replay, send)
 
-    async def _preflight(self, send: Send, origin: str, headers: Headers, allowed: bool) -> None:
-        """A browser asks whether a page at ``origin`` may send a request with a JSON body or an API key."""
-        if not allowed:
-            await self._refuse(
-                send,
-                403,
-                "forbidden_origin",
-                f"pages at {origin!r} may not call this server; add the origin to --allowed-origins",
-            )
-            return
-        out = [
-            (b"access-control-allow-origin", origin.encode("latin-1")),
-            (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
-            (b"access-control-max-age", b"600"),
-            (b"vary", b"Origin, Access-Control-Request-Headers"),
-            (b"content-length", b"0"),
-        ]
-        asked = headers.get("access-control-request-headers")
-        if asked:
-            out.append((b"access-control-allow-headers", asked[:1024].encode("latin-1")))
-        if headers.get("access-control-request-private-network") == "true":  # a public page asks for a local server
-            out.append((b"access-control-allow-private-network", b"true"))
-        await send({"type": "http.response.start", "status": 204, "headers": out})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
-
     async def _too_large(self, send: Send, length: int | None) -> None:
         size = f" ({length} bytes)" if length is not None else ""
-        await self._refuse(
+        await _refuse(
             send,
+            self.on_refused,
             413,
             "request_too_large",
             f"the request body{size} is larger than the limit of {self.max_body_bytes} bytes (--max-body-bytes)",
         )
 
-    async def _refuse(self, send: Send, status: int, code: str, message: str) -> None:
-        if self.on_refused is not None:
-            self.on_refused(code)
-        await send_error(send, status, code, message, extra_headers=[(b"connection", b"close")])
+
+async def _refuse(send: Send, on_refused: Callable[[str], None] | None, status: int, code: str, message: str) -> None:
+    if on_refused is not None:
+        on_refused(code)
+    await send_error(send, status, code, message, extra_headers=[(b"connection", b"close")])
 
 
 def _with_cors(send: Send, origin: str) -> Send:
