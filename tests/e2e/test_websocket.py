@@ -55,6 +55,34 @@ async def test_tutorial_client_messages_get_started_tokens_complete(tiny_server:
         await c.close()
 
 
+async def test_the_tokens_of_a_generations_messages_add_up_to_its_completion_tokens(
+    tiny_server: RunningServer,
+) -> None:
+    """Every generated token is counted by exactly one message: a text message covers the tokens of its text, and
+    ``complete`` the ones no text covered (the end-of-sequence token, a stop string's, a character left incomplete
+    by max_tokens). Checked on a long greedy run and on the same run cut by a stop string from its middle."""
+    c = await Client.connect(tiny_server.ws)
+    try:
+
+        async def run(gen_id: str, **extra: object) -> tuple[str, dict[str, object]]:
+            msg = {"type": "generate", "id": gen_id, "prompt": "Count the stars", "max_tokens": 200}
+            await c.send({**msg, "temperature": 0, **extra})
+            done = await c.finish(gen_id)
+            assert done["type"] == "complete"
+            counted = sum(int(m.get("tokens", 0)) for m in c.by_id[gen_id])
+            assert counted == done["usage"]["completion_tokens"], (gen_id, counted, done)
+            return c.text(gen_id), done
+
+        whole, _ = await run("whole")
+        words = [w for w in whole.split() if len(w) >= 3]
+        if words:
+            stop = words[len(words) // 2]
+            cut, done = await run("cut", stop=stop)  # (a repeat may part from the first run at a near-tie)
+            assert done["finish_reason"] in ("stop", "length") and stop not in cut
+    finally:
+        await c.close()
+
+
 async def test_hello_describes_the_server(tiny_server: RunningServer) -> None:
     c = await Client.connect(tiny_server.ws + "/ws")
     h = c.hello

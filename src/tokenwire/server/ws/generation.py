@@ -123,6 +123,7 @@ class Producer:
                             out.completion_tokens,
                             out.timings,
                             out.cached_tokens,
+                            self._silent_tokens,
                         )
                         self._emit(done, final=True)
         except EngineError as failure:

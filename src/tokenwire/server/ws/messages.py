@@ -64,14 +64,18 @@ def complete(
     completion_tokens: int,
     timings: Timings | None,
     cached_tokens: int = 0,
+    tokens: int = 0,
 ) -> dict[str, Any]:
-    """``usage.cached_tokens``: prompt tokens whose KV came from the prefix cache (0 on an engine without one)."""
+    """``usage.cached_tokens``: prompt tokens whose KV came from the prefix cache (0 on an engine without one).
+    ``tokens``: the generated tokens no text message covered (the end-of-sequence token, a stop string's, a
+    character left incomplete by max_tokens), so that a generation's ``tokens`` add up to its completion tokens."""
     return {
         "type": "complete",
         "id": gen_id,
         "seq": seq,
         "content": "",
         "finished": True,
+        "tokens": tokens,
         "finish_reason": reason.value,
         "usage": {
             "prompt_tokens": prompt_tokens,
