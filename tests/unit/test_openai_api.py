@@ -215,3 +215,21 @@ def test_a_lone_surrogate_in_the_body_is_400(client: TestClient) -> None:
     body = b'{"messages": [{"role": "user", "content": "x \\ud800"}]}'
     r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400 and error_of(r)["code"] == "invalid_json"
+
+
+def test_streamed_text_with_unicode_line_separators_stays_one_event_per_line_for_httpx() -> None:
+    """U+2028, U+2029 and U+0085 are legal raw in JSON, but httpx's iter_lines (Python's splitlines) ends a line
+    at each: a model that says one of them must not break the SSE event it is in (found with a random model)."""
+    reply = "a\u2028b\x85c\u2029d\ne\rf\x0bg\x1ch"
+    with TestClient(create_app(FakeEngine(reply=reply, pieces=4))) as c:
+        body = {**CHAT, "stream": True}
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert all(line.startswith("data: ") for line in lines), lines
+        chunks = [json.loads(line[6:]) for line in lines if line != "data: [DONE]"]
+        assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks if ch["choices"]) == reply
+        with c.stream("POST", "/v1/responses", json={"model": "fake-model", "input": "Hi", "stream": True}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert all(line.startswith(("event: ", "data: ")) for line in lines), lines
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]  # each data line whole JSON
+        assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == reply

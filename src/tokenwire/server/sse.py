@@ -17,9 +17,17 @@ from tokenwire.server.backlog import Backlog
 T = TypeVar("T")
 
 
+# Characters JSON leaves as they are but that common SSE readers take for line ends (Python's str.splitlines, which
+# httpx's aiter_lines follows): written as JSON escapes, they decode to the same text and keep each event one line.
+_LINE_BREAKING = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:
-    """One SSE message: ``data: <json>`` (or the string as is), after ``event: <name>`` when named."""
+    """One SSE message: ``data: <json>`` (``data`` encoded, or a string already JSON, or ``[DONE]``), after
+    ``event: <name>`` when named. The JSON is one line for every reader: control characters are escaped by JSON,
+    and U+0085, U+2028 and U+2029 (which JSON has only inside strings) here."""
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    payload = payload.translate(_LINE_BREAKING)
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {payload}\n\n".encode()
 
