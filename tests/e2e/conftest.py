@@ -15,9 +15,6 @@ RESUME_WINDOW = 3.0  # seconds; short, so that tests can watch orphaned generati
 
 
 ENGINES = ("transformers",) if TEST_DEVICE.startswith("cuda") else ("transformers", "openvino")
-# On a GPU the suites compare texts token for token (a resumed or continued generation against one run whole):
-# float32, since bfloat16 kernels there differ with the batch's shape and a random model's near-ties then differ.
-GPU_ARGS = ("--dtype", "float32") if TEST_DEVICE.startswith("cuda") else ()
 
 
 @pytest.fixture(scope="session", params=ENGINES)
@@ -54,7 +51,6 @@ def tiny_server(engine_name: str, tiny_long_model_dir: Path, tiny_gguf: Path) ->
         "32",
         "--resume-window",
         str(RESUME_WINDOW),
-        *GPU_ARGS,
     ) as server:
         yield server
 

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def default_server() -> Iterator[RunningServer]:
-    with serve("--heartbeat-interval", "0") as server:  # no --model: the default model
+    with serve("--heartbeat-interval", "0", exact=False) as server:  # the default model, as a user gets it
         yield server
 
 
@@ -177,7 +177,9 @@ SCHEMAS: list[tuple[str, dict[str, object]]] = [
             "additionalProperties": False,
         },
     ),
-    ("Describe a cat as a JSON object.", {"type": "object"}),
+    # (Open-ended, "Describe a cat as a JSON object." ran greedy past 300 tokens on a CPU whose OpenVINO computes in
+    # bfloat16, nesting "looks" in "looks": the model's loop, not the grammar's. Asked for two keys, it ends.)
+    ("Give a JSON object with the keys name and color for a cat.", {"type": "object"}),
 ]
 
 

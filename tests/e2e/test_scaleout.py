@@ -27,9 +27,14 @@ WINDOW = 30.0
 
 
 def replica(model: Path, redis_url: str, *more: str, log_path: Path | None = None, port: int | None = None) -> Any:
+    """A replica on the shared journal. Float16 weights (``--quantize none``), as in tiny_server: texts continued
+    on another replica are compared with one run whole, and int8 rounding tips a random model's near-ties one way
+    in a prefill and the other in a decode step."""
     return serve(
         "--model",
         str(model),
+        "--quantize",
+        "none",
         "--journal",
         redis_url,
         "--journal-lease",
