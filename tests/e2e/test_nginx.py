@@ -113,7 +113,8 @@ async def test_a_reconnect_with_the_same_affinity_token_resumes_through_nginx(cl
 
 def test_sse_through_nginx_is_not_buffered(cluster: tuple[str, list]) -> None:
     base, _ = cluster
-    body = {"prompt": "Hi", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    # long enough to last well over 0.2 s even where the tiny model makes 4,000 tokens a second (an AMD EPYC)
+    body = {"prompt": "Hi", "max_tokens": 3000, "stream": True, "ignore_eos": True}
     times: list[float] = []
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=scaled(60)) as r:
         assert r.status_code == 200
