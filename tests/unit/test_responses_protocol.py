@@ -74,12 +74,20 @@ def test_websocket_mode_streams_never_runs_in_the_background_and_keeps_the_strea
         ({"input": "hi", "truncation": "sometimes"}, "truncation"),
         ({"input": "hi", "metadata": {"k": 1}}, "metadata"),
         ({"input": "hi", "frequency_penalty": 9}, "frequency_penalty"),
+        ({"input": "hi", "include": ["message.output_text.logprobs"]}, "include"),
+        ({"input": "hi", "include": "reasoning.encrypted_content"}, "include"),
     ],
 )
 def test_bad_bodies_are_refused_naming_the_field(body: dict[str, Any], param: str) -> None:
     with pytest.raises(APIError) as err:
         parse(body)
     assert (err.value.status, err.value.param) == (400, param)
+
+
+def test_include_of_what_this_server_never_makes_is_accepted() -> None:
+    """No reasoning, no hosted tools, no image input: those parts never exist here, so asking for them is
+    harmless; only logprobs, which every text would carry, are refused."""
+    assert parse({"input": "hi", "include": ["reasoning.encrypted_content", "web_search_call.results"]}).input
 
 
 def test_background_over_websocket_and_another_model_are_refused() -> None:

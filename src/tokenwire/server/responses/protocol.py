@@ -162,6 +162,11 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
             raise FieldError(f'"{name}" is not supported by this server', name)
     if body.get("top_logprobs") not in (None, 0):
         raise FieldError('"top_logprobs" is not supported by this server', "top_logprobs")
+    include = body.get("include")
+    if include is not None and not (isinstance(include, list) and all(isinstance(x, str) for x in include)):
+        raise FieldError('"include" must be a list of strings', "include")
+    if include and "message.output_text.logprobs" in include:  # the others name what this server never makes
+        raise FieldError('"include": message.output_text.logprobs is not supported by this server', "include")
 
 
 def _flag(body: dict[str, Any], name: str, default: bool) -> bool:
