@@ -129,7 +129,6 @@ def create_app(
             Middleware(RequestCap, gate=state.gate, per_ip=state.per_ip),
             Middleware(
                 RequestGuard,
-                policy=policy,
                 max_body_bytes=max_body_bytes or state.settings.limits.max_message_bytes,
                 on_refused=telemetry.error,
             ),

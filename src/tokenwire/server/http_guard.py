@@ -92,13 +92,11 @@ class CorsGuard:
 
 
 class RequestGuard:
-    """The body checks, inside the request cap: a non-JSON body from a page not allowed, and the size limit."""
+    """The body checks, inside the request cap and behind CorsGuard (whose verdict on the origin it reads): a
+    non-JSON body from a page not allowed, and the size limit."""
 
-    def __init__(
-        self, app: ASGIApp, policy: AuthPolicy, max_body_bytes: int, on_refused: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, on_refused: Callable[[str], None] | None = None) -> None:
         self.app = app
-        self.policy = policy
         self.max_body_bytes = max_body_bytes
         self.on_refused = on_refused
 
@@ -107,10 +105,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        allowed = scope.get(ORIGIN_ALLOWED)
-        if allowed is None:  # not behind CorsGuard
-            allowed = origin_allowed(headers.get("origin"), headers.get("host"), self.policy, http=True)
-        if not is_json_type(headers.get("content-type")) and not allowed:
+        if not is_json_type(headers.get("content-type")) and not scope[ORIGIN_ALLOWED]:
             await _refuse(
                 send,
                 self.on_refused,
