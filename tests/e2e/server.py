@@ -78,6 +78,7 @@ def serve(
     preexec: Callable[[], None] | None = None,
     port: int | None = None,
     exact: bool = True,
+    new_session: bool = False,
 ) -> Iterator[RunningServer]:
     """Run ``tokenwire serve ARGS`` (on ``port``, or a free one); its output goes to ``log_path`` when given;
     ``preexec`` runs in the child before it starts (to set resource limits).
@@ -86,7 +87,10 @@ def serve(
     resumed, continued or batched generation against one run alone), and a random model's near-ties flip with
     bfloat16, which both engines pick by default on a CPU with AVX512-BF16 or AMX (and the transformers engine on
     CUDA): on such a CPU the same tests failed where the texts parted. ``exact=False`` serves the defaults as a
-    user gets them."""
+    user gets them.
+
+    ``new_session``: the server leads a process group of its own (as a shell's foreground job or a systemd service
+    does), so that a test can signal that whole group (``os.killpg``) without reaching pytest."""
     port = port or free_port()
     if exact and "--dtype" not in args:
         args = (*args, "--dtype", "float32")
@@ -105,7 +109,7 @@ def serve(
         *args,
     ]
     log = open(log_path, "w") if log_path is not None else None  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, preexec_fn=preexec)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, preexec_fn=preexec, start_new_session=new_session)
     server = RunningServer(port, proc)
     try:
         deadline = time.monotonic() + scaled(startup_timeout)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -150,3 +152,83 @@ async def _responses_sse(server: RunningServer, body: dict[str, Any]) -> list[di
             if line.startswith("data: "):
                 events.append(json.loads(line[6:]))
     return events
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (exited, not reaped yet) is not running
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "systemd-stop"])
+async def test_a_signal_to_the_whole_process_group_drains_and_running_answers_finish(
+    tiny_gguf: Path, sig: signal.Signals
+) -> None:
+    """A terminal's Ctrl-C (SIGINT) and systemd's stop (SIGTERM) reach every process of the group, the OpenVINO
+    worker included: it ignores them, so a WebSocket generation and an SSE stream in flight both finish whole
+    (complete with every token; the last chunk, usage and [DONE]) while /ready answers 503; then the server and
+    its worker exit."""
+    n = 3000
+    with serve(
+        "--engine", "openvino", "--model", str(tiny_gguf), "--quantize", "none", "--drain-timeout", "60",
+        new_session=True,
+    ) as server:  # fmt: skip
+        workers = children(server.proc.pid)
+        assert workers, "the OpenVINO worker process is not there"
+        c = await Client.connect(server.ws)
+        await c.send({"type": "generate", "id": "g", "prompt": "Hi", "max_tokens": n, "ignore_eos": True})
+        await c.until(lambda m: m.get("id") == "g" and m["type"] == "token")
+        streaming = asyncio.Event()
+        body = {
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": n,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        sse = asyncio.create_task(_chat_sse(server, body, streaming))
+        await asyncio.wait_for(streaming.wait(), scaled(30))
+
+        os.killpg(server.proc.pid, sig)
+        deadline = time.monotonic() + scaled(10)
+        while status_of(server, "/ready")[0] != 503:
+            assert time.monotonic() < deadline, "/ready did not turn 503"
+            await asyncio.sleep(0.05)
+        assert not sse.done(), "the SSE stream ended before the drain was seen"
+
+        end = await c.finish("g", timeout=120)
+        assert end["type"] == "complete" and end["usage"]["completion_tokens"] == n, end
+        c.check_sequence("g")
+        chunks = await asyncio.wait_for(sse, scaled(120))
+        assert chunks[-1] == "[DONE]"
+        finals = [json.loads(x) for x in chunks[:-1]]
+        assert finals[-1]["usage"]["completion_tokens"] == n
+        assert [ch["finish_reason"] for f in finals for ch in f["choices"] if ch["finish_reason"]] == ["length"]
+        assert server.proc.wait(timeout=scaled(30)) in (0, -sig)
+        deadline = time.monotonic() + scaled(10)
+        while any(alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, "the worker process outlived the server"
+            await asyncio.sleep(0.05)
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+async def _chat_sse(server: RunningServer, body: dict[str, Any], streaming: asyncio.Event) -> list[str]:
+    """The data lines of a streamed chat completion, in order; ``streaming`` is set at the first."""
+    data: list[str] = []
+    async with (
+        httpx.AsyncClient(timeout=scaled(120)) as http,
+        http.stream("POST", server.http + "/v1/chat/completions", json=body) as r,
+    ):
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                data.append(line[6:])
+                streaming.set()
+    return data

@@ -11,6 +11,7 @@ adds and removes to the worker process (worker.py) and each of its steps returns
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -161,6 +162,9 @@ class OVBackend:
         process = ctx.Process(target=worker.main, args=(theirs, self._wcfg), name="tokenwire-openvino", daemon=True)
         process.start()
         theirs.close()
+        # The worker ignores SIGTERM (worker.main), and multiprocessing's exit handler sends a daemon child SIGTERM
+        # and then waits for it without a timeout: an exit that skipped close() would hang there. This runs first.
+        atexit.register(_end, process)
         return ours, process
 
     def _await_loaded(self, ours: Connection, process: BaseProcess) -> float:
@@ -187,10 +191,7 @@ class OVBackend:
                 conn.send(None)
             conn.close()
         if process is not None:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-                process.join(5)
+            _end(process, wait=5.0)
 
     # -- requests
     def add(
@@ -335,6 +336,16 @@ class OVBackend:
             return
         with contextlib.suppress(OSError):  # the worker is gone; the next step notices and fails its requests
             self._conn.send(msg)
+
+
+def _end(process: BaseProcess, wait: float = 0.0) -> None:
+    """End a worker: give it ``wait`` seconds to stop by itself (it was told to), then kill it; it ignores the
+    signals a terminal or a service manager sends."""
+    if wait > 0:
+        process.join(wait)
+    if process.is_alive():
+        process.kill()
+        process.join(5)
 
 
 NUMERIC_BOUNDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import signal
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -122,7 +123,15 @@ def load(config: WorkerConfig) -> Any:
 
 
 def main(conn: Connection, config: WorkerConfig) -> None:
-    """The child process: load, say so, then serve the pipe until told to stop or the server goes away."""
+    """The child process: load, say so, then serve the pipe until told to stop or the server goes away.
+
+    It ignores SIGINT and SIGTERM: a terminal's Ctrl-C reaches the whole foreground process group, and systemd's
+    default ``KillMode=control-group`` signals every process of a service, but only the server decides when the
+    model stops (after its drain); it then ends this process itself. Set here, not by the parent: a worker is
+    restarted from the model thread, where Python cannot set signal handlers. The server's death still ends it
+    (the pipe's end of file)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s openvino-worker: %(message)s")
     started = time.monotonic()
     try:
