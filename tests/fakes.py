@@ -44,6 +44,10 @@ class FakeEngine:
         return "fake-model"
 
     @property
+    def model_aliases(self) -> tuple[str, ...]:
+        return ("fake-alias",)
+
+    @property
     def max_context(self) -> int:
         return 1024
 

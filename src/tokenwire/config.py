@@ -51,6 +51,14 @@ class Settings:
         default=None,
         metadata={"help": "local Hugging Face folder, .gguf file or hub id (default: SmolLM2-135M-Instruct)"},
     )
+    served_model_name: str = field(
+        default="",
+        metadata={
+            "help": "the model's name(s) to clients, comma-separated: the first is the one /v1/models, answers and "
+            "the WebSocket hello show; every one is accepted where a request names a model (unset: the model's own "
+            "name)"
+        },
+    )
     engine: str = field(
         default="auto",
         metadata={

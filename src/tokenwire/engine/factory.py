@@ -8,6 +8,7 @@ import logging
 from tokenwire.config import Settings
 from tokenwire.engine import models
 from tokenwire.engine.interface import Engine
+from tokenwire.engine.loop import LoopEngine
 from tokenwire.engine.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,23 @@ def prepare_model(settings: Settings) -> str:
     return f"transformers: {loader.local_folder(resolved)} is ready"
 
 
+def served_names(settings: Settings) -> tuple[str, ...]:
+    """``--served-model-name``: the names clients may use, the one shown first (empty: the model's own)."""
+    raw = settings.served_model_name or ""
+    names = tuple(n.strip() for n in raw.split(","))
+    if raw.strip() and not all(names):
+        raise ValueError(f"--served-model-name has an empty name in {raw!r}; separate names with single commas")
+    return tuple(dict.fromkeys(names)) if raw.strip() else ()
+
+
 def build_engine(settings: Settings) -> Engine:
+    names = served_names(settings)
+    engine = _build(settings)
+    engine.serve_as(names)
+    return engine
+
+
+def _build(settings: Settings) -> LoopEngine:
     kind, why = choose_engine(settings)
     log.info("engine: %s (%s)", kind, why)
     if kind == "openvino":

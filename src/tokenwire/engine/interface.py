@@ -218,7 +218,14 @@ class Engine(Protocol):
     """What every backend provides. All methods are called from the asyncio event loop."""
 
     @property
-    def model_name(self) -> str: ...
+    def model_name(self) -> str:
+        """The model's name to clients: what answers and model lists show."""
+        ...
+
+    @property
+    def model_aliases(self) -> tuple[str, ...]:
+        """Other names a request may use for the model (``--served-model-name``'s after the first)."""
+        ...
 
     @property
     def max_context(self) -> int: ...

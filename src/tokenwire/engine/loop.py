@@ -178,6 +178,7 @@ class LoopEngine:
     ) -> None:
         self.backend = backend
         self._model_name = model_name
+        self._aliases: tuple[str, ...] = ()
         self._max_in_flight = max_in_flight
         self._queue_timeout = queue_timeout  # seconds a new request may wait for a row (0: no limit)
         self._hang_timeout = hang_timeout  # a step running longer than this means the model loop hangs (0: never)
@@ -212,6 +213,15 @@ class LoopEngine:
     @property
     def model_name(self) -> str:
         return self._model_name
+
+    @property
+    def model_aliases(self) -> tuple[str, ...]:
+        return self._aliases
+
+    def serve_as(self, names: tuple[str, ...]) -> None:
+        """Show the model to clients as ``names[0]`` and accept every one of ``names`` (``--served-model-name``)."""
+        if names:
+            self._model_name, self._aliases = names[0], names[1:]
 
     @property
     def max_context(self) -> int:

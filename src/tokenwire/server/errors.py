@@ -22,6 +22,7 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     DUPLICATE_ID = "duplicate_id"
     NOT_FOUND = "not_found"
+    MODEL_NOT_FOUND = "model_not_found"
     PROMPT_TOO_LONG = "prompt_too_long"
     OVERLOADED = "overloaded"
     RATE_LIMITED = "rate_limited"
@@ -50,6 +51,7 @@ MAPPINGS: dict[ErrorCode, Mapping] = {
     ErrorCode.UNKNOWN_TYPE: Mapping(400, _INVALID),
     ErrorCode.DUPLICATE_ID: Mapping(400, _INVALID),
     ErrorCode.NOT_FOUND: Mapping(404, "not_found_error"),
+    ErrorCode.MODEL_NOT_FOUND: Mapping(404, _INVALID),
     ErrorCode.PROMPT_TOO_LONG: Mapping(400, _INVALID),
     ErrorCode.OVERLOADED: Mapping(503, _SERVER, retry=True),
     ErrorCode.RATE_LIMITED: Mapping(429, "rate_limit_error", retry=True),

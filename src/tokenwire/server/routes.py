@@ -311,7 +311,7 @@ class Routes:
         state = self.state
         model = ws.query_params.get("model")
         problem = None
-        if model is not None and model != state.engine.model_name:
+        if model is not None and model not in (state.engine.model_name, *state.engine.model_aliases):
             message = f"the model {model!r} does not exist; this server serves {state.engine.model_name!r}"
             problem = (message, "model_not_found")
         admitted = await self._admit(

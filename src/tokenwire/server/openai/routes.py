@@ -104,7 +104,7 @@ class OpenAIRoutes:
         ``models.retrieve``)."""
         name = request.path_params["model_id"]
         try:
-            oa.check_model({"model": name}, self.engine.model_name)
+            oa.check_model({"model": name}, self.engine.model_name, self.engine.model_aliases)
         except oa.APIError as err:
             return error_response(err)
         return JSONResponse(oa.model_object(name, self.created))
@@ -125,7 +125,13 @@ class OpenAIRoutes:
         except strictjson.JSONInputError as err:
             return self._error(oa.json_input_error(err))
         try:
-            req = oa.parse_completion_request(body, chat=chat, limits=self.limits, model_name=self.engine.model_name)
+            req = oa.parse_completion_request(
+                body,
+                chat=chat,
+                limits=self.limits,
+                model_name=self.engine.model_name,
+                model_aliases=self.engine.model_aliases,
+            )
         except oa.APIError as err:
             return self._error(err)
         if self._draining:

@@ -82,11 +82,12 @@ def parse_create(
     model_name: str,
     *,
     websocket: bool = False,
+    model_aliases: tuple[str, ...] = (),
 ) -> CreateRequest:
     """A create body (HTTP) or ``response.create`` event (``websocket``: always streamed, never background)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
-    check_model(body, model_name)
+    check_model(body, model_name, model_aliases)
     try:
         strictjson.check(body, "the request")
     except strictjson.JSONInputError as err:

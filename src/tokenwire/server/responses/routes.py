@@ -62,7 +62,12 @@ class ResponsesRoutes:
     async def create(self, request: Request) -> Response:
         try:
             body = strictjson.loads(await request.body(), "the request body")
-            create = rp.parse_create(body, self.limits, self.service.engine.model_name)
+            create = rp.parse_create(
+                body,
+                self.limits,
+                self.service.engine.model_name,
+                model_aliases=self.service.engine.model_aliases,
+            )
         except strictjson.JSONInputError as err:
             return JSONResponse(oa.json_input_error(err).body(), status_code=400)
         except oa.APIError as err:

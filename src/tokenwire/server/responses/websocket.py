@@ -149,7 +149,13 @@ class ResponsesConnection:
         if isinstance(body.get("response"), dict):  # the envelope form: {"type", "stream_id", "response": {...}}
             body = {**body.pop("response"), **({"stream_id": body["stream_id"]} if "stream_id" in body else {})}
         try:
-            create = rp.parse_create(body, self.limits, self.service.engine.model_name, websocket=True)
+            create = rp.parse_create(
+                body,
+                self.limits,
+                self.service.engine.model_name,
+                websocket=True,
+                model_aliases=self.service.engine.model_aliases,
+            )
         except APIError as err:
             raise _Refused(err.status, err.code, err.message, err.param) from None
         if self.running_responses >= self.limits.max_generations_per_connection:

@@ -295,6 +295,10 @@ class Connection:
             return
         if await self._refused_room(gen_id):
             return
+        if msg.model is not None and msg.model not in (self.engine.model_name, *self.engine.model_aliases):
+            message = f"the model {msg.model!r} does not exist; this server serves {self.engine.model_name!r}"
+            await self.send_error(ErrorCode.MODEL_NOT_FOUND, message, gen_id, "model")
+            return
         tenant = self.owner or ""
         try:
             self.key_limits.acquire(tenant)

@@ -46,6 +46,7 @@ class Generate:
     raw: bool = False
     truncate: bool = False
     batch: BatchPolicy | None = None
+    model: str | None = None  # the model it asks for: one of the served names (checked by the connection)
 
 
 @dataclass(slots=True, frozen=True)
@@ -139,6 +140,11 @@ def _generate(obj: dict[str, Any], gen_id: str | None, limits: Limits) -> Genera
         messages = params.chat_messages(obj["messages"], limits)
     max_tokens = params.max_tokens(obj, ("max_tokens", "max_length"), limits)
     schema = params.json_schema(obj["json_schema"], "json_schema") if obj.get("json_schema") is not None else None
+    model = obj.get("model")
+    if model is not None and not isinstance(model, str):
+        raise FieldError(
+            '"model" must be a string (the name of the model served; leave it out for that model)', "model"
+        )
     return Generate(
         id=gen_id,
         params=params.sampling_params(obj, limits, max_tokens, schema),
@@ -147,6 +153,7 @@ def _generate(obj: dict[str, Any], gen_id: str | None, limits: Limits) -> Genera
         raw=params.flag(obj, "raw"),
         truncate=_truncate(obj.get("truncate")),
         batch=_batch(obj.get("batch")),
+        model=model,
     )
 
 
