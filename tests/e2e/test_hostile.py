@@ -9,6 +9,7 @@ import itertools
 import json
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ import websockets
 
 from tests.conftest import scaled
 from tests.e2e.client import Client
-from tests.e2e.server import RunningServer, serve
+from tests.e2e.server import RunningServer, serve, serving
+from tests.fakes import FakeEngine
+from tokenwire.server.http_guard import DISCARD_SECONDS
 
 LONG = {"prompt": "Tell me a story", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
 
@@ -143,9 +146,10 @@ def _length(data: bytes) -> int:
     return 1 << 30
 
 
-def test_a_body_over_the_limit_gets_413_before_it_is_read(tiny_server: RunningServer) -> None:
-    """100 MB announced (1 KB sent): 413 at once, not after reading it whole; a chunked body that grows past the
-    limit (the frame limit, 64 KiB here) gets 413 as soon as it does. One just under the limit is served."""
+def test_a_body_over_the_limit_gets_413_without_being_held(tiny_server: RunningServer) -> None:
+    """100 MB announced (1 KB sent): 413 at once, past the bound of what is read to be thrown away; a chunked body
+    that grows past the limit (the frame limit, 64 KiB here) gets 413 once the rest of it is read and dropped, and
+    one whose sender stalls gets it after DISCARD_SECONDS at most. One just under the limit is served."""
     head = (
         "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         "Content-Length: 100000000\r\n\r\n"
@@ -158,11 +162,36 @@ def test_a_body_over_the_limit_gets_413_before_it_is_read(tiny_server: RunningSe
         "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         "Transfer-Encoding: chunked\r\n\r\n"
     )
-    status, body = raw_http(tiny_server.port, head, chunked)
+    t0 = time.monotonic()
+    status, body = raw_http(tiny_server.port, head, chunked + b"0\r\n\r\n")
     assert status == 413 and body["error"]["code"] == "request_too_large"
+    assert time.monotonic() - t0 < scaled(DISCARD_SECONDS / 2)
+    status, body = raw_http(tiny_server.port, head, chunked)  # never ends
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    assert time.monotonic() - t0 < scaled(DISCARD_SECONDS + 3)
     padded = json.dumps({"prompt": "Hi", "max_tokens": 2, "pad": "x" * 60000})
     r = httpx.post(tiny_server.http + "/v1/completions", content=padded, timeout=scaled(30))
     assert r.status_code == 200, r.text
+
+
+async def test_an_async_client_that_writes_a_40_mb_body_whole_reads_the_413() -> None:
+    """httpx's AsyncClient (the openai package's AsyncOpenAI) writes its whole body before it reads: 40 MB to a
+    server with a 1 MiB limit once got a reset connection every time, never the 413. Now the rest of the body is
+    read and thrown away first: the client reads the 413 and its message, with a Content-Length and chunked."""
+    engine = FakeEngine()
+    payload = b'{"prompt": "' + b"x" * (40 << 20) + b'"}'
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for i in range(0, len(payload), 1 << 20):
+            yield payload[i : i + (1 << 20)]
+
+    async with serving(engine) as (base, _), httpx.AsyncClient(base_url=base, timeout=scaled(60)) as http:
+        for content in (payload, payload, pieces()):
+            r = await http.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+            assert r.status_code == 413
+            error = r.json()["error"]
+            assert error["code"] == "request_too_large" and "--max-body-bytes" in error["message"]
+        assert (await http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})).status_code == 200
 
 
 def test_a_cross_site_form_post_is_refused_but_curl_d_works(tiny_server: RunningServer) -> None:

@@ -3,8 +3,13 @@
 - A browser sends a cross-site ``text/plain`` or form-encoded POST without asking first (no CORS preflight), so
   any page a user visits could drive a local tokenwire. A request whose ``Origin`` is not allowed (auth.py) and
   whose body is not JSON is refused with 403. ``curl -d`` sends a form-encoded body but no ``Origin``: it works.
-- A body larger than ``max_body_bytes`` is refused with 413: at once when ``Content-Length`` says so, else as
-  soon as the bytes read pass the limit. A body within the limit is read here and handed on unchanged.
+- A body larger than ``max_body_bytes`` is refused with 413: when ``Content-Length`` says so, else as soon as the
+  bytes read pass the limit; it is never held. The 413's headers go out at once, then the rest of the body is read
+  and thrown away (up to ``DISCARD_BYTES`` or ``DISCARD_SECONDS``, whichever comes first) before the answer ends
+  and the connection closes: a client that writes its whole body before it reads (httpx's ``AsyncClient``, so the
+  ``openai`` package) would otherwise hit a reset connection instead of the 413 (nginx's lingering close). A
+  client that sent ``Expect: 100-continue`` (curl) and has not been asked for its body gets the 413 at once. A body
+  within the limit is read here and handed on unchanged.
 
 - CORS: a page whose origin is allowed (the same rule as for WebSocket upgrades, auth.py: this machine's pages,
   the server's own, ``--allowed-origins``) may call the HTTP API from its scripts. Its preflight (``OPTIONS``
@@ -20,6 +25,8 @@ that nothing is buffered before these checks.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 
@@ -29,6 +36,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tokenwire.server.auth import AuthPolicy, origin_allowed
 
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
+DISCARD_BYTES = 64 << 20  # the most of an over-limit body read and thrown away so that its sender sees the 413
+DISCARD_SECONDS = 5.0  # and the longest that may take
 
 
 def is_json_type(content_type: str | None) -> bool:
@@ -119,8 +128,12 @@ class RequestGuard:
         limit = self.max_body_bytes
         length = headers.get("content-length")
         if length is not None and length.strip().isdigit() and int(length) > limit:
-            await self._too_large(send, int(length))
+            # Not a byte read yet: a client waiting for "100 Continue" never sends the body, and is not asked to.
+            waits = "100-continue" in headers.get("expect", "").lower()
+            rest = 0 if waits or int(length) > DISCARD_BYTES else int(length)
+            await self._too_large(send, receive, int(length), rest)
             return
+        declared = int(length) if length is not None and length.strip().isdigit() else None
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -130,7 +143,9 @@ class RequestGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await self._too_large(send, None)
+                more = message.get("more_body", False)
+                rest = DISCARD_BYTES if declared is None else max(0, declared - size)
+                await self._too_large(send, receive, None, rest if more and rest <= DISCARD_BYTES else 0)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -147,15 +162,32 @@ class RequestGuard:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Send, length: int | None) -> None:
+    async def _too_large(self, send: Send, receive: Receive, length: int | None, rest: int) -> None:
+        """The 413; ``rest``: how much of the body to read and throw away between its headers and its end."""
         size = f" ({length} bytes)" if length is not None else ""
-        await _refuse(
-            send,
-            self.on_refused,
-            413,
-            "request_too_large",
-            f"the request body{size} is larger than the limit of {self.max_body_bytes} bytes (--max-body-bytes)",
-        )
+        message = f"the request body{size} is larger than the limit of {self.max_body_bytes} bytes (--max-body-bytes)"
+        if self.on_refused is not None:
+            self.on_refused("request_too_large")
+        start, body = error_messages(413, "request_too_large", message, extra_headers=[(b"connection", b"close")])
+        await send(start)
+        if rest > 0:
+            # uvicorn's receive() says "disconnect" once the answer is complete: the rest is read before its end.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DISCARD_SECONDS):
+                    await discard(receive, rest)
+        await send(body)
+
+
+async def discard(receive: Receive, limit: int) -> None:
+    """Read the rest of a request body, keeping none of it, until it ends, the client leaves or ``limit`` bytes."""
+    read = 0
+    while read < limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        read += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _refuse(send: Send, on_refused: Callable[[str], None] | None, status: int, code: str, message: str) -> None:
@@ -191,7 +223,20 @@ async def send_error(
     extra_headers: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
     """Answer with an OpenAI-shaped JSON error, from ASGI middleware (before any route runs)."""
+    start, body = error_messages(status, code, message, kind, extra_headers)
+    await send(start)
+    await send(body)
+
+
+def error_messages(
+    status: int,
+    code: str,
+    message: str,
+    kind: str = "invalid_request_error",
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> tuple[Message, Message]:
+    """The ASGI messages of an OpenAI-shaped JSON error: the response's start and its whole body."""
     body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    start = {"type": "http.response.start", "status": status, "headers": headers + (extra_headers or [])}
+    return start, {"type": "http.response.body", "body": body, "more_body": False}
