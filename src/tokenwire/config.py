@@ -129,8 +129,8 @@ class Settings:
     max_body_bytes: int | None = field(
         default=None,
         metadata={
-            "help": "largest HTTP request body; larger gets 413 and is never held (its rest, up to 64 MiB or 5 s, is read and "
-            "dropped so that the client reads the 413) (default: --max-message-bytes)"
+            "help": "largest HTTP request body; larger gets 413 and is never held (its rest, up to 64 MiB or 5 s, is "
+            "read and dropped so that the client reads the 413) (default: --max-message-bytes)"
         },
     )
     max_connections: int = field(
