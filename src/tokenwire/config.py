@@ -59,6 +59,14 @@ class Settings:
             "name)"
         },
     )
+    json_whitespace: str = field(
+        default="compact",
+        metadata={
+            "help": "structured output (JSON schema, JSON object mode, tool-call arguments), every engine: compact "
+            "(no whitespace outside strings: a small model given room for it can fill it until max_tokens) or "
+            "flexible (whitespace allowed between tokens, as JSON allows)"
+        },
+    )
     engine: str = field(
         default="auto",
         metadata={

@@ -154,3 +154,34 @@ async def test_a_reader_that_reads_slowly_is_not_taken_for_a_slow_consumer() -> 
             await asyncio.sleep(0.05)
         assert slow.text("g") == engine.reply
         await slow.vanish()
+
+
+async def test_a_paused_constrained_generation_goes_on_with_its_document_where_it_was(
+    tiny_server: RunningServer,
+) -> None:
+    """A JSON-schema generation whose reader stops is paused, and comes back with its text so far in its prompt:
+    its grammar must go on from that text (the OpenVINO engine once started the document again, so the answer
+    held a second '[' midway). The whole text is one document of the schema, or the start of one at max_tokens."""
+    import json
+
+    from tokenwire.engine.grammar.residual import residual
+    from tokenwire.engine.grammar.schema import compile_schema
+
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 1000}
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", tiny_server.port))
+    sock.setblocking(False)
+    stuck = await Client.connect(tiny_server.ws + "/ws", sock=sock, max_queue=1)
+    await stuck.send({"type": "generate", "id": "j", "prompt": "Numbers", "max_tokens": 3000, "json_schema": schema})
+    await wait_stats(tiny_server, lambda e: e["paused"] == 1 and e["running"] == 0)
+    await asyncio.sleep(0.3)
+    done = await stuck.finish("j", timeout=120)
+    assert done["type"] == "complete", done
+    stuck.check_sequence("j")
+    text = stuck.text("j")
+    assert text.count("[") == 1, text[:200]
+    if done["finish_reason"] == "stop":
+        assert len(json.loads(text)) >= 1000
+    else:
+        residual(compile_schema(json.dumps(schema)), text)  # raises unless some document begins with it

@@ -20,6 +20,8 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
     """Which engine serves ``settings``, and why (for the log). ``auto``: OpenVINO wherever it can run the model."""
     if settings.engine not in ENGINES:
         raise ValueError(f"unknown engine {settings.engine!r}; choose one of {', '.join(ENGINES)}")
+    if settings.json_whitespace not in ("compact", "flexible"):
+        raise ValueError(f"--json-whitespace must be compact or flexible, not {settings.json_whitespace!r}")
     if settings.prefix_caching not in ("on", "off"):
         raise ValueError(f"--prefix-caching must be on or off, not {settings.prefix_caching!r}")
     if settings.engine != "auto":
@@ -103,6 +105,7 @@ def _build(settings: Settings) -> LoopEngine:
                 prefix_caching=settings.prefix_caching == "on",
                 queue_timeout=settings.queue_timeout,
                 hang_timeout=settings.engine_hang_timeout,
+                json_whitespace=settings.json_whitespace,
             )
         )
     from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig  # imports torch
@@ -124,5 +127,6 @@ def _build(settings: Settings) -> LoopEngine:
             ),
             queue_timeout=settings.queue_timeout,
             hang_timeout=settings.engine_hang_timeout,
+            json_whitespace=settings.json_whitespace,
         )
     )

@@ -45,6 +45,7 @@ class HFEngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     queue_timeout: float = 60.0  # seconds a new request may wait for a row before it fails overloaded (0: no limit)
     hang_timeout: float = 120.0  # a step longer than this means the model loop hangs: the server stops (0: never)
+    json_whitespace: str = "compact"  # structured output: compact JSON, or flexible (whitespace between tokens)
 
 
 class HFEngine(LoopEngine):
@@ -102,7 +103,8 @@ class HFBackend:
         blocks = self.scheduler.blocks
         self.runner = ModelRunner(model, device, dtype, blocks.block_tokens, blocks.num_blocks, self._table_of)
         self.sampler = RowSampler(device)
-        self.grammars = Grammars(tok, int(getattr(text_cfg, "vocab_size", 0) or len(tok)))
+        vocab = int(getattr(text_cfg, "vocab_size", 0) or len(tok))
+        self.grammars = Grammars(tok, vocab, compact=cfg.json_whitespace == "compact")
         log.info("model ready: %s, context %d tokens", self.name, max_context)
         return LoadedModel(tok, frozenset(_eos_ids(model, tok)), max_context)
 

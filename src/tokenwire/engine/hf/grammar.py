@@ -15,9 +15,8 @@ import torch
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
-WHITESPACE: JsonCompileOptions = {
-    "whitespace_flexible": False
-}  # compact JSON: no runs of spaces and newlines from a small model
+COMPACT: JsonCompileOptions = {"whitespace_flexible": False}  # no runs of spaces and newlines from a small model
+FLEXIBLE: JsonCompileOptions = {"whitespace_flexible": True}  # --json-whitespace flexible
 
 
 COMPILED_KEPT = 64  # schemas kept compiled
@@ -26,7 +25,8 @@ COMPILED_KEPT = 64  # schemas kept compiled
 class Grammars:
     """The matchers of the running (and paused) constrained requests."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, compact: bool = True) -> None:
+        self._whitespace = COMPACT if compact else FLEXIBLE
         self._hf_tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._tokenizer: Any = None  # llguidance's view of the tokenizer, built on first use (~0.3 s)
@@ -57,7 +57,7 @@ class Grammars:
         if compiled is None:
             import llguidance
 
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=WHITESPACE)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=self._whitespace)
             compiled = llguidance.LLMatcher(self._lltokenizer(), grammar)
         self._compiled[schema] = compiled  # most recently used last
         while len(self._compiled) > COMPILED_KEPT:

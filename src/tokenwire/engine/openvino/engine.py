@@ -24,6 +24,9 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from tokenwire.engine import models
+from tokenwire.engine.grammar.compiled import SchemaGrammars
+from tokenwire.engine.grammar.residual import NotAPrefix
+from tokenwire.engine.grammar.schema import Unsupported
 from tokenwire.engine.interface import EngineError, EngineErrorCode, EngineStats, FinishReason, SamplingParams
 from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
 from tokenwire.engine.openvino import ir, kernel_cache, worker
@@ -61,6 +64,7 @@ class OVEngineConfig:
     prefix_caching: bool = True
     queue_timeout: float = 60.0  # seconds a new request may wait for a row before it fails overloaded (0: no limit)
     hang_timeout: float = 120.0  # a worker silent this long while it has requests hangs: it is restarted (0: never)
+    json_whitespace: str = "compact"  # structured output: compact JSON, or flexible (whitespace between tokens)
 
 
 def worker_config(
@@ -108,6 +112,8 @@ class OVBackend:
             raise ValueError(f"unknown dtype {config.dtype!r}; choose one of auto, {', '.join(_PRECISIONS)}")
         if config.device not in ("auto", *_DEVICES):
             raise ValueError(f"the openvino engine runs on cpu or gpu (an Intel GPU), not {config.device!r}")
+        if config.json_whitespace not in ("compact", "flexible"):
+            raise ValueError(f"--json-whitespace must be compact or flexible, not {config.json_whitespace!r}")
         self.config = config
         self.resolved = models.resolve(config.model)
         self.plan = plan(self.resolved)  # NotForOpenVINO (a ValueError) if OpenVINO cannot read it
@@ -129,6 +135,9 @@ class OVBackend:
         self._deaths: list[float] = []  # when the worker died (restarts are bounded)
         self._wcfg: worker.WorkerConfig | None = None
         self._heard = time.monotonic()  # the worker's last message, or when it was last given work while idle
+        self.grammars = SchemaGrammars(compact=config.json_whitespace == "compact")
+        self._tokenizer: Any = None
+        self._refused: dict[str, EngineError] = {}  # requests that could not be handed to the worker, and why
 
     # -- lifecycle
     def load(self) -> LoadedModel:
@@ -148,6 +157,7 @@ class OVBackend:
                 process.kill()
             raise
         self._conn, self._process, self._alive = ours, process, True
+        self._tokenizer = prepared.tokenizer
         log.info(
             "model ready: %s, context %d tokens (OpenVINO, weights loaded in %.1f s)",
             self.name,
@@ -201,23 +211,44 @@ class OVBackend:
         # the prompt and tokens so far; its presence and frequency penalties count only what it generates from here.
         if not self._keys:
             self._heard = time.monotonic()  # silence while idle is not a hang
+        grammar = None
+        if params.json_schema is not None:
+            try:
+                grammar = self._grammar(params.json_schema, prompt_ids[len(prompt_ids) - continued :])
+            except (Unsupported, NotAPrefix) as exc:
+                self._refused[request_id] = EngineError(
+                    EngineErrorCode.GENERATION_FAILED, f"the answer's JSON cannot be continued: {exc}", "json_schema"
+                )
+                return
         key = next(self._next_key)
         self._keys[request_id] = key
         self._rids[key] = request_id
-        self._send(worker.Add(key, list(prompt_ids), params, max_new_tokens))
+        self._send(worker.Add(key, list(prompt_ids), params, max_new_tokens, grammar))
+
+    def _grammar(self, schema: str, generated: list[int]) -> str:
+        """The EBNF for a constrained request; one that goes on after ``generated`` (its own tokens, back from a
+        pause or a worker restart) continues its document where the text is, not from its start."""
+        text = self._tokenizer.decode(generated, skip_special_tokens=False) if generated else ""
+        if text.endswith("\ufffd"):  # a character cut between tokens: the grammar reads whole characters
+            raise NotAPrefix("the text so far ends inside a character")
+        return self.grammars.ebnf(schema, text)
 
     def refuse(self, params: SamplingParams) -> EngineError | None:
-        """What this pipeline cannot honour, named: its grammar backend was measured to ignore numeric bounds in
-        JSON Schemas (a "maximum": 1 let 1.1 through), so a schema with them is refused rather than half kept."""
+        """What this engine cannot honour, named: a JSON Schema keyword its grammar compiler (engine/grammar/)
+        does not enforce is refused rather than half kept; numeric bounds among them."""
         if params.json_schema is None:
             return None
         used = sorted(NUMERIC_BOUNDS & _schema_keys(json.loads(params.json_schema)))
-        if not used:
-            return None
+        if used:
+            why = f"cannot enforce {', '.join(used)} in a JSON Schema; leave them out"
+        else:
+            reason = self.grammars.refusal(params.json_schema)
+            if reason is None:
+                return None
+            why = f"cannot enforce {reason} in a JSON Schema; change the schema"
         return EngineError(
             EngineErrorCode.INVALID_REQUEST,
-            f"the OpenVINO engine cannot enforce {', '.join(used)} in a JSON Schema; leave them out, or serve with "
-            "--engine transformers, which does",
+            f"the OpenVINO engine {why}, or serve with --engine transformers, which does",
             "json_schema",
         )
 
@@ -225,13 +256,14 @@ class OVBackend:
         self.remove(request_id)  # the pipeline's prefix cache keeps the blocks while it has room
 
     def remove(self, request_id: str) -> None:
+        self._refused.pop(request_id, None)
         key = self._keys.pop(request_id, None)
         if key is not None and self._rids.pop(key, None) is not None:
             self._send(worker.Remove(key))
 
     @property
     def has_work(self) -> bool:
-        return bool(self._keys)
+        return bool(self._keys) or bool(self._refused)
 
     def idle(self) -> None:
         pass  # the worker frees a request's KV blocks when it ends
@@ -254,6 +286,8 @@ class OVBackend:
     def step(self) -> StepOutput:
         """What the worker made since the last call (all of its steps, merged in order); waits a little for it."""
         out = StepOutput(steps=0)
+        out.failed.update(self._refused)
+        self._refused.clear()
         conn = self._conn
         if conn is None or not self._alive:
             return out

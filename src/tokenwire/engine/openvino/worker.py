@@ -52,6 +52,7 @@ class Add:
     prompt_ids: list[int]
     params: SamplingParams
     max_new_tokens: int
+    grammar: str | None = None  # structured output: the EBNF its text must follow (from where it is)
 
 
 @dataclass(slots=True, frozen=True)
@@ -77,8 +78,9 @@ class Stepped:
     cache_usage: float = 0.0  # percent of the KV cache in use
 
 
-def generation_config(params: SamplingParams, max_new_tokens: int) -> Any:
-    """The pipeline's ``GenerationConfig`` for tokenwire's sampling parameters: every one is carried over.
+def generation_config(params: SamplingParams, max_new_tokens: int, grammar: str | None = None) -> Any:
+    """The pipeline's ``GenerationConfig`` for tokenwire's sampling parameters: every one is carried over, and
+    ``grammar`` (EBNF) constrains the text (the server compiles a JSON Schema to it: engine/grammar/).
 
     Stop strings and end-of-sequence are the server's (engine/output.py): it sees every token and removes the
     request, so the pipeline is told only about ``ignore_eos``. Without a seed a random one is drawn: the
@@ -92,8 +94,8 @@ def generation_config(params: SamplingParams, max_new_tokens: int) -> Any:
     gc.repetition_penalty = params.repetition_penalty
     gc.presence_penalty = params.presence_penalty
     gc.frequency_penalty = params.frequency_penalty
-    if params.json_schema is not None:
-        gc.structured_output_config = og.StructuredOutputConfig(json_schema=params.json_schema)
+    if grammar is not None:
+        gc.structured_output_config = og.StructuredOutputConfig(grammar=grammar)
     if params.greedy:
         gc.do_sample = False
     else:
@@ -198,7 +200,7 @@ class Worker:
 
         try:
             ids = self._ov.Tensor(np.array([msg.prompt_ids], dtype=np.int64))
-            config = generation_config(msg.params, msg.max_new_tokens)
+            config = generation_config(msg.params, msg.max_new_tokens, msg.grammar)
             self.handles[msg.key] = self.pipe.add_request(msg.key, ids, config)
             if self.prefix is not None:
                 self.pending.cached[msg.key] = self.prefix.match(msg.prompt_ids)
