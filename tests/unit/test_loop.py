@@ -75,6 +75,9 @@ class ScriptedBackend:
             self.running.pop(request_id, None)
             self.parked.discard(request_id)
 
+    def forgive(self, request_id: str) -> None:
+        pass
+
     @property
     def has_work(self) -> bool:
         return bool(self.running)
@@ -453,5 +456,98 @@ async def test_an_abort_or_pause_while_the_prompt_is_tokenized_is_not_lost(
             engine.unpause("x")
             await asyncio.wait_for(task, scaled(30))
             assert outs[-1].finish_reason is FinishReason.LENGTH and outs[-1].completion_tokens == 2000
+    finally:
+        await engine.shutdown()
+
+
+class DyingBackend(ScriptedBackend):
+    """Its "process" dies (every running request lost, as the OpenVINO worker's death hands them back) when told
+    to, or whenever a poisoned request has run ``poison_steps`` steps since it was added."""
+
+    def __init__(self, tokenizer: Any, rows: int = 4) -> None:
+        super().__init__(tokenizer, rows=rows)
+        self.poisoned: set[str] = set()
+        self.poison_steps = 3
+        self.kill_now = threading.Event()
+        self.deaths: list[set[str]] = []  # who was in it, each time it died
+        self.died_at: list[int] = []  # len(batches) at each death
+        self.forgiven: list[str] = []
+        self.batches: list[set[str]] = []  # who ran together, each step
+        self.steps_in: dict[str, int] = {}
+
+    def add(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int, continued: int = 0
+    ) -> None:
+        super().add(request_id, prompt_ids, params, max_new_tokens, continued)
+        self.steps_in[request_id] = 0
+
+    def step(self) -> StepOutput:
+        with self.lock:
+            for rid in self.running:
+                self.steps_in[rid] += 1
+            dies = self.kill_now.is_set() or any(
+                self.steps_in[rid] >= self.poison_steps for rid in self.running if rid in self.poisoned
+            )
+            if dies:
+                self.kill_now.clear()
+                self.deaths.append(set(self.running))
+                self.died_at.append(len(self.batches))
+                out = StepOutput(lost=list(self.running))
+                self.running.clear()
+                return out
+            self.batches.append(set(self.running))
+        return super().step()
+
+    def forgive(self, request_id: str) -> None:
+        self.forgiven.append(request_id)
+
+
+async def test_requests_lost_with_the_backend_process_go_on_where_they_were(byte_tokenizer: Any) -> None:
+    """The backend's process dies under three running requests and comes back: each goes on from its prompt plus
+    the tokens it made (first in line), and its text and token count equal those of a run that never died."""
+    backend = DyingBackend(byte_tokenizer)
+    engine = await started(backend)
+    try:
+        whole = text(await collect(engine, request("whole", 40)))
+        backend.steps_in.clear()
+        tasks = {rid: asyncio.create_task(collect(engine, request(rid, 40, connection=rid))) for rid in "abc"}
+        await wait_until(lambda: len(backend.running) == 3 and min(backend.steps_in.values()) >= 5)
+        backend.kill_now.set()
+        for rid, task in tasks.items():
+            outs = await asyncio.wait_for(task, scaled(10))
+            assert outs[-1].finish_reason is FinishReason.LENGTH and outs[-1].completion_tokens == 40
+            assert text(outs) == whole, rid  # the same prompt: the same text
+        assert backend.deaths == [{"a", "b", "c"}] and backend.forgiven == []
+        assert all(backend.continued[rid] > 0 for rid in "abc")
+    finally:
+        await engine.shutdown()
+
+
+async def test_a_request_that_kills_the_backend_process_is_found_and_fails_alone(byte_tokenizer: Any) -> None:
+    """A poisoned request kills the process three steps after each admission. First death: all go on. Second:
+    all have two strikes, so each runs alone for a probe, one at a time; the poisoned one dies alone and is the
+    culprit: it alone fails (generation_failed, saying why), its deaths are forgiven, the others complete whole
+    with the text of an undisturbed run."""
+    backend = DyingBackend(byte_tokenizer)
+    engine = await started(backend)
+    try:
+        whole = text(await collect(engine, request("whole", 60)))
+        backend.poisoned.add("bad")
+        backend.batches.clear()
+        tasks = {rid: asyncio.create_task(collect(engine, request(rid, 60, connection=rid))) for rid in ("a", "b")}
+        await wait_until(lambda: len(backend.running) == 2)
+        bad = asyncio.create_task(collect(engine, request("bad", 60, connection="bad")))
+        with pytest.raises(EngineError) as err:
+            await asyncio.wait_for(bad, scaled(10))
+        assert err.value.code is EngineErrorCode.GENERATION_FAILED and "taken to be the cause" in err.value.message
+        for task in tasks.values():
+            outs = await asyncio.wait_for(task, scaled(10))
+            assert text(outs) == whole and outs[-1].completion_tokens == 60
+        assert len(backend.deaths) == 3 and backend.deaths[-1] == {"bad"}
+        assert backend.forgiven == ["bad"]
+        assert backend.deaths[0] == backend.deaths[1] == {"a", "b", "bad"}
+        probes = backend.batches[backend.died_at[1] : backend.died_at[2]]
+        assert probes and all(len(batch) == 1 for batch in probes)  # suspects ran alone, one at a time
+        assert {next(iter(batch)) for batch in probes} == {"a", "b", "bad"}
     finally:
         await engine.shutdown()

@@ -75,6 +75,22 @@ class AdmissionQueue(Generic[T]):
         self._first.append(item)
         self._where[item.request_id] = None
 
+    def push_first(self, item: T) -> None:
+        """Queue ``item`` at the very front, ahead of those continuing too (a suspect after a crash: recovery.py)."""
+        if item.request_id in self._where:
+            raise ValueError(f"request id {item.request_id!r} is already queued")
+        self._first.appendleft(item)
+        self._where[item.request_id] = None
+
+    def peek(self) -> T | None:
+        """What :meth:`pop` would return, left in place."""
+        if self._first:
+            return self._first[0]
+        for connections in self._tenants.values():
+            for items in connections.values():
+                return items[0]
+        return None
+
     def pop(self) -> T | None:
         """The next request to admit, or None when none waits."""
         if self._first:

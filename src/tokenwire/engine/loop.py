@@ -52,6 +52,7 @@ from tokenwire.engine.interface import (
 )
 from tokenwire.engine.output import OutputProcessor
 from tokenwire.engine.prompt import Prompt, PromptBuilder
+from tokenwire.engine.recovery import CULPRIT_MESSAGE, Triage
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class StepOutput:
     failed: dict[str, EngineError] = field(default_factory=dict)
     finished: dict[str, FinishReason] = field(default_factory=dict)
     cached: dict[str, int] = field(default_factory=dict)  # prompt tokens a request found in the prefix cache
+    lost: list[str] = field(default_factory=list)  # its process died and was restarted: these go on (recovery.py)
     steps: int = 1
 
 
@@ -107,6 +109,10 @@ class Backend(Protocol):
 
     def remove(self, request_id: str) -> None:
         """Free a request's slot and anything kept for it (it ended or was aborted); unknown ids are ignored."""
+
+    def forgive(self, request_id: str) -> None:
+        """``request_id`` was found to kill the backend's process (recovery.py): the deaths it was in do not count
+        toward the backend's restart limit. A backend without a process of its own does nothing."""
 
     @property
     def has_work(self) -> bool: ...
@@ -197,6 +203,7 @@ class LoopEngine:
         self._requests: dict[str, _Waiting] = {}
         self._rows = 0
         self._next_expiry = 0.0
+        self._triage = Triage()  # requests lost with a backend process: who goes on, who is to blame
         self._streams: dict[str, asyncio.Queue[_Item]] = {}
         # event loop only: requests whose _Add is not in the inbox yet (their prompt is being tokenized), with the
         # aborts, pauses and unpauses asked for them meanwhile, sent after the _Add (else an abort would reach the
@@ -484,11 +491,13 @@ class LoopEngine:
     def admit_waiting(self) -> None:
         """Give free rows to waiting requests; fail those that waited past the queue timeout."""
         while len(self._in_backend) < self._rows:
-            waiting = self._waiting.pop()
-            if waiting is None:
-                break
+            waiting = self._waiting.peek()
+            if waiting is None or not self._triage.may_admit(waiting.request_id, len(self._in_backend)):
+                break  # a suspect runs alone after a crash (recovery.py)
+            self._waiting.pop()
             self._in_backend.add(waiting.request_id)
             self._parked.discard(waiting.request_id)
+            self._triage.admitted(waiting.request_id)
             self.backend.add(
                 waiting.request_id, waiting.prompt_ids, waiting.params, waiting.max_new_tokens, waiting.continued
             )
@@ -522,6 +531,7 @@ class LoopEngine:
         self._paused.discard(request_id)
         self._requests.pop(request_id, None)
         self._outputs.drop(request_id)
+        self._triage.forget(request_id)
 
     def _abort(self, request_id: str, out: list[_Item]) -> None:
         assert self._outputs is not None
@@ -539,6 +549,7 @@ class LoopEngine:
             self._in_backend.discard(request_id)
             self._parked.add(request_id)
             self.backend.park(request_id)
+        self._triage.left(request_id)
         self._waiting.remove(request_id)
         self._paused.add(request_id)  # last: stats never count it both running and paused
 
@@ -549,6 +560,13 @@ class LoopEngine:
         if request_id not in self._paused:
             return
         self._paused.discard(request_id)
+        self._requeue(request_id, out)
+
+    def _requeue(self, request_id: str, out: list[_Item], very_first: bool = False) -> None:
+        """Queue a request that left the backend (paused, or lost with its process) first in line (``very_first``:
+        ahead of the others first in line too), its generated tokens now part of its prompt."""
+        outputs = self._outputs
+        assert outputs is not None
         first = self._requests[request_id]
         generated = outputs.generated_ids(request_id)
         left = first.max_new_tokens - len(generated)
@@ -558,19 +576,19 @@ class LoopEngine:
             if end is not None:
                 out.append(end)
             return
-        if not generated:  # paused before it ever ran: it waits as it did, in its place
+        if not generated and not very_first:  # it never ran: it waits as it did, in its place
             self._waiting.push(first)
             return
-        self._waiting.push_front(
-            dataclasses.replace(
-                first,
-                prompt_ids=first.prompt_ids + generated,
-                max_new_tokens=left,
-                queued_at=time.monotonic(),
-                continued=len(generated),
-            )
+        again = dataclasses.replace(
+            first,
+            prompt_ids=first.prompt_ids + generated,
+            max_new_tokens=left,
+            queued_at=time.monotonic(),
+            continued=len(generated),
         )
-        outputs.continues(request_id)
+        (self._waiting.push_first if very_first else self._waiting.push_front)(again)
+        if generated:
+            outputs.continues(request_id)
 
     def step(self) -> None:
         """One backend step, and its outputs: ``StepOutput --> RequestOutput``."""
@@ -598,6 +616,13 @@ class LoopEngine:
             out.extend(made)
             if ended:
                 self._forget(rid)
+            elif self._triage.made(rid, len(tokens)) and rid in self._in_backend:  # cleared: the next suspect's turn
+                self._in_backend.discard(rid)
+                self._parked.add(rid)
+                self.backend.park(rid)
+                self._requeue(rid, out)
+        if result.lost:
+            self._recover(result.lost, out)
         for rid, reason in result.finished.items():
             self._in_backend.discard(rid)
             end = outputs.finish(rid, reason)  # None: the output side ended it already
@@ -606,6 +631,23 @@ class LoopEngine:
                 out.append(end)
         self._steps += result.steps
         self.emit(out)
+
+    def _recover(self, lost: list[str], out: list[_Item]) -> None:
+        """The backend's process died with ``lost`` in it and is back: they go on where they were, first in line,
+        but the one found to kill it fails (recovery.py)."""
+        lost = [rid for rid in lost if rid in self._requests]
+        for rid in lost:
+            self._in_backend.discard(rid)  # the backend holds nothing of them any more
+            self._parked.discard(rid)
+        culprit, go_on = self._triage.lost(lost)
+        if culprit is not None:
+            log.error("request %s was alone in the engine process when it died a second time: it fails", culprit)
+            self.backend.forgive(culprit)
+            self._forget(culprit)
+            out.append(_Failure(culprit, EngineError(EngineErrorCode.GENERATION_FAILED, CULPRIT_MESSAGE)))
+        log.warning("%d request(s) go on after the engine process died", len(go_on))
+        for rid in reversed(go_on):  # each at the very front: in the end, in go_on's order (suspects first)
+            self._requeue(rid, out, very_first=True)
 
     def _fail_all(self, code: EngineErrorCode, message: str) -> None:
         out: list[_Item] = []

@@ -151,6 +151,9 @@ class HFBackend:
         if self.grammars is not None:
             self.grammars.park(request_id)
 
+    def forgive(self, request_id: str) -> None:
+        pass  # the model runs in this process: no restarts to count
+
     def remove(self, request_id: str) -> None:
         seq = self.scheduler.get(request_id)
         if seq is not None:

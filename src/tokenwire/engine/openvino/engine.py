@@ -31,13 +31,14 @@ from tokenwire.engine.interface import EngineError, EngineErrorCode, EngineStats
 from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
 from tokenwire.engine.openvino import ir, kernel_cache, worker
 from tokenwire.engine.openvino.model import plan, prepare
+from tokenwire.engine.recovery import RestartBudget
 
 log = logging.getLogger(__name__)
 
 BLOCK_TOKENS = 32  # the CPU pipeline's KV-cache block (tokens); --kv-cache-tokens is rounded up to blocks
 STEP_WAIT_S = 0.005  # how long a model-thread step waits for the worker before looking at its inbox again
 MAX_RESTARTS = 3  # worker deaths within RESTART_WINDOW_S that are restarted; one more and the engine stops
-RESTART_WINDOW_S = 300.0
+RESTART_WINDOW_S = 300.0  # (a death a culprit request was in does not count: engine/recovery.py)
 _PRECISIONS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
 
@@ -132,7 +133,7 @@ class OVBackend:
         self._process: BaseProcess | None = None
         self._alive = False
         self._last = worker.Stepped()
-        self._deaths: list[float] = []  # when the worker died (restarts are bounded)
+        self._deaths = RestartBudget(MAX_RESTARTS, RESTART_WINDOW_S)  # restarts are bounded
         self._wcfg: worker.WorkerConfig | None = None
         self._heard = time.monotonic()  # the worker's last message, or when it was last given work while idle
         self.grammars = SchemaGrammars(compact=config.json_whitespace == "compact")
@@ -337,33 +338,44 @@ class OVBackend:
                 out.failed[rid] = EngineError(EngineErrorCode.GENERATION_FAILED, reason)
 
     def _died(self, out: StepOutput) -> None:
+        """The worker is gone: restart it, and hand its requests back to the engine core, which queues them again
+        where they were (``out.lost``; engine/recovery.py); past the restart limit, or if it cannot be restarted,
+        they fail and the engine stops."""
         process = self._process
         if process is not None:
             process.join(1)
         code = process.exitcode if process is not None else None
-        log.error("the OpenVINO worker process exited (code %s); failing its %d requests", code, len(self._keys))
-        for rid in self._keys:
-            out.failed[rid] = EngineError(EngineErrorCode.GENERATION_FAILED, f"the engine process exited (code {code})")
+        lost = list(self._keys)
         self._keys.clear()
         self._rids.clear()
-        now = time.monotonic()
-        self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
-        if len(self._deaths) > MAX_RESTARTS:
-            log.error("the worker died %d times in %.0f s: not restarting it", len(self._deaths), RESTART_WINDOW_S)
+        log.error("the OpenVINO worker process exited (code %s) with %d requests", code, len(lost))
+        why = f"the engine process exited (code {code})"
+        if not self._deaths.died(lost, time.monotonic()):
+            log.error(
+                "the worker died %d times in %.0f s: not restarting it", len(self._deaths.deaths), RESTART_WINDOW_S
+            )
             self._alive = False
-            return
-        log.warning("restarting the OpenVINO worker; requests that arrive meanwhile wait for it")
-        try:
-            ours, process = self._start()
-            seconds = self._await_loaded(ours, process)
-        except Exception as exc:
-            log.error("the OpenVINO worker could not be restarted: %s", exc)
-            self._alive = False
-            return
-        if self._conn is not None:
-            self._conn.close()
-        self._conn, self._process = ours, process
-        log.info("the OpenVINO worker is back (weights loaded in %.1f s)", seconds)
+        else:
+            log.warning("restarting the OpenVINO worker; its requests, and those that arrive meanwhile, wait for it")
+            try:
+                ours, process = self._start()
+                seconds = self._await_loaded(ours, process)
+            except Exception as exc:
+                log.error("the OpenVINO worker could not be restarted: %s", exc)
+                self._alive = False
+                why = f"{why}, and could not be restarted: {exc}"
+            else:
+                if self._conn is not None:
+                    self._conn.close()
+                self._conn, self._process = ours, process
+                log.info("the OpenVINO worker is back (weights loaded in %.1f s)", seconds)
+                out.lost.extend(lost)
+                return
+        for rid in lost:
+            out.failed[rid] = EngineError(EngineErrorCode.GENERATION_FAILED, why)
+
+    def forgive(self, request_id: str) -> None:
+        self._deaths.forgive(request_id)
 
     def _send(self, msg: Any) -> None:
         if self._conn is None or not self._alive:
