@@ -161,11 +161,12 @@ async def test_a_closed_iterator_aborts(engine: OVEngine) -> None:
     assert (await run(engine, "next", max_tokens=5, temperature=0, ignore_eos=True))["completion"] == 5
 
 
-async def test_a_dead_worker_fails_its_requests_and_is_restarted_a_bounded_number_of_times(
+async def test_a_dead_worker_is_restarted_its_requests_go_on_and_restarts_are_bounded(
     tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Killing the worker fails the requests it ran (generation_failed) and a new worker serves the next ones;
-    past MAX_RESTARTS deaths in the window the engine stops and is no longer ready (for the orchestrator)."""
+    """Killing the worker restarts it and the request it ran goes on to its end (engine/recovery.py); past
+    MAX_RESTARTS deaths in the window the engine stops, the request then running fails (generation_failed) and
+    the engine is no longer ready (for the orchestrator)."""
     from tokenwire.engine.openvino import engine as ov_engine
 
     monkeypatch.setattr(ov_engine, "MAX_RESTARTS", 1)
@@ -177,12 +178,15 @@ async def test_a_dead_worker_fails_its_requests_and_is_restarted_a_bounded_numbe
             process = eng.backend._process
             assert process is not None and process.pid is not None and not task.done()
             os.kill(process.pid, signal.SIGKILL)
-            with pytest.raises(EngineError) as err:
-                await asyncio.wait_for(task, scaled(10))
-            assert err.value.code is EngineErrorCode.GENERATION_FAILED and "exited" in err.value.message
-            if death == 0:  # restarted: served again
+            if death == 0:  # restarted: it goes on, and new requests are served
+                done = await asyncio.wait_for(task, scaled(60))
+                assert done["completion"] == 3000 and eng.ready
                 after = await asyncio.wait_for(run(eng, "after", max_tokens=5, ignore_eos=True), scaled(60))
-                assert after["completion"] == 5 and eng.ready
+                assert after["completion"] == 5
+            else:
+                with pytest.raises(EngineError) as err:
+                    await asyncio.wait_for(task, scaled(10))
+                assert err.value.code is EngineErrorCode.GENERATION_FAILED and "exited" in err.value.message
         for _ in range(100):
             if not eng.ready:
                 break
