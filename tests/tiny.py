@@ -86,12 +86,15 @@ def sentencepiece_tokenizer(vocab_size: int = 420) -> SentencePieceDecoder:
     return SentencePieceDecoder(buf.getvalue())
 
 
-def save_tiny_model(target: Path, max_positions: int = 256, seed: int = 0, init_std: float = 0.3) -> Path:
+def save_tiny_model(
+    target: Path, max_positions: int = 256, seed: int = 0, init_std: float = 0.3, rope: dict[str, Any] | None = None
+) -> Path:
     """Save a random 2-layer Llama and the byte-level tokenizer as a model folder.
 
     ``init_std`` is 0.3, not transformers' usual 0.02: at 0.02 attention is nearly uniform and a random model
     answers every prompt with the same greedy text, so a test comparing outputs would prove nothing. At 0.3
-    every token depends on its context, and a KV-cache mix-up changes the text."""
+    every token depends on its context, and a KV-cache mix-up changes the text. ``rope``: the config's
+    ``rope_parameters`` (rope scaling)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -110,6 +113,7 @@ def save_tiny_model(target: Path, max_positions: int = 256, seed: int = 0, init_
         bos_token_id=None,
         tie_word_embeddings=True,
         initializer_range=init_std,
+        **({"rope_parameters": rope} if rope is not None else {}),
     )
     model = LlamaForCausalLM(config)
     target.mkdir(parents=True, exist_ok=True)

@@ -165,3 +165,57 @@ def test_dequantizing_keeps_the_metadata_and_decodes_every_block_exactly(q4_gguf
         assert t.tensor_type in (gg.GGMLQuantizationType.F16, gg.GGMLQuantizationType.F32)
         exact = gg.quants.dequantize(s.data, s.tensor_type).reshape(-1)
         assert np.allclose(np.asarray(t.data, dtype=np.float32).reshape(-1), exact, rtol=1e-3, atol=1e-4), t.name
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,  # short, so that the scaling shows within the prompt
+}
+
+
+def test_llama3_rope_scaling_of_a_folder_reaches_the_ir(tmp_path: Path, cache: Path) -> None:
+    """transformers 5 writes Llama 3's rope scaling under rope_parameters; GenAI's GGUF reader builds plain RoPE and
+    ignores rope_freqs. The folder converts with rope_freqs, and the IR's rotary frequencies are divided by them:
+    over 300 positions the IR agrees with transformers' forward pass (float16-rounded weights) as a plain model
+    does (the argmax at 95% of positions or more), where plain RoPE agreed at 3%."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import save_tiny_model
+    from tokenwire.engine.openvino import convert
+
+    folder = save_tiny_model(tmp_path / "llama3", max_positions=1024, rope=LLAMA3_ROPE)
+    config = json.loads((folder / "config.json").read_text())
+    assert convert.rope_type(config) == "llama3" and convert.unsupported(folder) is None
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16).float()
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, 500, 300)]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].double().numpy()
+    got = logits(ir.converted(convert.converted(folder), "none"), ids)
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+    assert relative_error(got, want) < 0.1
+    (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "default"}}))
+    plain = logits(ir.converted(convert.converted(folder), "none"), ids)  # the defect: scaling dropped
+    assert (plain.argmax(-1) == want.argmax(-1)).mean() < 0.5
+
+
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
+def test_a_rope_scaling_the_openvino_route_cannot_write_is_named(tmp_path: Path, key: str) -> None:
+    import json
+
+    from tests.tiny import save_tiny_model
+    from tokenwire.engine.openvino import convert
+
+    folder = save_tiny_model(tmp_path / "yarn")
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    (folder / "config.json").write_text(json.dumps({**config, key: {"rope_type": "yarn", "factor": 4.0}}))
+    assert "yarn" in (convert.unsupported(folder) or "")
+    (folder / "config.json").write_text(json.dumps({**config, key: {"type": "linear", "factor": 2.0}}))
+    assert convert.unsupported(folder) is None

@@ -4,9 +4,12 @@ OpenVINO GenAI builds a model from a GGUF file (engine/openvino/ir.py makes that
 route from a Hugging Face folder (``optimum-cli export openvino``) needs optimum-intel, whose releases pin
 transformers and torch below tokenwire's. So tokenwire writes the GGUF file itself, as llama.cpp's converter does,
 with the ``gguf`` package it already depends on: llama-family models (``LlamaForCausalLM``: Llama, SmolLM2, ...)
-with a byte-level BPE tokenizer, weights in float16. The file is kept in the cache directory under the SHA-256 of
-the folder's content (config, tokenizer, weights), with a ``.json`` marker written after it: a file without its
-marker or of another size than the marker says is a partial or corrupt conversion and is made again.
+with a byte-level BPE tokenizer, weights in float16. Rope scaling (Llama 3's, or linear; under ``rope_scaling`` or
+transformers 5's ``rope_parameters``) is written as llama.cpp writes it, a ``rope_freqs`` tensor of divisors, which
+ir.py applies to the graph's rotary frequencies (OpenVINO GenAI's reader ignores it). The file is kept in the
+cache directory under the SHA-256 of the folder's content (config, tokenizer, weights), with a ``.json`` marker
+written after it: a file without its marker or of another size than the marker says is a partial or corrupt
+conversion and is made again.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -22,8 +26,9 @@ from tokenwire.engine import models
 
 log = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: rope scaling written as rope_freqs
 ARCHITECTURES = {"LlamaForCausalLM": "llama"}
+ROPE_TYPES = ("default", "llama3", "linear")  # rope scaling written as rope_freqs (ir.py applies it)
 
 
 def unsupported(folder: Path) -> str | None:
@@ -35,8 +40,8 @@ def unsupported(folder: Path) -> str | None:
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
         return f"its architecture {arch} is not one the GGUF converter writes ({', '.join(ARCHITECTURES)})"
-    if config.get("rope_scaling"):
-        return "it uses rope scaling, which the GGUF converter does not write"
+    if rope_type(config) not in ROPE_TYPES:
+        return f"its rope scaling ({rope_type(config)}) is not one the OpenVINO route writes ({', '.join(ROPE_TYPES)})"
     if not list(folder.glob("*.safetensors")):
         return "it has no .safetensors weights"
     try:
@@ -133,6 +138,9 @@ def write_gguf(folder: Path, target: Path) -> None:
     def rotary(data: Any, n: int) -> Any:  # llama.cpp's row order for Q and K
         return data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
 
+    factors = rope_factors(rope_settings(json.loads((folder / "config.json").read_text())), head_dim)
+    if factors is not None:  # llama.cpp's rope_freqs: each rotary frequency's divisor
+        w.add_tensor("rope_freqs.weight", factors)
     matrix("token_embd.weight", weights["model.embed_tokens.weight"])
     for i in tqdm(range(cfg.num_hidden_layers), desc="converting to GGUF", unit="layer"):
         p = f"model.layers.{i}."
@@ -152,6 +160,41 @@ def write_gguf(folder: Path, target: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """A config's rotary settings, under either key: ``rope_scaling`` (transformers 4) or ``rope_parameters``
+    (transformers 5, which writes it for every model, usually with ``rope_type: "default"``)."""
+    found = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return {"rope_theta": config.get("rope_theta", 10000.0), **(found if isinstance(found, dict) else {})}
+
+
+def rope_type(config: dict[str, Any]) -> str:
+    settings = rope_settings(config)
+    return str(settings.get("rope_type") or settings.get("type") or "default")
+
+
+def rope_factors(settings: dict[str, Any], head_dim: int) -> Any:
+    """Rope scaling as one divisor per rotary frequency (what llama.cpp writes as ``rope_freqs``), or None for
+    plain RoPE. ``linear``: ``factor`` for every frequency. ``llama3``: 1 for short wavelengths, ``factor`` for long
+    ones, a smooth blend between."""
+    import numpy as np
+
+    kind = settings.get("rope_type") or settings.get("type") or "default"
+    factor = float(settings.get("factor", 8.0))
+    if kind == "linear":
+        return np.full(head_dim // 2, factor, dtype=np.float32)
+    if kind != "llama3":
+        return None
+    base = float(settings.get("rope_theta", 10000.0))
+    low, high = float(settings.get("low_freq_factor", 1.0)), float(settings.get("high_freq_factor", 4.0))
+    old_context = float(settings.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_context / high, 1.0, np.where(wavelen > old_context / low, factor, blended))
+    return out.astype(np.float32)
 
 
 def _write_tokenizer(w: Any, tok: Any) -> None:

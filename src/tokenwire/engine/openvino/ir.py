@@ -34,7 +34,7 @@ from tokenwire.engine import models
 
 log = logging.getLogger(__name__)
 
-IR_VERSION = 2
+IR_VERSION = 3  # 3: rope_freqs (Llama 3.1+ rope scaling) applied to the rotary frequencies
 FORMATS = ("none", "int8", "int4")
 MARKER = "tokenwire-ir.json"
 
@@ -186,13 +186,18 @@ def restore_float32(model: Any, reader: Any) -> int:
 
     candidates: dict[bytes, list[Any]] = {}
     arrays = [np.asarray(t.data) for t in reader.tensors if t.tensor_type == gg.GGMLQuantizationType.F32]
+    for a in arrays:
+        candidates.setdefault(a.astype(np.float16).tobytes(), []).append(a.astype(np.float32).reshape(-1))
     arch = reader.fields["general.architecture"].contents()
     base, dims = reader.fields.get(f"{arch}.rope.freq_base"), reader.fields.get(f"{arch}.rope.dimension_count")
     if base is not None and dims is not None:
         n = int(dims.contents())
-        arrays.append((1.0 / float(base.contents()) ** (np.arange(0, n, 2, dtype=np.float64) / n)).astype(np.float32))
-    for a in arrays:
-        candidates.setdefault(a.astype(np.float16).tobytes(), []).append(a.astype(np.float32).reshape(-1))
+        freqs = 1.0 / float(base.contents()) ** (np.arange(0, n, 2, dtype=np.float64) / n)
+        divisors = rope_divisors(reader)
+        if divisors is not None and divisors.shape == freqs.shape:
+            freqs = freqs / divisors  # GenAI's reader builds plain RoPE: Llama 3's scaling is put in here
+        key = (1.0 / float(base.contents()) ** (np.arange(0, n, 2, dtype=np.float64) / n)).astype(np.float16)
+        candidates[key.tobytes()] = [freqs.astype(np.float32)]
     count = 0
     for op in model.get_ordered_ops():
         if op.get_type_name() != "Constant" or op.get_element_type() != ov.Type.f16:
@@ -211,6 +216,18 @@ def restore_float32(model: Any, reader: Any) -> int:
             u.output(0).replace(exact)
         count += 1
     return count
+
+
+def rope_divisors(reader: Any) -> Any:
+    """The divisor of each rotary frequency a GGUF file asks for (None: plain RoPE): its ``rope_freqs`` tensor
+    (Llama 3.1 and later, as llama.cpp's converter writes it, and tokenwire's), which OpenVINO GenAI's reader
+    ignores."""
+    import numpy as np
+
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            return np.asarray(t.data, dtype=np.float64).reshape(-1)
+    return None
 
 
 def fuse_projections(model: Any) -> int:
