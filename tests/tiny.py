@@ -130,3 +130,43 @@ def save_tiny_gguf(source: Path, target: Path) -> Path:
 
     write_gguf(source, target)
     return target
+
+
+def save_tiny_family(target: Path, architecture: str, seed: int = 0) -> Path:
+    """A random 2-layer model of ``architecture`` (``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``) in the shape of
+    save_tiny_model's, with the byte-level tokenizer; its biases and norm weights random too (a zero bias or a unit
+    norm would not show a converter that drops them), every weight rounded to float16 (what the GGUF holds)."""
+    import torch
+    import transformers
+
+    tok = byte_level_tokenizer()
+    torch.manual_seed(seed)
+    config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    extra = {"head_dim": 32} if architecture.startswith("Qwen3") else {}  # wider than hidden / heads, as Qwen3's
+    config = config_class(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        bos_token_id=None,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        **extra,
+    )
+    model = getattr(transformers, architecture)(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.3)
+            elif "norm" in name:
+                param.normal_(1.0, 0.3)
+            param.copy_(param.to(torch.float16).to(torch.float32))
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    tok.save_pretrained(target)
+    return target

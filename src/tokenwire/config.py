@@ -49,7 +49,10 @@ class Settings:
     # the model
     model: str | None = field(
         default=None,
-        metadata={"help": "local Hugging Face folder, .gguf file or hub id (default: SmolLM2-135M-Instruct)"},
+        metadata={
+            "help": "local Hugging Face folder, .gguf file, OpenVINO IR folder or hub id (default: "
+            "SmolLM2-135M-Instruct); docs/models.md says which engine serves which family"
+        },
     )
     served_model_name: str = field(
         default="",

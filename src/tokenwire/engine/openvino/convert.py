@@ -3,8 +3,9 @@
 OpenVINO GenAI builds a model from a GGUF file (engine/openvino/ir.py makes that IR and quantizes it); its own
 route from a Hugging Face folder (``optimum-cli export openvino``) needs optimum-intel, whose releases pin
 transformers and torch below tokenwire's. So tokenwire writes the GGUF file itself, as llama.cpp's converter does,
-with the ``gguf`` package it already depends on: llama-family models (``LlamaForCausalLM``: Llama, SmolLM2, ...)
-with a byte-level BPE tokenizer, weights in float16. Rope scaling (Llama 3's, or linear; under ``rope_scaling`` or
+with the ``gguf`` package it already depends on: Llama (``LlamaForCausalLM``: Llama, SmolLM2, ...), Qwen2/2.5
+(biases on the query, key and value) and Qwen3 (query and key norms) models (:data:`FAMILIES`) with a byte-level
+BPE tokenizer, weights in float16. Rope scaling (Llama 3's, or linear; under ``rope_scaling`` or
 transformers 5's ``rope_parameters``) is written as llama.cpp writes it, a ``rope_freqs`` tensor of divisors, which
 ir.py applies to the graph's rotary frequencies (OpenVINO GenAI's reader ignores it). The file is kept in the
 cache directory under the SHA-256 of the folder's content (config, tokenizer, weights), with a ``.json`` marker
@@ -19,6 +20,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,24 @@ from tokenwire.engine import models
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = 2  # 2: rope scaling written as rope_freqs
-ARCHITECTURES = {"LlamaForCausalLM": "llama"}
+
+
+@dataclass(slots=True, frozen=True)
+class Family:
+    """How one architecture is written: its GGUF name and what its layers hold beyond Llama's."""
+
+    gguf: str
+    permute_qk: bool = True  # llama.cpp's row order for Llama's rotary halves; NeoX-style families keep theirs
+    qkv_bias: bool = False  # Qwen2: biases on the query, key and value projections
+    qk_norm: bool = False  # Qwen3: an RMS norm on each head's query and key
+
+
+FAMILIES = {
+    "LlamaForCausalLM": Family("llama"),
+    "Qwen2ForCausalLM": Family("qwen2", permute_qk=False, qkv_bias=True),
+    "Qwen3ForCausalLM": Family("qwen3", permute_qk=False, qk_norm=True),
+}
+ARCHITECTURES = {name: family.gguf for name, family in FAMILIES.items()}
 ROPE_TYPES = ("default", "llama3", "linear")  # rope scaling written as rope_freqs (ir.py applies it)
 
 
@@ -40,6 +59,8 @@ def unsupported(folder: Path) -> str | None:
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
         return f"its architecture {arch} is not one the GGUF converter writes ({', '.join(ARCHITECTURES)})"
+    if config.get("use_sliding_window") and config.get("sliding_window"):
+        return "it uses a sliding attention window, which the GGUF converter does not write"
     if rope_type(config) not in ROPE_TYPES:
         return f"its rope scaling ({rope_type(config)}) is not one the OpenVINO route writes ({', '.join(ROPE_TYPES)})"
     if not list(folder.glob("*.safetensors")):
@@ -114,10 +135,11 @@ def write_gguf(folder: Path, target: Path) -> None:
     cfg = AutoConfig.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     weights = _tensors(folder)
+    family = FAMILIES[cfg.architectures[0]]
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     rope = getattr(cfg, "rope_parameters", None) or {}
-    w = gguf.GGUFWriter(str(target), ARCHITECTURES[cfg.architectures[0]])
+    w = gguf.GGUFWriter(str(target), family.gguf)
     w.add_name(folder.name)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -128,6 +150,9 @@ def write_gguf(folder: Path, target: Path) -> None:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
     w.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // heads:  # Qwen3: heads wider than hidden / heads
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_vocab_size(len(tok))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)  # OpenVINO reads it
     _write_tokenizer(w, tok)
@@ -135,7 +160,9 @@ def write_gguf(folder: Path, target: Path) -> None:
     def matrix(name: str, data: Any) -> None:
         w.add_tensor(name, data.astype(np.float16))
 
-    def rotary(data: Any, n: int) -> Any:  # llama.cpp's row order for Q and K
+    def rotary(data: Any, n: int) -> Any:  # llama.cpp's row order for Q and K (Llama's rotary halves)
+        if not family.permute_qk:
+            return data
         return data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
 
     factors = rope_factors(rope_settings(json.loads((folder / "config.json").read_text())), head_dim)
@@ -148,6 +175,13 @@ def write_gguf(folder: Path, target: Path) -> None:
         matrix(f"blk.{i}.attn_q.weight", rotary(weights[p + "self_attn.q_proj.weight"], heads))
         matrix(f"blk.{i}.attn_k.weight", rotary(weights[p + "self_attn.k_proj.weight"], kv_heads))
         matrix(f"blk.{i}.attn_v.weight", weights[p + "self_attn.v_proj.weight"])
+        if family.qkv_bias:
+            w.add_tensor(f"blk.{i}.attn_q.bias", rotary(weights[p + "self_attn.q_proj.bias"], heads))
+            w.add_tensor(f"blk.{i}.attn_k.bias", rotary(weights[p + "self_attn.k_proj.bias"], kv_heads))
+            w.add_tensor(f"blk.{i}.attn_v.bias", weights[p + "self_attn.v_proj.bias"])
+        if family.qk_norm:
+            w.add_tensor(f"blk.{i}.attn_q_norm.weight", weights[p + "self_attn.q_norm.weight"])
+            w.add_tensor(f"blk.{i}.attn_k_norm.weight", weights[p + "self_attn.k_norm.weight"])
         matrix(f"blk.{i}.attn_output.weight", weights[p + "self_attn.o_proj.weight"])
         w.add_tensor(f"blk.{i}.ffn_norm.weight", weights[p + "post_attention_layernorm.weight"])
         matrix(f"blk.{i}.ffn_gate.weight", weights[p + "mlp.gate_proj.weight"])
