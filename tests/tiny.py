@@ -132,17 +132,22 @@ def save_tiny_gguf(source: Path, target: Path) -> Path:
     return target
 
 
-def save_tiny_family(target: Path, architecture: str, seed: int = 0) -> Path:
-    """A random 2-layer model of ``architecture`` (``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``) in the shape of
-    save_tiny_model's, with the byte-level tokenizer; its biases and norm weights random too (a zero bias or a unit
-    norm would not show a converter that drops them), every weight rounded to float16 (what the GGUF holds)."""
+def save_tiny_family(target: Path, architecture: str, seed: int = 0, sliding_window: int = 8) -> Path:
+    """A random 2-layer model of ``architecture`` (``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``MistralForCausalLM``,
+    ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``: these three with a sliding window of ``sliding_window``) in the
+    shape of save_tiny_model's, with the byte-level tokenizer; its biases and norm weights random too (a zero bias
+    or a unit norm would not show a converter that drops them), every weight rounded to float16 (what the GGUF
+    holds)."""
     import torch
     import transformers
 
     tok = byte_level_tokenizer()
     torch.manual_seed(seed)
-    config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
-    extra = {"head_dim": 32} if architecture.startswith("Qwen3") else {}  # wider than hidden / heads, as Qwen3's
+    names = {"Gemma3ForCausalLM": "Gemma3TextConfig"}
+    config_class = getattr(transformers, names.get(architecture, architecture.replace("ForCausalLM", "Config")))
+    extra: dict[str, Any] = {"head_dim": 32} if architecture.startswith("Qwen3") else {}  # wider, as Qwen3's
+    if architecture.startswith(("Gemma", "Mistral")):
+        extra["sliding_window"] = sliding_window  # shorter than the tests' prompts
     config = config_class(
         vocab_size=len(tok),
         hidden_size=64,

@@ -625,3 +625,28 @@ async def test_a_chats_next_turn_reuses_the_blocks_of_the_turn_before_prompt_and
         assert r["cached"] == len(computed[-1]) // 32 * 32  # the last answer's whole blocks too
     finally:
         await engine.shutdown()
+
+
+@pytest.mark.parametrize("architecture", ["MistralForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"])
+async def test_a_model_with_a_sliding_window_starts_and_keeps_its_window(architecture: str, tmp_path: Path) -> None:
+    """Gemma 2 has no SDPA attention and did not start; the engine's own 4D mask reached sliding-window layers
+    unbanded, so Mistral and Gemma 2/3 attended past their window. With a window of 8 tokens and prompts of
+    30 and more, concurrent greedy generations equal transformers' generate(), which applies the window."""
+    from tests.tiny import save_tiny_family
+
+    engine = await make_engine(save_tiny_family(tmp_path / architecture, architecture), 16)
+    try:
+        lengths = [12, 20]
+        prompts = [PROMPTS[1], PROMPTS[4]]
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *[run(engine, f"r{i}", prompt=p, max_tokens=n, temperature=0, ignore_eos=True)
+                  for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))]
+            ),
+            scaled(60),
+        )  # fmt: skip
+        for p, n, r in zip(prompts, lengths, results, strict=True):
+            assert r["prompt_tokens"] > 30
+            assert r["text"] == reference_greedy(engine, p, n, ignore_eos=True)
+    finally:
+        await engine.shutdown()

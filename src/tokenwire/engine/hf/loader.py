@@ -61,7 +61,13 @@ def load(resolved: ResolvedModel, device: str, dtype: torch.dtype) -> tuple[Any,
 
     folder = local_folder(resolved)
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    except ValueError as exc:  # a class without an SDPA path (Gemma 2: its logit soft-capping): plain attention
+        if "attention implementation" not in str(exc):
+            raise
+        log.info("%s has no SDPA attention; using eager attention", folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager")
     model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tok

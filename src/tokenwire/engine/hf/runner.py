@@ -1,4 +1,9 @@
-"""Runs the transformers model over the block KV cache: prefill chunks and batched decode steps."""
+"""Runs the transformers model over the block KV cache: prefill chunks and batched decode steps.
+
+The runner builds the attention masks itself (a 4D mask over the block cache's slots), and transformers hands a
+4D mask to every layer as it is. So a model with a sliding attention window gets its window here: Mistral's
+(every layer) in the one mask, Gemma 2/3's (some layers) as a mask per layer kind, which those models take.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +34,13 @@ class ModelRunner:
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.cache = BlockKVCache(cfg.num_hidden_layers, kv_heads, head_dim, block_tokens, max_blocks, dtype, device)
         self.vocab_size = int(cfg.vocab_size)
+        kinds = set(getattr(cfg, "layer_types", None) or ())
+        window = getattr(cfg, "sliding_window", None)
+        self.window: int | None = int(window) if window and (not kinds or "sliding_attention" in kinds) else None
+        self.per_kind = "sliding_attention" in kinds  # a mask per layer kind (Gemma 2/3); else one for all
+        # eager attention adds its mask to the scores: 0 where allowed, the dtype's lowest elsewhere
+        self.additive = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
+        self.dtype = dtype
 
     @torch.inference_mode()
     def prefill(self, first_row: int, chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
@@ -52,8 +64,7 @@ class ModelRunner:
         write = torch.where(real, read.gather(1, pos), 0)  # [k, q]; padding -> scratch
         self.cache.plan(write, read)
         ids, pos = ids.to(self.device), pos.to(self.device)
-        mask = torch.arange(kv_len, device=self.device)[None, None, :] <= pos[:, :, None]  # [k, q, kv]
-        return self._forward(ids, pos, mask[:, None])
+        return self._forward(ids, pos, self._masks(pos, kv_len))
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], positions: list[int], first_row: int = 0) -> torch.Tensor:
@@ -64,15 +75,35 @@ class ModelRunner:
         self.cache.plan(read.gather(1, pos), read)
         pos = pos.to(self.device)
         ids = torch.tensor(token_ids, device=self.device)[:, None]  # [n, 1]
-        mask = torch.arange(kv_len, device=self.device)[None, None, :] <= pos[:, :, None]  # [n, 1, kv]
-        return self._forward(ids, pos, mask[:, None])
+        return self._forward(ids, pos, self._masks(pos, kv_len))
+
+    def _masks(self, pos: torch.Tensor, kv_len: int) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Causal masks for queries at ``pos`` [rows, q] over ``kv_len`` slots: [rows, 1, q, kv], banded to the
+        sliding window where the model has one (per layer kind when only some layers slide)."""
+        slots = torch.arange(kv_len, device=self.device)[None, None, :]
+        causal = slots <= pos[:, :, None]  # [rows, q, kv]
+        if self.window is None:
+            return self._form(causal)
+        sliding = self._form(causal & (slots > pos[:, :, None] - self.window))
+        if not self.per_kind:
+            return sliding
+        return {"full_attention": self._form(causal), "sliding_attention": sliding}
+
+    def _form(self, allowed: torch.Tensor) -> torch.Tensor:
+        """[rows, q, kv] booleans as the attention takes them: [rows, 1, q, kv], additive for eager attention."""
+        if not self.additive:
+            return allowed[:, None]
+        low = torch.finfo(self.dtype).min
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill(~allowed, low)[:, None]
 
     def _read_slots(self, first_row: int, k: int, kv_len: int) -> torch.Tensor:
         tables = [self.table_of(first_row + i) for i in range(k)]
         self.cache.ensure_blocks(max((max(t) + 1 for t in tables if t), default=0))
         return self.cache.read_slots(tables, kv_len)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         out = self.model(
             input_ids=ids,
             position_ids=positions,
