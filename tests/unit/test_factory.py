@@ -126,3 +126,22 @@ async def test_a_hub_id_in_the_local_cache_is_converted_for_openvino(
         assert engine.stats().backend == "openvino" and engine.model_name == "llama"
     finally:
         await engine.shutdown()
+
+
+def test_a_model_no_engine_can_serve_stops_the_start_with_one_line_naming_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """An architecture neither the OpenVINO route writes nor transformers knows: one ValueError naming it and the
+    families that work, before anything starts (it used to start the server, then fail with transformers' long
+    message)."""
+    import json
+    import shutil
+
+    other = tmp_path / "foo"
+    shutil.copytree(tiny_model_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "architectures": ["FooForCausalLM"], "model_type": "foo"}))
+    with pytest.raises(ValueError, match="no engine can serve") as err:
+        choose_engine(Settings(model=str(other)))
+    assert "FooForCausalLM" in str(err.value) and "Qwen2ForCausalLM" in str(err.value)
+    assert "\n" not in str(err.value)

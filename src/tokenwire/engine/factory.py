@@ -30,10 +30,15 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
         return "transformers", f"--device {settings.device}"
     from tokenwire.engine.openvino.model import plan
 
+    resolved = models.resolve(settings.model)
     try:
-        found = plan(models.resolve(settings.model))
+        found = plan(resolved)
     except models.NotForOpenVINO as exc:
-        return "transformers", str(exc).split(" (use ", 1)[0]
+        why = str(exc).split(" (use ", 1)[0]
+        unknown = transformers_cannot_load(resolved)
+        if unknown is not None:
+            raise ValueError(f"no engine can serve this model: {why}; and {unknown}") from None
+        return "transformers", why
     if importlib.util.find_spec("openvino_genai") is None:
         return "transformers", "openvino-genai is not installed"
     if settings.device == "auto" and _cuda_available():
@@ -41,6 +46,28 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
     if found.convert:
         return "openvino", "a llama-family Hugging Face folder, converted to OpenVINO IR once, on the CPU"
     return "openvino", "the model is a GGUF file (converted to OpenVINO IR once) or an IR folder, on the CPU"
+
+
+def transformers_cannot_load(resolved: models.ResolvedModel) -> str | None:
+    """Why the transformers engine could not load a local model folder (its architecture is not a causal language
+    model this transformers knows), or None (it can, or it is not a local folder: loading will tell)."""
+    import json
+    from pathlib import Path
+
+    config = Path(resolved.path) / "config.json"
+    if resolved.gguf_file is not None or not config.is_file():
+        return None
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return None
+    from transformers import __version__
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    known = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if not architectures or any(a in known for a in architectures):
+        return None
+    return f"its architecture {architectures[0]} is not a causal language model transformers {__version__} knows"
 
 
 def _cuda_available() -> bool:
