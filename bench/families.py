@@ -1,0 +1,158 @@
+"""Which engine serves each model family, and how fast: a random Hugging Face folder per family, served as a user
+would (``tokenwire serve --model DIR``, engine auto), 64-token greedy completions over HTTP (SSE).
+
+Each folder has the family's real configuration at a small size (4 layers, hidden 256, 4 heads, 2 KV heads,
+intermediate 768) and the default model's tokenizer (its vocabulary: 49,152 tokens), so that steps cost what the
+layer shapes cost and nothing is downloaded. ``--engines auto,transformers`` serves each folder both ways, side by
+side in one run, for the ratio. Prints a Markdown table (engine chosen, aggregate tok/s per stream count) and
+writes JSON.
+
+    python bench/families.py --families llama,qwen2,qwen3,mistral,gemma2,gemma3,phi3 --streams 1,8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import loadgen
+from compare import BENCH, free_port, start, stop, wait_ready
+
+SHAPE = {
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+}
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {  # name -> (model class, config class, its own settings)
+    "llama": ("LlamaForCausalLM", "LlamaConfig", {}),
+    "llama3.1": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            }
+        },
+    ),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 64}),
+    "mistral": ("MistralForCausalLM", "MistralConfig", {"sliding_window": None}),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", {"head_dim": 64, "sliding_window": 1024}),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", {"head_dim": 64, "sliding_window": 1024}),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", {}),
+}
+
+
+def build(family: str, tokenizer: Path, target: Path) -> Path:
+    """A random folder of ``family`` with ``tokenizer``'s files."""
+    import torch
+    import transformers
+
+    model_class, config_class, own = FAMILIES[family]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **SHAPE, **own
+    )
+    model = getattr(transformers, model_class)(config).to(torch.bfloat16)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target)
+    for path in tokenizer.iterdir():
+        if path.is_file() and not path.name.startswith(("config", "model")):
+            shutil.copy(path, target / path.name)
+    return target
+
+
+def default_tokenizer() -> Path:
+    from tokenwire.engine import models
+    from tokenwire.engine.openvino.model import tokenizer_folder
+
+    return tokenizer_folder(models.default_model_path())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--engines", default="auto", help="comma-separated --engine values to serve each folder with")
+    p.add_argument("--streams", default="1,8")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--out", default=str(BENCH / "results" / "families-cpu.json"))
+    a = p.parse_args()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    rows: list[dict[str, Any]] = []
+    tokenizer = default_tokenizer()
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in a.families.split(","):
+            folder = build(family, tokenizer, Path(tmp) / family)
+            for engine in a.engines.split(","):
+                rows.append(serve_and_measure(family, folder, engine, a, env, Path(tmp)))
+                print(json.dumps(rows[-1]), flush=True)
+    streams = [int(s) for s in a.streams.split(",")]
+    table = [
+        "| family | --engine | engine that ran | " + " | ".join(f"{n} stream(s) tok/s" for n in streams) + " |",
+        "|---|---|---|" + "---:|" * len(streams),
+    ]
+    for r in rows:
+        figures = " | ".join(f"{r['tok_s'].get(str(n), 0):.1f}" for n in streams) if r["tok_s"] else "—"
+        table.append(f"| {r['family']} | {r['engine']} | {r['ran'] or 'did not start: ' + r['error']} | {figures} |")
+    text = "\n".join(table)
+    print(text)
+    out = Path(a.out)
+    out.write_text(json.dumps({"rows": rows, "shape": SHAPE, "max_tokens": a.max_tokens}, indent=1))
+    out.with_suffix(".md").write_text(f"bench/families.py --streams {a.streams} --engines {a.engines}\n\n{text}\n")
+
+
+def serve_and_measure(
+    family: str, folder: Path, engine: str, a: argparse.Namespace, env: dict[str, str], tmp: Path
+) -> dict[str, Any]:
+    port = free_port()
+    argv = [sys.executable, "-m", "tokenwire.cli", "serve", "--port", str(port), "--model", str(folder)]
+    argv += ["--engine", engine, "--heartbeat-interval", "0"]
+    log = tmp / f"{family}-{engine}.log"
+    row: dict[str, Any] = {"family": family, "engine": engine, "ran": None, "error": "", "tok_s": {}}
+    proc = start(argv, log, env)
+    try:
+        try:
+            wait_ready(proc, port, True, log)
+        except Exception:
+            row["error"] = (log.read_text().strip().splitlines() or ["?"])[-1][-200:]
+            return row
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/stats", timeout=30) as r:
+            row["ran"] = json.loads(r.read())["engine"]["backend"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30) as r:
+            model = json.loads(r.read())["data"][0]["id"]
+        for n in [int(s) for s in a.streams.split(",")]:
+            cfg, _ = loadgen.parse_args(
+                ["--url", f"http://127.0.0.1:{port}", "--mode", "openai", "--model", model, "--streams", str(n),
+                 "--max-tokens", str(a.max_tokens), "--temperature", "0", "--prompt", "Tell me a story."]
+            )  # fmt: skip
+            summary = asyncio.run(loadgen.run_load(cfg))
+            row["tok_s"][str(n)] = summary["tokens_per_s"]
+            row.setdefault("errors", 0)
+            row["errors"] += summary["errors"]
+    finally:
+        stop(proc)
+    return row
+
+
+if __name__ == "__main__":
+    main()
