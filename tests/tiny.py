@@ -147,7 +147,7 @@ def save_tiny_family(target: Path, architecture: str, seed: int = 0, sliding_win
     config_class = getattr(transformers, names.get(architecture, architecture.replace("ForCausalLM", "Config")))
     extra: dict[str, Any] = {"head_dim": 32} if architecture.startswith("Qwen3") else {}  # wider, as Qwen3's
     if architecture.startswith(("Gemma", "Mistral")):
-        extra["sliding_window"] = sliding_window  # shorter than the tests' prompts
+        extra["sliding_window"] = sliding_window or None  # shorter than the tests' prompts; 0: none
     config = config_class(
         vocab_size=len(tok),
         hidden_size=64,

@@ -221,21 +221,22 @@ def test_a_rope_scaling_the_openvino_route_cannot_write_is_named(tmp_path: Path,
     assert convert.unsupported(folder) is None
 
 
-@pytest.mark.parametrize("architecture", ["Qwen2ForCausalLM", "Qwen3ForCausalLM"])
-def test_a_qwen_folder_goes_to_openvino_and_computes_what_transformers_does(
+@pytest.mark.parametrize("architecture", ["Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"])
+def test_a_qwen_or_mistral_folder_goes_to_openvino_and_computes_what_transformers_does(
     architecture: str, tmp_path: Path, cache: Path
 ) -> None:
-    """Qwen2/2.5 (query, key and value biases) and Qwen3 (query and key norms, heads wider than hidden / heads)
-    folders are written as GGUF files OpenVINO GenAI builds: over 300 positions the IR's next-token argmax agrees
-    with transformers' forward pass of the same float16-rounded weights at 95% of positions or more, as a Llama's
-    does (random models at this scale put near-ties within float32's reach)."""
+    """Qwen2/2.5 (query, key and value biases), Qwen3 (query and key norms, heads wider than hidden / heads) and
+    Mistral (without a sliding window: Llama's layers) folders are written as GGUF files OpenVINO GenAI builds:
+    over 300 positions the IR's next-token argmax agrees with transformers' forward pass of the same
+    float16-rounded weights at 95% of positions or more, as a Llama's does (random models at this scale put
+    near-ties within float32's reach)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from tests.tiny import save_tiny_family
     from tokenwire.engine.openvino import convert
 
-    folder = save_tiny_family(tmp_path / architecture, architecture)
+    folder = save_tiny_family(tmp_path / architecture, architecture, sliding_window=0)
     assert convert.unsupported(folder) is None
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     ids = [int(i) for i in np.random.default_rng(0).integers(3, 500, 300)]
@@ -244,3 +245,20 @@ def test_a_qwen_folder_goes_to_openvino_and_computes_what_transformers_does(
     got = logits(ir.converted(convert.converted(folder), "none"), ids)
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
     assert relative_error(got, want) < 0.1
+
+
+@pytest.mark.parametrize("architecture", ["MistralForCausalLM", "Gemma2ForCausalLM"])
+def test_a_folder_with_a_sliding_window_is_left_to_the_transformers_engine(architecture: str, tmp_path: Path) -> None:
+    """The GGUF route would drop the window (the model would attend past it): refused, with the reason."""
+    import json
+
+    from tests.tiny import save_tiny_family
+    from tokenwire.engine.openvino import convert
+
+    folder = save_tiny_family(tmp_path / architecture, architecture, sliding_window=8)
+    why = convert.unsupported(folder) or ""
+    assert "sliding" in why or "Gemma2ForCausalLM" in why
+
+    assert convert.sliding_window(json.loads((folder / "config.json").read_text())) == 8
+    assert convert.sliding_window({"sliding_window": 4096, "use_sliding_window": False}) is None  # Qwen2.5
+    assert convert.sliding_window({"sliding_window": 4096, "max_position_embeddings": 4096}) is None

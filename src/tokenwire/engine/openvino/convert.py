@@ -3,7 +3,8 @@
 OpenVINO GenAI builds a model from a GGUF file (engine/openvino/ir.py makes that IR and quantizes it); its own
 route from a Hugging Face folder (``optimum-cli export openvino``) needs optimum-intel, whose releases pin
 transformers and torch below tokenwire's. So tokenwire writes the GGUF file itself, as llama.cpp's converter does,
-with the ``gguf`` package it already depends on: Llama (``LlamaForCausalLM``: Llama, SmolLM2, ...), Qwen2/2.5
+with the ``gguf`` package it already depends on: Llama (``LlamaForCausalLM``: Llama, SmolLM2, ...; Mistral without
+a sliding window, whose layers are Llama's), Qwen2/2.5
 (biases on the query, key and value) and Qwen3 (query and key norms) models (:data:`FAMILIES`) with a byte-level
 BPE tokenizer, weights in float16. Rope scaling (Llama 3's, or linear; under ``rope_scaling`` or
 transformers 5's ``rope_parameters``) is written as llama.cpp writes it, a ``rope_freqs`` tensor of divisors, which
@@ -43,6 +44,7 @@ class Family:
 
 FAMILIES = {
     "LlamaForCausalLM": Family("llama"),
+    "MistralForCausalLM": Family("llama"),  # Llama's layers (as llama.cpp writes it); a sliding window is refused
     "Qwen2ForCausalLM": Family("qwen2", permute_qk=False, qkv_bias=True),
     "Qwen3ForCausalLM": Family("qwen3", permute_qk=False, qk_norm=True),
 }
@@ -59,7 +61,7 @@ def unsupported(folder: Path) -> str | None:
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
         return f"its architecture {arch} is not one the GGUF converter writes ({', '.join(ARCHITECTURES)})"
-    if config.get("use_sliding_window") and config.get("sliding_window"):
+    if sliding_window(config) is not None:
         return "it uses a sliding attention window, which the GGUF converter does not write"
     if rope_type(config) not in ROPE_TYPES:
         return f"its rope scaling ({rope_type(config)}) is not one the OpenVINO route writes ({', '.join(ROPE_TYPES)})"
@@ -194,6 +196,18 @@ def write_gguf(folder: Path, target: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def sliding_window(config: dict[str, Any]) -> int | None:
+    """The attention window a config gives some or all layers, if it is shorter than its context: Mistral's
+    ``sliding_window``, Qwen2's only with ``use_sliding_window``, or any layer of kind ``sliding_attention``."""
+    window = config.get("sliding_window")
+    kinds = config.get("layer_types") or []
+    if not window or not (config.get("use_sliding_window", True) or "sliding_attention" in kinds):
+        return None
+    if kinds and "sliding_attention" not in kinds:
+        return None
+    return int(window) if int(window) < int(config.get("max_position_embeddings") or 1 << 62) else None
 
 
 def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
