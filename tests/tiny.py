@@ -86,6 +86,24 @@ def sentencepiece_tokenizer(vocab_size: int = 420) -> SentencePieceDecoder:
     return SentencePieceDecoder(buf.getvalue())
 
 
+def tiny_shape(tok: Any, max_positions: int, init_std: float = 0.3) -> dict[str, Any]:
+    """The tiny models' configuration (2 layers, hidden 64, 4 heads, 2 KV heads) for the byte-level tokenizer."""
+    return {
+        "vocab_size": len(tok),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": max_positions,
+        "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
+        "pad_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
+        "bos_token_id": None,
+        "tie_word_embeddings": True,
+        "initializer_range": init_std,
+    }
+
+
 def save_tiny_model(
     target: Path, max_positions: int = 256, seed: int = 0, init_std: float = 0.3, rope: dict[str, Any] | None = None
 ) -> Path:
@@ -101,19 +119,7 @@ def save_tiny_model(
     tok = byte_level_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-        bos_token_id=None,
-        tie_word_embeddings=True,
-        initializer_range=init_std,
-        **({"rope_parameters": rope} if rope is not None else {}),
+        **tiny_shape(tok, max_positions, init_std), **({"rope_parameters": rope} if rope is not None else {})
     )
     model = LlamaForCausalLM(config)
     target.mkdir(parents=True, exist_ok=True)
@@ -148,21 +154,7 @@ def save_tiny_family(target: Path, architecture: str, seed: int = 0, sliding_win
     extra: dict[str, Any] = {"head_dim": 32} if architecture.startswith("Qwen3") else {}  # wider, as Qwen3's
     if architecture.startswith(("Gemma", "Mistral")):
         extra["sliding_window"] = sliding_window or None  # shorter than the tests' prompts; 0: none
-    config = config_class(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
-        bos_token_id=None,
-        tie_word_embeddings=True,
-        initializer_range=0.3,
-        **extra,
-    )
+    config = config_class(**tiny_shape(tok, 1024), **extra)
     model = getattr(transformers, architecture)(config)
     with torch.no_grad():
         for name, param in model.named_parameters():

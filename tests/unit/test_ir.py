@@ -184,22 +184,13 @@ def test_llama3_rope_scaling_of_a_folder_reaches_the_ir(tmp_path: Path, cache: P
     does (the argmax at 95% of positions or more), where plain RoPE agreed at 3%."""
     import json
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from tests.tiny import save_tiny_model
     from tokenwire.engine.openvino import convert
 
     folder = save_tiny_model(tmp_path / "llama3", max_positions=1024, rope=LLAMA3_ROPE)
     config = json.loads((folder / "config.json").read_text())
     assert convert.rope_type(config) == "llama3" and convert.unsupported(folder) is None
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16).float()
-    ids = [int(i) for i in np.random.default_rng(0).integers(3, 500, 300)]
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].double().numpy()
-    got = logits(ir.converted(convert.converted(folder), "none"), ids)
-    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
-    assert relative_error(got, want) < 0.1
+    ids, want = check_against_transformers(folder)
     (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "default"}}))
     plain = logits(ir.converted(convert.converted(folder), "none"), ids)  # the defect: scaling dropped
     assert (plain.argmax(-1) == want.argmax(-1)).mean() < 0.5
@@ -230,21 +221,32 @@ def test_a_qwen_or_mistral_folder_goes_to_openvino_and_computes_what_transformer
     over 300 positions the IR's next-token argmax agrees with transformers' forward pass of the same
     float16-rounded weights at 95% of positions or more, as a Llama's does (random models at this scale put
     near-ties within float32's reach)."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
     from tests.tiny import save_tiny_family
     from tokenwire.engine.openvino import convert
 
     folder = save_tiny_family(tmp_path / architecture, architecture, sliding_window=0)
     assert convert.unsupported(folder) is None
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    check_against_transformers(folder)
+
+
+def check_against_transformers(folder: Path) -> tuple[list[int], Any]:
+    """The folder's IR (float16 weights, float32 inference) against transformers' forward pass of its float16-rounded
+    weights, over 300 random ids: the argmax agrees at 95% of positions or more, the largest logit error is under
+    10% of the largest logit. Returns the ids and transformers' logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tokenwire.engine.openvino import convert
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16).float()
     ids = [int(i) for i in np.random.default_rng(0).integers(3, 500, 300)]
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].double().numpy()
     got = logits(ir.converted(convert.converted(folder), "none"), ids)
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
     assert relative_error(got, want) < 0.1
+    return ids, want
 
 
 @pytest.mark.parametrize("architecture", ["MistralForCausalLM", "Gemma2ForCausalLM"])
