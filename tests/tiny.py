@@ -167,3 +167,29 @@ def save_tiny_family(target: Path, architecture: str, seed: int = 0, sliding_win
     model.save_pretrained(target)
     tok.save_pretrained(target)
     return target
+
+
+def save_tiny_sentencepiece_model(target: Path, seed: int = 0) -> Path:
+    """A tiny random Llama with a SentencePiece BPE tokenizer (byte fallback), as Llama 2, Mistral and TinyLlama
+    ship theirs: ``tokenizer.model`` and the ``tokenizer.json`` transformers makes of it."""
+    import json
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "tokenizer.model").write_bytes(sentencepiece_tokenizer().sp.serialized_model_proto())
+    names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (target / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", **names}))
+    tok = AutoTokenizer.from_pretrained(target)
+    tok.chat_template = CHAT_TEMPLATE.replace("<|im_start|>", "<s>").replace("<|im_end|>", "</s>")
+    torch.manual_seed(seed)
+    shape = {**tiny_shape(tok, 1024), "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
+    shape["pad_token_id"] = None
+    model = LlamaForCausalLM(LlamaConfig(**shape))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.to(torch.float16).to(torch.float32))
+    model.save_pretrained(target)
+    tok.save_pretrained(target)
+    return target

@@ -22,3 +22,23 @@ def test_a_qwen_folder_is_served_by_the_openvino_engine(architecture: str, tmp_p
         body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "ignore_eos": True}
         r = httpx.post(server.http + "/v1/chat/completions", json=body, timeout=scaled(60))
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+
+
+def test_a_sentencepiece_folder_is_served_by_openvino_and_its_grammar_reads_the_right_bytes(tmp_path: Path) -> None:
+    """A Llama with a SentencePiece tokenizer (Llama 2, Mistral, TinyLlama) used to fall back to eager PyTorch. On
+    OpenVINO its vocabulary is written as bytes; a schema whose only answers are non-ASCII strings (byte pieces, a
+    leading-space piece) gets exactly one of them, so the grammar backend read each token's bytes right."""
+    import json
+
+    from tests.tiny import save_tiny_sentencepiece_model
+
+    folder = save_tiny_sentencepiece_model(tmp_path / "spm")
+    choices = ["Wörld ünd", "日本 🦄", " naïve"]
+    with serve("--model", str(folder), "--device", "cpu", startup_timeout=180) as server:
+        assert server.get_json("/v1/stats")["engine"]["backend"] == "openvino"
+        for seed in range(3):
+            schema = {"type": "json_schema", "json_schema": {"name": "c", "schema": {"enum": choices}}}
+            body = {"prompt": "Hello", "max_tokens": 40, "temperature": 1.0, "seed": seed, "response_format": schema}
+            r = httpx.post(server.http + "/v1/completions", json=body, timeout=scaled(60))
+            assert r.status_code == 200, r.text
+            assert json.loads(r.json()["choices"][0]["text"]) in choices

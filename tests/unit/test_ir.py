@@ -240,7 +240,7 @@ def check_against_transformers(folder: Path) -> tuple[list[int], Any]:
     from tokenwire.engine.openvino import convert
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16).float()
-    ids = [int(i) for i in np.random.default_rng(0).integers(3, 500, 300)]
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, min(500, model.config.vocab_size), 300)]
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].double().numpy()
     got = logits(ir.converted(convert.converted(folder), "none"), ids)
@@ -264,3 +264,28 @@ def test_a_folder_with_a_sliding_window_is_left_to_the_transformers_engine(archi
     assert convert.sliding_window(json.loads((folder / "config.json").read_text())) == 8
     assert convert.sliding_window({"sliding_window": 4096, "use_sliding_window": False}) is None  # Qwen2.5
     assert convert.sliding_window({"sliding_window": 4096, "max_position_embeddings": 4096}) is None
+
+
+def test_a_sentencepiece_folder_goes_to_openvino_with_its_pieces_as_bytes(tmp_path: Path, cache: Path) -> None:
+    """GenAI's GGUF reader takes byte-level vocabularies only: a SentencePiece one (Llama 2, Mistral, TinyLlama) is
+    written as one, each piece as the bytes it stands for. The IR computes what transformers does, and the IR's
+    detokenizer turns every piece, a byte piece included, into its text (what the grammar backend reads)."""
+    import openvino as ov
+    import openvino_tokenizers  # noqa: F401 - registers the tokenizer operations
+
+    from tests.tiny import save_tiny_sentencepiece_model
+    from tokenwire.engine.openvino import convert
+
+    folder = save_tiny_sentencepiece_model(tmp_path / "spm")
+    assert convert.unsupported(folder) is None
+    check_against_transformers(folder)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    text = "Hello world! Wörld 日本 🦄"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any(tok.convert_ids_to_tokens(i).startswith("<0x") for i in ids)  # byte pieces are in play
+    irdir = ir.converted(convert.converted(folder), "none")
+    detokenizer = ov.Core().compile_model(str(irdir / "openvino_detokenizer.xml"))
+    decoded = detokenizer(np.array([ids], dtype=np.int64))["string_output"][0]
+    assert decoded.strip() == text

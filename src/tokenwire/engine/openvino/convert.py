@@ -3,15 +3,19 @@
 OpenVINO GenAI builds a model from a GGUF file (engine/openvino/ir.py makes that IR and quantizes it); its own
 route from a Hugging Face folder (``optimum-cli export openvino``) needs optimum-intel, whose releases pin
 transformers and torch below tokenwire's. So tokenwire writes the GGUF file itself, as llama.cpp's converter does,
-with the ``gguf`` package it already depends on: Llama (``LlamaForCausalLM``: Llama, SmolLM2, ...; Mistral without
-a sliding window, whose layers are Llama's), Qwen2/2.5
-(biases on the query, key and value) and Qwen3 (query and key norms) models (:data:`FAMILIES`) with a byte-level
-BPE tokenizer, weights in float16. Rope scaling (Llama 3's, or linear; under ``rope_scaling`` or
-transformers 5's ``rope_parameters``) is written as llama.cpp writes it, a ``rope_freqs`` tensor of divisors, which
-ir.py applies to the graph's rotary frequencies (OpenVINO GenAI's reader ignores it). The file is kept in the
-cache directory under the SHA-256 of the folder's content (config, tokenizer, weights), with a ``.json`` marker
-written after it: a file without its marker or of another size than the marker says is a partial or corrupt
-conversion and is made again.
+with the ``gguf`` package it already depends on, weights in float16:
+
+- the families of :data:`FAMILIES`: Llama (SmolLM2, TinyLlama, ...; Mistral without a sliding window, whose layers
+  are Llama's), Qwen2/2.5 (biases on the query, key and value) and Qwen3 (query and key norms);
+- a byte-level BPE tokenizer, or a SentencePiece BPE one with byte fallback, written as byte-level
+  (:func:`_write_tokenizer`);
+- rope scaling (Llama 3's, or linear; under ``rope_scaling`` or transformers 5's ``rope_parameters``) as llama.cpp
+  writes it, a ``rope_freqs`` tensor of divisors, which ir.py applies to the graph's rotary frequencies (OpenVINO
+  GenAI's reader ignores it).
+
+The file is kept in the cache directory under the SHA-256 of the folder's content (config, tokenizer, weights),
+with a ``.json`` marker written after it: a file without its marker or of another size than the marker says is a
+partial or corrupt conversion and is made again.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,7 @@ from tokenwire.engine import models
 
 log = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 2  # 2: rope scaling written as rope_freqs
+CONVERTER_VERSION = 2  # 2: rope scaling written as rope_freqs; SentencePiece vocabularies as bytes
 
 
 @dataclass(slots=True, frozen=True)
@@ -71,9 +76,15 @@ def unsupported(folder: Path) -> str | None:
         tok = json.loads((folder / "tokenizer.json").read_text())
     except (OSError, ValueError):
         return "it has no readable tokenizer.json"
-    if (tok.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(tok.get("pre_tokenizer")):
-        return "its tokenizer is not a byte-level BPE one (the GGUF converter writes only those)"
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE" or not ("ByteLevel" in json.dumps(tok.get("pre_tokenizer")) or _sentencepiece(model)):
+        return "its tokenizer is neither a byte-level BPE one nor a SentencePiece BPE one with byte fallback"
     return None
+
+
+def _sentencepiece(model: dict[str, Any]) -> bool:
+    """A tokenizer.json model converted from SentencePiece BPE (Llama 2, Mistral, TinyLlama): byte fallback."""
+    return bool(model.get("byte_fallback"))
 
 
 def content_key(folder: Path) -> str:
@@ -210,6 +221,30 @@ def sliding_window(config: dict[str, Any]) -> int | None:
     return int(window) if int(window) < int(config.get("max_position_embeddings") or 1 << 62) else None
 
 
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: a printable character for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+_BYTES = _byte_alphabet()
+
+
+def _as_byte_level(piece: str) -> str:
+    """A SentencePiece piece as GPT-2's byte-level text of the bytes it stands for."""
+    if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+        raw = bytes([int(piece[3:5], 16)])
+    else:
+        raw = piece.replace("\u2581", " ").encode("utf-8")
+    return "".join(_BYTES[b] for b in raw)
+
+
 def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
     """A config's rotary settings, under either key: ``rope_scaling`` (transformers 4) or ``rope_parameters``
     (transformers 5, which writes it for every model, usually with ``rope_type: "default"``)."""
@@ -246,20 +281,33 @@ def rope_factors(settings: dict[str, Any], head_dim: int) -> Any:
 
 
 def _write_tokenizer(w: Any, tok: Any) -> None:
-    """The byte-level BPE vocabulary and merges, special tokens as control tokens, ids and the chat template."""
+    """The byte-level BPE vocabulary and merges, special tokens as control tokens, ids and the chat template.
+
+    OpenVINO GenAI's GGUF reader takes byte-level BPE (``gpt2``) vocabularies only. A SentencePiece one is written
+    as one: each piece as the bytes it stands for (``▁`` a space, ``<0x0A>`` that byte), in GPT-2's byte-to-text
+    alphabet, its merges likewise. The pipeline never tokenizes (tokenwire hands it ids), but its grammar backend
+    reads each token's bytes from this vocabulary, so they must be the right ones."""
     data = json.loads(tok.backend_tokenizer.to_str())
-    vocab = dict(data["model"]["vocab"])
+    model = data["model"]
+    spm = _sentencepiece(model)
+    vocab = {(_as_byte_level(text) if spm else text): i for text, i in model["vocab"].items()}
     special = {t["content"] for t in data.get("added_tokens", [])}
     vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
     size = max(vocab.values()) + 1
     tokens = [f"[PAD{i}]" for i in range(size)]
     for text, i in vocab.items():
         tokens[i] = text
+    if spm:  # pieces that stand for the same bytes (a character and its byte piece) keep their own ids
+        for text, i in model["vocab"].items():
+            tokens[i] = _as_byte_level(text)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_types([3 if t in special else 1 for t in tokens])  # 3: control
-    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in data["model"]["merges"]])
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
+    if spm:
+        merges = [[_as_byte_level(a), _as_byte_level(b)] for a, b in merges]
+    w.add_token_merges([" ".join(m) for m in merges])
     for name, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("pad", tok.pad_token_id)):
         if isinstance(value, int):
             getattr(w, f"add_{name}_token_id")(value)
