@@ -232,3 +232,17 @@ async def _chat_sse(server: RunningServer, body: dict[str, Any], streaming: asyn
                 data.append(line[6:])
                 streaming.set()
     return data
+
+
+async def test_the_worker_ends_when_the_server_process_dies(tiny_gguf: Path) -> None:
+    """The worker ignores SIGINT and SIGTERM, so nothing but the server ends it: when the server is killed (no
+    drain, no close), the worker sees its pipe close and exits by itself, within seconds."""
+    with serve("--engine", "openvino", "--model", str(tiny_gguf), "--quantize", "none", new_session=True) as server:
+        workers = children(server.proc.pid)
+        assert workers
+        server.proc.kill()
+        server.proc.wait(timeout=scaled(10))
+        deadline = time.monotonic() + scaled(15)
+        while any(alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, "the worker outlived the server"
+            await asyncio.sleep(0.1)
