@@ -63,6 +63,19 @@ async def test_every_door_answers_to_every_served_name_and_shows_the_first(tiny_
             assert err.value.code == "model_not_found" and first in err.value.message
         await client.close()
 
+        async with websockets.connect(server.ws + "/v1/responses") as ws:  # the Responses WebSocket mode
+            for name, wanted in ((second, "response.created"), ("gpt-9", "error")):
+                await ws.send(json.dumps({"type": "response.create", "model": name, "input": "Hi",
+                                          "max_output_tokens": 4}))  # fmt: skip
+                event = json.loads(await ws.recv())
+                assert event["type"] == wanted, event
+                if wanted == "response.created":
+                    assert event["response"]["model"] == first
+                    while event["type"] not in ("response.completed", "response.incomplete"):
+                        event = json.loads(await ws.recv())
+                else:
+                    assert event["error"]["code"] == "model_not_found"
+
         realtime = server.ws + "/v1/realtime?model=" + second
         async with websockets.connect(realtime) as ws:
             created = json.loads(await ws.recv())
