@@ -255,8 +255,8 @@ async def test_schema_answers_at_temperature_1_end_and_hold_no_runs_of_whitespac
 ) -> None:
     """OpenVINO's built-in JSON grammar let whitespace in between any two tokens, and the default model at
     temperature 1.0 filled it: 3 of 6 answers hit max_tokens inside runs of newlines and spaces. Compact JSON
-    (the default): of 10 answers with fixed seeds at least 8 end before the limit, every one that ends validates,
-    and none holds two whitespace characters in a row outside a string."""
+    (the default): of 10 answers with fixed seeds at least 8 end before the limit (9 here; the one that does not
+    runs a made-up city name on), every one that ends validates, and none holds whitespace outside a string."""
     import httpx
     import jsonschema
 
@@ -269,7 +269,9 @@ async def test_schema_answers_at_temperature_1_end_and_hold_no_runs_of_whitespac
         choice = r.json()["choices"][0]
         return choice["finish_reason"], choice["message"]["content"]
 
-    answers = await asyncio.gather(*(ask(seed) for seed in range(10)))
+    # One at a time: a request alone with its seed gives the same text every run; batched with others, its
+    # numbers (and so its samples) depend on who else is in the batch (7 of 10 ended in one such run, 9 alone).
+    answers = [await ask(seed) for seed in range(10)]
     ended = [text for reason, text in answers if reason == "stop"]
     assert len(ended) >= 8, answers
     for text in ended:
