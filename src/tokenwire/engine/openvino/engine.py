@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
 import multiprocessing
 import time
@@ -236,20 +235,16 @@ class OVBackend:
 
     def refuse(self, params: SamplingParams) -> EngineError | None:
         """What this engine cannot honour, named: a JSON Schema keyword its grammar compiler (engine/grammar/)
-        does not enforce is refused rather than half kept; numeric bounds among them."""
+        does not enforce, numeric bounds among them, is refused rather than half kept."""
         if params.json_schema is None:
             return None
-        used = sorted(NUMERIC_BOUNDS & _schema_keys(json.loads(params.json_schema)))
-        if used:
-            why = f"cannot enforce {', '.join(used)} in a JSON Schema; leave them out"
-        else:
-            reason = self.grammars.refusal(params.json_schema)
-            if reason is None:
-                return None
-            why = f"cannot enforce {reason} in a JSON Schema; change the schema"
+        reason = self.grammars.refusal(params.json_schema)
+        if reason is None:
+            return None
         return EngineError(
             EngineErrorCode.INVALID_REQUEST,
-            f"the OpenVINO engine {why}, or serve with --engine transformers, which does",
+            f"the OpenVINO engine cannot enforce {reason} in a JSON Schema; change the schema, or serve with "
+            "--engine transformers, which does",
             "json_schema",
         )
 
@@ -392,24 +387,3 @@ def _end(process: BaseProcess, wait: float = 0.0) -> None:
     if process.is_alive():
         process.kill()
         process.join(5)
-
-
-NUMERIC_BOUNDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"})
-
-
-def _schema_keys(node: Any) -> set[str]:
-    """Every keyword used anywhere in a JSON Schema (property names under "properties" excepted)."""
-    keys: set[str] = set()
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for key, value in item.items():
-                if key in ("properties", "$defs", "definitions", "patternProperties") and isinstance(value, dict):
-                    stack.extend(value.values())
-                else:
-                    keys.add(key)
-                    stack.append(value)
-        elif isinstance(item, list):
-            stack.extend(item)
-    return keys
