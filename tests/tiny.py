@@ -138,12 +138,14 @@ def save_tiny_gguf(source: Path, target: Path) -> Path:
     return target
 
 
-def save_tiny_family(target: Path, architecture: str, seed: int = 0, sliding_window: int = 8) -> Path:
+def save_tiny_family(
+    target: Path, architecture: str, seed: int = 0, sliding_window: int = 8, rope: dict[str, Any] | None = None
+) -> Path:
     """A random 2-layer model of ``architecture`` (``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``MistralForCausalLM``,
-    ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``: these three with a sliding window of ``sliding_window``) in the
-    shape of save_tiny_model's, with the byte-level tokenizer; its biases and norm weights random too (a zero bias
-    or a unit norm would not show a converter that drops them), every weight rounded to float16 (what the GGUF
-    holds)."""
+    ``Phi3ForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``: the last four with a sliding window of
+    ``sliding_window``; 0 for none) in the shape of save_tiny_model's, with the byte-level tokenizer; its biases and
+    norm weights random too (a zero bias or a unit norm would not show a converter that drops them), every weight
+    rounded to float16 (what the GGUF holds). ``rope``: the config's ``rope_parameters``."""
     import torch
     import transformers
 
@@ -152,8 +154,12 @@ def save_tiny_family(target: Path, architecture: str, seed: int = 0, sliding_win
     names = {"Gemma3ForCausalLM": "Gemma3TextConfig"}
     config_class = getattr(transformers, names.get(architecture, architecture.replace("ForCausalLM", "Config")))
     extra: dict[str, Any] = {"head_dim": 32} if architecture.startswith("Qwen3") else {}  # wider, as Qwen3's
-    if architecture.startswith(("Gemma", "Mistral")):
+    if architecture.startswith(("Gemma", "Mistral", "Phi3")):
         extra["sliding_window"] = sliding_window or None  # shorter than the tests' prompts; 0: none
+    if rope is not None:
+        extra["rope_parameters"] = rope
+        if "original_max_position_embeddings" in rope:  # Phi-3 keeps it beside rope_parameters too
+            extra["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
     config = config_class(**tiny_shape(tok, 1024), **extra)
     model = getattr(transformers, architecture)(config)
     with torch.no_grad():

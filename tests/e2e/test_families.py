@@ -12,10 +12,11 @@ from tests.e2e.server import serve
 from tests.tiny import save_tiny_family
 
 
-@pytest.mark.parametrize("architecture", ["Qwen2ForCausalLM", "Qwen3ForCausalLM"])
-def test_a_qwen_folder_is_served_by_the_openvino_engine(architecture: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("architecture", ["Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"])
+def test_a_qwen_or_mistral_folder_is_served_by_the_openvino_engine(architecture: str, tmp_path: Path) -> None:
     """``tokenwire serve --model DIR`` with engine auto: the folder is converted once and served on OpenVINO (not
-    eager PyTorch, a fifth of the speed); a chat completion streams its tokens and ends."""
+    eager PyTorch, a fifth of the speed); a chat completion streams its tokens and ends. (Mistral here has a
+    sliding window of 8: kept, not refused.)"""
     folder = save_tiny_family(tmp_path / architecture, architecture)
     with serve("--model", str(folder), "--device", "cpu", startup_timeout=180) as server:
         assert server.get_json("/v1/stats")["engine"]["backend"] == "openvino"
@@ -42,3 +43,21 @@ def test_a_sentencepiece_folder_is_served_by_openvino_and_its_grammar_reads_the_
             r = httpx.post(server.http + "/v1/completions", json=body, timeout=scaled(60))
             assert r.status_code == 200, r.text
             assert json.loads(r.json()["choices"][0]["text"]) in choices
+
+
+def test_a_phi3_folder_with_longrope_is_served_by_openvino_up_to_its_original_context(tmp_path: Path) -> None:
+    """Phi-3 (fused matrices, a sliding window, LongRoPE) on OpenVINO: a prompt longer than the window is answered;
+    the context served is LongRoPE's original one (512 here; past it the model switches to its long factors), and a
+    prompt past it is refused with an error naming the limit, while the server goes on."""
+    from tests.unit.test_ir import PHI3_LONGROPE
+
+    folder = save_tiny_family(tmp_path / "phi3", "Phi3ForCausalLM", rope=PHI3_LONGROPE)
+    with serve("--model", str(folder), "--device", "cpu", startup_timeout=180) as server:
+        assert server.get_json("/v1/stats")["engine"]["backend"] == "openvino"
+        body = {"prompt": "word " * 40, "max_tokens": 8, "ignore_eos": True}
+        r = httpx.post(server.http + "/v1/completions", json=body, timeout=scaled(60))
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+        r = httpx.post(server.http + "/v1/completions", json={**body, "prompt": "word " * 600}, timeout=scaled(60))
+        assert r.status_code == 400 and "512" in r.text, r.text
+        r = httpx.post(server.http + "/v1/completions", json=body, timeout=scaled(60))
+        assert r.status_code == 200

@@ -5,13 +5,20 @@ route from a Hugging Face folder (``optimum-cli export openvino``) needs optimum
 transformers and torch below tokenwire's. So tokenwire writes the GGUF file itself, as llama.cpp's converter does,
 with the ``gguf`` package it already depends on, weights in float16:
 
-- the families of :data:`FAMILIES`: Llama (SmolLM2, TinyLlama, ...; Mistral without a sliding window, whose layers
-  are Llama's), Qwen2/2.5 (biases on the query, key and value) and Qwen3 (query and key norms);
+- the families of :data:`FAMILIES`: Llama (SmolLM2, TinyLlama, ...; Mistral, whose layers are Llama's), Qwen2/2.5
+  (biases on the query, key and value), Qwen3 (query and key norms) and Phi-3 (its fused query-key-value and
+  gate-up matrices split into Llama's);
+- a sliding attention window (Mistral v0.1, Phi-3, Qwen2's with ``use_sliding_window``) as llama.cpp's keys
+  (``attention.sliding_window`` and, per layer, ``attention.sliding_window_pattern``), which ir.py builds into the
+  masks of those layers (OpenVINO GenAI's reader has no window of its own);
 - a byte-level BPE tokenizer, or a SentencePiece BPE one with byte fallback, written as byte-level
   (:func:`_write_tokenizer`);
 - rope scaling (Llama 3's, or linear; under ``rope_scaling`` or transformers 5's ``rope_parameters``) as llama.cpp
   writes it, a ``rope_freqs`` tensor of divisors, which ir.py applies to the graph's rotary frequencies (OpenVINO
-  GenAI's reader ignores it).
+  GenAI's reader ignores it); Phi-3's LongRoPE as its short factors, with its attention factor as llama.cpp's
+  ``attention.scale`` (what attention scores are scaled by, which ir.py gives each attention), served up to its
+  original context (:func:`served_context`: past it LongRoPE switches to its long factors, which a graph built
+  once cannot do).
 
 The file is kept in the cache directory under the SHA-256 of the folder's content (config, tokenizer, weights),
 with a ``.json`` marker written after it: a file without its marker or of another size than the marker says is a
@@ -34,7 +41,7 @@ from tokenwire.engine import models
 
 log = logging.getLogger(__name__)
 
-CONVERTER_VERSION = 2  # 2: rope scaling written as rope_freqs; SentencePiece vocabularies as bytes
+CONVERTER_VERSION = 3  # 2: rope scaling written as rope_freqs; SentencePiece vocabularies as bytes. 3: windows
 
 
 @dataclass(slots=True, frozen=True)
@@ -45,16 +52,18 @@ class Family:
     permute_qk: bool = True  # llama.cpp's row order for Llama's rotary halves; NeoX-style families keep theirs
     qkv_bias: bool = False  # Qwen2: biases on the query, key and value projections
     qk_norm: bool = False  # Qwen3: an RMS norm on each head's query and key
+    fused: bool = False  # Phi-3: one matrix for query, key and value (qkv_proj), one for gate and up (gate_up_proj)
 
 
 FAMILIES = {
     "LlamaForCausalLM": Family("llama"),
-    "MistralForCausalLM": Family("llama"),  # Llama's layers (as llama.cpp writes it); a sliding window is refused
+    "MistralForCausalLM": Family("llama"),  # Llama's layers (as llama.cpp writes it) and a sliding window
     "Qwen2ForCausalLM": Family("qwen2", permute_qk=False, qkv_bias=True),
     "Qwen3ForCausalLM": Family("qwen3", permute_qk=False, qk_norm=True),
+    "Phi3ForCausalLM": Family("llama", fused=True),  # Llama's layers once its fused matrices are split
 }
 ARCHITECTURES = {name: family.gguf for name, family in FAMILIES.items()}
-ROPE_TYPES = ("default", "llama3", "linear")  # rope scaling written as rope_freqs (ir.py applies it)
+ROPE_TYPES = ("default", "llama3", "linear", "longrope")  # written as rope_freqs (ir.py applies it)
 
 
 def unsupported(folder: Path) -> str | None:
@@ -66,8 +75,8 @@ def unsupported(folder: Path) -> str | None:
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in ARCHITECTURES:
         return f"its architecture {arch} is not one the GGUF converter writes ({', '.join(ARCHITECTURES)})"
-    if sliding_window(config) is not None:
-        return "it uses a sliding attention window, which the GGUF converter does not write"
+    if float(rope_settings(config).get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0) != 1.0:
+        return "it rotates only part of each head (partial_rotary_factor), which the GGUF converter does not write"
     if rope_type(config) not in ROPE_TYPES:
         return f"its rope scaling ({rope_type(config)}) is not one the OpenVINO route writes ({', '.join(ROPE_TYPES)})"
     if not list(folder.glob("*.safetensors")):
@@ -145,6 +154,7 @@ def write_gguf(folder: Path, target: Path) -> None:
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
+    config = json.loads((folder / "config.json").read_text())
     cfg = AutoConfig.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     weights = _tensors(folder)
@@ -154,7 +164,7 @@ def write_gguf(folder: Path, target: Path) -> None:
     rope = getattr(cfg, "rope_parameters", None) or {}
     w = gguf.GGUFWriter(str(target), family.gguf)
     w.add_name(folder.name)
-    w.add_context_length(cfg.max_position_embeddings)
+    w.add_context_length(served_context(config))
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_feed_forward_length(cfg.intermediate_size)
@@ -166,6 +176,10 @@ def write_gguf(folder: Path, target: Path) -> None:
     if head_dim != cfg.hidden_size // heads:  # Qwen3: heads wider than hidden / heads
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    windows = layer_windows(config, cfg.num_hidden_layers)
+    if any(windows):  # llama.cpp's keys; ir.py builds the window into those layers' masks
+        w.add_sliding_window(max(windows))
+        w.add_sliding_window_pattern([bool(x) for x in windows])
     w.add_vocab_size(len(tok))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)  # OpenVINO reads it
     _write_tokenizer(w, tok)
@@ -178,16 +192,19 @@ def write_gguf(folder: Path, target: Path) -> None:
             return data
         return data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
 
-    factors = rope_factors(rope_settings(json.loads((folder / "config.json").read_text())), head_dim)
+    factors, attention_factor = rope_scaling(cfg, config, head_dim)
     if factors is not None:  # llama.cpp's rope_freqs: each rotary frequency's divisor
         w.add_tensor("rope_freqs.weight", factors)
+    if attention_factor != 1.0:  # it scales cos and sin, so the query and the key: their product by its square
+        w.add_attention_scale(attention_factor**2 / math.sqrt(head_dim))
     matrix("token_embd.weight", weights["model.embed_tokens.weight"])
     for i in tqdm(range(cfg.num_hidden_layers), desc="converting to GGUF", unit="layer"):
         p = f"model.layers.{i}."
+        layer = _layer(weights, p, family, heads * head_dim, kv_heads * head_dim)
         w.add_tensor(f"blk.{i}.attn_norm.weight", weights[p + "input_layernorm.weight"])
-        matrix(f"blk.{i}.attn_q.weight", rotary(weights[p + "self_attn.q_proj.weight"], heads))
-        matrix(f"blk.{i}.attn_k.weight", rotary(weights[p + "self_attn.k_proj.weight"], kv_heads))
-        matrix(f"blk.{i}.attn_v.weight", weights[p + "self_attn.v_proj.weight"])
+        matrix(f"blk.{i}.attn_q.weight", rotary(layer["q"], heads))
+        matrix(f"blk.{i}.attn_k.weight", rotary(layer["k"], kv_heads))
+        matrix(f"blk.{i}.attn_v.weight", layer["v"])
         if family.qkv_bias:
             w.add_tensor(f"blk.{i}.attn_q.bias", rotary(weights[p + "self_attn.q_proj.bias"], heads))
             w.add_tensor(f"blk.{i}.attn_k.bias", rotary(weights[p + "self_attn.k_proj.bias"], kv_heads))
@@ -197,8 +214,8 @@ def write_gguf(folder: Path, target: Path) -> None:
             w.add_tensor(f"blk.{i}.attn_k_norm.weight", weights[p + "self_attn.k_norm.weight"])
         matrix(f"blk.{i}.attn_output.weight", weights[p + "self_attn.o_proj.weight"])
         w.add_tensor(f"blk.{i}.ffn_norm.weight", weights[p + "post_attention_layernorm.weight"])
-        matrix(f"blk.{i}.ffn_gate.weight", weights[p + "mlp.gate_proj.weight"])
-        matrix(f"blk.{i}.ffn_up.weight", weights[p + "mlp.up_proj.weight"])
+        matrix(f"blk.{i}.ffn_gate.weight", layer["gate"])
+        matrix(f"blk.{i}.ffn_up.weight", layer["up"])
         matrix(f"blk.{i}.ffn_down.weight", weights[p + "mlp.down_proj.weight"])
     w.add_tensor("output_norm.weight", weights["model.norm.weight"])
     if not getattr(cfg, "tie_word_embeddings", False) and "lm_head.weight" in weights:
@@ -207,6 +224,64 @@ def write_gguf(folder: Path, target: Path) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def _layer(weights: dict[str, Any], p: str, family: Family, q_rows: int, kv_rows: int) -> dict[str, Any]:
+    """A layer's query, key, value, gate and up matrices, split out of Phi-3's fused ones."""
+    if not family.fused:
+        names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"}
+        names |= {"gate": "mlp.gate_proj", "up": "mlp.up_proj"}
+        return {key: weights[f"{p}{name}.weight"] for key, name in names.items()}
+    qkv, gate_up = weights[p + "self_attn.qkv_proj.weight"], weights[p + "mlp.gate_up_proj.weight"]
+    half = gate_up.shape[0] // 2  # Phi-3's MLP: gate first, then up (chunk(2))
+    return {
+        "q": qkv[:q_rows],
+        "k": qkv[q_rows : q_rows + kv_rows],
+        "v": qkv[q_rows + kv_rows :],
+        "gate": gate_up[:half],
+        "up": gate_up[half:],
+    }
+
+
+def rope_scaling(cfg: Any, config: dict[str, Any], head_dim: int) -> tuple[Any, float]:
+    """The rope scaling of a model as rotary-frequency divisors (None: plain RoPE) and the factor its cos and sin are
+    scaled by (LongRoPE's attention factor; 1 otherwise). LongRoPE's frequencies are transformers' own
+    (``cfg``: the loaded config), for sequences up to its original context (its short factors)."""
+    import numpy as np
+
+    if rope_type(config) != "longrope":
+        return rope_factors(rope_settings(config), head_dim), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](cfg, None)
+    base = float(cfg.rope_parameters["rope_theta"])
+    plain = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    return (plain / inv_freq.double().numpy()).astype(np.float32), float(attention_factor)
+
+
+def served_context(config: dict[str, Any]) -> int:
+    """The context the OpenVINO route serves a config at: its ``max_position_embeddings``, or LongRoPE's original
+    context where that is shorter (past it, LongRoPE switches to its long factors)."""
+    context = int(config.get("max_position_embeddings") or 4096)
+    if rope_type(config) == "longrope":
+        settings = rope_settings(config)
+        original = settings.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+        if original:
+            context = min(context, int(original))
+    return context
+
+
+def layer_windows(config: dict[str, Any], layers: int) -> list[int]:
+    """Each layer's attention window (0: the whole context): :func:`sliding_window` for the layers ``layer_types``
+    names ``sliding_attention`` (Qwen2 without it: those from ``max_window_layers`` on), or for every layer."""
+    window = sliding_window(config)
+    if window is None:
+        return [0] * layers
+    kinds = config.get("layer_types")
+    if kinds:
+        return [window if kind == "sliding_attention" else 0 for kind in kinds]
+    first = int(config.get("max_window_layers") or 0) if "Qwen2ForCausalLM" in config.get("architectures", []) else 0
+    return [window if i >= first else 0 for i in range(layers)]
 
 
 def sliding_window(config: dict[str, Any]) -> int | None:
@@ -254,7 +329,8 @@ def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
 
 def rope_type(config: dict[str, Any]) -> str:
     settings = rope_settings(config)
-    return str(settings.get("rope_type") or settings.get("type") or "default")
+    kind = str(settings.get("rope_type") or settings.get("type") or "default")
+    return "longrope" if kind == "su" else kind  # Phi-3's first configs call LongRoPE "su"
 
 
 def rope_factors(settings: dict[str, Any], head_dim: int) -> Any:

@@ -9,9 +9,13 @@ score 8.9 (docs/benchmarks.md). So every GGUF model goes the same way, once:
 2. OpenVINO GenAI builds its graph from that file and saves it as IR (``enable_save_ov_model``); the save
    stores float32 constants as float16, so those that are the file's float32 tensors (the norms) or the rotary
    frequencies are put back in float32 (:func:`restore_float32`);
-3. projections of one input (a layer's query, key and value; its gate and up) become one matrix product whose
+3. a sliding attention window the file names (``attention.sliding_window``, per layer
+   ``attention.sliding_window_pattern``) is built into those layers' masks (:func:`apply_windows`), in the form
+   OpenVINO's continuous-batching transformation reads as a window for its paged attention; an
+   ``attention.scale`` (Phi-3's LongRoPE) becomes each attention's scale (:func:`apply_scale`);
+4. projections of one input (a layer's query, key and value; its gate and up) become one matrix product whose
    result is split (:func:`fuse_projections`: fewer, larger products, the same arithmetic);
-4. every weight matrix is quantized here, in numpy (:func:`quantize`): ``int8`` (one scale and zero point per
+5. every weight matrix is quantized here, in numpy (:func:`quantize`): ``int8`` (one scale and zero point per
    output row), ``int4`` (4-bit, a scale per 64 or 32 inputs; the embedding matrix, also the output layer, in
    int8) or ``none`` (float16).
 
@@ -163,6 +167,12 @@ def quantize_folder(src: Path, dst: Path, fmt: str, reader: Any) -> None:
 
     model = ov.Core().read_model(str(src / "openvino_model.xml"))
     restored = restore_float32(model, reader)
+    windowed = apply_windows(model, windows(reader))
+    if windowed:
+        log.info("attention windows built into %d layers", windowed)
+    arch = reader.fields["general.architecture"].contents()
+    if (scale := reader.fields.get(f"{arch}.attention.scale")) is not None:
+        apply_scale(model, float(scale.contents()))
     fused = fuse_projections(model)
     count = quantize(model, fmt)
     log.debug("%d float32 constants restored, %d groups of projections fused", restored, fused)
@@ -228,6 +238,82 @@ def rope_divisors(reader: Any) -> Any:
         if t.name == "rope_freqs.weight":
             return np.asarray(t.data, dtype=np.float64).reshape(-1)
     return None
+
+
+def windows(reader: Any) -> list[int]:
+    """Each layer's attention window a GGUF file (open in ``reader``) names, 0 for the whole context: llama.cpp's
+    ``attention.sliding_window``, for the layers ``attention.sliding_window_pattern`` marks (every layer without
+    it). Empty when the file names none."""
+    arch = reader.fields["general.architecture"].contents()
+    window = reader.fields.get(f"{arch}.attention.sliding_window")
+    if window is None or not int(window.contents()):
+        return []
+    layers = int(reader.fields[f"{arch}.block_count"].contents())
+    pattern = reader.fields.get(f"{arch}.attention.sliding_window_pattern")
+    marks = [bool(x) for x in pattern.contents()] if pattern is not None else [True] * layers
+    if len(marks) != layers:
+        raise ValueError(f"the file's sliding_window_pattern has {len(marks)} layers, its model {layers}")
+    return [int(window.contents()) if mark else 0 for mark in marks]
+
+
+def apply_windows(model: Any, per_layer: list[int]) -> int:
+    """Limit each layer's attention to its window (``per_layer``: one per attention, in order; 0 leaves one whole):
+    its mask becomes ``Select(kv > q - window and ..., mask, -inf)`` with the window a constant. That is what
+    transformers computes (a query at position q sees keys after q - window), and the form OpenVINO's
+    SDPA-to-PagedAttention transformation recognizes (its gpt-oss pattern): continuous batching then runs paged
+    attention with that window. The number of layers windowed."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+    from openvino import opset15
+
+    if not any(per_layer):
+        return 0
+    attentions = [op for op in model.get_ordered_ops() if op.get_type_name() == "ScaledDotProductAttention"]
+    if len(attentions) != len(per_layer):
+        raise ValueError(f"the model has {len(attentions)} attention layers and the file names {len(per_layer)}")
+
+    def const(value: Any, dtype: Any = np.int64) -> Any:
+        return ops.constant(np.array(value, dtype=dtype))
+
+    queries = ops.unsqueeze(model.input("position_ids"), const([1, 3]))  # [batch, 1, queries, 1]
+    true = const(True, np.bool_)
+    count = 0
+    for attention, window in zip(attentions, per_layer, strict=True):
+        if not window:
+            continue
+        mask = attention.input(3).get_source_output()  # [batch, 1, queries, keys], additive
+        shape = ops.shape_of(mask)
+        keys = ops.range(const(0), ops.gather(shape, const(3), const(0)), const(1), ov.Type.i64)
+        keys = ops.reshape(keys, const([1, 1, 1, -1]), special_zero=False)
+        inside = ops.greater(keys, ops.add(queries, const(-window)))
+        # the four ANDs with "true" are the pattern's shape (gpt-oss ANDs causal, padding and window masks there)
+        both = ops.bitwise_and(ops.bitwise_and(true, inside), true)
+        both = ops.bitwise_and(ops.bitwise_and(true, both), true)
+        kept = ops.select(ops.broadcast(both, shape), mask, const(-np.inf, np.float32))
+        whole = opset15.slice(kept, const([0]), const([np.iinfo(np.int64).max]), const([1]), const([3]))
+        attention.input(3).replace_source_output(whole.output(0))
+        count += 1
+    return count
+
+
+def apply_scale(model: Any, scale: float) -> int:
+    """Give every attention ``scale`` as what its scores (query times key) are multiplied by, in place of
+    1/sqrt(head size); the number changed. Exact where scaling the weights would round them to float16."""
+    import numpy as np
+    import openvino.opset13 as ops
+
+    count = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "ScaledDotProductAttention" or len(op.inputs()) != 4:
+            continue
+        inputs = [i.get_source_output() for i in op.inputs()]
+        scaled = ops.scaled_dot_product_attention(
+            *inputs, scale=ops.constant(np.float32(scale)), causal=bool(op.get_attributes()["causal"])
+        )
+        op.output(0).replace(scaled.output(0))
+        count += 1
+    return count
 
 
 def fuse_projections(model: Any) -> int:

@@ -12,6 +12,7 @@ and is built again.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -199,6 +200,11 @@ def _folder_info(folder: Path) -> dict[str, Any]:
         info["eos_ids"] += _ids(data.get("eos_token_id"))
         if "max_position_embeddings" in data:
             info["max_context"] = data["max_position_embeddings"]
+    if (folder / "config.json").is_file() and not (folder / "openvino_model.xml").is_file():
+        from tokenwire.engine.openvino import convert
+
+        with contextlib.suppress(OSError, ValueError):  # what the GGUF route serves (LongRoPE: its original context)
+            info["max_context"] = convert.served_context(json.loads((folder / "config.json").read_text()))
     return info
 
 
