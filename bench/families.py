@@ -54,9 +54,10 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {  # name -> (model class
     "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", {}),
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 64}),
     "mistral": ("MistralForCausalLM", "MistralConfig", {"sliding_window": None}),
+    "mistral-v0.1": ("MistralForCausalLM", "MistralConfig", {"sliding_window": 1024}),  # a window, as v0.1's
     "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", {"head_dim": 64, "sliding_window": 1024}),
     "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", {"head_dim": 64, "sliding_window": 1024}),
-    "phi3": ("Phi3ForCausalLM", "Phi3Config", {}),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", {"sliding_window": 1024}),  # a window, as Phi-3-mini-4k's
 }
 
 

@@ -84,6 +84,33 @@ def test_a_q4_1_file_keeps_its_weights_where_openvinos_own_reading_rounds_them(q
     assert theirs > 3 * int8, (theirs, ours, int8)
 
 
+def test_a_file_genai_reads_is_built_from_itself_with_the_files_exact_weights(
+    q4_gguf: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Q4_1 file (blocks GenAI reads, as it reads Q4_K_M's) is handed to GenAI as it is, with no float16 copy
+    written (a 7B file's copy would not fit in memory), and every weight of its graph is replaced by the file's
+    own, decoded exactly, with the query's and key's rows in the order GenAI gave them: the float16 IR computes
+    what transformers computes from the file, and the int8 one is as near it as the int8 IR made through a float16
+    copy (which quantized float16-rounded weights: a random model's large activations amplify either rounding)."""
+    import gguf as gg
+
+    want = transformers_logits(q4_gguf, PROMPT_IDS)
+    float16 = cache / "f16" / "tiny.gguf"
+    float16.parent.mkdir()
+    ir.dequantize_gguf(q4_gguf, float16)
+    through_a_copy = relative_error(logits(ir.converted(float16, "int8"), PROMPT_IDS), want)
+
+    def no_copy(*args: Any) -> None:
+        raise AssertionError("a float16 copy was written")
+
+    monkeypatch.setattr(ir, "dequantize_gguf", no_copy)
+    reader = gg.GGUFReader(str(q4_gguf))
+    assert ir._genai_reads(reader) and not ir._unquantized(reader)
+    assert relative_error(logits(ir.converted(q4_gguf, "none"), PROMPT_IDS), want) < 5e-3
+    direct = relative_error(logits(ir.converted(q4_gguf, "int8"), PROMPT_IDS), want)
+    assert direct < 0.15 and direct < 1.5 * through_a_copy, (direct, through_a_copy)
+
+
 def test_the_formats_quantize_every_matrix_and_stay_near_the_float_weights(tiny_gguf: Path, cache: Path) -> None:
     """none keeps float16; int8 stores a byte per weight and int4 half a byte (its embedding matrix, which is
     also the output layer, in int8); int8 answers close to float16, and closer than int4."""

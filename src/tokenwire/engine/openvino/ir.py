@@ -4,11 +4,13 @@ OpenVINO GenAI reads GGUF files, but not exactly: it stores a Q4_1 block's float
 zero point, and the default model (Q4_1) then scores perplexity 12.0 on the benchmark text where its own weights
 score 8.9 (docs/benchmarks.md). So every GGUF model goes the same way, once:
 
-1. the file's weights are written dequantized to a float16 GGUF (the ``gguf`` package decodes every block type
-   exactly; a file already in float16 or float32 is used as it is);
-2. OpenVINO GenAI builds its graph from that file and saves it as IR (``enable_save_ov_model``); the save
-   stores float32 constants as float16, so those that are the file's float32 tensors (the norms) or the rotary
-   frequencies are put back in float32 (:func:`restore_float32`);
+1. OpenVINO GenAI builds its graph from the file and saves it as IR (``enable_save_ov_model``). A file whose
+   blocks GenAI reads (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K: a Q4_K_M file) is handed over as it is, and every weight
+   of the graph is then replaced by the file's own values, decoded exactly (:func:`take_file_weights`; GenAI's
+   reading only gives the graph its shape); any other file is first written dequantized to a float16 GGUF (the
+   ``gguf`` package decodes every block type exactly). A file in float16 or float32 is used as it is;
+2. the IR save stores float32 constants as float16, so those that are the file's float32 tensors (the norms) or
+   the rotary frequencies are put back in float32 (:func:`restore_float32`);
 3. a sliding attention window the file names (``attention.sliding_window``, per layer
    ``attention.sliding_window_pattern``) is built into those layers' masks (:func:`apply_windows`), in the form
    OpenVINO's continuous-batching transformation reads as a window for its paged attention; an
@@ -98,7 +100,7 @@ def export(gguf: Path, folder: Path, reader: Any) -> None:
 
     folder.mkdir(parents=True)
     source = folder / "model.gguf"
-    if _unquantized(reader):
+    if _unquantized(reader) or _genai_reads(reader):  # its weights are taken from the file afterwards
         source.symlink_to(gguf.resolve())
     else:
         dequantize_gguf(gguf, source, reader)
@@ -120,6 +122,14 @@ def _unquantized(reader: Any) -> bool:
 
     plain = {gg.GGMLQuantizationType.F16, gg.GGMLQuantizationType.F32}
     return all(t.tensor_type in plain for t in reader.tensors)
+
+
+def _genai_reads(reader: Any) -> bool:
+    """Whether OpenVINO GenAI's reader builds every tensor of the file (open in ``reader``) from its own blocks."""
+    import gguf as gg
+
+    q = gg.GGMLQuantizationType
+    return all(t.tensor_type in (q.F32, q.F16, q.Q4_0, q.Q4_1, q.Q8_0, q.Q4_K, q.Q6_K) for t in reader.tensors)
 
 
 def dequantize_gguf(src: Path, dst: Path, reader: Any = None) -> None:
@@ -166,6 +176,9 @@ def quantize_folder(src: Path, dst: Path, fmt: str, reader: Any) -> None:
     import openvino as ov
 
     model = ov.Core().read_model(str(src / "openvino_model.xml"))
+    taken = take_file_weights(model, reader, fmt)
+    if taken:
+        log.info("%d weight matrices taken from the file, decoded exactly, in %s", taken, fmt)
     restored = restore_float32(model, reader)
     windowed = apply_windows(model, windows(reader))
     if windowed:
@@ -182,6 +195,197 @@ def quantize_folder(src: Path, dst: Path, fmt: str, reader: Any) -> None:
     for path in src.iterdir():
         if path.is_file() and "tokenizer" in path.name:
             shutil.copy(path, dst / path.name)
+
+
+def take_file_weights(model: Any, reader: Any, fmt: str) -> int:
+    """Replace every weight GenAI built from the file's blocks (a low-bit constant decompressed by Convert, Subtract
+    of a zero point, Multiply by a scale, Reshape, Convert) with the file's tensor decoded exactly by the ``gguf``
+    package, in ``fmt`` (:func:`quantize`'s forms), the projections of one input stacked into one product
+    (:func:`fuse_projections`' form). GenAI's own reading is only near (a Q4_K weight is 4-5% off: it rounds the
+    blocks' minimums), and it puts a Llama query's and key's rows back in Hugging Face's order. Each weight is told
+    from the others by its values: rows of it as GenAI decoded them against every tensor of its shape, in the
+    file's row order or that one. One group of weights is decoded at a time, so the conversion holds the result
+    and one group beside the graph. The number of weights replaced; one that matches no tensor raises (the graph
+    is not what this reads)."""
+    import numpy as np
+
+    arch = reader.fields["general.architecture"].contents()
+    heads = {
+        int(f.contents()) for k in ("head_count", "head_count_kv") if (f := reader.fields.get(f"{arch}.attention.{k}"))
+    }
+    tensors: dict[tuple[int, int], list[Any]] = {}
+    for t in reader.tensors:
+        if len(t.shape) == 2:
+            tensors.setdefault((int(t.shape[1]), int(t.shape[0])), []).append(t)
+    weights: dict[tuple[int, int], tuple[Any, Any, Any]] = {}  # chain output -> (output, tensor, row order)
+    for op in model.get_ordered_ops():
+        kind = op.get_type_name()
+        if kind not in ("MatMul", "Gather"):
+            continue
+        output = op.input(1 if kind == "MatMul" else 0).get_source_output()
+        key = (output.get_node().get_instance_id(), output.get_index())
+        if key in weights or not output.get_partial_shape().is_static or len(output.get_partial_shape()) != 2:
+            continue
+        shape = tuple(int(d) for d in output.get_shape())
+        sample = _sample(shape[0])
+        rows = _compressed_rows(output.get_node(), sample)
+        if rows is None:
+            continue
+        found = _matching_tensor(rows, sample, tensors.get(shape, []), heads)  # type: ignore[arg-type]
+        if found is None:
+            raise ValueError(f"a {shape} weight of the graph matches no tensor of the file")
+        weights[key] = (output, *found)
+    groups: dict[Any, list[tuple[Any, Any, Any]]] = {}
+    for key, (output, t, order) in weights.items():
+        users = [i.get_node() for i in output.get_target_inputs()]
+        one_product = len(users) == 1 and users[0].get_type_name() == "MatMul"
+        if (
+            one_product
+            and users[0].get_attributes().get("transpose_b")
+            and not users[0].get_attributes()["transpose_a"]
+        ):
+            source = users[0].input(0).get_source_output()
+            key = ("input", source.get_node().get_instance_id(), source.get_index())
+        groups.setdefault(key, []).append((output, t, order))
+    for members in groups.values():
+        decoded = [_exact(t)[order] for _, t, order in members]
+        embedding = any(
+            i.get_node().get_type_name() == "Gather" for out, _, _ in members for i in out.get_target_inputs()
+        )
+        weight = _formatted(np.concatenate(decoded) if len(decoded) > 1 else decoded[0], fmt, embedding)
+        del decoded
+        if len(members) == 1:
+            members[0][0].replace(weight)
+        else:
+            _stacked_product([next(iter(out.get_target_inputs())).get_node() for out, _, _ in members], weight)
+    return len(weights)
+
+
+def _formatted(w: Any, fmt: str, embedding: bool) -> Any:
+    """The weight matrix ``w`` (float32) as the graph's float32 weight in ``fmt``, as :func:`quantize` writes it."""
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    if fmt == "none":
+        return ops.convert(ops.constant(w.astype(np.float16)), ov.Type.f32).output(0)
+    return _int8_rows(w) if fmt == "int8" or embedding else _int4_groups(w)
+
+
+def _stacked_product(products: list[Any], weight: Any) -> None:
+    """Replace ``products`` (MatMuls of one input, each with its own weight) by one product with ``weight``, their
+    weights stacked in their order, split back into their outputs."""
+    import numpy as np
+    import openvino.opset13 as ops
+
+    product = ops.matmul(products[0].input(0).get_source_output(), weight, False, True)
+    rows = np.array([int(p.input(1).get_source_output().get_shape()[0]) for p in products], dtype=np.int64)
+    split = ops.variadic_split(product, ops.constant(np.int64(-1)), ops.constant(rows))
+    for i, p in enumerate(products):
+        p.output(0).replace(split.output(i))
+
+
+def _sample(rows: int) -> Any:
+    """The rows compared: the first two, then rows spread over the matrix (no two row orders _orders gives agree on
+    all of them)."""
+    import numpy as np
+
+    return np.unique(np.array([0, 1, 5, 17, 40, 101, 333, rows // 3, rows // 2 + 7, rows - 2]) % rows)
+
+
+def _exact(t: Any, rows: Any = None) -> Any:
+    """A GGUF tensor (or the rows ``rows`` index) decoded exactly to float32, one row per output."""
+    import gguf as gg
+    import numpy as np
+
+    data = t.data if rows is None else t.data[rows]
+    if t.tensor_type in (gg.GGMLQuantizationType.F32, gg.GGMLQuantizationType.F16):
+        return np.asarray(data, dtype=np.float32).reshape(len(data), -1)
+    return gg.quants.dequantize(data, t.tensor_type).astype(np.float32)
+
+
+def _orders(rows: int, heads: set[int]) -> list[Any]:
+    """The row orders GenAI may give a file's matrix: the file's, and for each head count dividing it, Hugging
+    Face's order of a Llama query or key (llama.cpp's converter interleaves each head's rotary halves)."""
+    import numpy as np
+
+    out = [np.arange(rows)]
+    for n in sorted(heads):
+        if rows % (2 * n) == 0:
+            file_holds = np.arange(rows).reshape(n, 2, rows // n // 2).swapaxes(1, 2).reshape(-1)
+            out.append(np.argsort(file_holds))  # the file row holding each Hugging Face row
+    return out
+
+
+def _matching_tensor(rows: Any, sample: Any, candidates: list[Any], heads: set[int]) -> tuple[Any, Any] | None:
+    """The tensor among ``candidates`` and the row order in which its rows ``sample`` are ``rows`` (within GenAI's
+    rounding: a few percent, where any other tensor or order is off by its whole size), or None."""
+    import numpy as np
+
+    errors = []
+    for t in candidates:
+        for order in _orders(int(t.shape[1]), heads):
+            want = _exact(t, order[sample])
+            errors.append((float(np.abs(want - rows).max() / (np.abs(want).max() or 1.0)), t, order))
+    errors.sort(key=lambda e: e[0])
+    if not errors or errors[0][0] > 0.2 or (len(errors) > 1 and errors[1][0] < 2 * errors[0][0]):
+        return None
+    return errors[0][1], errors[0][2]
+
+
+def _compressed_rows(node: Any, rows: Any) -> Any:
+    """The rows ``rows`` (float32) of the weight ``node`` computes, if it is a weight GenAI decompresses from
+    low-bit constants (Convert(Reshape(Multiply(Subtract(Convert(q), Convert(zero)), scale))), the Subtract absent
+    without zero points); None for anything else."""
+    import openvino as ov
+
+    if node.get_type_name() != "Convert":
+        return None
+    inner = node.input(0).get_source_output().get_node()
+    if inner.get_type_name() != "Reshape":
+        return None
+    width = int(inner.get_output_shape(0)[1])
+    try:
+        value = _evaluate(inner.input(0).get_source_output().get_node(), rows, ov)
+    except _NotDecompression:
+        return None
+    return value.reshape(len(rows), width)
+
+
+class _NotDecompression(Exception):
+    pass
+
+
+def _evaluate(node: Any, rows: Any, ov: Any) -> Any:
+    """The rows ``rows`` (along the first axis) of a decompression chain's value, in numpy."""
+    import numpy as np
+
+    kind = node.get_type_name()
+    args = [i.get_source_output().get_node() for i in node.inputs()]
+    if kind == "Multiply":
+        return _evaluate(args[0], rows, ov) * _evaluate(args[1], rows, ov)
+    if kind == "Subtract":
+        return _evaluate(args[0], rows, ov) - _evaluate(args[1], rows, ov)
+    if kind == "Convert":
+        return _evaluate(args[0], rows, ov)
+    if kind != "Constant":
+        raise _NotDecompression(kind)
+    shape = [int(d) for d in node.get_output_shape(0)]
+    element = node.get_element_type()
+    if shape[0] == 1:  # one value for every row
+        rows = np.zeros(len(rows), dtype=np.int64)
+    if element in (ov.Type.u4, ov.Type.i4):  # two a byte, the first in the low nibble
+        per_row = int(np.prod(shape[1:]))
+        if per_row % 2:
+            raise _NotDecompression("a 4-bit row of odd length")
+        packed = np.asarray(node.get_data(), dtype=np.uint8).reshape(shape[0], per_row // 2)[rows]
+        values = np.stack([packed & 0x0F, packed >> 4], axis=-1).astype(np.int16)
+        if element == ov.Type.i4:
+            values = np.where(values > 7, values - 16, values)
+        return values.reshape(len(rows), *shape[1:]).astype(np.float32)
+    if element not in (ov.Type.u8, ov.Type.i8, ov.Type.f16, ov.Type.f32):
+        raise _NotDecompression(str(element))
+    return np.asarray(node.get_data()).reshape(shape)[rows].astype(np.float32)
 
 
 def restore_float32(model: Any, reader: Any) -> int:
@@ -344,12 +548,7 @@ def fuse_projections(model: Any) -> int:
         if len(members) < 2:
             continue
         stacked = np.concatenate([w.get_data() for _, w in members])
-        matrix = ops.convert(ops.constant(stacked), ov.Type.f32)
-        product = ops.matmul(members[0][0].input(0).get_source_output(), matrix, False, True)
-        rows = np.array([w.get_output_shape(0)[0] for _, w in members], dtype=np.int64)
-        split = ops.variadic_split(product, ops.constant(np.int64(-1)), ops.constant(rows))
-        for i, (op, _) in enumerate(members):
-            op.output(0).replace(split.output(i))
+        _stacked_product([op for op, _ in members], ops.convert(ops.constant(stacked), ov.Type.f32).output(0))
         fused += 1
     return fused
 
