@@ -236,7 +236,8 @@ def take_file_weights(model: Any, reader: Any, fmt: str) -> int:
             raise ValueError(f"a {shape} weight of the graph matches no tensor of the file")
         weights[key] = (output, *found)
     groups: dict[Any, list[tuple[Any, Any, Any]]] = {}
-    for key, (output, t, order) in weights.items():
+    for chain, (output, t, order) in weights.items():
+        group: tuple[Any, ...] = chain  # alone, unless it is one of the products of one input
         users = [i.get_node() for i in output.get_target_inputs()]
         one_product = len(users) == 1 and users[0].get_type_name() == "MatMul"
         if (
@@ -245,8 +246,8 @@ def take_file_weights(model: Any, reader: Any, fmt: str) -> int:
             and not users[0].get_attributes()["transpose_a"]
         ):
             source = users[0].input(0).get_source_output()
-            key = ("input", source.get_node().get_instance_id(), source.get_index())
-        groups.setdefault(key, []).append((output, t, order))
+            group = ("input", source.get_node().get_instance_id(), source.get_index())
+        groups.setdefault(group, []).append((output, t, order))
     for members in groups.values():
         decoded = [_exact(t)[order] for _, t, order in members]
         embedding = any(
