@@ -33,6 +33,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +220,7 @@ def take_file_weights(model: Any, reader: Any, fmt: str) -> int:
         if len(t.shape) == 2:
             tensors.setdefault((int(t.shape[1]), int(t.shape[0])), []).append(t)
     weights: dict[tuple[int, int], tuple[Any, Any, Any]] = {}  # chain output -> (output, tensor, row order)
+    first_rows: dict[str, Any] = {}
     for op in model.get_ordered_ops():
         kind = op.get_type_name()
         if kind not in ("MatMul", "Gather"):
@@ -231,7 +234,7 @@ def take_file_weights(model: Any, reader: Any, fmt: str) -> int:
         rows = _compressed_rows(output.get_node(), sample)
         if rows is None:
             continue
-        found = _matching_tensor(rows, sample, tensors.get(shape, []), heads)  # type: ignore[arg-type]
+        found = _matching_tensor(rows, sample, tensors.get(shape, []), heads, first_rows)  # type: ignore[arg-type]
         if found is None:
             raise ValueError(f"a {shape} weight of the graph matches no tensor of the file")
         weights[key] = (output, *found)
@@ -248,29 +251,46 @@ def take_file_weights(model: Any, reader: Any, fmt: str) -> int:
             source = users[0].input(0).get_source_output()
             group = ("input", source.get_node().get_instance_id(), source.get_index())
         groups.setdefault(group, []).append((output, t, order))
-    for members in groups.values():
+
+    def prepared(members: list[tuple[Any, Any, Any]]) -> Any:  # numpy only (off the graph): two run at once
         decoded = [_exact(t)[order] for _, t, order in members]
-        embedding = any(
-            i.get_node().get_type_name() == "Gather" for out, _, _ in members for i in out.get_target_inputs()
-        )
-        weight = _formatted(np.concatenate(decoded) if len(decoded) > 1 else decoded[0], fmt, embedding)
-        del decoded
-        if len(members) == 1:
-            members[0][0].replace(weight)
-        else:
-            _stacked_product([next(iter(out.get_target_inputs())).get_node() for out, _, _ in members], weight)
+        users = [i.get_node().get_type_name() for out, _, _ in members for i in out.get_target_inputs()]
+        return _formatted_arrays(np.concatenate(decoded) if len(decoded) > 1 else decoded[0], fmt, "Gather" in users)
+
+    pending = list(groups.values())
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        running = deque(pool.submit(prepared, members) for members in pending[:2])  # two groups in memory at most
+        for i, members in enumerate(pending):
+            weight = _formatted_node(running.popleft().result())
+            if i + 2 < len(pending):
+                running.append(pool.submit(prepared, pending[i + 2]))
+            if len(members) == 1:
+                members[0][0].replace(weight)
+            else:
+                _stacked_product([next(iter(out.get_target_inputs())).get_node() for out, _, _ in members], weight)
     return len(weights)
 
 
-def _formatted(w: Any, fmt: str, embedding: bool) -> Any:
-    """The weight matrix ``w`` (float32) as the graph's float32 weight in ``fmt``, as :func:`quantize` writes it."""
+def _formatted_arrays(w: Any, fmt: str, embedding: bool) -> tuple[str, tuple[Any, ...]]:
+    """The weight matrix ``w`` (float32, consumed) in ``fmt`` as :func:`quantize` writes it, as numpy arrays."""
     import numpy as np
+
+    if fmt == "none":
+        return "none", (w.astype(np.float16),)
+    if fmt == "int8" or embedding:
+        return "int8", _int8_arrays(w)
+    return "int4", _int4_arrays(w)
+
+
+def _formatted_node(prepared: tuple[str, tuple[Any, ...]]) -> Any:
+    """The graph's float32 weight from :func:`_formatted_arrays`' arrays."""
     import openvino as ov
     import openvino.opset13 as ops
 
-    if fmt == "none":
-        return ops.convert(ops.constant(w.astype(np.float16)), ov.Type.f32).output(0)
-    return _int8_rows(w) if fmt == "int8" or embedding else _int4_groups(w)
+    kind, arrays = prepared
+    if kind == "none":
+        return ops.convert(ops.constant(arrays[0]), ov.Type.f32).output(0)
+    return _int8_node(*arrays) if kind == "int8" else _int4_node(*arrays)
 
 
 def _stacked_product(products: list[Any], weight: Any) -> None:
@@ -318,16 +338,26 @@ def _orders(rows: int, heads: set[int]) -> list[Any]:
     return out
 
 
-def _matching_tensor(rows: Any, sample: Any, candidates: list[Any], heads: set[int]) -> tuple[Any, Any] | None:
+def _matching_tensor(
+    rows: Any, sample: Any, candidates: list[Any], heads: set[int], first_rows: dict[str, Any]
+) -> tuple[Any, Any] | None:
     """The tensor among ``candidates`` and the row order in which its rows ``sample`` are ``rows`` (within GenAI's
-    rounding: a few percent, where any other tensor or order is off by its whole size), or None."""
+    rounding: a few percent, where any other tensor or order is off by its whole size), or None. The tensor is
+    found by its first row, which no order moves (``first_rows`` keeps each tensor's, decoded once), the order by
+    the rest."""
     import numpy as np
+
+    def error(want: Any, got: Any) -> float:
+        return float(np.abs(want - got).max() / (np.abs(want).max() or 1.0))
 
     errors = []
     for t in candidates:
+        if t.name not in first_rows:
+            first_rows[t.name] = _exact(t, [0])[0]
+        if error(first_rows[t.name], rows[0]) > 0.2:
+            continue
         for order in _orders(int(t.shape[1]), heads):
-            want = _exact(t, order[sample])
-            errors.append((float(np.abs(want - rows).max() / (np.abs(want).max() or 1.0)), t, order))
+            errors.append((error(_exact(t, order[sample]), rows), t, order))
     errors.sort(key=lambda e: e[0])
     if not errors or errors[0][0] > 0.2 or (len(errors) > 1 and errors[1][0] < 2 * errors[0][0]):
         return None
@@ -593,28 +623,43 @@ def _weight_converts(op: Any, ov: Any) -> list[Any]:
 
 
 def _int8_rows(w: Any) -> Any:
-    """Asymmetric int8, one scale and zero point per output row."""
+    """Asymmetric int8, one scale and zero point per output row (``w``: float32, overwritten)."""
+    return _int8_node(*_int8_arrays(w))
+
+
+def _int8_arrays(w: Any) -> tuple[Any, Any, Any]:
+    """``w`` (float32, overwritten) as uint8 codes, a zero point and a scale per row."""
     import numpy as np
-    import openvino as ov
-    import openvino.opset13 as ops
 
     lo = np.minimum(w.min(axis=1, keepdims=True), 0.0)
     hi = np.maximum(w.max(axis=1, keepdims=True), 0.0)
     scale = (hi - lo) / 255.0
     scale[scale == 0] = 1.0
     zero = np.clip(np.rint(-lo / scale), 0, 255)
-    q = np.clip(np.rint(w / scale) + zero, 0, 255).astype(np.uint8)
-    zeros = ops.convert(ops.constant(zero.astype(np.uint8)), ov.Type.f16)
+    np.divide(w, scale, out=w)  # in place: a 7B model's matrix is not copied three times
+    np.rint(w, out=w)
+    np.add(w, zero, out=w)
+    np.clip(w, 0, 255, out=w)
+    return w.astype(np.uint8), zero.astype(np.uint8), scale.astype(np.float16)
+
+
+def _int8_node(q: Any, zero: Any, scale: Any) -> Any:
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    zeros = ops.convert(ops.constant(zero), ov.Type.f16)
     deq = ops.subtract(ops.convert(ops.constant(q), ov.Type.f16), zeros)
-    deq = ops.multiply(deq, ops.constant(scale.astype(np.float16)))
+    deq = ops.multiply(deq, ops.constant(scale))
     return ops.convert(deq, ov.Type.f32).output(0)
 
 
 def _int4_groups(w: Any) -> Any:
     """Symmetric int4, one scale per group of 64 inputs (32 where the width is not a multiple of 64)."""
+    return _int4_node(*_int4_arrays(w))
+
+
+def _int4_arrays(w: Any) -> tuple[Any, Any, tuple[int, int]]:
     import numpy as np
-    import openvino as ov
-    import openvino.opset13 as ops
 
     rows, cols = w.shape
     group = 64 if cols % 64 == 0 else 32 if cols % 32 == 0 else cols
@@ -622,9 +667,17 @@ def _int4_groups(w: Any) -> Any:
     scale = np.abs(g).max(axis=2, keepdims=True) / 7.0
     scale[scale == 0] = 1.0
     q = np.clip(np.rint(g / scale), -8, 7).astype(np.int8)
+    return q, scale.astype(np.float16), (rows, cols)
+
+
+def _int4_node(q: Any, scale: Any, shape: tuple[int, int]) -> Any:
+    import numpy as np
+    import openvino as ov
+    import openvino.opset13 as ops
+
     deq = ops.convert(ops.constant(q, dtype=ov.Type.i4), ov.Type.f16)
-    deq = ops.multiply(deq, ops.constant(scale.astype(np.float16)))
-    deq = ops.reshape(deq, ops.constant(np.array([rows, cols], dtype=np.int64)), special_zero=False)
+    deq = ops.multiply(deq, ops.constant(scale))
+    deq = ops.reshape(deq, ops.constant(np.array(shape, dtype=np.int64)), special_zero=False)
     return ops.convert(deq, ov.Type.f32).output(0)
 
 
