@@ -4,6 +4,8 @@ llama.cpp's own on the same file and the same tokens.
 The default model exists only as Q4_1, so the other types are made from it: its weights decoded to F16 (exactly,
 engine/openvino/ir.py), then ``llama-quantize`` to Q8_0, Q4_0 and Q4_K_M. They are re-quantized from 4-bit weights:
 their quality is that of a 4-bit source, not of the original model's. ``--model`` takes another GGUF file.
+``--as-qwen2`` writes the model's weights as a Qwen2 file first (the query and key rows in Qwen2's order, zero
+query, key and value biases: the same function), so that the ``qwen2`` route is scored on real weights.
 
 Scoring as ``llama-perplexity`` does: the text (the project's seed tutorial) tokenized once, cut into chunks of
 ``--ctx`` tokens (the first replaced by BOS when the file says to add one), each chunk's second half scored with
@@ -84,6 +86,41 @@ def served_perplexity(gguf: Path, fmt: str, chunks: list[list[int]]) -> float:
     return math.exp(nll / n)
 
 
+def as_qwen2(llama: Path, target: Path) -> Path:
+    """A float16 Llama GGUF written as a Qwen2 one computing the same: the metadata under ``qwen2.``, the query
+    and key rows back in Hugging Face's order (llama.cpp interleaves a Llama's rotary halves, not a Qwen2's), and
+    zero biases on the query, key and value."""
+    import gguf as gg
+    import numpy as np
+
+    from tokenwire.engine.openvino import ir
+
+    reader = gg.GGUFReader(str(llama))
+    writer = gg.GGUFWriter(str(target), "qwen2")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        sub = field.types[-1] if field.types[0] == gg.GGUFValueType.ARRAY else None
+        writer.add_key_value(name.replace("llama.", "qwen2.", 1), field.contents(), field.types[0], sub_type=sub)
+    heads = int(reader.fields["llama.attention.head_count"].contents())
+    kv_heads = int(reader.fields["llama.attention.head_count_kv"].contents())
+    for t in reader.tensors:
+        data = np.asarray(t.data).reshape(tuple(int(x) for x in reversed(t.shape)))
+        n = heads if t.name.endswith("attn_q.weight") else kv_heads if t.name.endswith("attn_k.weight") else 0
+        if n:
+            rows = data.shape[0]
+            data = data[ir._orders(rows, {n})[-1]]  # the file row holding each Hugging Face row
+        writer.add_tensor(t.name, data)
+        for part in ("q", "k", "v"):
+            if t.name.endswith(f"attn_{part}.weight"):
+                writer.add_tensor(t.name.replace(".weight", ".bias"), np.zeros(data.shape[0], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llama-cpp", required=True, help="llama.cpp's build/bin (llama-quantize, llama-perplexity)")
@@ -91,6 +128,7 @@ def main() -> None:
     p.add_argument("--types", default="F16,Q8_0,Q4_0,Q4_K_M", help="file types made with llama-quantize from F16")
     p.add_argument("--formats", default="int8", help="tokenwire --quantize formats to score (int8 = what auto serves)")
     p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--as-qwen2", action="store_true", help="score the model written as a Qwen2 file")
     p.add_argument("--out", default=str(BENCH / "results" / "gguf-quality-cpu.json"))
     a = p.parse_args()
     binary = Path(a.llama_cpp)
@@ -104,6 +142,10 @@ def main() -> None:
         f16 = Path(tmp) / f"{source.stem}.F16.gguf"
         ir.dequantize_gguf(source, f16)
         files = {"as given": source}
+        if a.as_qwen2:
+            source = as_qwen2(f16, Path(tmp) / f"{source.stem}-as-qwen2.F16.gguf")
+            f16 = source
+            files = {}
         for kind in a.types.split(","):
             if kind == "F16":
                 files[kind] = f16
@@ -140,7 +182,8 @@ def main() -> None:
     out = Path(a.out)
     out.write_text(json.dumps({"model": source.name, "ctx": a.ctx, "rows": rows}, indent=1))
     out.with_suffix(".md").write_text(
-        f"bench/gguf_quality.py on {source.name} (types made from its weights decoded to F16), ctx {a.ctx}\n\n{text}\n"
+        f"bench/gguf_quality.py{' --as-qwen2' if a.as_qwen2 else ''} on {source.name} (types made from its weights "
+        f"decoded to F16), ctx {a.ctx}\n\n{text}\n"
     )
 
 

@@ -8,7 +8,8 @@ model (its vocabulary aside: the folder carries the default model's tokenizer, 4
 - ``tokenwire serve --model FOLDER`` (the default: int8 weights on OpenVINO);
 - ``tokenwire serve --model Q4_K_M.gguf`` (its first start timed, its peak memory sampled: the process and its
   children);
-- ``llama-server -m Q4_K_M.gguf --parallel 32 -c 16384 -t 2``.
+- ``llama-server -m Q4_K_M.gguf --parallel 32 -c 16384 -t 2``;
+- with ``--int4``, also ``tokenwire serve --model FOLDER --quantize int4``.
 
 All stay up, idle between loads; each stream count runs against each server in turn, the order reversed every
 round. OpenAI SSE, greedy, ``--max-tokens`` tokens, aggregate tok/s and TTFT. See ../shared/PEERS.md for building
@@ -128,6 +129,7 @@ def main() -> None:
     p.add_argument("--streams", default="1,8,32")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--int4", action="store_true", help="add the folder served with --quantize int4")
     p.add_argument("--out", default=str(BENCH / "results" / "model-size-cpu.json"))
     a = p.parse_args()
     sys.path.insert(0, str(BENCH))
@@ -150,6 +152,14 @@ def main() -> None:
             "tokenwire, the Q4_K_M file": [*tw, "--model", str(gguf)],
             "llama-server, the Q4_K_M file": llama,
         }
+        if a.int4:
+            servers["tokenwire, the Hugging Face folder, --quantize int4"] = [
+                *tw,
+                "--model",
+                str(folder),
+                "--quantize",
+                "int4",
+            ]
         procs: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
         starts: dict[str, dict[str, float]] = {}
         results: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in servers}

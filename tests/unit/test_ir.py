@@ -111,6 +111,19 @@ def test_a_file_genai_reads_is_built_from_itself_with_the_files_exact_weights(
     assert direct < 0.15 and direct < 1.5 * through_a_copy, (direct, through_a_copy)
 
 
+def test_weights_it_cannot_tell_apart_are_converted_through_a_float16_copy(
+    q4_gguf: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Should GenAI's graph hold a weight that matches no one tensor of the file, the conversion says so and goes
+    the float16-copy way, with the same result."""
+    monkeypatch.setattr(ir, "_matching_tensor", lambda *args: None)
+    with caplog.at_level("WARNING"):
+        folder = ir.converted(q4_gguf, "none")
+    assert "through a float16 copy" in caplog.text
+    assert relative_error(logits(folder, PROMPT_IDS), transformers_logits(q4_gguf, PROMPT_IDS)) < 5e-3
+    assert not list(cache.glob("tokenwire-ir-*"))
+
+
 def test_the_formats_quantize_every_matrix_and_stay_near_the_float_weights(tiny_gguf: Path, cache: Path) -> None:
     """none keeps float16; int8 stores a byte per weight and int4 half a byte (its embedding matrix, which is
     also the output layer, in int8); int8 answers close to float16, and closer than int4."""

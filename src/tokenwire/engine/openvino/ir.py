@@ -19,7 +19,8 @@ score 8.9 (docs/benchmarks.md). So every GGUF model goes the same way, once:
    result is split (:func:`fuse_projections`: fewer, larger products, the same arithmetic);
 5. every weight matrix is quantized here, in numpy (:func:`quantize`): ``int8`` (one scale and zero point per
    output row), ``int4`` (4-bit, a scale per 64 or 32 inputs; the embedding matrix, also the output layer, in
-   int8) or ``none`` (float16).
+   int8) or ``none`` (float16). Weights taken from the file in step 1 were fused and quantized as they were
+   taken, a group at a time (no float16 copy of the whole model is ever held).
 
 The result is kept in the cache directory as ``<name>-<content key>-<format>-ir/`` with ``tokenwire-ir.json``
 written last, naming each file's size: a folder without it, or whose files differ from it, is a partial or
@@ -63,10 +64,16 @@ def converted(gguf: Path, fmt: str) -> Path:
 
     reader = gg.GGUFReader(str(gguf))  # read once (seconds: it parses the whole vocabulary), used by every step
     with tempfile.TemporaryDirectory(prefix="tokenwire-ir-", dir=target.parent) as work:
-        exported = Path(work) / "export"
-        export(gguf, exported, reader)
-        built = Path(work) / "out"
-        quantize_folder(exported, built, fmt, reader)
+        exported, built = Path(work) / "export", Path(work) / "out"
+        try:
+            export(gguf, exported, reader)
+            quantize_folder(exported, built, fmt, reader)
+        except WeightsNotFound as exc:  # GenAI built weights this cannot tell apart: from a float16 copy instead
+            log.warning("%s; converting %s through a float16 copy", exc, gguf.name)
+            shutil.rmtree(exported, ignore_errors=True)
+            shutil.rmtree(built, ignore_errors=True)
+            export(gguf, exported, reader, copy=True)
+            quantize_folder(exported, built, fmt, reader)
         _mark(built, gguf, fmt)
         try:
             os.replace(built, target)
@@ -94,15 +101,19 @@ def _mark(folder: Path, gguf: Path, fmt: str) -> None:
     (folder / MARKER).write_text(json.dumps(marker))  # last: its presence says the folder is whole
 
 
-def export(gguf: Path, folder: Path, reader: Any) -> None:
-    """OpenVINO GenAI's graph of ``gguf`` (open in ``reader``, a ``GGUFReader``) as IR in ``folder``, with the
-    weights as float16 (or as stored when the file's matrices are float16 or float32 already), and its tokenizer
-    models beside it."""
+class WeightsNotFound(ValueError):
+    """A weight of GenAI's graph matches no tensor of the file, or more than one that differ."""
+
+
+def export(gguf: Path, folder: Path, reader: Any, copy: bool = False) -> None:
+    """OpenVINO GenAI's graph of ``gguf`` (open in ``reader``, a ``GGUFReader``) as IR in ``folder``, and its
+    tokenizer models beside it: built from the file itself when its matrices are float16 or float32, or blocks
+    GenAI reads (their values are taken from the file afterwards), else (or with ``copy``) from a float16 copy."""
     import openvino_genai as og
 
     folder.mkdir(parents=True)
     source = folder / "model.gguf"
-    if _unquantized(reader) or _genai_reads(reader):  # its weights are taken from the file afterwards
+    if _unquantized(reader) or (_genai_reads(reader) and not copy):  # the weights are taken from the file after
         source.symlink_to(gguf.resolve())
     else:
         dequantize_gguf(gguf, source, reader)
@@ -236,7 +247,7 @@ def take_file_weights(model: Any, reader: Any, fmt: str) -> int:
             continue
         found = _matching_tensor(rows, sample, tensors.get(shape, []), heads, first_rows)  # type: ignore[arg-type]
         if found is None:
-            raise ValueError(f"a {shape} weight of the graph matches no tensor of the file")
+            raise WeightsNotFound(f"a {shape} weight of GenAI's graph matches no one tensor of the file")
         weights[key] = (output, *found)
     groups: dict[Any, list[tuple[Any, Any, Any]]] = {}
     for chain, (output, t, order) in weights.items():
@@ -359,8 +370,12 @@ def _matching_tensor(
         for order in _orders(int(t.shape[1]), heads):
             errors.append((error(_exact(t, order[sample]), rows), t, order))
     errors.sort(key=lambda e: e[0])
-    if not errors or errors[0][0] > 0.2 or (len(errors) > 1 and errors[1][0] < 2 * errors[0][0]):
+    if not errors or errors[0][0] > 0.2:
         return None
+    if len(errors) > 1 and errors[1][0] < 2 * errors[0][0]:  # as near: only if it holds the same values
+        best, second = (_exact(t, order) for _, t, order in errors[:2])
+        if not np.array_equal(best, second):
+            return None
     return errors[0][1], errors[0][2]
 
 
