@@ -96,12 +96,7 @@ def as_qwen2(llama: Path, target: Path) -> Path:
     from tokenwire.engine.openvino import ir
 
     reader = gg.GGUFReader(str(llama))
-    writer = gg.GGUFWriter(str(target), "qwen2")
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        sub = field.types[-1] if field.types[0] == gg.GGUFValueType.ARRAY else None
-        writer.add_key_value(name.replace("llama.", "qwen2.", 1), field.contents(), field.types[0], sub_type=sub)
+    writer = ir.copy_metadata(reader, target, gg.LlamaFileType.MOSTLY_F16, "qwen2")
     heads = int(reader.fields["llama.attention.head_count"].contents())
     kv_heads = int(reader.fields["llama.attention.head_count_kv"].contents())
     for t in reader.tensors:

@@ -170,16 +170,18 @@ def dequantize_gguf(src: Path, dst: Path, reader: Any = None) -> None:
 def copy_metadata(reader: Any, dst: Path, file_type: int, arch: str | None = None) -> Any:
     """A ``GGUFWriter`` for ``dst`` with every metadata field ``reader`` (a ``GGUFReader``) has (the tokenizer
     too), the file type set to ``file_type`` (OpenVINO GenAI reads it) and the architecture named ``arch`` if
-    given; the caller adds the tensors and writes."""
+    given (its keys, ``<architecture>.*``, then under that name); the caller adds the tensors and writes."""
     import gguf as gg
 
-    writer = gg.GGUFWriter(str(dst), arch or reader.fields["general.architecture"].contents())
+    own = reader.fields["general.architecture"].contents()
+    writer = gg.GGUFWriter(str(dst), arch or own)
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":
             continue
         value = int(file_type) if name == "general.file_type" else field.contents()
         sub = field.types[-1] if field.types[0] == gg.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, value, field.types[0], sub_type=sub)
+        key = f"{arch}.{name[len(own) + 1 :]}" if arch and name.startswith(f"{own}.") else name
+        writer.add_key_value(key, value, field.types[0], sub_type=sub)
     return writer
 
 
@@ -251,17 +253,10 @@ def take_file_weights(model: Any, reader: Any, fmt: str) -> int:
         weights[key] = (output, *found)
     groups: dict[Any, list[tuple[Any, Any, Any]]] = {}
     for chain, (output, t, order) in weights.items():
-        group: tuple[Any, ...] = chain  # alone, unless it is one of the products of one input
         users = [i.get_node() for i in output.get_target_inputs()]
-        one_product = len(users) == 1 and users[0].get_type_name() == "MatMul"
-        if (
-            one_product
-            and users[0].get_attributes().get("transpose_b")
-            and not users[0].get_attributes()["transpose_a"]
-        ):
-            source = users[0].input(0).get_source_output()
-            group = ("input", source.get_node().get_instance_id(), source.get_index())
-        groups.setdefault(group, []).append((output, t, order))
+        source = _stackable_input(users[0]) if len(users) == 1 else None
+        # alone, unless it is one of the products of one input
+        groups.setdefault(chain if source is None else ("input", *source), []).append((output, t, order))
 
     def prepared(members: list[tuple[Any, Any, Any]]) -> Any:  # numpy only (off the graph): two run at once
         decoded = [_exact(t)[order] for _, t, order in members]
@@ -302,6 +297,17 @@ def _formatted_node(prepared: tuple[str, tuple[Any, ...]]) -> Any:
     if kind == "none":
         return ops.convert(ops.constant(arrays[0]), ov.Type.f32).output(0)
     return _int8_node(*arrays) if kind == "int8" else _int4_node(*arrays)
+
+
+def _stackable_input(op: Any) -> tuple[int, int] | None:
+    """The input (node id, output index) of ``op`` if it is a product ``x @ W.T`` that can share one stacked weight
+    with the other products of ``x`` (:func:`_stacked_product`), else None."""
+    if op.get_type_name() != "MatMul" or not op.get_attributes().get("transpose_b"):
+        return None
+    if op.get_attributes().get("transpose_a"):
+        return None
+    source = op.input(0).get_source_output()
+    return source.get_node().get_instance_id(), source.get_index()
 
 
 def _stacked_product(products: list[Any], weight: Any) -> None:
@@ -577,9 +583,8 @@ def fuse_projections(model: Any) -> int:
 
     groups: dict[tuple[int, int], list[tuple[Any, Any]]] = {}
     for op in model.get_ordered_ops():
-        if op.get_type_name() != "MatMul" or not op.get_attributes().get("transpose_b"):
-            continue
-        if op.get_attributes().get("transpose_a"):
+        source = _stackable_input(op)
+        if source is None:
             continue
         convert = op.input(1).get_source_output().get_node()
         weight = convert.input(0).get_source_output().get_node() if convert.get_type_name() == "Convert" else None
@@ -587,8 +592,7 @@ def fuse_projections(model: Any) -> int:
             continue
         if len(_consumers(convert)) != 1 or len(_consumers(weight)) != 1:  # shared (tied embeddings): leave it
             continue
-        source = op.input(0).get_source_output()
-        groups.setdefault((source.get_node().get_instance_id(), source.get_index()), []).append((op, weight))
+        groups.setdefault(source, []).append((op, weight))
     fused = 0
     for members in groups.values():
         if len(members) < 2:

@@ -192,19 +192,21 @@ def _build(gguf: Path, target: Path) -> None:
 
 def _folder_info(folder: Path) -> dict[str, Any]:
     info: dict[str, Any] = {"eos_ids": []}
+    config: dict[str, Any] | None = None
     for name in ("config.json", "generation_config.json"):
         try:
             data = json.loads((folder / name).read_text())
         except (OSError, ValueError):
             continue
+        config = data if name == "config.json" else config
         info["eos_ids"] += _ids(data.get("eos_token_id"))
         if "max_position_embeddings" in data:
             info["max_context"] = data["max_position_embeddings"]
-    if (folder / "config.json").is_file() and not (folder / "openvino_model.xml").is_file():
+    if config is not None and not (folder / "openvino_model.xml").is_file():
         from tokenwire.engine.openvino import convert
 
-        with contextlib.suppress(OSError, ValueError):  # what the GGUF route serves (LongRoPE: its original context)
-            info["max_context"] = convert.served_context(json.loads((folder / "config.json").read_text()))
+        with contextlib.suppress(ValueError):  # what the GGUF route serves (LongRoPE: its original context)
+            info["max_context"] = convert.served_context(config)
     return info
 
 
