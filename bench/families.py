@@ -56,7 +56,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {  # name -> (model class
     "mistral": ("MistralForCausalLM", "MistralConfig", {"sliding_window": None}),
     "mistral-v0.1": ("MistralForCausalLM", "MistralConfig", {"sliding_window": 1024}),  # a window, as v0.1's
     "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", {"head_dim": 64, "sliding_window": 1024}),
-    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", {"head_dim": 64, "sliding_window": 1024}),
+    "gemma3": (  # five local layers to a global one in the real models: three to one here
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        {"head_dim": 64, "sliding_window": 1024, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
+    ),
     "phi3": ("Phi3ForCausalLM", "Phi3Config", {"sliding_window": 1024}),  # a window, as Phi-3-mini-4k's
 }
 

@@ -139,28 +139,43 @@ def save_tiny_gguf(source: Path, target: Path) -> Path:
 
 
 def save_tiny_family(
-    target: Path, architecture: str, seed: int = 0, sliding_window: int = 8, rope: dict[str, Any] | None = None
+    target: Path,
+    architecture: str,
+    seed: int = 0,
+    sliding_window: int = 8,
+    rope: dict[str, Any] | None = None,
+    tokenizer: str = "byte-level",
 ) -> Path:
     """A random 2-layer model of ``architecture`` (``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``MistralForCausalLM``,
     ``Phi3ForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``: the last four with a sliding window of
-    ``sliding_window``; 0 for none) in the shape of save_tiny_model's, with the byte-level tokenizer; its biases and
-    norm weights random too (a zero bias or a unit norm would not show a converter that drops them), every weight
-    rounded to float16 (what the GGUF holds). ``rope``: the config's ``rope_parameters``."""
+    ``sliding_window``; 0 for none) in the shape of save_tiny_model's; its biases and norm weights random too (a
+    zero bias or a unit norm would not show a converter that drops them), every weight rounded to float16 (what the
+    GGUF holds). ``rope``: the config's ``rope_parameters``. ``tokenizer``: ``byte-level`` (byte_level_tokenizer) or
+    ``sentencepiece`` (a SentencePiece BPE model with byte fallback, as Mistral, Gemma and Phi-3 ship theirs: see
+    :func:`save_sentencepiece_tokenizer`)."""
     import torch
     import transformers
 
-    tok = byte_level_tokenizer()
+    target.mkdir(parents=True, exist_ok=True)
+    if tokenizer == "sentencepiece":
+        kind = "GemmaTokenizer" if architecture.startswith("Gemma") else "LlamaTokenizer"
+        tok = save_sentencepiece_tokenizer(target, kind)
+        ids = {"eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id}
+    else:
+        tok, ids = byte_level_tokenizer(), {}
     torch.manual_seed(seed)
     names = {"Gemma3ForCausalLM": "Gemma3TextConfig"}
     config_class = getattr(transformers, names.get(architecture, architecture.replace("ForCausalLM", "Config")))
-    extra: dict[str, Any] = {"head_dim": 32} if architecture.startswith("Qwen3") else {}  # wider, as Qwen3's
+    extra: dict[str, Any] = {"head_dim": 32} if architecture.startswith(("Qwen3", "Gemma")) else {}  # wider heads
+    if architecture.startswith("Gemma3"):  # a local (windowed) layer and a global one; its own attention scale
+        extra |= {"layer_types": ["sliding_attention", "full_attention"], "query_pre_attn_scalar": 24}
     if architecture.startswith(("Gemma", "Mistral", "Phi3")):
         extra["sliding_window"] = sliding_window or None  # shorter than the tests' prompts; 0: none
     if rope is not None:
         extra["rope_parameters"] = rope
         if "original_max_position_embeddings" in rope:  # Phi-3 keeps it beside rope_parameters too
             extra["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
-    config = config_class(**tiny_shape(tok, 1024), **extra)
+    config = config_class(**{**tiny_shape(tok, 1024), **ids}, **extra)
     model = getattr(transformers, architecture)(config)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -169,26 +184,35 @@ def save_tiny_family(
             elif "norm" in name:
                 param.normal_(1.0, 0.3)
             param.copy_(param.to(torch.float16).to(torch.float32))
-    target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)
     tok.save_pretrained(target)
     return target
 
 
+def save_sentencepiece_tokenizer(target: Path, kind: str = "LlamaTokenizer") -> Any:
+    """Write a SentencePiece BPE tokenizer with byte fallback into ``target`` as a model folder ships it
+    (``tokenizer.model``, and the ``tokenizer.json`` transformers makes of it as ``kind``: ``LlamaTokenizer`` for
+    Llama 2, Mistral, Phi-3; ``GemmaTokenizer``, which keeps spaces as they are), with a chat template; returns it."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    (target / "tokenizer.model").write_bytes(sentencepiece_tokenizer().sp.serialized_model_proto())
+    names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (target / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": kind, **names}))
+    tok = AutoTokenizer.from_pretrained(target)
+    tok.chat_template = CHAT_TEMPLATE.replace("<|im_start|>", "<s>").replace("<|im_end|>", "</s>")
+    return tok
+
+
 def save_tiny_sentencepiece_model(target: Path, seed: int = 0) -> Path:
     """A tiny random Llama with a SentencePiece BPE tokenizer (byte fallback), as Llama 2, Mistral and TinyLlama
     ship theirs: ``tokenizer.model`` and the ``tokenizer.json`` transformers makes of it."""
-    import json
-
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     target.mkdir(parents=True, exist_ok=True)
-    (target / "tokenizer.model").write_bytes(sentencepiece_tokenizer().sp.serialized_model_proto())
-    names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    (target / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", **names}))
-    tok = AutoTokenizer.from_pretrained(target)
-    tok.chat_template = CHAT_TEMPLATE.replace("<|im_start|>", "<s>").replace("<|im_end|>", "</s>")
+    tok = save_sentencepiece_tokenizer(target)
     torch.manual_seed(seed)
     shape = {**tiny_shape(tok, 1024), "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
     shape["pad_token_id"] = None

@@ -12,12 +12,22 @@ from tests.e2e.server import serve
 from tests.tiny import save_tiny_family
 
 
-@pytest.mark.parametrize("architecture", ["Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM"])
-def test_a_qwen_or_mistral_folder_is_served_by_the_openvino_engine(architecture: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("architecture", "tokenizer"),
+    [
+        ("Qwen2ForCausalLM", "byte-level"),
+        ("Qwen3ForCausalLM", "byte-level"),
+        ("MistralForCausalLM", "sentencepiece"),
+        ("Gemma3ForCausalLM", "sentencepiece"),
+    ],
+)
+def test_a_qwen_mistral_or_gemma3_folder_is_served_by_the_openvino_engine(
+    architecture: str, tokenizer: str, tmp_path: Path
+) -> None:
     """``tokenwire serve --model DIR`` with engine auto: the folder is converted once and served on OpenVINO (not
-    eager PyTorch, a fifth of the speed); a chat completion streams its tokens and ends. (Mistral here has a
-    sliding window of 8: kept, not refused.)"""
-    folder = save_tiny_family(tmp_path / architecture, architecture)
+    eager PyTorch, a fifth of the speed); a chat completion streams its tokens and ends. (Mistral and Gemma 3 here
+    have a sliding window of 8, kept, and a SentencePiece tokenizer, as theirs.)"""
+    folder = save_tiny_family(tmp_path / architecture, architecture, tokenizer=tokenizer)
     with serve("--model", str(folder), "--device", "cpu", startup_timeout=180) as server:
         assert server.get_json("/v1/stats")["engine"]["backend"] == "openvino"
         body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "ignore_eos": True}
@@ -51,7 +61,7 @@ def test_a_phi3_folder_with_longrope_is_served_by_openvino_up_to_its_original_co
     prompt past it is refused with an error naming the limit, while the server goes on."""
     from tests.unit.test_ir import PHI3_LONGROPE
 
-    folder = save_tiny_family(tmp_path / "phi3", "Phi3ForCausalLM", rope=PHI3_LONGROPE)
+    folder = save_tiny_family(tmp_path / "phi3", "Phi3ForCausalLM", rope=PHI3_LONGROPE, tokenizer="sentencepiece")
     with serve("--model", str(folder), "--device", "cpu", startup_timeout=180) as server:
         assert server.get_json("/v1/stats")["engine"]["backend"] == "openvino"
         body = {"prompt": "word " * 40, "max_tokens": 8, "ignore_eos": True}

@@ -53,6 +53,7 @@ class Family:
     qkv_bias: bool = False  # Qwen2: biases on the query, key and value projections
     qk_norm: bool = False  # Qwen3: an RMS norm on each head's query and key
     fused: bool = False  # Phi-3: one matrix for query, key and value (qkv_proj), one for gate and up (gate_up_proj)
+    gemma: bool = False  # Gemma 3: norms of 1 + weight, norms after each block, GELU, a scaled embedding (see GEMMA)
 
 
 FAMILIES = {
@@ -61,7 +62,15 @@ FAMILIES = {
     "Qwen2ForCausalLM": Family("qwen2", permute_qk=False, qkv_bias=True),
     "Qwen3ForCausalLM": Family("qwen3", permute_qk=False, qk_norm=True),
     "Phi3ForCausalLM": Family("llama", fused=True),  # Llama's layers once its fused matrices are split
+    "Gemma3ForCausalLM": Family("qwen3", permute_qk=False, qk_norm=True, gemma=True),  # Qwen3's and GEMMA's
 }
+GEMMA_ACTIVATION = "tokenwire.feed_forward_activation"  # "gelu_tanh": the MLP's activation, where not SiLU
+"""Gemma 3 is written as Qwen3's layers (query and key norms) plus what ir.py adds to the graph from the file:
+each norm's weight stored as 1 + weight (what llama.cpp's converter writes: Gemma's norms multiply by 1 + weight),
+the norms after attention and after the MLP as llama.cpp's ``post_attention_norm`` and ``post_ffw_norm`` tensors,
+the embedding's scale (square root of the hidden size) as ``embedding_scale``, the MLP's tanh GELU as
+:data:`GEMMA_ACTIVATION`, the local layers' rotary base as ``rope.freq_base_swa``, the attention's scale
+(``query_pre_attn_scalar``) as ``attention.scale``, and a final logit soft cap as ``final_logit_softcapping``."""
 ARCHITECTURES = {name: family.gguf for name, family in FAMILIES.items()}
 ROPE_TYPES = ("default", "llama3", "linear", "longrope")  # written as rope_freqs (ir.py applies it)
 
@@ -79,6 +88,8 @@ def unsupported(folder: Path) -> str | None:
         return "it rotates only part of each head (partial_rotary_factor), which the GGUF converter does not write"
     if rope_type(config) not in ROPE_TYPES:
         return f"its rope scaling ({rope_type(config)}) is not one the OpenVINO route writes ({', '.join(ROPE_TYPES)})"
+    if arch == "Gemma3ForCausalLM" and (why := _gemma_unsupported(config)):
+        return why
     if not list(folder.glob("*.safetensors")):
         return "it has no .safetensors weights"
     try:
@@ -88,6 +99,17 @@ def unsupported(folder: Path) -> str | None:
     model = tok.get("model") or {}
     if model.get("type") != "BPE" or not ("ByteLevel" in json.dumps(tok.get("pre_tokenizer")) or _sentencepiece(model)):
         return "its tokenizer is neither a byte-level BPE one nor a SentencePiece BPE one with byte fallback"
+    return None
+
+
+def _gemma_unsupported(config: dict[str, Any]) -> str | None:
+    if config.get("attn_logit_softcapping"):
+        return "it soft-caps its attention scores (attn_logit_softcapping), which OpenVINO's paged attention cannot"
+    if config.get("use_bidirectional_attention"):
+        return "its attention is bidirectional (use_bidirectional_attention)"
+    local = local_rope_settings(config)
+    if str(local.get("rope_type") or local.get("type") or "default") != "default":
+        return f"its local layers' rope scaling ({local.get('rope_type')}) is not one the OpenVINO route writes"
     return None
 
 
@@ -161,7 +183,6 @@ def write_gguf(folder: Path, target: Path) -> None:
     family = FAMILIES[cfg.architectures[0]]
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    rope = getattr(cfg, "rope_parameters", None) or {}
     w = gguf.GGUFWriter(str(target), family.gguf)
     w.add_name(folder.name)
     w.add_context_length(served_context(config))
@@ -171,7 +192,7 @@ def write_gguf(folder: Path, target: Path) -> None:
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    w.add_rope_freq_base(float(rope_settings(config)["rope_theta"]))
     w.add_rope_dimension_count(head_dim)
     if head_dim != cfg.hidden_size // heads:  # Qwen3: heads wider than hidden / heads
         w.add_key_length(head_dim)
@@ -180,12 +201,17 @@ def write_gguf(folder: Path, target: Path) -> None:
     if any(windows):  # llama.cpp's keys; ir.py builds the window into those layers' masks
         w.add_sliding_window(max(windows))
         w.add_sliding_window_pattern([bool(x) for x in windows])
+    if family.gemma:
+        _add_gemma_keys(w, cfg, config)
     w.add_vocab_size(len(tok))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)  # OpenVINO reads it
     _write_tokenizer(w, tok)
 
     def matrix(name: str, data: Any) -> None:
         w.add_tensor(name, data.astype(np.float16))
+
+    def norm(name: str, data: Any) -> None:  # float32; Gemma's as 1 + weight, what it multiplies by
+        w.add_tensor(name, data + 1.0 if family.gemma else data)
 
     def rotary(data: Any, n: int) -> Any:  # llama.cpp's row order for Q and K (Llama's rotary halves)
         if not family.permute_qk:
@@ -201,7 +227,7 @@ def write_gguf(folder: Path, target: Path) -> None:
     for i in tqdm(range(cfg.num_hidden_layers), desc="converting to GGUF", unit="layer"):
         p = f"model.layers.{i}."
         layer = _layer(weights, p, family, heads * head_dim, kv_heads * head_dim)
-        w.add_tensor(f"blk.{i}.attn_norm.weight", weights[p + "input_layernorm.weight"])
+        norm(f"blk.{i}.attn_norm.weight", weights[p + "input_layernorm.weight"])
         matrix(f"blk.{i}.attn_q.weight", rotary(layer["q"], heads))
         matrix(f"blk.{i}.attn_k.weight", rotary(layer["k"], kv_heads))
         matrix(f"blk.{i}.attn_v.weight", layer["v"])
@@ -210,20 +236,35 @@ def write_gguf(folder: Path, target: Path) -> None:
             w.add_tensor(f"blk.{i}.attn_k.bias", rotary(weights[p + "self_attn.k_proj.bias"], kv_heads))
             w.add_tensor(f"blk.{i}.attn_v.bias", weights[p + "self_attn.v_proj.bias"])
         if family.qk_norm:
-            w.add_tensor(f"blk.{i}.attn_q_norm.weight", weights[p + "self_attn.q_norm.weight"])
-            w.add_tensor(f"blk.{i}.attn_k_norm.weight", weights[p + "self_attn.k_norm.weight"])
+            norm(f"blk.{i}.attn_q_norm.weight", weights[p + "self_attn.q_norm.weight"])
+            norm(f"blk.{i}.attn_k_norm.weight", weights[p + "self_attn.k_norm.weight"])
         matrix(f"blk.{i}.attn_output.weight", weights[p + "self_attn.o_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", weights[p + "post_attention_layernorm.weight"])
+        if family.gemma:  # a norm before the MLP, and one after each block
+            norm(f"blk.{i}.ffn_norm.weight", weights[p + "pre_feedforward_layernorm.weight"])
+            norm(f"blk.{i}.post_attention_norm.weight", weights[p + "post_attention_layernorm.weight"])
+            norm(f"blk.{i}.post_ffw_norm.weight", weights[p + "post_feedforward_layernorm.weight"])
+        else:
+            norm(f"blk.{i}.ffn_norm.weight", weights[p + "post_attention_layernorm.weight"])
         matrix(f"blk.{i}.ffn_gate.weight", layer["gate"])
         matrix(f"blk.{i}.ffn_up.weight", layer["up"])
         matrix(f"blk.{i}.ffn_down.weight", weights[p + "mlp.down_proj.weight"])
-    w.add_tensor("output_norm.weight", weights["model.norm.weight"])
+    norm("output_norm.weight", weights["model.norm.weight"])
     if not getattr(cfg, "tie_word_embeddings", False) and "lm_head.weight" in weights:
         matrix("output.weight", weights["lm_head.weight"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def _add_gemma_keys(w: Any, cfg: Any, config: dict[str, Any]) -> None:
+    """Gemma 3's keys beside Qwen3's (see :data:`GEMMA_ACTIVATION`)."""
+    w.add_embedding_scale(math.sqrt(cfg.hidden_size))
+    w.add_string(GEMMA_ACTIVATION, "gelu_tanh")
+    w.add_rope_freq_base_swa(float(local_rope_settings(config)["rope_theta"]))
+    w.add_attention_scale(float(cfg.query_pre_attn_scalar) ** -0.5)
+    if getattr(cfg, "final_logit_softcapping", None):
+        w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
 
 
 def _layer(weights: dict[str, Any], p: str, family: Family, q_rows: int, kv_rows: int) -> dict[str, Any]:
@@ -280,6 +321,8 @@ def layer_windows(config: dict[str, Any], layers: int) -> list[int]:
     kinds = config.get("layer_types")
     if kinds:
         return [window if kind == "sliding_attention" else 0 for kind in kinds]
+    if pattern := config.get("sliding_window_pattern"):  # Gemma 3 as transformers 4 saved it: every n-th is whole
+        return [0 if (i + 1) % int(pattern) == 0 else window for i in range(layers)]
     first = int(config.get("max_window_layers") or 0) if "Qwen2ForCausalLM" in config.get("architectures", []) else 0
     return [window if i >= first else 0 for i in range(layers)]
 
@@ -324,7 +367,20 @@ def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
     """A config's rotary settings, under either key: ``rope_scaling`` (transformers 4) or ``rope_parameters``
     (transformers 5, which writes it for every model, usually with ``rope_type: "default"``)."""
     found = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if isinstance(found, dict) and isinstance(found.get("full_attention"), dict):  # per layer kind (Gemma 3)
+        found = found["full_attention"]
     return {"rope_theta": config.get("rope_theta", 10000.0), **(found if isinstance(found, dict) else {})}
+
+
+def local_rope_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The rotary settings of a config's sliding-window layers where they have their own (Gemma 3: under
+    ``rope_parameters["sliding_attention"]``, or transformers 4's ``rope_local_base_freq``), else the others'."""
+    found = config.get("rope_parameters")
+    if isinstance(found, dict) and isinstance(found.get("sliding_attention"), dict):
+        return {"rope_theta": 10000.0, **found["sliding_attention"]}
+    if config.get("rope_local_base_freq"):
+        return {"rope_theta": float(config["rope_local_base_freq"]), "rope_type": "default"}
+    return rope_settings(config)
 
 
 def rope_type(config: dict[str, Any]) -> str:
