@@ -147,7 +147,8 @@ def save_tiny_family(
     tokenizer: str = "byte-level",
 ) -> Path:
     """A random 2-layer model of ``architecture`` (``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``MistralForCausalLM``,
-    ``Phi3ForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM``: the last four with a sliding window of
+    ``Phi3ForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM`` (or ``Gemma3ForConditionalGeneration``, with
+    a tiny image tower): the last four with a sliding window of
     ``sliding_window``; 0 for none) in the shape of save_tiny_model's; its biases and norm weights random too (a
     zero bias or a unit norm would not show a converter that drops them), every weight rounded to float16 (what the
     GGUF holds). ``rope``: the config's ``rope_parameters``. ``tokenizer``: ``byte-level`` (byte_level_tokenizer) or
@@ -164,7 +165,7 @@ def save_tiny_family(
     else:
         tok, ids = byte_level_tokenizer(), {}
     torch.manual_seed(seed)
-    names = {"Gemma3ForCausalLM": "Gemma3TextConfig"}
+    names = {"Gemma3ForCausalLM": "Gemma3TextConfig", "Gemma3ForConditionalGeneration": "Gemma3TextConfig"}
     config_class = getattr(transformers, names.get(architecture, architecture.replace("ForCausalLM", "Config")))
     extra: dict[str, Any] = {"head_dim": 32} if architecture.startswith(("Qwen3", "Gemma")) else {}  # wider heads
     if architecture.startswith("Gemma3"):  # a local (windowed) layer and a global one; its own attention scale
@@ -176,6 +177,10 @@ def save_tiny_family(
         if "original_max_position_embeddings" in rope:  # Phi-3 keeps it beside rope_parameters too
             extra["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
     config = config_class(**{**tiny_shape(tok, 1024), **ids}, **extra)
+    if architecture == "Gemma3ForConditionalGeneration":  # Gemma 3 4B-27B: text and images; a tiny image tower
+        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+        vision |= {"image_size": 28, "patch_size": 14}
+        config = transformers.Gemma3Config(text_config=config.to_dict(), vision_config=vision, mm_tokens_per_image=4)
     model = getattr(transformers, architecture)(config)
     with torch.no_grad():
         for name, param in model.named_parameters():

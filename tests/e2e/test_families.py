@@ -19,6 +19,7 @@ from tests.tiny import save_tiny_family
         ("Qwen3ForCausalLM", "byte-level"),
         ("MistralForCausalLM", "sentencepiece"),
         ("Gemma3ForCausalLM", "sentencepiece"),
+        ("Gemma3ForConditionalGeneration", "sentencepiece"),  # Gemma 3 4B-27B: served as its language model
     ],
 )
 def test_a_qwen_mistral_or_gemma3_folder_is_served_by_the_openvino_engine(

@@ -315,7 +315,9 @@ def check_against_transformers(folder: Path) -> tuple[list[int], Any]:
     from tokenwire.engine.openvino import convert
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16).float()
-    ids = [int(i) for i in np.random.default_rng(0).integers(3, min(500, model.config.vocab_size), 300)]
+    ids = [
+        int(i) for i in np.random.default_rng(0).integers(3, min(500, model.config.get_text_config().vocab_size), 300)
+    ]
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].double().numpy()
     got = logits(ir.converted(convert.converted(folder), "none"), ids)
@@ -374,24 +376,29 @@ GEMMA3_ROPE = {  # the 4B-27B models': linear scaling on the global layers only
 }
 
 
-def test_a_gemma3_folder_goes_to_openvino_with_what_gemma_adds_to_qwen3s_layers(tmp_path: Path, cache: Path) -> None:
+@pytest.mark.parametrize("architecture", ["Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"])
+def test_a_gemma3_folder_goes_to_openvino_with_what_gemma_adds_to_qwen3s_layers(
+    architecture: str, tmp_path: Path, cache: Path
+) -> None:
     """Gemma 3 is Qwen3's layers (query and key norms) plus: norms that multiply by 1 + weight, a norm after
     attention and after the MLP, an embedding scaled by sqrt(hidden), tanh GELU, an attention scale of its own
     (query_pre_attn_scalar 24 here, not the head size 32), a window on the local layers (8 here) with their own
     rotary base (10,000 against 1,000,000, linearly scaled by 8), and a final logit soft cap (5 here, where the
-    real models have none). With a SentencePiece tokenizer as Gemma's (GemmaTokenizer). Each is built into the IR:
-    it computes what transformers does (every position within 1e-3, 32 greedy tokens through paged attention
-    equal); without any one of them it does not (measured: 1.7 to 31 apart)."""
+    real models have none; the text-only class). With a SentencePiece tokenizer as Gemma's (GemmaTokenizer).
+    Each is built into the IR: it computes what transformers does (every position within 1e-3, 32 greedy tokens
+    through paged attention equal); without any one of them it does not (measured: 1.7 to 31 apart). The 4B-27B
+    models' folders (``Gemma3ForConditionalGeneration``: text and images) are served as their language model."""
     import json
 
     from tests.tiny import save_tiny_family
     from tokenwire.engine.openvino import convert
 
-    folder = save_tiny_family(tmp_path / "gemma3", "Gemma3ForCausalLM", rope=GEMMA3_ROPE, tokenizer="sentencepiece")
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 5.0}))
+    folder = save_tiny_family(tmp_path / "gemma3", architecture, rope=GEMMA3_ROPE, tokenizer="sentencepiece")
+    whole = json.loads((folder / "config.json").read_text())
+    if architecture == "Gemma3ForCausalLM":  # (transformers' text-and-image class applies no final soft cap)
+        (folder / "config.json").write_text(json.dumps({**whole, "final_logit_softcapping": 5.0}))
     assert convert.unsupported(folder) is None
-    assert convert.layer_windows(config, 2) == [8, 0]
+    assert convert.layer_windows(convert.text_config(whole), 2) == [8, 0]
     check_against_transformers(folder)
 
 

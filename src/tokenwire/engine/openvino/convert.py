@@ -71,14 +71,19 @@ the norms after attention and after the MLP as llama.cpp's ``post_attention_norm
 the embedding's scale (square root of the hidden size) as ``embedding_scale``, the MLP's tanh GELU as
 :data:`GEMMA_ACTIVATION`, the local layers' rotary base as ``rope.freq_base_swa``, the attention's scale
 (``query_pre_attn_scalar``) as ``attention.scale``, and a final logit soft cap as ``final_logit_softcapping``."""
-ARCHITECTURES = {name: family.gguf for name, family in FAMILIES.items()}
+LANGUAGE_MODELS = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}
+"""Folders of a text-and-image model whose language model is one of :data:`FAMILIES` (Gemma 3 4B, 12B, 27B): its
+``text_config`` and its ``language_model.`` weights are written, the image tower left out (tokenwire serves text)."""
+ARCHITECTURES = {name: family.gguf for name, family in FAMILIES.items()} | {
+    name: FAMILIES[text].gguf for name, text in LANGUAGE_MODELS.items()
+}
 ROPE_TYPES = ("default", "llama3", "linear", "longrope")  # written as rope_freqs (ir.py applies it)
 
 
 def unsupported(folder: Path) -> str | None:
     """Why ``folder`` cannot be converted, or None if it can (cheap: reads config and tokenizer only)."""
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = text_config(json.loads((folder / "config.json").read_text()))
     except (OSError, ValueError) as exc:
         return f"its config.json cannot be read ({exc})"
     arch = (config.get("architectures") or ["?"])[0]
@@ -100,6 +105,23 @@ def unsupported(folder: Path) -> str | None:
     if model.get("type") != "BPE" or not ("ByteLevel" in json.dumps(tok.get("pre_tokenizer")) or _sentencepiece(model)):
         return "its tokenizer is neither a byte-level BPE one nor a SentencePiece BPE one with byte fallback"
     return None
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's part of a config: for :data:`LANGUAGE_MODELS`, its ``text_config`` with the defaults
+    of its class filled in as transformers fills them (releases write only what differs: Gemma 3 4B's names 5
+    settings), named as its text class; any other config as it is."""
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch not in LANGUAGE_MODELS:
+        return config
+    text = config.get("text_config")
+    if not isinstance(text, dict) or not isinstance(text.get("model_type"), str):
+        raise ValueError(f"its config names {arch} but has no text_config with a model_type")
+    from transformers import AutoConfig
+
+    settings = {k: v for k, v in text.items() if k != "model_type"}
+    filled = AutoConfig.for_model(text["model_type"], **settings).to_dict()
+    return {**filled, **text, "architectures": [LANGUAGE_MODELS[arch]]}
 
 
 def _gemma_unsupported(config: dict[str, Any]) -> str | None:
@@ -158,15 +180,25 @@ def converted(folder: Path) -> Path:
     return target
 
 
-def _tensors(folder: Path) -> dict[str, Any]:
-    """Every weight as a float32 numpy array (bfloat16 files too: read through torch)."""
+def _tensors(folder: Path, language_model: bool = False) -> dict[str, Any]:
+    """Every weight as a float32 numpy array (bfloat16 files too: read through torch). ``language_model``: only a
+    text-and-image model's language model (``language_model.model.*``, or ``model.language_model.*`` as some
+    releases name it), named as its text class names them (``model.*``)."""
     from safetensors import safe_open
 
     out: dict[str, Any] = {}
     for path in sorted(folder.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open has keys(), not __iter__
-                out[name] = f.get_tensor(name).float().numpy()
+                key = name
+                if language_model:
+                    if name.startswith("language_model."):
+                        key = name.removeprefix("language_model.")
+                    elif name.startswith("model.language_model."):
+                        key = "model." + name.removeprefix("model.language_model.")
+                    else:
+                        continue  # the image tower and its projector
+                out[key] = f.get_tensor(name).float().numpy()
     return out
 
 
@@ -176,11 +208,14 @@ def write_gguf(folder: Path, target: Path) -> None:
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
-    config = json.loads((folder / "config.json").read_text())
-    cfg = AutoConfig.from_pretrained(folder)
+    whole = json.loads((folder / "config.json").read_text())
+    config = text_config(whole)
+    cfg = AutoConfig.from_pretrained(folder).get_text_config()
     tok = AutoTokenizer.from_pretrained(folder)
-    weights = _tensors(folder)
-    family = FAMILIES[cfg.architectures[0]]
+    weights = _tensors(folder, language_model=config is not whole)
+    family = FAMILIES[config["architectures"][0]]
+    if family.gemma:  # what a release leaves out of its config (the 4B-27B text_config: most), as transformers fills it
+        config = {**cfg.to_dict(), **config}
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     w = gguf.GGUFWriter(str(target), family.gguf)
@@ -303,6 +338,7 @@ def rope_scaling(cfg: Any, config: dict[str, Any], head_dim: int) -> tuple[Any, 
 def served_context(config: dict[str, Any]) -> int:
     """The context the OpenVINO route serves a config at: its ``max_position_embeddings``, or LongRoPE's original
     context where that is shorter (past it, LongRoPE switches to its long factors)."""
+    config = text_config(config)
     context = int(config.get("max_position_embeddings") or 4096)
     if rope_type(config) == "longrope":
         settings = rope_settings(config)
@@ -373,14 +409,13 @@ def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def local_rope_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The rotary settings of a config's sliding-window layers where they have their own (Gemma 3: under
-    ``rope_parameters["sliding_attention"]``, or transformers 4's ``rope_local_base_freq``), else the others'."""
+    """The rotary settings of Gemma 3's sliding-window layers: under ``rope_parameters["sliding_attention"]``, or
+    transformers 4's ``rope_local_base_freq``, plain RoPE with base 10,000 where the config says neither (its
+    default)."""
     found = config.get("rope_parameters")
     if isinstance(found, dict) and isinstance(found.get("sliding_attention"), dict):
         return {"rope_theta": 10000.0, **found["sliding_attention"]}
-    if config.get("rope_local_base_freq"):
-        return {"rope_theta": float(config["rope_local_base_freq"]), "rope_type": "default"}
-    return rope_settings(config)
+    return {"rope_theta": float(config.get("rope_local_base_freq") or 10000.0), "rope_type": "default"}
 
 
 def rope_type(config: dict[str, Any]) -> str:
