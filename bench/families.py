@@ -62,6 +62,22 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {  # name -> (model class
         {"head_dim": 64, "sliding_window": 1024, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
     ),
     "phi3": ("Phi3ForCausalLM", "Phi3Config", {"sliding_window": 1024}),  # a window, as Phi-3-mini-4k's
+    "gemma3-1b": (  # Gemma 3 1B's whole shape, its 262,144-token vocabulary included (the tokenizer uses the first)
+        "Gemma3ForCausalLM",
+        "Gemma3TextConfig",
+        {
+            "hidden_size": 1152,
+            "intermediate_size": 6912,
+            "num_hidden_layers": 26,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "head_dim": 256,
+            "query_pre_attn_scalar": 256,
+            "sliding_window": 512,
+            "max_position_embeddings": 32768,
+            "vocab_size": 262144,
+        },
+    ),
 }
 
 
@@ -75,9 +91,8 @@ def build(family: str, tokenizer: Path, target: Path) -> Path:
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(0)
-    config = getattr(transformers, config_class)(
-        vocab_size=len(tok), eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **SHAPE, **own
-    )
+    ids = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
+    config = getattr(transformers, config_class)(**{**ids, **SHAPE, **own})  # a family's own settings win
     model = getattr(transformers, model_class)(config).to(torch.bfloat16)
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target)

@@ -74,7 +74,8 @@ class Settings:
         default="auto",
         metadata={
             "help": "auto, openvino or transformers. auto: openvino on CPU for GGUF files, OpenVINO IR folders and "
-            "llama-family folders and hub ids; transformers on CUDA and for other models"
+            "Llama, Qwen2/3, Mistral, Phi-3 and Gemma 3 folders and hub ids; transformers on CUDA and for other "
+            "models (docs/models.md)"
         },
     )
     device: str = field(

@@ -44,7 +44,7 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
     if settings.device == "auto" and _cuda_available():
         return "transformers", "a CUDA device is present"
     if found.convert:
-        return "openvino", "a llama-family Hugging Face folder, converted to OpenVINO IR once, on the CPU"
+        return "openvino", "a Hugging Face folder of a family it converts, converted to OpenVINO IR once, on the CPU"
     return "openvino", "the model is a GGUF file (converted to OpenVINO IR once) or an IR folder, on the CPU"
 
 
