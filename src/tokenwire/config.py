@@ -73,7 +73,8 @@ class Settings:
     engine: str = field(
         default="auto",
         metadata={
-            "help": "auto, openvino or transformers. auto: openvino on CPU for GGUF files, OpenVINO IR folders and "
+            "help": "auto, openvino, transformers or llamacpp (llama.cpp's kernels, for GGUF files: pip install "
+            "'tokenwire[llamacpp]'). auto: openvino on CPU for GGUF files, OpenVINO IR folders and "
             "Llama, Qwen2/3, Mistral, Phi-3 and Gemma 3 folders and hub ids; transformers on CUDA and for other "
             "models (docs/models.md)"
         },

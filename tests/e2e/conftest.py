@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from tests.e2e.server import RunningServer, serve
 RESUME_WINDOW = 3.0  # seconds; short, so that tests can watch orphaned generations expire
 
 
-ENGINES = ("transformers",) if TEST_DEVICE.startswith("cuda") else ("transformers", "openvino")
+ENGINES: tuple[str, ...] = ("transformers",) if TEST_DEVICE.startswith("cuda") else ("transformers", "openvino")
+if not TEST_DEVICE.startswith("cuda") and importlib.util.find_spec("llama_cpp") is not None:
+    ENGINES += ("llamacpp",)  # pip install 'tokenwire[llamacpp]': .ci/run installs it (docs/llamacpp.md)
 
 
 @pytest.fixture(scope="session", params=ENGINES)
@@ -27,7 +30,7 @@ def engine_name(request: pytest.FixtureRequest) -> str:
 def tiny_server(engine_name: str, tiny_long_model_dir: Path, tiny_gguf: Path) -> Iterator[RunningServer]:
     """A real server process on the tiny random model (4096-token context), with short heartbeats, a small
     frame limit and a resume window of RESUME_WINDOW seconds; on the transformers engine from the model folder,
-    on the OpenVINO engine from the same model written as a GGUF file, run with its float16 weights
+    on the OpenVINO and llama.cpp engines from the same model written as a GGUF file, OpenVINO with its float16 weights
     (``--quantize none``): a random model's texts turn on near-ties that int8 rounding tips one way in a prefill
     and the other in a decode step, and the suites compare texts across a rebuilt KV cache. The int8 IR is tested
     on the default model (test_default_model.py) and in tests/unit/test_ir.py."""
@@ -35,7 +38,7 @@ def tiny_server(engine_name: str, tiny_long_model_dir: Path, tiny_gguf: Path) ->
         "--engine",
         engine_name,
         "--model",
-        str(tiny_gguf if engine_name == "openvino" else tiny_long_model_dir),
+        str(tiny_long_model_dir if engine_name == "transformers" else tiny_gguf),
         "--device",
         TEST_DEVICE if engine_name == "transformers" else "cpu",
         *(("--quantize", "none") if engine_name == "openvino" else ()),

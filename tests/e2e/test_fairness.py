@@ -12,14 +12,15 @@ import pytest
 
 from tests.conftest import scaled
 from tests.e2e.client import Client
+from tests.e2e.conftest import ENGINES
 from tests.e2e.server import serve
 
 
 def model_args(engine: str, folder: Path, gguf: Path) -> list[str]:
-    return ["--engine", engine, "--model", str(gguf if engine == "openvino" else folder), "--device", "cpu"]
+    return ["--engine", engine, "--model", str(folder if engine == "transformers" else gguf), "--device", "cpu"]
 
 
-@pytest.mark.parametrize("engine", ["transformers", "openvino"])
+@pytest.mark.parametrize("engine", ["transformers", "openvino", *(["llamacpp"] if "llamacpp" in ENGINES else [])])
 async def test_one_connections_queue_does_not_starve_another_connection(
     engine: str, tiny_long_model_dir: Path, tiny_gguf: Path
 ) -> None:

@@ -13,7 +13,7 @@ from tokenwire.engine.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "openvino", "transformers")
+ENGINES = ("auto", "openvino", "transformers", "llamacpp")
 
 
 def choose_engine(settings: Settings) -> tuple[str, str]:
@@ -90,6 +90,13 @@ def prepare_model(settings: Settings) -> str:
         source = found.weights(settings.quantize)
         prepared = prepare(found, settings.max_model_len)
         return f"openvino: {source} (context {prepared.max_context} tokens) is ready"
+    if kind == "llamacpp":
+        from tokenwire.engine.llamacpp.engine import gguf_of
+        from tokenwire.engine.openvino.model import Plan, prepare
+
+        gguf = gguf_of(resolved)
+        prepared = prepare(Plan(gguf), settings.max_model_len)  # its tokenizer, read from the file once
+        return f"llamacpp: {gguf} (context up to {prepared.max_context} tokens) is ready"
     from tokenwire.engine.hf import loader  # imports torch
 
     return f"transformers: {loader.local_folder(resolved)} is ready"
@@ -135,6 +142,27 @@ def _build(settings: Settings) -> LoopEngine:
                 json_whitespace=settings.json_whitespace,
             )
         )
+    scheduler = SchedulerConfig(
+        max_batch_size=settings.max_batch_size,
+        max_waiting=settings.max_waiting,
+        kv_cache_tokens=settings.kv_cache_tokens,
+        max_prefill_tokens=settings.max_prefill_tokens,
+        prefix_caching=settings.prefix_caching == "on",
+    )
+    if kind == "llamacpp":
+        from tokenwire.engine.llamacpp.engine import LlamaCppEngine, LlamaCppEngineConfig
+
+        return LlamaCppEngine(
+            LlamaCppEngineConfig(
+                model=settings.model,
+                max_model_len=settings.max_model_len,
+                threads=settings.threads,
+                scheduler=scheduler,
+                queue_timeout=settings.queue_timeout,
+                hang_timeout=settings.engine_hang_timeout,
+                json_whitespace=settings.json_whitespace,
+            )
+        )
     from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig  # imports torch
 
     return HFEngine(
@@ -145,13 +173,7 @@ def _build(settings: Settings) -> LoopEngine:
             quantize="none" if settings.quantize == "auto" else settings.quantize,
             max_model_len=settings.max_model_len,
             threads=settings.threads,
-            scheduler=SchedulerConfig(
-                max_batch_size=settings.max_batch_size,
-                max_waiting=settings.max_waiting,
-                kv_cache_tokens=settings.kv_cache_tokens,
-                max_prefill_tokens=settings.max_prefill_tokens,
-                prefix_caching=settings.prefix_caching == "on",
-            ),
+            scheduler=scheduler,
             queue_timeout=settings.queue_timeout,
             hang_timeout=settings.engine_hang_timeout,
             json_whitespace=settings.json_whitespace,

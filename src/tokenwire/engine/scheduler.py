@@ -69,12 +69,21 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, make_room: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        make_room: Callable[[int], None] | None = None,
+        reuse: Callable[[Sequence], int] | None = None,
+    ) -> None:
         """``make_room(n)`` is called when admission needs ``n`` blocks available and fewer are: the owner of
-        blocks held outside the batch (a paused request's kept KV) frees what it can."""
+        blocks held outside the batch (a paused request's kept KV) frees what it can. ``reuse(seq)``: a backend
+        that keeps prefixes itself (llama.cpp's sequences) says, at a sequence's first chunk, how many of its
+        prompt's leading tokens it already holds for it; the block pool then only counts them (its own prefix
+        matching is the backend's, so ``prefix_caching`` is off in the pool)."""
         self.config = config
-        self.blocks = BlockManager(config.num_blocks, config.block_tokens, config.prefix_caching)
+        self.blocks = BlockManager(config.num_blocks, config.block_tokens, config.prefix_caching and reuse is None)
         self.make_room = make_room
+        self.reuse = reuse
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # index == row (the place in the batch)
         self.num_decode = 0
@@ -152,6 +161,8 @@ class Scheduler:
             rid = seq.request_id
             if rid not in self.blocks:  # its first chunk: what the prefix cache holds is not computed again
                 seq.cached_tokens = self.blocks.allocate(rid, seq.prompt_ids, num_tokens=0)
+                if self.reuse is not None:
+                    seq.cached_tokens = self.reuse(seq)
                 seq.num_computed = seq.cached_tokens
                 out.matched.append(seq)
             end = min(len(seq.prompt_ids), seq.num_computed + budget)

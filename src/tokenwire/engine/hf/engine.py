@@ -23,7 +23,7 @@ from tokenwire.engine.hf.grammar import Grammars
 from tokenwire.engine.hf.parked import ParkedKV, ParkedStore
 from tokenwire.engine.hf.quant import quantize_int8
 from tokenwire.engine.hf.runner import ModelRunner
-from tokenwire.engine.hf.sampler import RowSampler, SamplingFailure
+from tokenwire.engine.hf.sampler import RowSampler, sample_rows
 from tokenwire.engine.interface import EngineError, EngineErrorCode, EngineStats, SamplingParams
 from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
 from tokenwire.engine.scheduler import Scheduler, SchedulerConfig
@@ -312,34 +312,7 @@ class HFBackend:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
         assert self.sampler is not None
-        if self.grammars is not None:
-            self.grammars.mask(logits, [s.request_id for s in seqs])
-        tokens = self.sampler.sample(
-            logits,
-            [s.request_id for s in seqs],
-            [s.params for s in seqs],
-            [s.prompt_ids for s in seqs],
-            [s.penalized_ids for s in seqs],
-        )
-        for seq, token in zip(list(seqs), tokens, strict=True):
-            if seq.state is SeqState.FINISHED:
-                continue
-            if isinstance(token, SamplingFailure):
-                log.warning("request %s could not be sampled: %s", seq.request_id, token.reason)
-                out.failed[seq.request_id] = EngineError(
-                    EngineErrorCode.GENERATION_FAILED, f"generation failed: {token.reason}"
-                )
-                self._drop(seq)
-                continue
-            refused = self.grammars.consume(seq.request_id, token) if self.grammars is not None else None
-            if refused is not None:  # cannot happen with the mask applied; never send a token the schema refuses
-                out.failed[seq.request_id] = EngineError(
-                    EngineErrorCode.GENERATION_FAILED, f"generation failed: the schema refused a token: {refused}"
-                )
-                self._drop(seq)
-                continue
-            seq.output_ids.append(token)
-            out.tokens[seq.request_id] = [token]
+        sample_rows(seqs, logits, self.sampler, self.grammars, out, self._drop)
 
     def _drop(self, seq: Sequence) -> None:
         assert self.sampler is not None

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from tokenwire.engine.interface import SamplingParams
+from tokenwire.engine.interface import EngineError, EngineErrorCode, SamplingParams
+from tokenwire.engine.sequence import SeqState, Sequence
+
+if TYPE_CHECKING:
+    from tokenwire.engine.hf.grammar import Grammars
+    from tokenwire.engine.loop import StepOutput
+
+log = logging.getLogger(__name__)
 
 NOT_FINITE = "the model gave this request scores that are not finite numbers"
 
@@ -125,3 +135,44 @@ def _filter(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     drop[:, 0] = False  # the most likely token always stays
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(scaled).scatter_(1, order, sorted_logits)
+
+
+def sample_rows(
+    seqs: list[Sequence],
+    logits: torch.Tensor,
+    sampler: RowSampler,
+    grammars: Grammars | None,
+    out: StepOutput,
+    drop: Callable[[Sequence], None],
+) -> None:
+    """One token for each of ``seqs`` from its row of ``logits`` [k, V] (a schema's mask applied first), appended
+    to its output and to ``out.tokens``; a row that cannot be sampled fails its request alone (``drop`` takes it
+    out of the backend). What every backend that hands tokenwire logits (transformers, llama.cpp) does with them."""
+    if grammars is not None:
+        grammars.mask(logits, [s.request_id for s in seqs])
+    tokens = sampler.sample(
+        logits,
+        [s.request_id for s in seqs],
+        [s.params for s in seqs],
+        [s.prompt_ids for s in seqs],
+        [s.penalized_ids for s in seqs],
+    )
+    for seq, token in zip(list(seqs), tokens, strict=True):
+        if seq.state is SeqState.FINISHED:
+            continue
+        if isinstance(token, SamplingFailure):
+            log.warning("request %s could not be sampled: %s", seq.request_id, token.reason)
+            out.failed[seq.request_id] = EngineError(
+                EngineErrorCode.GENERATION_FAILED, f"generation failed: {token.reason}"
+            )
+            drop(seq)
+            continue
+        refused = grammars.consume(seq.request_id, token) if grammars is not None else None
+        if refused is not None:  # cannot happen with the mask applied; never send a token the schema refuses
+            out.failed[seq.request_id] = EngineError(
+                EngineErrorCode.GENERATION_FAILED, f"generation failed: the schema refused a token: {refused}"
+            )
+            drop(seq)
+            continue
+        seq.output_ids.append(token)
+        out.tokens[seq.request_id] = [token]

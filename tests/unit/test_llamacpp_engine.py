@@ -1,0 +1,168 @@
+"""The llamacpp engine (llama.cpp's kernels under tokenwire's scheduler) on a tiny random GGUF model: batching gives
+what llama.cpp computes for each sequence alone, prefixes are shared, paused requests keep their cells, failures
+stay with their requests, and sequences and cells are given back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.pausing import check_pause_resumes_whole
+from tests.unit.test_hf_engine import PROMPTS, SYSTEM, chat, run
+from tokenwire.engine.interface import EngineError, EngineErrorCode
+from tokenwire.engine.llamacpp.context import DecodeError, Entry
+from tokenwire.engine.llamacpp.engine import LlamaCppEngine, LlamaCppEngineConfig
+from tokenwire.engine.scheduler import SchedulerConfig
+
+pytest.importorskip("llama_cpp", reason="pip install 'tokenwire[llamacpp]' (.ci/run installs it)")
+
+
+async def make_engine(model: Path, max_prefill_tokens: int = 16, prefix_caching: bool = True) -> LlamaCppEngine:
+    scheduler = SchedulerConfig(max_batch_size=8, max_prefill_tokens=max_prefill_tokens, prefix_caching=prefix_caching)
+    eng = LlamaCppEngine(LlamaCppEngineConfig(model=str(model), scheduler=scheduler))
+    await eng.start()
+    return eng
+
+
+@pytest.fixture
+async def engine(tiny_gguf: Path) -> AsyncIterator[LlamaCppEngine]:
+    eng = await make_engine(tiny_gguf)
+    yield eng
+    await eng.shutdown()
+
+
+def alone(eng: LlamaCppEngine, ids: list[int], n: int, seq: int) -> list[int]:
+    """llama.cpp's greedy tokens for ``ids``, one sequence alone, the prompt in batches as large as the context takes
+    (no tokenwire)."""
+    llama = eng.backend.llama
+    assert llama is not None
+    llama.trim(seq, 0)
+    entries = [Entry(t, p, seq, p == len(ids) - 1) for p, t in enumerate(ids)]
+    for start in range(0, len(entries), llama.n_batch):
+        logits = llama.decode(entries[start : start + llama.n_batch])
+    out = [int(logits[0].argmax())]
+    for i in range(n - 1):
+        out.append(int(llama.decode([Entry(out[-1], len(ids) + i, seq, True)])[0].argmax()))
+    llama.trim(seq, 0)
+    return out
+
+
+def prompt_ids(eng: LlamaCppEngine, prompt: str) -> list[int]:
+    template = [{"role": "user", "content": prompt}]
+    return list(
+        eng.tokenizer.apply_chat_template(template, add_generation_prompt=True, tokenize=True, return_dict=False)
+    )
+
+
+async def test_concurrent_greedy_generations_equal_llama_cpps_own_for_each_alone(engine: LlamaCppEngine) -> None:
+    """Five requests at once, prompts chunked by 16 and decoded in one batch with the others' chunks: each one's
+    tokens are those llama.cpp gives its prompt alone."""
+    results = await asyncio.gather(
+        *(
+            run(
+                engine, f"r{i}", prompt=None, messages=chat(p, system=""), max_tokens=12, temperature=0, ignore_eos=True
+            )
+            for i, p in enumerate(PROMPTS)
+        )
+    )
+    # compare after: the model thread is idle now, so a sequence id nobody holds can be used directly
+    free = engine.backend.llama.n_seq - 1  # type: ignore[union-attr]
+    for p, r in zip(PROMPTS, results, strict=True):
+        template = [{"role": m.role, "content": m.content} for m in chat(p, system="")]
+        ids = engine.tokenizer.apply_chat_template(
+            template, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        assert r["ids"] == alone(engine, list(ids), 12, free), p
+        assert r["reason"].value == "length" and r["completion"] == 12
+
+
+async def test_a_shared_system_prompt_is_copied_not_computed_and_gives_the_same_text(tiny_gguf: Path) -> None:
+    """The second conversation with the same system prompt reports the tokens it shared as cached_tokens (all of
+    the system turn, not whole blocks only: llama.cpp copies cells), and gives the text it gives without sharing."""
+    texts = {}
+    for caching in (True, False):
+        eng = await make_engine(tiny_gguf, prefix_caching=caching)
+        try:
+            first = await run(eng, "a", messages=chat("When is the first train?"), max_tokens=8, temperature=0)
+            second = await run(eng, "b", messages=chat("How much is a day pass?"), max_tokens=8, temperature=0)
+            system = [{"role": "system", "content": SYSTEM}]
+            shared = len(eng.tokenizer.apply_chat_template(system, tokenize=True, return_dict=False))
+            assert first["cached"] == 0
+            assert (second["cached"] >= shared) if caching else second["cached"] == 0
+            texts[caching] = second["text"]
+        finally:
+            await eng.shutdown()
+    assert texts[True] == texts[False]
+
+
+async def test_a_paused_request_resumes_with_the_text_of_an_uninterrupted_run(engine: LlamaCppEngine) -> None:
+    """Paused mid-answer, a request makes no tokens and keeps its cells; continued, its text is that of a run that
+    never paused."""
+    await check_pause_resumes_whole(engine)
+
+
+async def test_a_failed_batch_fails_its_requests_and_the_engine_goes_on(engine: LlamaCppEngine) -> None:
+    """llama_decode refusing a batch (no KV slot, say) fails the requests in it with an error naming it; the next
+    request is served, and their sequences were given back."""
+    llama = engine.backend.llama
+    assert llama is not None
+    original = llama.decode
+    calls = {"n": 0}
+
+    def failing(entries: list[Entry]) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:  # mid-answer
+            raise DecodeError("llama_decode returned 1 (no room in the KV cache for the batch)")
+        return original(entries)
+
+    llama.decode = failing  # type: ignore[method-assign]
+    with pytest.raises(EngineError, match="no room in the KV cache") as failure:
+        await run(engine, "doomed", prompt="Hello", max_tokens=8, temperature=0, ignore_eos=True)
+    assert failure.value.code is EngineErrorCode.GENERATION_FAILED
+    ok = await run(engine, "fine", prompt="Hello", max_tokens=8, temperature=0, ignore_eos=True)
+    assert ok["completion"] == 8
+    backend = engine.backend
+    assert backend.ids.available + len(backend.kept) == llama.n_seq
+
+
+async def test_sequences_and_cells_are_given_back_as_requests_end(tiny_gguf: Path) -> None:
+    """More requests than there are sequence ids, one after another: ended ones keep their cells only while room
+    and ids allow, so every request is served, and at the end every id is free or holds a kept sequence."""
+    eng = await make_engine(tiny_gguf)
+    try:
+        backend = eng.backend
+        llama = backend.llama
+        assert llama is not None
+        for i in range(llama.n_seq + 5):
+            r = await run(eng, f"r{i}", prompt=f"question {i}", max_tokens=2, temperature=0, ignore_eos=True)
+            assert r["completion"] == 2
+        assert backend.ids.available + len(backend.kept) == llama.n_seq
+        assert backend.kept.tokens > 0 and eng.stats().kv_cache_tokens_paused == 0  # ended ones' cells: not paused
+    finally:
+        await eng.shutdown()
+
+
+def test_a_model_file_llama_cpp_cannot_read_is_refused_with_its_name(tmp_path: Path) -> None:
+    from tokenwire.engine.llamacpp.context import LlamaContext
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(ValueError, match=r"broken\.gguf"):
+        LlamaContext(bad, 256, 64, 4, 1)
+
+
+async def test_same_seed_same_text_other_seed_other_text_and_penalties_run(engine: LlamaCppEngine) -> None:
+    """Sampling is tokenwire's own over llama.cpp's logits: a seed reproduces a sampled answer, another seed gives
+    another, and the filters and penalties run."""
+    kw: dict[str, Any] = {"prompt": "Hello", "max_tokens": 16, "temperature": 1.0, "ignore_eos": True}
+    a = await run(engine, "a", seed=7, **kw)
+    b = await run(engine, "b", seed=7, **kw)
+    c = await run(engine, "c", seed=8, **kw)
+    assert a["ids"] == b["ids"] != c["ids"]
+    extra = {"top_p": 0.9, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3, "presence_penalty": 0.5}
+    d = await run(engine, "d", seed=7, **kw, **extra)
+    assert d["completion"] == 16
