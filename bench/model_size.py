@@ -9,7 +9,9 @@ model (its vocabulary aside: the folder carries the default model's tokenizer, 4
 - ``tokenwire serve --model Q4_K_M.gguf`` (its first start timed, its peak memory sampled: the process and its
   children);
 - ``llama-server -m Q4_K_M.gguf --parallel 32 -c 16384 -t 2``;
-- with ``--int4``, also ``tokenwire serve --model FOLDER --quantize int4``.
+- with ``--int4``, also ``tokenwire serve --model FOLDER --quantize int4``;
+- with ``--llamacpp``, also ``tokenwire serve --engine llamacpp --model Q4_K_M.gguf`` (llama.cpp's kernels under
+  tokenwire's scheduler); ``--no-folder`` leaves the folder out.
 
 All stay up, idle between loads; each stream count runs against each server in turn, the order reversed every
 round. OpenAI SSE, greedy, ``--max-tokens`` tokens, aggregate tok/s and TTFT. See ../shared/PEERS.md for building
@@ -130,6 +132,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--int4", action="store_true", help="add the folder served with --quantize int4")
+    p.add_argument("--llamacpp", action="store_true", help="add the Q4_K_M file served with --engine llamacpp")
+    p.add_argument("--no-folder", action="store_true", help="leave out the folder served by the default engine")
     p.add_argument("--out", default=str(BENCH / "results" / "model-size-cpu.json"))
     a = p.parse_args()
     sys.path.insert(0, str(BENCH))
@@ -152,6 +156,16 @@ def main() -> None:
             "tokenwire, the Q4_K_M file": [*tw, "--model", str(gguf)],
             "llama-server, the Q4_K_M file": llama,
         }
+        if a.no_folder:
+            del servers["tokenwire, the Hugging Face folder (int8)"]
+        if a.llamacpp:
+            servers["tokenwire --engine llamacpp, the Q4_K_M file"] = [
+                *tw,
+                "--engine",
+                "llamacpp",
+                "--model",
+                str(gguf),
+            ]
         if a.int4:
             servers["tokenwire, the Hugging Face folder, --quantize int4"] = [
                 *tw,
@@ -199,16 +213,16 @@ def write(a: argparse.Namespace, sizes: dict[str, float], starts: dict[str, Any]
     def tok_s(name: str, n: str) -> float:
         return statistics.median(s["tokens_per_s"] for s in results[name].get(n, [])) if results[name].get(n) else 0
 
-    def ttft(name: str, n: str) -> float:
-        return statistics.median(s["ttft_ms"]["p50"] or 0 for s in results[name].get(n, [])) / 1000
+    def ttft(name: str, n: str, q: str = "p50") -> float:
+        return statistics.median(s["ttft_ms"][q] or 0 for s in results[name].get(n, [])) / 1000
 
-    head = " | ".join(f"{n} stream(s) tok/s (× llama-server) | TTFT p50 s" for n in streams)
+    head = " | ".join(f"{n} stream(s) tok/s (× llama-server) | TTFT p50 / p99 s" for n in streams)
     lines = [f"| server | first start s | peak GiB | {head} |", "|---|---:|---:|" + "---:|---:|" * len(streams)]
     for name in results:
         cells = []
         for n in streams:
             ratio = tok_s(name, n) / tok_s(reference, n) if tok_s(reference, n) else 0
-            cells.append(f"{tok_s(name, n):.1f} ({ratio:.2f}×) | {ttft(name, n):.2f}")
+            cells.append(f"{tok_s(name, n):.1f} ({ratio:.2f}×) | {ttft(name, n):.2f} / {ttft(name, n, 'p99'):.2f}")
         start_ = starts.get(name, {})
         lines.append(f"| {name} | {start_.get('ready_s', '—')} | {start_.get('peak_gib', '—')} | {' | '.join(cells)} |")
     text = "\n".join(lines)

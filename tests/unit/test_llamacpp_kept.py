@@ -1,6 +1,9 @@
-"""The llamacpp engine's bookkeeping of llama.cpp sequence ids and kept sequences (no llama.cpp needed)."""
+"""The llamacpp engine's bookkeeping of llama.cpp sequence ids and kept sequences, and what it reads (no llama.cpp
+needed)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +47,26 @@ def test_the_oldest_kept_sequence_gives_way_first_and_a_used_donor_becomes_the_n
     taken = kept.take("b")
     assert taken is not None and taken.seq == 2 and "b" not in kept
     assert kept.take("b") is None
+
+
+def test_the_llamacpp_engine_reads_gguf_files_and_folders_of_the_families_tokenwire_writes_as_one(
+    tiny_model_dir: Path, tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GGUF file is read as it is; a Hugging Face folder of a family tokenwire converts is written as a float16
+    GGUF file once; any other folder is refused with the reason, naming it."""
+    import json
+
+    from tokenwire.engine import models
+    from tokenwire.engine.llamacpp.engine import gguf_of
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("TOKENWIRE_CACHE_DIR", str(cache))
+    assert gguf_of(models.resolve(str(tiny_gguf))) == tiny_gguf
+    written = gguf_of(models.resolve(str(tiny_model_dir)))
+    assert written.suffix == ".gguf" and written.is_file() and written.parent == cache
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(ValueError, match="MambaForCausalLM") as refused:
+        gguf_of(models.resolve(str(other)))
+    assert "other" in str(refused.value)
