@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="A B turns per stream count")
     p.add_argument("--prompt", default=loadgen.DEFAULT_PROMPT)
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=None, help="top_p for every request, sent when given")
     p.add_argument("--model", default=None, help="--model for both (default: SmolLM2-135M-Instruct)")
     p.add_argument("--server-args", default="", help="more flags for both servers, one string")
     p.add_argument("--a-args", default="", help="more flags for server A only")
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                             max_tokens=a.max_tokens,
                             prompt=a.prompt,
                             temperature=a.temperature,
+                            top_p=a.top_p,
                             mode=a.mode,
                             model=served_model(urls[build]) if a.mode == "openai" else "",
                             timeout=a.timeout,

@@ -40,6 +40,7 @@ class LoadConfig:
     max_tokens: int = 64
     prompt: str = DEFAULT_PROMPT
     temperature: float = 0.7
+    top_p: float | None = None  # sent when set (a nucleus, as chat front ends send)
     mode: str = "tokenwire"  # or "tutorial", or "openai" (SSE)
     model: str = ""  # the "model" field in openai mode
     requests_per_stream: int = 1
@@ -103,6 +104,8 @@ def _payload(cfg: LoadConfig, gen_id: str, max_tokens: int) -> str:
         "max_length": max_tokens,  # the tutorial server's name for it
         "temperature": cfg.temperature,
     }
+    if cfg.top_p is not None:
+        msg["top_p"] = cfg.top_p
     if cfg.mode == "tokenwire":
         msg["id"] = gen_id
     return json.dumps(msg)
@@ -152,6 +155,7 @@ async def run_sse_request(client: Any, cfg: LoadConfig, rec: RequestRecord, max_
         "temperature": cfg.temperature,
         "stream": True,
         "stream_options": {"include_usage": True},
+        **({"top_p": cfg.top_p} if cfg.top_p is not None else {}),
     }
     chunks = 0
     rec.send = time.perf_counter()
@@ -324,6 +328,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, str | None]:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=None, help="top_p, sent when given")
     p.add_argument("--mode", choices=("tokenwire", "tutorial", "openai"), default="tokenwire")
     p.add_argument("--model", default="", help='the "model" field in openai mode')
     p.add_argument("--requests-per-stream", type=int, default=1)
@@ -340,6 +345,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[LoadConfig, str | None]:
         max_tokens=a.max_tokens,
         prompt=a.prompt,
         temperature=a.temperature,
+        top_p=a.top_p,
         mode=a.mode,
         model=a.model,
         requests_per_stream=a.requests_per_stream,

@@ -90,17 +90,20 @@ class RowSampler:
         sub_params = [params[i] for i in rows]
         temps = torch.tensor([p.temperature for p in sub_params], device=logits.device, dtype=logits.dtype)
         scaled = sub / temps[:, None]
+        ids: torch.Tensor | None = None  # the token of each column, where only candidates are kept
         if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in sub_params):
-            scaled = _filter(scaled, sub_params)
+            scaled, ids = _filter(scaled, sub_params)
         # Inverse-CDF sampling: one uniform number per row from the row's own generator (seeded requests are
-        # reproducible), against the cumulative distribution. torch.multinomial drew a random number per
-        # vocabulary entry: ~1.5 ms a row on this CPU, 50 ms a step at 32 streams.
-        cdf = torch.softmax(scaled, dim=-1).cumsum_(dim=-1)  # [k, V]
+        # reproducible), against the cumulative distribution in token order. torch.multinomial drew a random
+        # number per vocabulary entry: ~1.5 ms a row on this CPU, 50 ms a step at 32 streams.
+        cdf = torch.softmax(scaled, dim=-1).cumsum_(dim=-1)  # [k, V] (or [k, candidates])
         totals = cdf[:, -1]  # ~1; NaN or 0 when the row's scores were not finite
         draws = torch.tensor(
             [torch.rand((), generator=self._generators[request_ids[i]]).item() for i in rows], dtype=cdf.dtype
         ).to(cdf.device)
         picked = torch.searchsorted(cdf, (draws * totals)[:, None]).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+        if ids is not None:
+            picked = ids.gather(1, picked[:, None]).squeeze(1)
         for i, total, t in zip(rows, totals.tolist(), picked.tolist(), strict=True):
             result[i] = int(t) if math.isfinite(total) and total > 0 else SamplingFailure(NOT_FINITE)
         return result
@@ -119,22 +122,49 @@ def _apply_penalties(row: torch.Tensor, p: SamplingParams, prompt: list[int], ou
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
-def _filter(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Mask out tokens outside each row's top-k, top-p (nucleus) and min-p sets."""
+CANDIDATES = 1024  # top-k, top-p and min-p look at each row's most likely tokens first
+
+
+def _filter(scaled: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mask out tokens outside each row's top-k, top-p (nucleus) and min-p sets. Each row's :data:`CANDIDATES` most
+    likely tokens are looked at first (``topk``, not a sort of the whole vocabulary: 75 ms a step at 32 rows of
+    49,152 went to the sort): when every row's sets end among them, only they are returned, in token order, with
+    their token ids; else (a flat distribution and a top-p near 1) the whole rows, masked, and None."""
     vocab = scaled.shape[-1]
     dev = scaled.device
     ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
     ps = torch.tensor([p.top_p for p in params], device=dev, dtype=scaled.dtype)
     mins = torch.tensor([p.min_p for p in params], device=dev, dtype=scaled.dtype)
+    width = min(vocab, max(CANDIDATES, *(p.top_k for p in params)))
+    if width < vocab:
+        top, order = torch.topk(scaled, width, dim=-1)  # sorted, most likely first
+        probs = (top - torch.logsumexp(scaled, dim=-1, keepdim=True)).exp()  # of the whole row
+        before = probs.cumsum(dim=-1) - probs
+        # every token past the candidates is dropped: past top_k, past top_p's mass, or below min_p
+        if bool(((ks <= width) | (before[:, -1] + probs[:, -1] > ps) | (probs[:, -1] < mins * probs[:, 0])).all()):
+            kept = _masked(top, _dropped(probs, before, ks, ps, mins))
+            ids, back = order.sort(dim=-1)  # token order, as the whole row is drawn from
+            return kept.gather(1, back), ids
     sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
-    ranks = torch.arange(vocab, device=dev)[None, :]
+    sorted_logits = _masked(sorted_logits, _dropped(probs, probs.cumsum(dim=-1) - probs, ks, ps, mins))
+    return torch.empty_like(scaled).scatter_(1, order, sorted_logits), None
+
+
+def _dropped(
+    probs: torch.Tensor, before: torch.Tensor, ks: torch.Tensor, ps: torch.Tensor, mins: torch.Tensor
+) -> torch.Tensor:
+    """Which of the tokens (most likely first: ``probs``, and the mass ``before`` each) the filters drop."""
+    ranks = torch.arange(probs.shape[-1], device=probs.device)[None, :]
     drop = ranks >= ks[:, None]
-    drop |= (probs.cumsum(dim=-1) - probs) > ps[:, None]  # keeps the token that crosses top_p
+    drop |= before > ps[:, None]  # keeps the token that crosses top_p
     drop |= probs < mins[:, None] * probs[:, :1]
     drop[:, 0] = False  # the most likely token always stays
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(scaled).scatter_(1, order, sorted_logits)
+    return drop
+
+
+def _masked(values: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    return values.masked_fill(drop, float("-inf"))
 
 
 def sample_rows(
