@@ -228,3 +228,78 @@ def save_tiny_sentencepiece_model(target: Path, seed: int = 0) -> Path:
     model.save_pretrained(target)
     tok.save_pretrained(target)
     return target
+
+
+def save_gemma3_gguf_as_llama_cpp_writes_it(source: Path, target: Path) -> Path:
+    """Write the tiny Gemma 3 folder ``source`` (save_tiny_family, SentencePiece tokenizer) as llama.cpp's converter
+    writes a Gemma 3 file: architecture ``gemma3``, its tensor names, each norm stored as 1 + weight, the
+    SentencePiece vocabulary (``llama`` tokenizer: pieces, scores, types), the window and the local layers' rotary
+    base as keys. Weights in float32, so that llama.cpp's arithmetic is float32 too. llama.cpp's own rules apply:
+    the attention scale is 1/sqrt(head size) (``query_pre_attn_scalar`` must equal it), no rope scaling."""
+    import json
+
+    import gguf
+    import numpy as np
+    import sentencepiece as spm
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    config = json.loads((source / "config.json").read_text())
+    weights = {k: v.astype(np.float32) for k, v in load_file(str(source / "model.safetensors")).items()}
+    tok = AutoTokenizer.from_pretrained(source)
+    sp = spm.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
+    w = gguf.GGUFWriter(str(target), "gemma3")
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_key_length(config["head_dim"])
+    w.add_value_length(config["head_dim"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    rope = config["rope_parameters"]
+    w.add_rope_freq_base(float(rope["full_attention"]["rope_theta"]))
+    w.add_rope_freq_base_swa(float(rope["sliding_attention"]["rope_theta"]))
+    w.add_sliding_window(config["sliding_window"])
+    w.add_sliding_window_pattern([kind == "sliding_attention" for kind in config["layer_types"]])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    pieces, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        pieces.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        types.append(3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1)
+    for i in range(sp.get_piece_size(), len(tok)):  # the tokenizer's added tokens (Gemma's <pad>, ...)
+        pieces.append(tok.convert_ids_to_tokens(i))
+        scores.append(0.0)
+        types.append(3)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_add_bos_token(True)
+
+    def norm(name: str, key: str) -> None:
+        w.add_tensor(name, weights[key] + 1.0)
+
+    w.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        norm(f"blk.{i}.attn_norm.weight", p + "input_layernorm.weight")
+        for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("output", "o_proj")):
+            w.add_tensor(f"blk.{i}.attn_{ours}.weight", weights[f"{p}self_attn.{theirs}.weight"])
+        norm(f"blk.{i}.attn_q_norm.weight", p + "self_attn.q_norm.weight")
+        norm(f"blk.{i}.attn_k_norm.weight", p + "self_attn.k_norm.weight")
+        norm(f"blk.{i}.post_attention_norm.weight", p + "post_attention_layernorm.weight")
+        norm(f"blk.{i}.ffn_norm.weight", p + "pre_feedforward_layernorm.weight")
+        for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+            w.add_tensor(f"blk.{i}.ffn_{ours}.weight", weights[f"{p}mlp.{theirs}.weight"])
+        norm(f"blk.{i}.post_ffw_norm.weight", p + "post_feedforward_layernorm.weight")
+    norm("output_norm.weight", "model.norm.weight")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return target

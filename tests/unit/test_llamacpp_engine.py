@@ -166,3 +166,49 @@ async def test_same_seed_same_text_other_seed_other_text_and_penalties_run(engin
     extra = {"top_p": 0.9, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3, "presence_penalty": 0.5}
     d = await run(engine, "d", seed=7, **kw, **extra)
     assert d["completion"] == 16
+
+
+async def test_a_gemma3_file_as_llama_cpp_writes_it_is_served_with_its_own_tokenizer(tmp_path: Path) -> None:
+    """A family no other CPU engine reads as a file: a Gemma 3 GGUF in llama.cpp's own layout (architecture gemma3,
+    SentencePiece vocabulary, a window on the local layer, the local rotary base, norms of 1 + weight). Its
+    tokenizer is read from the file; at every position of the prompt llama.cpp's log-probabilities are within 0.1
+    of transformers' forward pass of the folder it was written from (float32 weights in the file; llama.cpp's GELU
+    and flash attention work in float16: measured 0.03-0.04, where a file without the window, with norms off by 0.5
+    or the global rotary base on the local layer is 13 to 21 apart), and the 16 greedy tokens after it are the
+    same."""
+    import json
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import save_gemma3_gguf_as_llama_cpp_writes_it, save_tiny_family
+
+    folder = save_tiny_family(tmp_path / "gemma3", "Gemma3ForCausalLM", tokenizer="sentencepiece")
+    config = json.loads((folder / "config.json").read_text())
+    config["query_pre_attn_scalar"] = config["head_dim"]  # llama.cpp scales by 1/sqrt(head size) below 27B
+    (folder / "config.json").write_text(json.dumps(config))
+    gguf = save_gemma3_gguf_as_llama_cpp_writes_it(folder, tmp_path / "gemma3.gguf")
+    eng = await make_engine(gguf)
+    try:
+        prompt = "The quick brown fox jumps over the lazy dog. Streaming tokens over a WebSocket"
+        ids = list(eng.tokenizer.encode(prompt, add_special_tokens=True))
+        assert ids[0] == config["bos_token_id"]  # Gemma's BOS, as the file asks
+        r = await run(eng, "g", prompt=prompt, max_tokens=16, temperature=0, ignore_eos=True)
+        assert r["prompt_tokens"] == len(ids) > 8  # longer than the window (8): the local layer's window matters
+        llama = eng.backend.llama
+        assert llama is not None
+        entries = [Entry(t, p, llama.n_seq - 1, True) for p, t in enumerate(ids)]  # every position's logits
+        got = np.concatenate([llama.decode(entries[i : i + llama.n_batch]) for i in range(0, len(ids), llama.n_batch)])
+    finally:
+        await eng.shutdown()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0]
+    apart = (torch.log_softmax(torch.from_numpy(got), -1) - torch.log_softmax(want, -1)).abs().max()
+    assert apart < 0.1, apart  # measured 0.03-0.04; a wrong window, norm or rotary base: 13 to 21
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(16):
+            out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
+    assert r["ids"] == out[len(ids) :]

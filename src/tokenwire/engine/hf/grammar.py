@@ -8,12 +8,17 @@ only the end-of-sequence token is allowed, so the answer ends there.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tokenwire.engine.interface import EngineError, EngineErrorCode, SamplingParams
+
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
+
+log = logging.getLogger(__name__)
 
 COMPACT: JsonCompileOptions = {"whitespace_flexible": False}  # no runs of spaces and newlines from a small model
 FLEXIBLE: JsonCompileOptions = {"whitespace_flexible": True}  # --json-whitespace flexible
@@ -49,6 +54,20 @@ class Grammars:
             if replay and not matcher.consume_tokens(replay):
                 raise ValueError(f"the tokens generated so far do not fit the schema: {matcher.get_error()}")
         self._matchers[request_id] = matcher
+
+    def admit(self, request_id: str, params: SamplingParams, generated: list[int]) -> EngineError | None:
+        """Constrain ``request_id`` if its ``params`` carry a schema (:meth:`add`); the error to fail it with when
+        the schema cannot be enforced (the request fails alone, at the next step)."""
+        if params.json_schema is None:
+            return None
+        try:
+            self.add(request_id, params.json_schema, generated)
+        except Exception as exc:
+            log.warning("request %s: its schema could not be enforced: %s", request_id, exc)
+            return EngineError(
+                EngineErrorCode.INVALID_REQUEST, f"the schema could not be enforced: {exc}", "json_schema"
+            )
+        return None
 
     def _fresh(self, schema: str) -> Any:
         """A new matcher for ``schema``: a copy of a compiled one (compiling takes tens of ms on the model thread;

@@ -147,14 +147,10 @@ class LlamaCppBackend:
                 self._forget(request_id, kept)
         self.sampler.add(request_id, params.seed)  # a paused request gets its own generator back
         self.scheduler.add(seq)
-        if params.json_schema is not None and self.grammars is not None:
-            try:
-                self.grammars.add(request_id, params.json_schema, prompt_ids[len(prompt_ids) - continued :])
-            except Exception as exc:  # this request fails at the next step; the others go on
-                log.warning("request %s: its schema could not be enforced: %s", request_id, exc)
-                self._refused[request_id] = EngineError(
-                    EngineErrorCode.INVALID_REQUEST, f"the schema could not be enforced: {exc}", "json_schema"
-                )
+        if self.grammars is not None:
+            refused = self.grammars.admit(request_id, params, prompt_ids[len(prompt_ids) - continued :])
+            if refused is not None:  # this request fails at the next step; the others go on
+                self._refused[request_id] = refused
 
     def park(self, request_id: str) -> None:
         """Out of the batch: its cells are kept (nothing is copied) while room allows, and its generator and
