@@ -145,3 +145,34 @@ def test_a_model_no_engine_can_serve_stops_the_start_with_one_line_naming_it(
         choose_engine(Settings(model=str(other)))
     assert "FooForCausalLM" in str(err.value) and "Qwen2ForCausalLM" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_gguf_file_openvino_cannot_build_goes_to_llama_cpp_or_transformers_saying_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Gemma 3 file (llama.cpp's gemma3 layout; GenAI builds llama, qwen2 and qwen3 only) used to stop the start
+    at its conversion ("Unsupported model architecture"). Its architecture is read from the header at once: auto
+    serves it on llama.cpp where llama-cpp-python is installed, else on the transformers engine, saying why; forced
+    onto OpenVINO it is refused naming the ways out."""
+    import importlib.util
+
+    from tests.tiny import save_gemma3_gguf_as_llama_cpp_writes_it, save_tiny_family
+    from tokenwire.engine import models
+
+    folder = save_tiny_family(tmp_path / "gemma3", "Gemma3ForCausalLM", tokenizer="sentencepiece")
+    gguf = save_gemma3_gguf_as_llama_cpp_writes_it(folder, tmp_path / "gemma3.gguf")
+    assert models.gguf_architecture(gguf) == "gemma3"
+    assert models.gguf_architecture(models.default_model_path()) == "llama"
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    assert models.gguf_architecture(tmp_path / "junk.gguf") is None
+    if importlib.util.find_spec("llama_cpp") is not None:
+        kind, why = choose_engine(Settings(model=str(gguf)))
+        assert kind == "llamacpp" and "gemma3" in why and "llama.cpp reads it" in why
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a)
+    )
+    kind, why = choose_engine(Settings(model=str(gguf)))
+    assert kind == "transformers" and "architecture gemma3" in why
+    with pytest.raises(ValueError, match="--engine llamacpp or --engine transformers"):
+        build_engine(Settings(model=str(gguf), engine="openvino"))

@@ -35,6 +35,8 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
         found = plan(resolved)
     except models.NotForOpenVINO as exc:
         why = str(exc).split(" (use ", 1)[0]
+        if resolved.gguf_file is not None and importlib.util.find_spec("llama_cpp") is not None:
+            return "llamacpp", f"{why}; llama.cpp reads it"
         unknown = transformers_cannot_load(resolved)
         if unknown is not None:
             raise ValueError(f"no engine can serve this model: {why}; and {unknown}") from None

@@ -53,6 +53,8 @@ class Plan:
         return str(ir.converted(gguf, DEFAULT_FORMAT if quantize == "auto" else quantize))
 
 
+GENAI_ARCHITECTURES = ("llama", "qwen2", "qwen3")  # GGUF architectures OpenVINO GenAI 2026.4 builds a model of
+
 # What --quantize auto gives a GGUF file or Hugging Face folder (docs/benchmarks.md: measured per format).
 DEFAULT_FORMAT = "int8"
 
@@ -63,7 +65,15 @@ def plan(resolved: models.ResolvedModel) -> Plan:
     from tokenwire.engine.openvino import convert
 
     if resolved.gguf_file is not None:  # read as it is
-        return Plan(Path(resolved.path) / resolved.gguf_file)
+        gguf = Path(resolved.path) / resolved.gguf_file
+        arch = models.gguf_architecture(gguf)
+        if arch is not None and arch not in GENAI_ARCHITECTURES:
+            raise models.NotForOpenVINO(
+                f"the openvino engine cannot read {gguf.name}: its architecture {arch} is not one OpenVINO GenAI "
+                f"builds from a GGUF file ({', '.join(GENAI_ARCHITECTURES)}) (use --engine llamacpp or --engine "
+                "transformers)"
+            )
+        return Plan(gguf)
     folder = Path(resolved.path)
     if (folder / "openvino_model.xml").is_file():  # an IR folder, as `optimum-cli export openvino` writes: as is
         return Plan(folder)
