@@ -230,11 +230,12 @@ def save_tiny_sentencepiece_model(target: Path, seed: int = 0) -> Path:
     return target
 
 
-def save_gemma3_gguf_as_llama_cpp_writes_it(source: Path, target: Path) -> Path:
+def save_gemma3_gguf_as_llama_cpp_writes_it(source: Path, target: Path, matrices: str = "float32") -> Path:
     """Write the tiny Gemma 3 folder ``source`` (save_tiny_family, SentencePiece tokenizer) as llama.cpp's converter
     writes a Gemma 3 file: architecture ``gemma3``, its tensor names, each norm stored as 1 + weight, the
     SentencePiece vocabulary (``llama`` tokenizer: pieces, scores, types), the window and the local layers' rotary
-    base as keys. Weights in float32, so that llama.cpp's arithmetic is float32 too. llama.cpp's own rules apply:
+    base as keys. Matrices in float32 (llama.cpp's arithmetic is then float32 too) or ``float16`` (llama.cpp's
+    converter's default; the folder's weights are float16-rounded, so nothing is lost). llama.cpp's own rules apply:
     the attention scale is 1/sqrt(head size) (``query_pre_attn_scalar`` must equal it), no rope scaling."""
     import json
 
@@ -263,7 +264,7 @@ def save_gemma3_gguf_as_llama_cpp_writes_it(source: Path, target: Path) -> Path:
     w.add_rope_freq_base_swa(float(rope["sliding_attention"]["rope_theta"]))
     w.add_sliding_window(config["sliding_window"])
     w.add_sliding_window_pattern([kind == "sliding_attention" for kind in config["layer_types"]])
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if matrices == "float32" else gguf.LlamaFileType.MOSTLY_F16)
     pieces, scores, types = [], [], []
     for i in range(sp.get_piece_size()):
         pieces.append(sp.id_to_piece(i))
@@ -281,25 +282,37 @@ def save_gemma3_gguf_as_llama_cpp_writes_it(source: Path, target: Path) -> Path:
     w.add_eos_token_id(tok.eos_token_id)
     w.add_add_bos_token(True)
 
-    def norm(name: str, key: str) -> None:
-        w.add_tensor(name, weights[key] + 1.0)
-
-    w.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"])
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        norm(f"blk.{i}.attn_norm.weight", p + "input_layernorm.weight")
-        for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("output", "o_proj")):
-            w.add_tensor(f"blk.{i}.attn_{ours}.weight", weights[f"{p}self_attn.{theirs}.weight"])
-        norm(f"blk.{i}.attn_q_norm.weight", p + "self_attn.q_norm.weight")
-        norm(f"blk.{i}.attn_k_norm.weight", p + "self_attn.k_norm.weight")
-        norm(f"blk.{i}.post_attention_norm.weight", p + "post_attention_layernorm.weight")
-        norm(f"blk.{i}.ffn_norm.weight", p + "pre_feedforward_layernorm.weight")
-        for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
-            w.add_tensor(f"blk.{i}.ffn_{ours}.weight", weights[f"{p}mlp.{theirs}.weight"])
-        norm(f"blk.{i}.post_ffw_norm.weight", p + "post_feedforward_layernorm.weight")
-    norm("output_norm.weight", "model.norm.weight")
+    for name, (key, is_norm) in gemma3_llama_cpp_names(config["num_hidden_layers"]).items():
+        w.add_tensor(name, weights[key] + 1.0 if is_norm else weights[key])  # Gemma's norms multiply by 1 + weight
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return target
+
+
+def gemma3_llama_cpp_names(layers: int) -> dict[str, tuple[str, bool]]:
+    """llama.cpp's tensor names for a Gemma 3 model: each one's Hugging Face name, and whether it is a norm (stored as
+    1 + weight)."""
+    names = {
+        "token_embd.weight": ("model.embed_tokens.weight", False),
+        "output_norm.weight": ("model.norm.weight", True),
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        names |= {
+            f"blk.{i}.attn_norm.weight": (p + "input_layernorm.weight", True),
+            f"blk.{i}.attn_q.weight": (p + "self_attn.q_proj.weight", False),
+            f"blk.{i}.attn_k.weight": (p + "self_attn.k_proj.weight", False),
+            f"blk.{i}.attn_v.weight": (p + "self_attn.v_proj.weight", False),
+            f"blk.{i}.attn_output.weight": (p + "self_attn.o_proj.weight", False),
+            f"blk.{i}.attn_q_norm.weight": (p + "self_attn.q_norm.weight", True),
+            f"blk.{i}.attn_k_norm.weight": (p + "self_attn.k_norm.weight", True),
+            f"blk.{i}.post_attention_norm.weight": (p + "post_attention_layernorm.weight", True),
+            f"blk.{i}.ffn_norm.weight": (p + "pre_feedforward_layernorm.weight", True),
+            f"blk.{i}.ffn_gate.weight": (p + "mlp.gate_proj.weight", False),
+            f"blk.{i}.ffn_up.weight": (p + "mlp.up_proj.weight", False),
+            f"blk.{i}.ffn_down.weight": (p + "mlp.down_proj.weight", False),
+            f"blk.{i}.post_ffw_norm.weight": (p + "post_feedforward_layernorm.weight", True),
+        }
+    return names

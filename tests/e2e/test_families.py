@@ -72,3 +72,17 @@ def test_a_phi3_folder_with_longrope_is_served_by_openvino_up_to_its_original_co
         assert r.status_code == 400 and "512" in r.text, r.text
         r = httpx.post(server.http + "/v1/completions", json=body, timeout=scaled(60))
         assert r.status_code == 200
+
+
+def test_a_gemma3_gguf_file_as_llama_cpp_writes_it_is_served_by_the_openvino_engine(tmp_path: Path) -> None:
+    """A Gemma 3 GGUF file from llama.cpp's converter (architecture gemma3, which OpenVINO GenAI does not build)
+    used to stop the start; it is rewritten once as a file GenAI builds and served on OpenVINO."""
+    from tests.tiny import save_gemma3_gguf_as_llama_cpp_writes_it
+
+    folder = save_tiny_family(tmp_path / "gemma3", "Gemma3ForCausalLM", tokenizer="sentencepiece")
+    gguf = save_gemma3_gguf_as_llama_cpp_writes_it(folder, tmp_path / "gemma3.gguf", matrices="float16")
+    with serve("--model", str(gguf), "--device", "cpu", startup_timeout=180) as server:
+        assert server.get_json("/v1/stats")["engine"]["backend"] == "openvino"
+        body = {"prompt": "Hello world", "max_tokens": 8, "ignore_eos": True}
+        r = httpx.post(server.http + "/v1/completions", json=body, timeout=scaled(60))
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8

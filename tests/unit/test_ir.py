@@ -269,7 +269,7 @@ def test_a_qwen_or_mistral_folder_goes_to_openvino_and_computes_what_transformer
     check_against_transformers(folder)
 
 
-def greedy_through_the_pipeline(folder: Path, prompt: list[int], n: int = 32) -> list[int]:
+def greedy_through_the_pipeline(folder: Path, prompt: list[int], n: int = 32, gguf: Path | None = None) -> list[int]:
     """The folder's ``n`` greedy tokens after ``prompt`` from OpenVINO GenAI's continuous-batching pipeline (paged
     attention, as the engine runs it) over its IR (float16 weights, float32 inference)."""
     import openvino as ov
@@ -279,7 +279,7 @@ def greedy_through_the_pipeline(folder: Path, prompt: list[int], n: int = 32) ->
 
     scheduler = og.SchedulerConfig()
     scheduler.num_kv_blocks, scheduler.max_num_batched_tokens = 64, 512
-    irdir = ir.converted(convert.converted(folder), "none")
+    irdir = ir.converted(gguf or convert.converted(folder), "none")  # the folder, or a GGUF file written from it
     properties = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
     pipe = og.ContinuousBatchingPipeline(str(irdir), scheduler, "CPU", properties)
     config = og.GenerationConfig()
@@ -400,6 +400,48 @@ def test_a_gemma3_folder_goes_to_openvino_with_what_gemma_adds_to_qwen3s_layers(
     assert convert.unsupported(folder) is None
     assert convert.layer_windows(convert.text_config(whole), 2) == [8, 0]
     check_against_transformers(folder)
+
+
+def test_a_gemma3_gguf_file_as_llama_cpp_writes_it_goes_to_openvino(tmp_path: Path, cache: Path) -> None:
+    """A Gemma 3 file in llama.cpp's own layout (architecture gemma3, which GenAI does not build; a SentencePiece
+    vocabulary) is written again as Qwen3's layers with tokenwire's Gemma keys and a byte-level vocabulary, its
+    tensors as they are, and served on OpenVINO: float16, it computes what transformers' forward pass of the folder
+    does (every position within 1e-3, 32 greedy tokens through paged attention equal); in Q4_1 (its blocks copied as
+    they are, then taken exactly), what that model computes with the file's weights decoded exactly."""
+    import json
+
+    import gguf as gg
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import gemma3_llama_cpp_names, save_gemma3_gguf_as_llama_cpp_writes_it, save_tiny_family
+    from tokenwire.engine import models
+    from tokenwire.engine.openvino.model import plan
+
+    folder = save_tiny_family(tmp_path / "gemma3", "Gemma3ForCausalLM", tokenizer="sentencepiece")
+    config = json.loads((folder / "config.json").read_text())
+    config["query_pre_attn_scalar"] = config["head_dim"]  # llama.cpp's gemma3 scales by 1/sqrt(head size)
+    (folder / "config.json").write_text(json.dumps(config))
+    f16 = save_gemma3_gguf_as_llama_cpp_writes_it(folder, tmp_path / "gemma3-f16.gguf", matrices="float16")
+    assert plan(models.resolve(str(f16))).source == f16  # not refused
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16).float()
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, 400, 300)]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].double().numpy()
+    got = logits(ir.converted(f16, "none"), ids)
+    assert np.abs(log_softmax(got) - log_softmax(want)).max() < 1e-3
+    assert greedy_through_the_pipeline(folder, ids, gguf=f16) == greedy_of_transformers(folder, ids)
+    q4 = q4_1_gguf(f16, tmp_path / "gemma3-q4_1.gguf")
+    reader = gg.GGUFReader(str(q4))
+    with torch.no_grad():  # the folder's model with the file's weights, decoded exactly
+        params = dict(model.named_parameters())
+        for t in reader.tensors:
+            key, is_norm = gemma3_llama_cpp_names(config["num_hidden_layers"])[t.name]
+            value = gg.quants.dequantize(t.data, t.tensor_type).reshape(params[key].shape)
+            params[key].copy_(torch.from_numpy(value - 1.0 if is_norm else value))
+        want = model(torch.tensor([ids])).logits[0].double().numpy()
+    got = logits(ir.converted(q4, "none"), ids)
+    assert relative_error(got, want) < 5e-3  # float16 rounding only, as for the default model's Q4_1
 
 
 def test_windows_follow_the_layer_kinds_a_config_names() -> None:

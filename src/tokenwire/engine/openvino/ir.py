@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenwire.engine import models
+from tokenwire.engine.openvino import relayout
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +67,22 @@ def converted(gguf: Path, fmt: str) -> Path:
     reader = gg.GGUFReader(str(gguf))  # read once (seconds: it parses the whole vocabulary), used by every step
     with tempfile.TemporaryDirectory(prefix="tokenwire-ir-", dir=target.parent) as work:
         exported, built = Path(work) / "export", Path(work) / "out"
+        source = gguf
+        arch = reader.fields["general.architecture"].contents()
+        if arch in relayout.REWRITTEN:  # an architecture GenAI does not build, written as one it builds
+            from tokenwire.engine.openvino.model import cached_tokenizer
+
+            source = Path(work) / f"{gguf.stem}-as-{relayout.REWRITTEN[arch]}.gguf"
+            relayout.rewrite(gguf, source, reader, cached_tokenizer(gguf)[1])
+            reader = gg.GGUFReader(str(source))
         try:
-            export(gguf, exported, reader)
+            export(source, exported, reader)
             quantize_folder(exported, built, fmt, reader)
         except WeightsNotFound as exc:  # GenAI built weights this cannot tell apart: from a float16 copy instead
             log.warning("%s; converting %s through a float16 copy", exc, gguf.name)
             shutil.rmtree(exported, ignore_errors=True)
             shutil.rmtree(built, ignore_errors=True)
-            export(gguf, exported, reader, copy=True)
+            export(source, exported, reader, copy=True)
             quantize_folder(exported, built, fmt, reader)
         _mark(built, gguf, fmt)
         try:
@@ -132,22 +141,30 @@ def export(gguf: Path, folder: Path, reader: Any, copy: bool = False) -> None:
 
 
 def _unquantized(reader: Any) -> bool:
-    import gguf as gg
-
-    plain = {gg.GGMLQuantizationType.F16, gg.GGMLQuantizationType.F32}
-    return all(t.tensor_type in plain for t in reader.tensors)
-
-
-def _genai_reads(reader: Any) -> bool:
-    """Whether OpenVINO GenAI's reader builds every tensor of the file (open in ``reader``) from its own blocks."""
+    """Matrices in float16 (GenAI builds no float32 matrix), vectors in float16 or float32."""
     import gguf as gg
 
     q = gg.GGMLQuantizationType
-    return all(t.tensor_type in (q.F32, q.F16, q.Q4_0, q.Q4_1, q.Q8_0, q.Q4_K, q.Q6_K) for t in reader.tensors)
+    return all(t.tensor_type == q.F16 or (t.tensor_type == q.F32 and _vector(t)) for t in reader.tensors)
+
+
+def _genai_reads(reader: Any) -> bool:
+    """Whether OpenVINO GenAI's reader builds every tensor of the file (open in ``reader``) from its own blocks
+    (float32 only for vectors: "Unsupported quantization type" for a float32 matrix)."""
+    import gguf as gg
+
+    q = gg.GGMLQuantizationType
+    blocks = (q.F16, q.Q4_0, q.Q4_1, q.Q8_0, q.Q4_K, q.Q6_K)
+    return all(t.tensor_type in blocks or (t.tensor_type == q.F32 and _vector(t)) for t in reader.tensors)
+
+
+def _vector(t: Any) -> bool:
+    return sum(int(d) > 1 for d in t.shape) <= 1
 
 
 def dequantize_gguf(src: Path, dst: Path, reader: Any = None) -> None:
-    """``src`` written again with every quantized tensor decoded to float16: the same metadata and tokenizer.
+    """``src`` written again with every quantized tensor (and float32 matrix) decoded to float16: the same metadata
+    and tokenizer.
     ``reader``: ``src`` already open in a ``GGUFReader``."""
     import gguf as gg
     import numpy as np
@@ -159,6 +176,7 @@ def dequantize_gguf(src: Path, dst: Path, reader: Any = None) -> None:
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dimensions innermost first
         if t.tensor_type in (gg.GGMLQuantizationType.F32, gg.GGMLQuantizationType.F16):
             data = np.asarray(t.data).reshape(shape)
+            data = data if _vector(t) else data.astype(np.float16)  # a float32 matrix too: GenAI builds none
         else:
             data = gg.quants.dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float16)
         writer.add_tensor(t.name, data)

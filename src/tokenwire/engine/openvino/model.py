@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenwire.engine import models
+from tokenwire.engine.openvino.relayout import REWRITTEN
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,11 @@ def plan(resolved: models.ResolvedModel) -> Plan:
     if resolved.gguf_file is not None:  # read as it is
         gguf = Path(resolved.path) / resolved.gguf_file
         arch = models.gguf_architecture(gguf)
-        if arch is not None and arch not in GENAI_ARCHITECTURES:
+        if arch is not None and arch not in GENAI_ARCHITECTURES and arch not in REWRITTEN:
             raise models.NotForOpenVINO(
                 f"the openvino engine cannot read {gguf.name}: its architecture {arch} is not one OpenVINO GenAI "
-                f"builds from a GGUF file ({', '.join(GENAI_ARCHITECTURES)}) (use --engine llamacpp or --engine "
-                "transformers)"
+                f"builds from a GGUF file ({', '.join(GENAI_ARCHITECTURES)}) or tokenwire rewrites as one "
+                f"({', '.join(REWRITTEN)}) (use --engine llamacpp or --engine transformers)"
             )
         return Plan(gguf)
     folder = Path(resolved.path)
