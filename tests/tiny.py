@@ -145,6 +145,7 @@ def save_tiny_family(
     sliding_window: int = 8,
     rope: dict[str, Any] | None = None,
     tokenizer: str = "byte-level",
+    layers: int = 2,
 ) -> Path:
     """A random 2-layer model of ``architecture`` (``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``, ``MistralForCausalLM``,
     ``Phi3ForCausalLM``, ``Gemma2ForCausalLM``, ``Gemma3ForCausalLM`` (or ``Gemma3ForConditionalGeneration``, with
@@ -153,7 +154,8 @@ def save_tiny_family(
     zero bias or a unit norm would not show a converter that drops them), every weight rounded to float16 (what the
     GGUF holds). ``rope``: the config's ``rope_parameters``. ``tokenizer``: ``byte-level`` (byte_level_tokenizer) or
     ``sentencepiece`` (a SentencePiece BPE model with byte fallback, as Mistral, Gemma and Phi-3 ship theirs: see
-    :func:`save_sentencepiece_tokenizer`)."""
+    :func:`save_sentencepiece_tokenizer`). ``layers``: Gemma 3 with 6 has its own layer kinds (five local, one
+    global), as llama.cpp assumes; with 2, one of each."""
     import torch
     import transformers
 
@@ -169,14 +171,16 @@ def save_tiny_family(
     config_class = getattr(transformers, names.get(architecture, architecture.replace("ForCausalLM", "Config")))
     extra: dict[str, Any] = {"head_dim": 32} if architecture.startswith(("Qwen3", "Gemma")) else {}  # wider heads
     if architecture.startswith("Gemma3"):  # a local (windowed) layer and a global one; its own attention scale
-        extra |= {"layer_types": ["sliding_attention", "full_attention"], "query_pre_attn_scalar": 24}
+        extra["query_pre_attn_scalar"] = 24
+        if layers == 2:
+            extra["layer_types"] = ["sliding_attention", "full_attention"]
     if architecture.startswith(("Gemma", "Mistral", "Phi3")):
         extra["sliding_window"] = sliding_window or None  # shorter than the tests' prompts; 0: none
     if rope is not None:
         extra["rope_parameters"] = rope
         if "original_max_position_embeddings" in rope:  # Phi-3 keeps it beside rope_parameters too
             extra["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
-    config = config_class(**{**tiny_shape(tok, 1024), **ids}, **extra)
+    config = config_class(**{**tiny_shape(tok, 1024), **ids, "num_hidden_layers": layers}, **extra)
     if architecture == "Gemma3ForConditionalGeneration":  # Gemma 3 4B-27B: text and images; a tiny image tower
         vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
         vision |= {"image_size": 28, "patch_size": 14}
@@ -234,9 +238,11 @@ def save_gemma3_gguf_as_llama_cpp_writes_it(source: Path, target: Path, matrices
     """Write the tiny Gemma 3 folder ``source`` (save_tiny_family, SentencePiece tokenizer) as llama.cpp's converter
     writes a Gemma 3 file: architecture ``gemma3``, its tensor names, each norm stored as 1 + weight, the
     SentencePiece vocabulary (``llama`` tokenizer: pieces, scores, types), the window and the local layers' rotary
-    base as keys. Matrices in float32 (llama.cpp's arithmetic is then float32 too) or ``float16`` (llama.cpp's
-    converter's default; the folder's weights are float16-rounded, so nothing is lost). llama.cpp's own rules apply:
-    the attention scale is 1/sqrt(head size) (``query_pre_attn_scalar`` must equal it), no rope scaling."""
+    base as keys, and, as its converter, neither which layers are local (llama.cpp: five in six) nor the rotary
+    dimensions (the head size). Matrices in float32 (llama.cpp's arithmetic is then float32 too) or ``float16``
+    (llama.cpp's converter's default; the folder's weights are float16-rounded, so nothing is lost). llama.cpp's own
+    rules apply: the attention scale is 1/sqrt(head size) (``query_pre_attn_scalar`` must equal it), no rope
+    scaling."""
     import json
 
     import gguf
@@ -262,8 +268,7 @@ def save_gemma3_gguf_as_llama_cpp_writes_it(source: Path, target: Path, matrices
     rope = config["rope_parameters"]
     w.add_rope_freq_base(float(rope["full_attention"]["rope_theta"]))
     w.add_rope_freq_base_swa(float(rope["sliding_attention"]["rope_theta"]))
-    w.add_sliding_window(config["sliding_window"])
-    w.add_sliding_window_pattern([kind == "sliding_attention" for kind in config["layer_types"]])
+    w.add_sliding_window(config["sliding_window"])  # no pattern: llama.cpp's is five local layers, then a global one
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if matrices == "float32" else gguf.LlamaFileType.MOSTLY_F16)
     pieces, scores, types = [], [], []
     for i in range(sp.get_piece_size()):

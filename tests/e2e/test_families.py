@@ -79,7 +79,7 @@ def test_a_gemma3_gguf_file_as_llama_cpp_writes_it_is_served_by_the_openvino_eng
     used to stop the start; it is rewritten once as a file GenAI builds and served on OpenVINO."""
     from tests.tiny import save_gemma3_gguf_as_llama_cpp_writes_it
 
-    folder = save_tiny_family(tmp_path / "gemma3", "Gemma3ForCausalLM", tokenizer="sentencepiece")
+    folder = save_tiny_family(tmp_path / "gemma3", "Gemma3ForCausalLM", tokenizer="sentencepiece", layers=6)
     gguf = save_gemma3_gguf_as_llama_cpp_writes_it(folder, tmp_path / "gemma3.gguf", matrices="float16")
     with serve("--model", str(gguf), "--device", "cpu", startup_timeout=180) as server:
         assert server.get_json("/v1/stats")["engine"]["backend"] == "openvino"

@@ -170,7 +170,7 @@ async def test_same_seed_same_text_other_seed_other_text_and_penalties_run(engin
 
 async def test_a_gemma3_file_as_llama_cpp_writes_it_is_served_with_its_own_tokenizer(tmp_path: Path) -> None:
     """A family no other CPU engine reads as a file: a Gemma 3 GGUF in llama.cpp's own layout (architecture gemma3,
-    SentencePiece vocabulary, a window on the local layer, the local rotary base, norms of 1 + weight). Its
+    SentencePiece vocabulary, a window on the five local layers, their rotary base, norms of 1 + weight). Its
     tokenizer is read from the file; at every position of the prompt llama.cpp's log-probabilities are within 0.1
     of transformers' forward pass of the folder it was written from (float32 weights in the file; llama.cpp's GELU
     and flash attention work in float16: measured 0.03-0.04, where a file without the window, with norms off by 0.5
@@ -184,7 +184,7 @@ async def test_a_gemma3_file_as_llama_cpp_writes_it_is_served_with_its_own_token
 
     from tests.tiny import save_gemma3_gguf_as_llama_cpp_writes_it, save_tiny_family
 
-    folder = save_tiny_family(tmp_path / "gemma3", "Gemma3ForCausalLM", tokenizer="sentencepiece")
+    folder = save_tiny_family(tmp_path / "gemma3", "Gemma3ForCausalLM", tokenizer="sentencepiece", layers=6)
     config = json.loads((folder / "config.json").read_text())
     config["query_pre_attn_scalar"] = config["head_dim"]  # llama.cpp scales by 1/sqrt(head size) below 27B
     (folder / "config.json").write_text(json.dumps(config))
@@ -195,7 +195,7 @@ async def test_a_gemma3_file_as_llama_cpp_writes_it_is_served_with_its_own_token
         ids = list(eng.tokenizer.encode(prompt, add_special_tokens=True))
         assert ids[0] == config["bos_token_id"]  # Gemma's BOS, as the file asks
         r = await run(eng, "g", prompt=prompt, max_tokens=16, temperature=0, ignore_eos=True)
-        assert r["prompt_tokens"] == len(ids) > 8  # longer than the window (8): the local layer's window matters
+        assert r["prompt_tokens"] == len(ids) > 8  # longer than the window (8): the local layers' window matters
         llama = eng.backend.llama
         assert llama is not None
         entries = [Entry(t, p, llama.n_seq - 1, True) for p, t in enumerate(ids)]  # every position's logits
