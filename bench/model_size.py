@@ -10,6 +10,7 @@ model (its vocabulary aside: the folder carries the default model's tokenizer, 4
   children);
 - ``llama-server -m Q4_K_M.gguf --parallel 32 -c 16384 -t 2``;
 - with ``--int4``, also ``tokenwire serve --model FOLDER --quantize int4``;
+- with ``--gemma3``, Gemma 3 1B's shape (and vocabulary) instead, llama.cpp's gemma3 file of it;
 - with ``--llamacpp``, also ``tokenwire serve --engine llamacpp --model Q4_K_M.gguf`` (llama.cpp's kernels under
   tokenwire's scheduler); ``--no-folder`` leaves the folder out.
 
@@ -52,6 +53,37 @@ TINYLLAMA = {
     "rope_theta": 10000.0,
     "tie_word_embeddings": False,
 }
+
+
+GEMMA3_1B = {  # Gemma 3 1B's shape; its 262,144-token vocabulary, a SentencePiece tokenizer trained here on little
+    "hidden_size": 1152,  # text (llama.cpp's converter pads the vocabulary with [PAD] pieces to the model's size)
+    "intermediate_size": 6912,
+    "num_hidden_layers": 26,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 512,
+    "max_position_embeddings": 32768,
+    "vocab_size": 262144,
+}
+
+
+def build_gemma3_folder(target: Path) -> Path:
+    """Random weights in Gemma 3 1B's shape, with a SentencePiece tokenizer (llama.cpp's converter needs one)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    sys.path.insert(0, str(BENCH.parent))
+    from tests.tiny import save_sentencepiece_tokenizer
+
+    target.mkdir(parents=True, exist_ok=True)
+    tok = save_sentencepiece_tokenizer(target, "GemmaTokenizer")
+    config = Gemma3TextConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **GEMMA3_1B)
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).to(torch.bfloat16).save_pretrained(target)
+    tok.save_pretrained(target)
+    return target
 
 
 def build_folder(tokenizer: Path, target: Path) -> Path:
@@ -134,6 +166,7 @@ def main() -> None:
     p.add_argument("--int4", action="store_true", help="add the folder served with --quantize int4")
     p.add_argument("--llamacpp", action="store_true", help="add the Q4_K_M file served with --engine llamacpp")
     p.add_argument("--no-folder", action="store_true", help="leave out the folder served by the default engine")
+    p.add_argument("--gemma3", action="store_true", help="Gemma 3 1B's shape instead of TinyLlama's")
     p.add_argument("--out", default=str(BENCH / "results" / "model-size-cpu.json"))
     a = p.parse_args()
     sys.path.insert(0, str(BENCH))
@@ -144,7 +177,10 @@ def main() -> None:
         work = Path(tmp)
         cache = work / "cache"  # a cache of its own: the first start on the GGUF is a real first start
         env["TOKENWIRE_CACHE_DIR"] = str(cache)
-        folder = build_folder(default_tokenizer(), work / "tinyllama-random")
+        if a.gemma3:
+            folder = build_gemma3_folder(work / "gemma3-1b-random")
+        else:
+            folder = build_folder(default_tokenizer(), work / "tinyllama-random")
         gguf = q4_k_m(folder, a.llama_cpp, work)
         sizes = {"folder_gb": sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9}
         sizes["q4_k_m_gb"] = gguf.stat().st_size / 1e9
@@ -228,7 +264,12 @@ def write(a: argparse.Namespace, sizes: dict[str, float], starts: dict[str, Any]
     text = "\n".join(lines)
     print(text)
     out = Path(a.out)
-    meta = {"shape": TINYLLAMA, "sizes": sizes, "max_tokens": a.max_tokens, "rounds": a.rounds}
+    meta = {
+        "shape": GEMMA3_1B if a.gemma3 else TINYLLAMA,
+        "sizes": sizes,
+        "max_tokens": a.max_tokens,
+        "rounds": a.rounds,
+    }
     out.write_text(json.dumps({**meta, "starts": starts, "results": results}, indent=1))
     header = f"bench/model_size.py --streams {a.streams} --rounds {a.rounds} --max-tokens {a.max_tokens}\n"
     sizes_line = f"\nsafetensors (bfloat16) {sizes['folder_gb']:.2f} GB, Q4_K_M {sizes['q4_k_m_gb']:.2f} GB\n\n"
