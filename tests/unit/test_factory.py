@@ -182,3 +182,12 @@ def test_a_gguf_file_openvino_cannot_build_goes_to_llama_cpp_or_transformers_say
     assert kind == "transformers" and "architecture phi3" in why
     with pytest.raises(ValueError, match="--engine llamacpp or --engine transformers"):
         build_engine(Settings(model=str(phi3), engine="openvino"))
+
+
+def test_the_llamacpp_engine_refuses_settings_it_cannot_honour_naming_them(tiny_gguf: Path) -> None:
+    """Its weights are the file's own and it runs on the CPU: --quantize int8 or --device cuda is an error at start
+    that names the flag, not a setting silently ignored."""
+    with pytest.raises(ValueError, match="--quantize int8"):
+        build_engine(Settings(model=str(tiny_gguf), engine="llamacpp", quantize="int8"))
+    with pytest.raises(ValueError, match="--device cuda"):
+        build_engine(Settings(model=str(tiny_gguf), engine="llamacpp", device="cuda"))

@@ -154,6 +154,14 @@ def _build(settings: Settings) -> LoopEngine:
     if kind == "llamacpp":
         from tokenwire.engine.llamacpp.engine import LlamaCppEngine, LlamaCppEngineConfig
 
+        if settings.quantize not in ("auto", "none"):
+            raise ValueError(
+                f"--quantize {settings.quantize} is for the openvino and transformers engines; the llamacpp engine "
+                "serves the GGUF file's own weights (pick a file of the type you want, or --engine openvino)"
+            )
+        if settings.device not in ("auto", "cpu"):
+            raise ValueError(f"--device {settings.device}: the llamacpp engine runs on the CPU (--device cpu)")
+
         return LlamaCppEngine(
             LlamaCppEngineConfig(
                 model=settings.model,
