@@ -23,7 +23,7 @@ from tokenwire.engine.hf.grammar import Grammars
 from tokenwire.engine.hf.parked import ParkedKV, ParkedStore
 from tokenwire.engine.hf.quant import quantize_int8
 from tokenwire.engine.hf.runner import ModelRunner
-from tokenwire.engine.hf.sampler import RowSampler, sample_rows
+from tokenwire.engine.hf.sampler import RequestSampling
 from tokenwire.engine.interface import EngineError, EngineErrorCode, EngineStats, SamplingParams
 from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
 from tokenwire.engine.scheduler import Scheduler, SchedulerConfig
@@ -77,10 +77,8 @@ class HFBackend:
         self.name = self._resolved.name
         self.scheduler = Scheduler(config.scheduler, self._make_room)  # again in load(), with the context window
         self.runner: ModelRunner | None = None
-        self.sampler: RowSampler | None = None
+        self.sampling = RequestSampling()  # generators and schema matchers (grammars once loaded)
         self.parked = ParkedStore(self._release)  # the KV blocks of paused requests
-        self.grammars: Grammars | None = None  # constrained decoding (json_schema)
-        self._refused: dict[str, EngineError] = {}  # requests that failed on add: reported at the next step
 
     def load(self) -> LoadedModel:
         cfg = self.config
@@ -102,9 +100,8 @@ class HFBackend:
         self.scheduler = Scheduler(replace(cfg.scheduler, max_context=max_context), self._make_room)
         blocks = self.scheduler.blocks
         self.runner = ModelRunner(model, device, dtype, blocks.block_tokens, blocks.num_blocks, self._table_of)
-        self.sampler = RowSampler(device)
         vocab = int(getattr(text_cfg, "vocab_size", 0) or len(tok))
-        self.grammars = Grammars(tok, vocab, compact=cfg.json_whitespace == "compact")
+        self.sampling.grammars = Grammars(tok, vocab, compact=cfg.json_whitespace == "compact")
         log.info("model ready: %s, context %d tokens", self.name, max_context)
         return LoadedModel(tok, frozenset(_eos_ids(model, tok)), max_context)
 
@@ -112,24 +109,18 @@ class HFBackend:
     def add(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int, continued: int = 0
     ) -> None:
-        assert self.sampler is not None
         seq = Sequence(request_id, prompt_ids, max_new_tokens, params, generated_before=continued)
         kept = self.parked.take(request_id)
         if kept is not None and kept.fits(prompt_ids):
             seq.num_computed = kept.tokens  # its block table is adopted: its prefill starts after the kept positions
         else:
             self._release(request_id)  # a table it kept that does not fit: a fresh one, from the prefix cache
-        self.sampler.add(request_id, params.seed)  # a paused request gets its own generator back
         self.scheduler.add(seq)
-        if self.grammars is not None:
-            refused = self.grammars.admit(request_id, params, prompt_ids[len(prompt_ids) - continued :])
-            if refused is not None:  # this request fails at the next step; the others go on
-                self._refused[request_id] = refused
+        self.sampling.add(request_id, params, prompt_ids[len(prompt_ids) - continued :])  # a paused one: its own
 
     def park(self, request_id: str) -> None:
         """Out of the batch; its block table is kept (nothing is copied) while the pool allows, and its generator
         and grammar state too."""
-        assert self.sampler is not None
         sched = self.scheduler
         seq = sched.get(request_id)
         if seq is None:
@@ -143,9 +134,7 @@ class HFBackend:
             self.parked.put(request_id, ParkedKV(tokens))
         else:
             sched.remove(seq)
-        self.sampler.park(request_id)
-        if self.grammars is not None:
-            self.grammars.park(request_id)
+        self.sampling.park(request_id)
 
     def forgive(self, request_id: str) -> None:
         pass  # the model runs in this process: no restarts to count
@@ -154,10 +143,7 @@ class HFBackend:
         seq = self.scheduler.get(request_id)
         if seq is not None:
             self._drop(seq)  # its place, blocks and generator
-        elif self.sampler is not None:
-            self.sampler.remove(request_id)  # parked: its kept generator
-        if self.grammars is not None:
-            self.grammars.remove(request_id)
+        self.sampling.remove(request_id)  # a parked one's kept generator and matcher
         self.parked.drop(request_id)  # and its kept blocks
 
     def _make_room(self, need: int) -> None:
@@ -210,12 +196,7 @@ class HFBackend:
         assert self.runner is not None
         runner, sched = self.runner, self.scheduler
         out = StepOutput()
-        for request_id, error in self._refused.items():
-            seq = sched.get(request_id)
-            if seq is not None:
-                out.failed[request_id] = error
-                self._drop(seq)
-        self._refused.clear()
+        self.sampling.fail_refused(sched.get, out, self._drop)
         plan = sched.schedule()  # every position this step computes has a block now
         out.scheduled = [s.request_id for s in plan.admitted]
         for seq in plan.matched:
@@ -307,15 +288,11 @@ class HFBackend:
         return ran, torch.cat(rows) if rows else torch.empty(0)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput) -> None:
-        assert self.sampler is not None
-        sample_rows(seqs, logits, self.sampler, self.grammars, out, self._drop)
+        self.sampling.sample(seqs, logits, out, self._drop)
 
     def _drop(self, seq: Sequence) -> None:
-        assert self.sampler is not None
         self.scheduler.remove(seq)  # its blocks: full ones stay in the prefix cache
-        self.sampler.remove(seq.request_id)
-        if self.grammars is not None:
-            self.grammars.remove(seq.request_id)
+        self.sampling.remove(seq.request_id)
 
 
 def _pick_device(device: str) -> str:

@@ -167,42 +167,78 @@ def _masked(values: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     return values.masked_fill(drop, float("-inf"))
 
 
-def sample_rows(
-    seqs: list[Sequence],
-    logits: torch.Tensor,
-    sampler: RowSampler,
-    grammars: Grammars | None,
-    out: StepOutput,
-    drop: Callable[[Sequence], None],
-) -> None:
-    """One token for each of ``seqs`` from its row of ``logits`` [k, V] (a schema's mask applied first), appended
-    to its output and to ``out.tokens``; a row that cannot be sampled fails its request alone (``drop`` takes it
-    out of the backend). What every backend that hands tokenwire logits (transformers, llama.cpp) does with them."""
-    if grammars is not None:
-        grammars.mask(logits, [s.request_id for s in seqs])
-    tokens = sampler.sample(
-        logits,
-        [s.request_id for s in seqs],
-        [s.params for s in seqs],
-        [s.prompt_ids for s in seqs],
-        [s.penalized_ids for s in seqs],
-    )
-    for seq, token in zip(list(seqs), tokens, strict=True):
-        if seq.state is SeqState.FINISHED:
-            continue
-        if isinstance(token, SamplingFailure):
-            log.warning("request %s could not be sampled: %s", seq.request_id, token.reason)
-            out.failed[seq.request_id] = EngineError(
-                EngineErrorCode.GENERATION_FAILED, f"generation failed: {token.reason}"
-            )
-            drop(seq)
-            continue
-        refused = grammars.consume(seq.request_id, token) if grammars is not None else None
-        if refused is not None:  # cannot happen with the mask applied; never send a token the schema refuses
-            out.failed[seq.request_id] = EngineError(
-                EngineErrorCode.GENERATION_FAILED, f"generation failed: the schema refused a token: {refused}"
-            )
-            drop(seq)
-            continue
-        seq.output_ids.append(token)
-        out.tokens[seq.request_id] = [token]
+class RequestSampling:
+    """What a backend that hands tokenwire logits (transformers, llama.cpp) keeps per request beside its KV: the random
+    generator (:class:`RowSampler`), the schema matcher (``grammars``, set once the tokenizer is loaded), and the
+    error of a schema that could not be enforced, failed at the next step. A paused request keeps both."""
+
+    def __init__(self) -> None:
+        self.rows = RowSampler(torch.device("cpu"))
+        self.grammars: Grammars | None = None
+        self._refused: dict[str, EngineError] = {}
+
+    def add(self, request_id: str, params: SamplingParams, generated: list[int]) -> None:
+        """A request joins (or a paused one comes back, with its generator and matcher); ``generated``: the tokens
+        it made before (a continuation), replayed into a new matcher."""
+        self.rows.add(request_id, params.seed)
+        if self.grammars is not None:
+            refused = self.grammars.admit(request_id, params, generated)
+            if refused is not None:  # this request fails at the next step; the others go on
+                self._refused[request_id] = refused
+
+    def park(self, request_id: str) -> None:
+        self.rows.park(request_id)
+        if self.grammars is not None:
+            self.grammars.park(request_id)
+
+    def remove(self, request_id: str) -> None:
+        self.rows.remove(request_id)
+        if self.grammars is not None:
+            self.grammars.remove(request_id)
+
+    def fail_refused(
+        self, find: Callable[[str], Sequence | None], out: StepOutput, drop: Callable[[Sequence], None]
+    ) -> None:
+        """The requests whose schema could not be enforced fail now (``find``: the backend's sequence of an id)."""
+        refused, self._refused = self._refused, {}
+        for request_id, error in refused.items():
+            seq = find(request_id)
+            if seq is not None:
+                out.failed[request_id] = error
+                drop(seq)
+
+    def sample(
+        self, seqs: list[Sequence], logits: torch.Tensor, out: StepOutput, drop: Callable[[Sequence], None]
+    ) -> None:
+        """One token for each of ``seqs`` from its row of ``logits`` [k, V] (a schema's mask applied first), appended
+        to its output and to ``out.tokens``; a row that cannot be sampled fails its request alone (``drop`` takes it
+        out of the backend)."""
+        grammars = self.grammars
+        if grammars is not None:
+            grammars.mask(logits, [s.request_id for s in seqs])
+        tokens = self.rows.sample(
+            logits,
+            [s.request_id for s in seqs],
+            [s.params for s in seqs],
+            [s.prompt_ids for s in seqs],
+            [s.penalized_ids for s in seqs],
+        )
+        for seq, token in zip(list(seqs), tokens, strict=True):
+            if seq.state is SeqState.FINISHED:
+                continue
+            if isinstance(token, SamplingFailure):
+                log.warning("request %s could not be sampled: %s", seq.request_id, token.reason)
+                out.failed[seq.request_id] = EngineError(
+                    EngineErrorCode.GENERATION_FAILED, f"generation failed: {token.reason}"
+                )
+                drop(seq)
+                continue
+            refused = grammars.consume(seq.request_id, token) if grammars is not None else None
+            if refused is not None:  # cannot happen with the mask applied; never send a token the schema refuses
+                out.failed[seq.request_id] = EngineError(
+                    EngineErrorCode.GENERATION_FAILED, f"generation failed: the schema refused a token: {refused}"
+                )
+                drop(seq)
+                continue
+            seq.output_ids.append(token)
+            out.tokens[seq.request_id] = [token]

@@ -22,7 +22,7 @@ import torch
 
 from tokenwire.engine import models
 from tokenwire.engine.hf.grammar import Grammars
-from tokenwire.engine.hf.sampler import RowSampler, sample_rows
+from tokenwire.engine.hf.sampler import RequestSampling
 from tokenwire.engine.interface import EngineError, EngineErrorCode, EngineStats, SamplingParams
 from tokenwire.engine.llamacpp.context import MAX_SEQUENCES, DecodeError, Entry, LlamaContext
 from tokenwire.engine.llamacpp.kept import Kept, KeptSequences, SequenceIds, common_prefix
@@ -93,9 +93,7 @@ class LlamaCppBackend:
         self.ids = SequenceIds(0)
         self.kept = KeptSequences()  # paused and ended requests' cells, by request id
         self.seq_of: dict[str, int] = {}  # the llama.cpp sequence of each request in the batch
-        self.sampler = RowSampler(torch.device("cpu"))
-        self.grammars: Grammars | None = None  # constrained decoding (json_schema)
-        self._refused: dict[str, EngineError] = {}  # requests that failed on add: reported at the next step
+        self.sampling = RequestSampling()  # generators and schema matchers (grammars once loaded)
 
     def _scheduler(self, config: SchedulerConfig) -> Scheduler:
         # the pool only counts cells: prefixes are matched here (``_reuse``), against the cells llama.cpp holds
@@ -126,7 +124,7 @@ class LlamaCppBackend:
         )
         max_context = min(prepared.max_context, llama.context_trained or prepared.max_context, llama.n_ctx)
         self.scheduler = self._scheduler(replace(limits, kv_cache_tokens=llama.n_ctx, max_context=max_context))
-        self.grammars = Grammars(prepared.tokenizer, llama.n_vocab, compact=cfg.json_whitespace == "compact")
+        self.sampling.grammars = Grammars(prepared.tokenizer, llama.n_vocab, compact=cfg.json_whitespace == "compact")
         log.info("model ready: %s, context %d tokens (llama.cpp)", self.name, max_context)
         return LoadedModel(prepared.tokenizer, frozenset(prepared.eos_ids | llama.end_ids()), max_context)
 
@@ -145,12 +143,8 @@ class LlamaCppBackend:
                 seq.num_computed = n
             else:
                 self._forget(request_id, kept)
-        self.sampler.add(request_id, params.seed)  # a paused request gets its own generator back
         self.scheduler.add(seq)
-        if self.grammars is not None:
-            refused = self.grammars.admit(request_id, params, prompt_ids[len(prompt_ids) - continued :])
-            if refused is not None:  # this request fails at the next step; the others go on
-                self._refused[request_id] = refused
+        self.sampling.add(request_id, params, prompt_ids[len(prompt_ids) - continued :])  # a paused one: its own
 
     def park(self, request_id: str) -> None:
         """Out of the batch: its cells are kept (nothing is copied) while room allows, and its generator and
@@ -159,9 +153,7 @@ class LlamaCppBackend:
         if seq is None:
             return
         self._leave(seq, keep=True, paused=True)
-        self.sampler.park(request_id)
-        if self.grammars is not None:
-            self.grammars.park(request_id)
+        self.sampling.park(request_id)
 
     def forgive(self, request_id: str) -> None:
         pass  # the model runs in this process: no restarts to count
@@ -173,9 +165,7 @@ class LlamaCppBackend:
         seq = self.scheduler.get(request_id)
         if seq is not None:
             self._leave(seq, keep=self.prefix, paused=False)  # its cells may serve the next prompt like it
-        self.sampler.remove(request_id)
-        if self.grammars is not None:
-            self.grammars.remove(request_id)
+        self.sampling.remove(request_id)
 
     def _leave(self, seq: Sequence, keep: bool, paused: bool) -> None:
         """Take ``seq`` out of the batch; with ``keep``, its computed cells stay (kept.py), its blocks held."""
@@ -274,12 +264,7 @@ class LlamaCppBackend:
         assert self.llama is not None
         sched = self.scheduler
         out = StepOutput()
-        for request_id, error in self._refused.items():
-            seq = sched.get(request_id)
-            if seq is not None:
-                out.failed[request_id] = error
-                self._drop(seq)
-        self._refused.clear()
+        self.sampling.fail_refused(sched.get, out, self._drop)
         plan = sched.schedule()
         out.scheduled = [s.request_id for s in plan.admitted]
         for seq in plan.matched:
@@ -309,12 +294,10 @@ class LlamaCppBackend:
             if c.is_last:
                 sched.promote(c.seq)
                 done.append(c.seq)
-        sample_rows([*decoding, *done], torch.from_numpy(logits), self.sampler, self.grammars, out, self._drop)
+        self.sampling.sample([*decoding, *done], torch.from_numpy(logits), out, self._drop)
         return out
 
     def _drop(self, seq: Sequence) -> None:
         """A failed request leaves at once; its cells are not kept (they may be half written)."""
         self._leave(seq, keep=False, paused=False)
-        self.sampler.remove(seq.request_id)
-        if self.grammars is not None:
-            self.grammars.remove(seq.request_id)
+        self.sampling.remove(seq.request_id)
