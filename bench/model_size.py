@@ -41,6 +41,7 @@ from typing import Any
 
 import loadgen
 from compare import BENCH, free_port, start, stop, wait_ready
+from families import FAMILIES
 
 TINYLLAMA = {
     "hidden_size": 2048,
@@ -55,18 +56,9 @@ TINYLLAMA = {
 }
 
 
-GEMMA3_1B = {  # Gemma 3 1B's shape; its 262,144-token vocabulary, a SentencePiece tokenizer trained here on little
-    "hidden_size": 1152,  # text (llama.cpp's converter pads the vocabulary with [PAD] pieces to the model's size)
-    "intermediate_size": 6912,
-    "num_hidden_layers": 26,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 1,
-    "head_dim": 256,
-    "query_pre_attn_scalar": 256,
-    "sliding_window": 512,
-    "max_position_embeddings": 32768,
-    "vocab_size": 262144,
-}
+# Gemma 3 1B's shape and its 262,144-token vocabulary (bench/families.py); here with a SentencePiece tokenizer trained
+# on little text (llama.cpp's converter pads the vocabulary with [PAD] pieces to the model's size)
+GEMMA3_1B = FAMILIES["gemma3-1b"][2]
 
 
 def build_gemma3_folder(target: Path) -> Path:
