@@ -191,3 +191,40 @@ def test_the_llamacpp_engine_refuses_settings_it_cannot_honour_naming_them(tiny_
         build_engine(Settings(model=str(tiny_gguf), engine="llamacpp", quantize="int8"))
     with pytest.raises(ValueError, match="--device cuda"):
         build_engine(Settings(model=str(tiny_gguf), engine="llamacpp", device="cuda"))
+
+
+def test_auto_picks_between_openvino_and_llama_cpp_for_a_gguf_file_by_the_cpu_and_the_streams(
+    tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where both engines read the file: llama.cpp for one stream at a time, OpenVINO on a CPU with int8
+    dot-product units, and on an AVX2-only CPU llama.cpp for a large file, OpenVINO for a small one; the reason
+    names what decided. An explicit --quantize is OpenVINO's (or transformers') flag: no switch then."""
+    from tokenwire.engine import factory, gguf_choice
+
+    avx2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
+    avx512 = avx2 | {"avx512f", "avx512bw", "avx512_vnni"}
+    monkeypatch.setattr(factory, "llama_cpp_installed", lambda: True)
+    monkeypatch.setattr(gguf_choice, "cpu_flags", lambda: avx512)
+    kind, why = choose_engine(Settings(model=str(tiny_gguf)))
+    assert kind == "openvino" and "avx512_vnni" in why
+    kind, why = choose_engine(Settings(model=str(tiny_gguf), max_batch_size=1))
+    assert kind == "llamacpp" and "--max-batch-size 1" in why
+    monkeypatch.setattr(gguf_choice, "cpu_flags", lambda: avx2)
+    kind, why = choose_engine(Settings(model=str(tiny_gguf)))
+    assert kind == "openvino" and "AVX2" in why  # a small file: OpenVINO's batching
+    monkeypatch.setattr(gguf_choice, "LARGE_FILE_BYTES", tiny_gguf.stat().st_size)
+    kind, why = choose_engine(Settings(model=str(tiny_gguf)))
+    assert kind == "llamacpp" and "AVX2" in why and "GB" in why
+    assert choose_engine(Settings(model=str(tiny_gguf), quantize="int8"))[0] == "openvino"
+    assert choose_engine(Settings(model=str(tiny_gguf), engine="openvino"))[0] == "openvino"
+    monkeypatch.setattr(factory, "llama_cpp_installed", lambda: False)
+    assert choose_engine(Settings(model=str(tiny_gguf)))[0] == "openvino"  # only one engine can: no rule
+
+
+def test_the_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
+    from tokenwire.engine.gguf_choice import cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 avx512_vnni\n\nprocessor\t: 1\n")
+    assert cpu_flags(info) == frozenset({"fpu", "sse2", "avx2", "avx512_vnni"})
+    assert cpu_flags(tmp_path / "absent") == frozenset()

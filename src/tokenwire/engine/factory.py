@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 
 from tokenwire.config import Settings
-from tokenwire.engine import models
+from tokenwire.engine import gguf_choice, models
 from tokenwire.engine.interface import Engine
 from tokenwire.engine.loop import LoopEngine
 from tokenwire.engine.scheduler import SchedulerConfig
@@ -35,7 +36,7 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
         found = plan(resolved)
     except models.NotForOpenVINO as exc:
         why = str(exc).split(" (use ", 1)[0]
-        if resolved.gguf_file is not None and importlib.util.find_spec("llama_cpp") is not None:
+        if resolved.gguf_file is not None and llama_cpp_installed():
             return "llamacpp", f"{why}; llama.cpp reads it"
         unknown = transformers_cannot_load(resolved)
         if unknown is not None:
@@ -45,16 +46,23 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
         return "transformers", "openvino-genai is not installed"
     if settings.device == "auto" and _cuda_available():
         return "transformers", "a CUDA device is present"
+    if resolved.gguf_file is not None and settings.quantize == "auto" and llama_cpp_installed():
+        return gguf_choice.faster_for_gguf(
+            (Path(resolved.path) / resolved.gguf_file).stat().st_size, settings.max_batch_size, gguf_choice.cpu_flags()
+        )
     if found.convert:
         return "openvino", "a Hugging Face folder of a family it converts, converted to OpenVINO IR once, on the CPU"
     return "openvino", "the model is a GGUF file (converted to OpenVINO IR once) or an IR folder, on the CPU"
+
+
+def llama_cpp_installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def transformers_cannot_load(resolved: models.ResolvedModel) -> str | None:
     """Why the transformers engine could not load a local model folder (its architecture is not a causal language
     model this transformers knows), or None (it can, or it is not a local folder: loading will tell)."""
     import json
-    from pathlib import Path
 
     config = Path(resolved.path) / "config.json"
     if resolved.gguf_file is not None or not config.is_file():
