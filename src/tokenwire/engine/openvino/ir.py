@@ -45,7 +45,7 @@ from tokenwire.engine.openvino import relayout
 
 log = logging.getLogger(__name__)
 
-IR_VERSION = 3  # 3: rope_freqs (Llama 3.1+ rope scaling) applied to the rotary frequencies
+IR_VERSION = 4  # 3: rope_freqs (Llama 3.1+ rope scaling) applied to the rotary frequencies; 4: in quantized files too
 FORMATS = ("none", "int8", "int4")
 MARKER = "tokenwire-ir.json"
 
@@ -464,8 +464,9 @@ def _evaluate(node: Any, rows: Any, ov: Any) -> Any:
 def restore_float32(model: Any, reader: Any) -> int:
     """Put back in float32 the small constants the IR save stored as float16 (a float16 constant feeding a
     Convert) whose float16 values are those of one of the GGUF file's float32 tensors (``reader``: the file open
-    in a ``GGUFReader``), or of the rotary frequencies its metadata gives; the number restored. Matrices are left
-    to :func:`quantize`."""
+    in a ``GGUFReader``), or of the rotary frequencies its metadata gives; the number restored. The rotary
+    frequencies are put in exactly, divided by the file's ``rope_freqs``, also where GenAI keeps them in float32 (a
+    graph it built from quantized blocks). Matrices are left to :func:`quantize`."""
     import gguf as gg
     import numpy as np
     import openvino as ov
@@ -477,6 +478,7 @@ def restore_float32(model: Any, reader: Any) -> int:
         candidates.setdefault(a.astype(np.float16).tobytes(), []).append(a.astype(np.float32).reshape(-1))
     arch = reader.fields["general.architecture"].contents()
     base, dims = reader.fields.get(f"{arch}.rope.freq_base"), reader.fields.get(f"{arch}.rope.dimension_count")
+    rotary = None  # the plain rotary frequencies, rounded to float16 (the key they are found by)
     if base is not None and dims is not None:
         n = int(dims.contents())
         freqs = 1.0 / float(base.contents()) ** (np.arange(0, n, 2, dtype=np.float64) / n)
@@ -485,14 +487,21 @@ def restore_float32(model: Any, reader: Any) -> int:
             freqs = freqs / divisors  # GenAI's reader builds plain RoPE: Llama 3's scaling is put in here
         key = (1.0 / float(base.contents()) ** (np.arange(0, n, 2, dtype=np.float64) / n)).astype(np.float16)
         candidates[key.tobytes()] = [freqs.astype(np.float32)]
+        rotary = key.tobytes()
     count = 0
     for op in model.get_ordered_ops():
-        if op.get_type_name() != "Constant" or op.get_element_type() != ov.Type.f16:
+        if op.get_type_name() != "Constant" or op.get_element_type() not in (ov.Type.f16, ov.Type.f32):
             continue
         shape = list(op.get_output_shape(0))
         if sum(d > 1 for d in shape) != 1:  # one axis of values: a vector
             continue
-        found = candidates.get(op.get_data().astype(np.float16).tobytes())
+        values = op.get_data().astype(np.float16).tobytes()
+        if op.get_element_type() == ov.Type.f32:  # the rotary frequencies of a graph built from quantized blocks
+            if values == rotary:
+                op.output(0).replace(ops.constant(candidates[rotary][0].reshape(shape)).output(0))
+                count += 1
+            continue
+        found = candidates.get(values)
         users = _consumers(op)
         if not found or any(not np.array_equal(found[0], f) for f in found) or not users:
             continue
