@@ -247,14 +247,10 @@ def save_gemma3_gguf_as_llama_cpp_writes_it(source: Path, target: Path, matrices
 
     import gguf
     import numpy as np
-    import sentencepiece as spm
     from safetensors.numpy import load_file
-    from transformers import AutoTokenizer
 
     config = json.loads((source / "config.json").read_text())
     weights = {k: v.astype(np.float32) for k, v in load_file(str(source / "model.safetensors")).items()}
-    tok = AutoTokenizer.from_pretrained(source)
-    sp = spm.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
     w = gguf.GGUFWriter(str(target), "gemma3")
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
@@ -270,6 +266,25 @@ def save_gemma3_gguf_as_llama_cpp_writes_it(source: Path, target: Path, matrices
     w.add_rope_freq_base_swa(float(rope["sliding_attention"]["rope_theta"]))
     w.add_sliding_window(config["sliding_window"])  # no pattern: llama.cpp's is five local layers, then a global one
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if matrices == "float32" else gguf.LlamaFileType.MOSTLY_F16)
+    add_sentencepiece_vocabulary(w, source)
+
+    for name, (key, is_norm) in gemma3_llama_cpp_names(config["num_hidden_layers"]).items():
+        w.add_tensor(name, weights[key] + 1.0 if is_norm else weights[key])  # Gemma's norms multiply by 1 + weight
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return target
+
+
+def add_sentencepiece_vocabulary(w: Any, source: Path) -> None:
+    """The SentencePiece vocabulary of the folder ``source`` as llama.cpp's converter writes it (``llama``
+    tokenizer: pieces, scores, types; the tokenizer's added tokens after them)."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    sp = spm.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
     pieces, scores, types = [], [], []
     for i in range(sp.get_piece_size()):
         pieces.append(sp.id_to_piece(i))
@@ -287,13 +302,75 @@ def save_gemma3_gguf_as_llama_cpp_writes_it(source: Path, target: Path, matrices
     w.add_eos_token_id(tok.eos_token_id)
     w.add_add_bos_token(True)
 
-    for name, (key, is_norm) in gemma3_llama_cpp_names(config["num_hidden_layers"]).items():
-        w.add_tensor(name, weights[key] + 1.0 if is_norm else weights[key])  # Gemma's norms multiply by 1 + weight
+
+def save_phi3_gguf_as_llama_cpp_writes_it(source: Path, target: Path) -> Path:
+    """Write the tiny Phi-3 folder ``source`` (save_tiny_family, SentencePiece tokenizer) as llama.cpp's converter
+    writes a Phi-3 file: architecture ``phi3``, the query, key and value in one matrix (``attn_qkv``, rows in the
+    folder's order: heads rotated in halves) and the gate and up in one (``ffn_up``), float16 matrices, the sliding
+    window as a key (0 for none), and with LongRoPE its long and short factors as tensors, its attention factor and
+    original context as keys (the context stays the whole one)."""
+    import json
+    import math
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((source / "config.json").read_text())
+    weights = load_file(str(source / "model.safetensors"))
+    rope = config.get("rope_parameters") or {}
+    heads, hidden = config["num_attention_heads"], config["hidden_size"]
+    w = gguf.GGUFWriter(str(target), "phi3")
+    if rope.get("long_factor"):  # its converter writes this key first (and the factors as tensors)
+        scale = config["max_position_embeddings"] / rope["original_max_position_embeddings"]
+        original = rope["original_max_position_embeddings"]
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)))
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_rope_scaling_orig_ctx_len(config.get("original_max_position_embeddings", config["max_position_embeddings"]))
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_dimension_count(int(rope.get("partial_rotary_factor", 1.0) * hidden) // heads)
+    w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_sliding_window(config.get("sliding_window") or 0)
+    add_sentencepiece_vocabulary(w, source)
+    if rope.get("long_factor"):
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
+    for name, key in phi3_llama_cpp_names(config["num_hidden_layers"]).items():
+        if key not in weights:  # lm_head, tied to the embedding: llama.cpp then reads token_embd
+            continue
+        data = weights[key]
+        w.add_tensor(name, data.astype(np.float16 if data.ndim == 2 else np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return target
+
+
+def phi3_llama_cpp_names(layers: int) -> dict[str, str]:
+    """llama.cpp's tensor names for a Phi-3 model: each one's Hugging Face name."""
+    names = {
+        "token_embd.weight": "model.embed_tokens.weight",
+        "output_norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight",
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        names |= {
+            f"blk.{i}.attn_norm.weight": p + "input_layernorm.weight",
+            f"blk.{i}.attn_qkv.weight": p + "self_attn.qkv_proj.weight",
+            f"blk.{i}.attn_output.weight": p + "self_attn.o_proj.weight",
+            f"blk.{i}.ffn_norm.weight": p + "post_attention_layernorm.weight",
+            f"blk.{i}.ffn_up.weight": p + "mlp.gate_up_proj.weight",
+            f"blk.{i}.ffn_down.weight": p + "mlp.down_proj.weight",
+        }
+    return names
 
 
 def gemma3_llama_cpp_names(layers: int) -> dict[str, tuple[str, bool]]:

@@ -56,14 +56,20 @@ def test_a_sentencepiece_folder_is_served_by_openvino_and_its_grammar_reads_the_
             assert json.loads(r.json()["choices"][0]["text"]) in choices
 
 
-def test_a_phi3_folder_with_longrope_is_served_by_openvino_up_to_its_original_context(tmp_path: Path) -> None:
-    """Phi-3 (fused matrices, a sliding window, LongRoPE) on OpenVINO: a prompt longer than the window is answered;
-    the context served is LongRoPE's original one (512 here; past it the model switches to its long factors), and a
-    prompt past it is refused with an error naming the limit, while the server goes on."""
+@pytest.mark.parametrize("form", ["folder", "gguf"])
+def test_a_phi3_folder_or_file_with_longrope_is_served_by_openvino_up_to_its_original_context(
+    form: str, tmp_path: Path
+) -> None:
+    """Phi-3 (fused matrices, a sliding window, LongRoPE) on OpenVINO, from its folder or from the GGUF file
+    llama.cpp's converter makes of it: a prompt longer than the window is answered; the context served is
+    LongRoPE's original one (512 here; past it the model switches to its long factors), and a prompt past it is
+    refused with an error naming the limit, while the server goes on."""
+    from tests.tiny import save_phi3_gguf_as_llama_cpp_writes_it
     from tests.unit.test_ir import PHI3_LONGROPE
 
     folder = save_tiny_family(tmp_path / "phi3", "Phi3ForCausalLM", rope=PHI3_LONGROPE, tokenizer="sentencepiece")
-    with serve("--model", str(folder), "--device", "cpu", startup_timeout=180) as server:
+    model = folder if form == "folder" else save_phi3_gguf_as_llama_cpp_writes_it(folder, tmp_path / "phi3.gguf")
+    with serve("--model", str(model), "--device", "cpu", startup_timeout=180) as server:
         assert server.get_json("/v1/stats")["engine"]["backend"] == "openvino"
         body = {"prompt": "word " * 40, "max_tokens": 8, "ignore_eos": True}
         r = httpx.post(server.http + "/v1/completions", json=body, timeout=scaled(60))

@@ -147,41 +147,59 @@ def test_a_model_no_engine_can_serve_stops_the_start_with_one_line_naming_it(
     assert "\n" not in str(err.value)
 
 
-def test_a_gguf_file_openvino_cannot_build_goes_to_llama_cpp_or_transformers_saying_why(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A file of an architecture OpenVINO GenAI does not build and tokenwire does not rewrite (here phi3) used to stop
-    the start at its conversion ("Unsupported model architecture"). Its architecture is read from the header at
-    once: auto serves it on llama.cpp where llama-cpp-python is installed, else on the transformers engine, saying
-    why; forced onto OpenVINO it is refused naming the ways out."""
-    import importlib.util
-
+def header_only_gguf(path: Path, arch: str, keys: dict[str, int] | None = None) -> Path:
+    """A GGUF file with metadata and no tensors: what choosing an engine reads."""
     import gguf as gg
 
-    from tokenwire.engine import models
-
-    phi3 = tmp_path / "phi3.gguf"
-    writer = gg.GGUFWriter(str(phi3), "phi3")
+    writer = gg.GGUFWriter(str(path), arch)
+    writer.add_array("general.tags", ["text-generation", "a tag before the model's keys"])
     writer.add_block_count(2)
+    for key, value in (keys or {}).items():
+        writer.add_uint32(f"{arch}.{key}", value)
+    writer.add_token_list(["a", "b"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    assert models.gguf_architecture(phi3) == "phi3"
+    return path
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "phi3"])
+def test_a_gguf_file_openvino_cannot_build_goes_to_llama_cpp_or_transformers_saying_why(
+    arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file of an architecture OpenVINO GenAI does not build and tokenwire does not rewrite (gemma2), or a phi3 file
+    whose rotary embeddings cover part of each head (Phi-4-mini's 96 of 128), used to stop the start at its
+    conversion ("Unsupported model architecture"). What decides is read from the header at once: auto serves it on
+    llama.cpp where llama-cpp-python is installed, else on the transformers engine, saying why; forced onto OpenVINO
+    it is refused naming the ways out."""
+    import importlib.util
+
+    from tokenwire.engine import models
+
+    keys = {"embedding_length": 3072, "attention.head_count": 24, "rope.dimension_count": 96} if arch == "phi3" else {}
+    path = header_only_gguf(tmp_path / f"{arch}.gguf", arch, keys)
+    assert models.gguf_architecture(path) == arch
+    assert models.gguf_header(path) == {
+        "general.architecture": arch,
+        f"{arch}.block_count": 2,
+        **{f"{arch}.{k}": v for k, v in keys.items()},
+    }  # past the tags, up to the vocabulary
     assert models.gguf_architecture(models.default_model_path()) == "llama"
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     assert models.gguf_architecture(tmp_path / "junk.gguf") is None
+    named = "96 of each head's 128" if arch == "phi3" else "architecture gemma2"
     if importlib.util.find_spec("llama_cpp") is not None:
-        kind, why = choose_engine(Settings(model=str(phi3)))
-        assert kind == "llamacpp" and "phi3" in why and "llama.cpp reads it" in why
+        kind, why = choose_engine(Settings(model=str(path)))
+        assert kind == "llamacpp" and named in why and "llama.cpp reads it" in why
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a)
     )
-    kind, why = choose_engine(Settings(model=str(phi3)))
-    assert kind == "transformers" and "architecture phi3" in why
+    kind, why = choose_engine(Settings(model=str(path)))
+    assert kind == "transformers" and named in why
     with pytest.raises(ValueError, match="--engine llamacpp or --engine transformers"):
-        build_engine(Settings(model=str(phi3), engine="openvino"))
+        build_engine(Settings(model=str(path), engine="openvino"))
 
 
 def test_the_llamacpp_engine_refuses_settings_it_cannot_honour_naming_them(tiny_gguf: Path) -> None:

@@ -464,6 +464,48 @@ def test_a_gemma3_gguf_file_as_llama_cpp_writes_it_goes_to_openvino(tmp_path: Pa
     assert np.abs(log_softmax(got) - log_softmax(want)).max() < 1e-3
 
 
+def test_a_phi3_gguf_file_as_llama_cpp_writes_it_goes_to_openvino(tmp_path: Path, cache: Path) -> None:
+    """A Phi-3 file in llama.cpp's own layout (architecture phi3, which GenAI does not build: the query, key and value
+    in one matrix, the gate and up in another, heads rotated in halves; a SentencePiece vocabulary; a window of 8
+    here; LongRoPE's factors as tensors) is written again as Llama's layers, its fused matrices cut by rows, and
+    served on OpenVINO up to LongRoPE's original context: float16, it computes what transformers' forward pass of
+    the folder does (every position within 1e-3, 32 greedy tokens through paged attention equal); in Q4_1 (its
+    blocks cut and reordered as they are, then taken exactly), what that model computes with the file's weights
+    decoded exactly."""
+    import gguf as gg
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import phi3_llama_cpp_names, save_phi3_gguf_as_llama_cpp_writes_it, save_tiny_family
+    from tokenwire.engine import models
+    from tokenwire.engine.openvino.model import plan, prepare
+
+    folder = save_tiny_family(tmp_path / "phi3", "Phi3ForCausalLM", rope=PHI3_LONGROPE, tokenizer="sentencepiece")
+    f16 = save_phi3_gguf_as_llama_cpp_writes_it(folder, tmp_path / "phi3-f16.gguf")
+    found = plan(models.resolve(str(f16)))
+    assert found.source == f16  # not refused
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16).float()
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, 400, 300)]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].double().numpy()
+    got = logits(ir.converted(f16, "none"), ids)
+    assert np.abs(log_softmax(got) - log_softmax(want)).max() < 1e-3
+    assert greedy_through_the_pipeline(folder, ids, gguf=f16) == greedy_of_transformers(folder, ids)
+    assert prepare(found, 4096).max_context == PHI3_LONGROPE["original_max_position_embeddings"]
+    q4 = q4_1_gguf(f16, tmp_path / "phi3-q4_1.gguf")
+    with torch.no_grad():  # the folder's model with the file's weights, decoded exactly
+        params = dict(model.named_parameters())
+        for t in gg.GGUFReader(str(q4)).tensors:
+            if (key := phi3_llama_cpp_names(2).get(t.name)) is not None:  # (not LongRoPE's factors)
+                value = gg.quants.dequantize(t.data, t.tensor_type).reshape(params[key].shape)
+                if value.ndim == 2:  # the IR's float16 (norms stay float32)
+                    value = value.astype(np.float16).astype(np.float32)
+                params[key].copy_(torch.from_numpy(np.array(value, np.float32)))
+        want = model(torch.tensor([ids])).logits[0].double().numpy()
+    got = logits(ir.converted(q4, "none"), ids)
+    assert np.abs(log_softmax(got) - log_softmax(want)).max() < 1e-3
+
+
 def test_windows_follow_the_layer_kinds_a_config_names() -> None:
     from tokenwire.engine.openvino import convert
 

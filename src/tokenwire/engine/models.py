@@ -121,36 +121,57 @@ def _write_key_index(index: Path, known: dict[str, str]) -> None:
 
 
 def gguf_architecture(gguf: Path) -> str | None:
-    """The ``general.architecture`` a GGUF file names, read from its header alone (the key comes first in the files
-    llama.cpp and the ``gguf`` package write; up to 64 keys are looked at), or None if it names none there or is
-    not a GGUF file. Milliseconds, where parsing the whole header reads every vocabulary entry."""
+    """The ``general.architecture`` a GGUF file names (:func:`gguf_header`), or None if it names none there or is
+    not a GGUF file."""
+    found = gguf_header(gguf).get("general.architecture")
+    return found if isinstance(found, str) else None
+
+
+def gguf_header(gguf: Path, limit: int = 128) -> dict[str, int | float | bool | str]:
+    """A GGUF file's single-valued keys (numbers, strings), read from its header alone up to the vocabulary (the
+    ``tokenizer.`` keys, which llama.cpp's converter and the ``gguf`` package write after the model's) or ``limit``
+    keys; arrays before it are stepped over. Empty for a file that is not GGUF. Milliseconds, where parsing the
+    whole header reads every vocabulary entry."""
     import struct
 
-    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # fixed-size value types
+    formats = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    found: dict[str, int | float | bool | str] = {}
     try:
         with gguf.open("rb") as f:
             magic, version = f.read(4), struct.unpack("<I", f.read(4))[0]
             if magic != b"GGUF" or version < 2:
-                return None
+                return found
             _tensors, count = struct.unpack("<QQ", f.read(16))
 
             def text() -> str:
                 (n,) = struct.unpack("<Q", f.read(8))
                 return f.read(n).decode("utf-8", errors="replace")
 
-            for _ in range(min(count, 64)):
+            for _ in range(min(count, limit)):
                 key, (kind,) = text(), struct.unpack("<I", f.read(4))
+                if key.startswith("tokenizer."):
+                    break
                 if kind == 8:  # a string
-                    value = text()
-                    if key == "general.architecture":
-                        return value
-                elif kind in sizes:
-                    f.seek(sizes[kind], 1)
-                else:  # an array (9): no key of interest comes after one in practice
-                    return None
-    except (OSError, struct.error):
-        return None
-    return None
+                    found[key] = text()
+                elif kind in formats:
+                    fmt = "<" + formats[kind]
+                    found[key] = struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+                elif kind == 9:  # an array: its element type, its length, its elements
+                    sub, n = struct.unpack("<IQ", f.read(12))
+                    if sub == 8:
+                        for _ in range(min(n, 4096)):
+                            text()
+                        if n > 4096:
+                            break
+                    elif sub in formats:
+                        f.seek(n * struct.calcsize(formats[sub]), 1)
+                    else:
+                        break
+                else:
+                    break
+    except (OSError, struct.error, UnicodeDecodeError):
+        return found
+    return found
 
 
 class NotForOpenVINO(ModelNotFoundError):

@@ -497,7 +497,7 @@ def restore_float32(model: Any, reader: Any) -> int:
             continue
         values = op.get_data().astype(np.float16).tobytes()
         if op.get_element_type() == ov.Type.f32:  # the rotary frequencies of a graph built from quantized blocks
-            if values == rotary:
+            if rotary is not None and values == rotary:
                 op.output(0).replace(ops.constant(candidates[rotary][0].reshape(shape)).output(0))
                 count += 1
             continue

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenwire.engine import models
+from tokenwire.engine.openvino import relayout
 from tokenwire.engine.openvino.relayout import REWRITTEN
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Plan:
 
     source: Path  # the GGUF file, IR folder or Hugging Face folder
     convert: bool = False  # a Hugging Face folder: written as a float16 GGUF file first
+    max_context: int | None = None  # a shorter context than the file's that the route serves (LongRoPE's original)
 
     @property
     def as_is(self) -> bool:
@@ -67,14 +69,19 @@ def plan(resolved: models.ResolvedModel) -> Plan:
 
     if resolved.gguf_file is not None:  # read as it is
         gguf = Path(resolved.path) / resolved.gguf_file
-        arch = models.gguf_architecture(gguf)
+        header = models.gguf_header(gguf)
+        arch = header.get("general.architecture")
+        if arch in REWRITTEN and (why := relayout.refusal(header)) is not None:
+            raise models.NotForOpenVINO(
+                f"the openvino engine cannot read {gguf.name}: {why} (use --engine llamacpp or --engine transformers)"
+            )
         if arch is not None and arch not in GENAI_ARCHITECTURES and arch not in REWRITTEN:
             raise models.NotForOpenVINO(
                 f"the openvino engine cannot read {gguf.name}: its architecture {arch} is not one OpenVINO GenAI "
                 f"builds from a GGUF file ({', '.join(GENAI_ARCHITECTURES)}) or tokenwire rewrites as one "
                 f"({', '.join(REWRITTEN)}) (use --engine llamacpp or --engine transformers)"
             )
-        return Plan(gguf)
+        return Plan(gguf, max_context=relayout.served_context(header))
     folder = Path(resolved.path)
     if (folder / "openvino_model.xml").is_file():  # an IR folder, as `optimum-cli export openvino` writes: as is
         return Plan(folder)
@@ -136,7 +143,7 @@ def prepare(found: Plan, max_model_len: int) -> Prepared:
     eos = set(info.get("eos_ids") or [])
     if isinstance(tokenizer.eos_token_id, int):
         eos.add(tokenizer.eos_token_id)
-    context = int(info.get("max_context") or max_model_len)
+    context = min(int(info.get("max_context") or max_model_len), found.max_context or max_model_len)
     return Prepared(tokenizer, frozenset(eos), min(max_model_len, context))
 
 
