@@ -212,3 +212,43 @@ async def test_a_gemma3_file_as_llama_cpp_writes_it_is_served_with_its_own_token
         for _ in range(16):
             out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
     assert r["ids"] == out[len(ids) :]
+
+
+async def test_a_file_of_an_architecture_transformers_does_not_know_is_served_with_its_own_vocabulary(
+    tiny_gguf: Path, tmp_path: Path
+) -> None:
+    """llama.cpp reads more architectures than transformers' GGUF reader, which the tokenizer came from: a file of
+    one transformers does not know (granite here: Llama's layers with scales that are 1 in this file) used to stop
+    the start ("GGUF model with architecture granite is not supported yet"). Its vocabulary, chat template and
+    context are read from its metadata as a Llama file's: the same prompt tokens and, the layers being the same, the
+    same greedy tokens as the Llama file."""
+    import gguf as gg
+    import numpy as np
+
+    from tokenwire.engine.openvino.ir import copy_metadata
+
+    reader = gg.GGUFReader(str(tiny_gguf))
+    granite = tmp_path / "granite.gguf"
+    writer = copy_metadata(reader, granite, int(reader.fields["general.file_type"].contents()), "granite")
+    writer.add_logit_scale(1.0)  # llama.cpp divides the logits by it (required for granite)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.asarray(t.data).reshape(tuple(int(x) for x in reversed(t.shape))))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    from transformers import AutoTokenizer
+
+    with pytest.raises(ValueError, match="granite"):
+        AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=granite.name)
+    results = []
+    for model in (tiny_gguf, granite):
+        eng = await make_engine(model)
+        try:
+            results.append(await run(eng, "g", prompt="Hello there, tell me a story", max_tokens=12, temperature=0))
+            results[-1]["template"] = prompt_ids(eng, "Hi")
+        finally:
+            await eng.shutdown()
+    llama, other = results
+    assert other["ids"] == llama["ids"] and other["prompt_tokens"] == llama["prompt_tokens"]
+    assert other["template"] == llama["template"]  # the file's chat template

@@ -186,10 +186,18 @@ def _load(folder: Path) -> tuple[Any, dict[str, Any]] | None:
 
 
 def _build(gguf: Path, target: Path) -> None:
-    from transformers import AutoConfig, AutoTokenizer
+    import tempfile
 
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        tok, config = _read(gguf)
+    except ValueError as exc:
+        if "architecture" not in str(exc):
+            raise
+        # transformers reads the tokenizers of the architectures it knows; llama.cpp (the llamacpp engine) reads more.
+        # The vocabulary is the same kind of thing whatever the layers: read it from the file's metadata as Llama's.
+        log.info("transformers does not know %s's architecture; reading its vocabulary as a Llama file's", gguf.name)
+        with tempfile.TemporaryDirectory(prefix="tokenwire-vocabulary-") as work:
+            tok, config = _read(_metadata_as_llama(gguf, Path(work) / gguf.name))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     info = {
         "version": MARKER_VERSION,
@@ -206,6 +214,32 @@ def _build(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         os.replace(tmp, target)
+
+
+def _read(gguf: Path) -> tuple[Any, Any]:
+    """The tokenizer and config transformers reads from a GGUF file (ValueError naming the architecture if it does
+    not know it)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return tok, AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def _metadata_as_llama(gguf: Path, target: Path) -> Path:
+    """A GGUF file at ``target`` with ``gguf``'s metadata (its vocabulary, chat template, context length, ...), its
+    architecture named ``llama`` (its keys with it), and no tensors."""
+    import gguf as gg
+
+    from tokenwire.engine.openvino.ir import copy_metadata
+
+    reader = gg.GGUFReader(str(gguf))
+    file_type = reader.fields.get("general.file_type")
+    writer = copy_metadata(reader, target, int(file_type.contents()) if file_type else 1, "llama")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
 
 
 def _folder_info(folder: Path) -> dict[str, Any]:
