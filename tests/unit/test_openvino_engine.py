@@ -345,3 +345,37 @@ async def test_a_continued_request_finds_its_kv_in_the_prefix_cache(engine: OVEn
     reports = [c["kv"] for c in seen if "kv" in c]
     assert len(reports) >= 2, reports  # the first admission and the continuation
     assert reports[-1] >= reports[0] + 64, reports  # the generated tokens' blocks too
+
+
+async def test_the_kv_cache_is_what_the_setting_asks_at_most_what_the_memory_budget_holds(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """OpenVINO GenAI allocates the whole KV cache at start and refuses to start when it does not fit in memory: the
+    default 131,072 tokens of Phi-3-mini's shape would take 26 GiB (a 3.8B model that then did not start here). The
+    cache is --kv-cache-tokens or what kv.KV_BYTES hold, whichever is fewer, never less than one context; the
+    bytes a token takes come from the file's header (or a folder's config.json); the log says so."""
+    import json
+
+    from tokenwire.engine.openvino import kv
+
+    shape = kv.shape_of(tiny_gguf)
+    assert shape is not None and shape == kv.KVShape(layers=2, kv_heads=2, head_size=16)  # tiny_shape's
+    assert shape.bytes_per_token("CPU") == 2 * 2 * 2 * (16 + 8) and shape.bytes_per_token("GPU") == 2 * 2 * 2 * 32
+    phi3_mini = kv.KVShape(layers=32, kv_heads=32, head_size=96).bytes_per_token("CPU")
+    assert kv.cache_tokens(1 << 17, phi3_mini, 8192) == kv.KV_BYTES // phi3_mini < 11000  # 2 GiB, not 26
+    assert kv.cache_tokens(1 << 17, phi3_mini * 64, 8192) == 8192  # one context at least
+    assert kv.cache_tokens(1000, phi3_mini, 8192) == 1000  # a smaller setting as it is
+    assert kv.cache_tokens(1 << 17, None, 8192) == 1 << 17
+    (tmp_path / "config.json").write_text(
+        json.dumps({"text_config": {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 8}})
+    )
+    assert kv.shape_of(tmp_path) == kv.KVShape(layers=4, kv_heads=8, head_size=32)
+    monkeypatch.setattr(kv, "KV_BYTES", 3000 * shape.bytes_per_token("CPU"))
+    with caplog.at_level("INFO"):
+        eng = await make_engine(tiny_gguf, max_model_len=1024)
+    try:
+        assert eng.stats().kv_cache_tokens_capacity == 3008  # 3,000 tokens in whole blocks of 32
+        assert "KV cache: 3000 tokens" in caplog.text and "--kv-cache-tokens 16384" in caplog.text
+        assert (await run(eng, "a", max_tokens=8))["completion"] == 8
+    finally:
+        await eng.shutdown()

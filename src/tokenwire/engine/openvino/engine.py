@@ -28,7 +28,7 @@ from tokenwire.engine.grammar.residual import NotAPrefix
 from tokenwire.engine.grammar.schema import Unsupported
 from tokenwire.engine.interface import EngineError, EngineErrorCode, EngineStats, FinishReason, SamplingParams
 from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
-from tokenwire.engine.openvino import ir, kernel_cache, worker
+from tokenwire.engine.openvino import convert, ir, kernel_cache, kv, worker
 from tokenwire.engine.openvino.model import plan, prepare
 from tokenwire.engine.recovery import RestartBudget
 
@@ -68,10 +68,10 @@ class OVEngineConfig:
 
 
 def worker_config(
-    cfg: OVEngineConfig, source: str, properties: dict[str, str | int] | None = None
+    cfg: OVEngineConfig, source: str, properties: dict[str, str | int] | None = None, kv_tokens: int | None = None
 ) -> worker.WorkerConfig:
     """How the worker runs the pipeline on ``source`` for the settings ``cfg`` (``properties``: more compile
-    properties, for experiments)."""
+    properties, for experiments; ``kv_tokens``: the KV cache's size, if not ``cfg.kv_cache_tokens``)."""
     props: dict[str, str | int] = {"CACHE_DIR": str(kernel_cache.folder())}
     if cfg.threads > 0:
         props["INFERENCE_NUM_THREADS"] = cfg.threads
@@ -82,7 +82,7 @@ def worker_config(
         device=_DEVICES.get(cfg.device, "CPU"),
         properties={**props, **(properties or {})},
         max_num_seqs=cfg.max_batch_size,
-        kv_cache_blocks=kv_blocks(cfg.kv_cache_tokens),
+        kv_cache_blocks=kv_blocks(cfg.kv_cache_tokens if kv_tokens is None else kv_tokens),
         block_tokens=BLOCK_TOKENS,
         max_batched_tokens=max(cfg.max_prefill_tokens, cfg.max_batch_size),
         prefix_caching=cfg.prefix_caching,
@@ -138,13 +138,15 @@ class OVBackend:
         self.grammars = SchemaGrammars(compact=config.json_whitespace == "compact")
         self._tokenizer: Any = None
         self._refused: dict[str, EngineError] = {}  # requests that could not be handed to the worker, and why
+        self.kv_tokens = config.kv_cache_tokens  # the KV cache's size (load: at most what kv.KV_BYTES hold)
 
     # -- lifecycle
     def load(self) -> LoadedModel:
         """Start the worker (it loads the weights), read the tokenizer meanwhile, then wait for the worker."""
         cfg = self.config
         self.source = self.plan.weights(cfg.quantize)  # made into IR here, once
-        wcfg = worker_config(cfg, self.source)
+        self.kv_tokens = self._kv_tokens()
+        wcfg = worker_config(cfg, self.source, kv_tokens=self.kv_tokens)
         kernel_cache.prune(kernel_cache.folder())
         log.info("loading %s with OpenVINO on %s in a worker process", self.name, wcfg.device)
         self._wcfg = wcfg
@@ -165,6 +167,24 @@ class OVBackend:
             seconds,
         )
         return LoadedModel(prepared.tokenizer, prepared.eos_ids, prepared.max_context)
+
+    def _kv_tokens(self) -> int:
+        """--kv-cache-tokens, at most what kv.KV_BYTES hold for this model (at least one context); logged if fewer."""
+        cfg, found = self.config, self.plan
+        source = convert.converted(found.source) if found.convert else found.source
+        shape = kv.shape_of(source)
+        per_token = shape.bytes_per_token(_DEVICES.get(cfg.device, "CPU")) if shape is not None else None
+        tokens = kv.cache_tokens(cfg.kv_cache_tokens, per_token, cfg.max_model_len)
+        if per_token is not None and tokens < cfg.kv_cache_tokens:
+            log.info(
+                "KV cache: %d tokens (%.0f MiB, %d bytes a token), not --kv-cache-tokens %d: at most what %d GiB hold",
+                tokens,
+                tokens * per_token / (1 << 20),
+                per_token,
+                cfg.kv_cache_tokens,
+                kv.KV_BYTES >> 30,
+            )
+        return tokens
 
     def _start(self) -> tuple[Connection, BaseProcess]:
         ctx = multiprocessing.get_context("spawn")
@@ -266,7 +286,7 @@ class OVBackend:
 
     def stats(self) -> EngineStats:
         last = self._last
-        capacity = kv_blocks(self.config.kv_cache_tokens) * BLOCK_TOKENS
+        capacity = kv_blocks(self.kv_tokens) * BLOCK_TOKENS
         busy = bool(self._keys)  # the worker reports only while it has requests: its last counters may be stale
         return EngineStats(
             running=last.scheduled if busy else 0,
