@@ -10,7 +10,9 @@ model (its vocabulary aside: the folder carries the default model's tokenizer, 4
   children);
 - ``llama-server -m Q4_K_M.gguf --parallel 32 -c 16384 -t 2``;
 - with ``--int4``, also ``tokenwire serve --model FOLDER --quantize int4``;
-- with ``--gemma3``, Gemma 3 1B's shape (and vocabulary) instead, llama.cpp's gemma3 file of it;
+- with ``--gemma3``, Gemma 3 1B's shape (and vocabulary) instead, llama.cpp's gemma3 file of it; with ``--phi3``,
+  Phi-3-mini's (3.8B, its window and vocabulary), llama.cpp's phi3 file of it (llama-server then holds 8,192
+  tokens: 256 a stream, where 16,384 would take 6 GiB);
 - with ``--llamacpp``, also ``tokenwire serve --engine llamacpp --model Q4_K_M.gguf`` (llama.cpp's kernels under
   tokenwire's scheduler); ``--no-folder`` leaves the folder out.
 
@@ -61,19 +63,44 @@ TINYLLAMA = {
 GEMMA3_1B = FAMILIES["gemma3-1b"][2]
 
 
-def build_gemma3_folder(target: Path) -> Path:
-    """Random weights in Gemma 3 1B's shape, with a SentencePiece tokenizer (llama.cpp's converter needs one)."""
+# Phi-3-mini's shape (3.8B: 32 layers of hidden 3072, 32 heads, no grouped KV, its window of 2047, its 32,064-token
+# vocabulary), as llama.cpp writes it (architecture phi3: fused query-key-value and gate-up matrices)
+PHI3_MINI = {
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "sliding_window": 2047,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 32064,
+    "tie_word_embeddings": False,
+}
+
+
+def build_sentencepiece_folder(target: Path, family: str) -> Path:
+    """Random weights in Gemma 3 1B's (``gemma3``) or Phi-3-mini's (``phi3``) shape, with a SentencePiece tokenizer
+    (llama.cpp's converter needs one; it pads the vocabulary with [PAD] pieces to the model's size)."""
     import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    import transformers
 
     sys.path.insert(0, str(BENCH.parent))
     from tests.tiny import save_sentencepiece_tokenizer
 
     target.mkdir(parents=True, exist_ok=True)
-    tok = save_sentencepiece_tokenizer(target, "GemmaTokenizer")
-    config = Gemma3TextConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **GEMMA3_1B)
+    names = {"gemma3": ("GemmaTokenizer", "Gemma3TextConfig", "Gemma3ForCausalLM", GEMMA3_1B)}
+    names["phi3"] = ("LlamaTokenizer", "Phi3Config", "Phi3ForCausalLM", PHI3_MINI)
+    kind, config_class, model_class, shape = names[family]
+    tok = save_sentencepiece_tokenizer(target, kind)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.eos_token_id}
+    config = getattr(transformers, config_class)(**ids, **shape)
     torch.manual_seed(0)
-    Gemma3ForCausalLM(config).to(torch.bfloat16).save_pretrained(target)
+    torch.set_default_dtype(torch.bfloat16)  # built in bfloat16: Phi-3-mini's 3.8B in float32 would take 15 GB
+    try:
+        getattr(transformers, model_class)(config).save_pretrained(target)
+    finally:
+        torch.set_default_dtype(torch.float32)
     tok.save_pretrained(target)
     return target
 
@@ -159,6 +186,7 @@ def main() -> None:
     p.add_argument("--llamacpp", action="store_true", help="add the Q4_K_M file served with --engine llamacpp")
     p.add_argument("--no-folder", action="store_true", help="leave out the folder served by the default engine")
     p.add_argument("--gemma3", action="store_true", help="Gemma 3 1B's shape instead of TinyLlama's")
+    p.add_argument("--phi3", action="store_true", help="Phi-3-mini's shape (3.8B) instead of TinyLlama's")
     p.add_argument("--out", default=str(BENCH / "results" / "model-size-cpu.json"))
     a = p.parse_args()
     sys.path.insert(0, str(BENCH))
@@ -169,8 +197,8 @@ def main() -> None:
         work = Path(tmp)
         cache = work / "cache"  # a cache of its own: the first start on the GGUF is a real first start
         env["TOKENWIRE_CACHE_DIR"] = str(cache)
-        if a.gemma3:
-            folder = build_gemma3_folder(work / "gemma3-1b-random")
+        if a.gemma3 or a.phi3:
+            folder = build_sentencepiece_folder(work / "random", "gemma3" if a.gemma3 else "phi3")
         else:
             folder = build_folder(default_tokenizer(), work / "tinyllama-random")
         gguf = q4_k_m(folder, a.llama_cpp, work)
@@ -178,7 +206,7 @@ def main() -> None:
         sizes["q4_k_m_gb"] = gguf.stat().st_size / 1e9
         tw = [sys.executable, "-m", "tokenwire.cli", "serve", "--heartbeat-interval", "0"]
         llama = [str(a.llama_cpp / "build" / "bin" / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1"]
-        llama += ["-t", "2", "--parallel", "32", "-c", "16384", "--no-webui"]
+        llama += ["-t", "2", "--parallel", "32", "-c", "8192" if a.phi3 else "16384", "--no-webui"]
         servers = {
             "tokenwire, the Hugging Face folder (int8)": [*tw, "--model", str(folder)],
             "tokenwire, the Q4_K_M file": [*tw, "--model", str(gguf)],
@@ -257,7 +285,7 @@ def write(a: argparse.Namespace, sizes: dict[str, float], starts: dict[str, Any]
     print(text)
     out = Path(a.out)
     meta = {
-        "shape": GEMMA3_1B if a.gemma3 else TINYLLAMA,
+        "shape": GEMMA3_1B if a.gemma3 else PHI3_MINI if a.phi3 else TINYLLAMA,
         "sizes": sizes,
         "max_tokens": a.max_tokens,
         "rounds": a.rounds,

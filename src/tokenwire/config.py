@@ -117,7 +117,7 @@ class Settings:
             "help": "KV-cache pool in tokens, in blocks of 32 tokens; the KV bytes per token depend on the model "
             "(transformers: at least one whole context; a request is admitted while its prompt + max_tokens fits "
             "beside what the running ones reserved; blocks are allocated as sequences grow, memory on demand; "
-            "openvino: allocated whole at start)"
+            "openvino: allocated whole at start, at most what 2 GiB hold, at least one context)"
         },
     )
     engine_hang_timeout: float = field(
