@@ -28,7 +28,7 @@ from tokenwire.engine.interface import Engine
 from tokenwire.server.app import ServerState, create_app
 from tokenwire.server.auth import AuthPolicy
 from tokenwire.server.serve import uvicorn_config
-from tokenwire.server.ws.connection import ConnectionSettings
+from tokenwire.server.settings import ServerSettings
 
 
 def free_port() -> int:
@@ -140,7 +140,7 @@ def serve(
 async def serving(
     engine: Engine,
     port: int | None = None,
-    settings: ConnectionSettings | None = None,
+    settings: ServerSettings | None = None,
     auth: AuthPolicy | None = None,
     server_settings: Settings | None = None,
     prefix: str = "",
@@ -150,9 +150,7 @@ async def serving(
     """A real uvicorn server on 127.0.0.1 in this event loop, configured as ``tokenwire serve`` configures it
     (``server_settings`` for its flags); yields (base URL, server state). With ``prefix`` ("/llm") the app is
     served under that path, as a proxy that strips it would present it to browsers."""
-    app = create_app(
-        engine, settings or ConnectionSettings(heartbeat_interval=0), on_fatal, auth=auth, admin_key=admin_key
-    )
+    app = create_app(engine, settings or ServerSettings(heartbeat_interval=0), on_fatal, auth=auth, admin_key=admin_key)
     state: ServerState = app.state.tokenwire
     if prefix:
         inner = app

@@ -18,7 +18,7 @@ from tests.fakes import FakeEngine
 from tokenwire.engine.interface import EngineError, EngineErrorCode
 from tokenwire.server.auth import AuthPolicy
 from tokenwire.server.params import Limits
-from tokenwire.server.ws.connection import ConnectionSettings
+from tokenwire.server.settings import ServerSettings
 
 MS = scaled(10) * 1000  # Playwright timeouts, in milliseconds
 
@@ -562,7 +562,7 @@ async def test_the_page_keeps_within_the_servers_limits_instead_of_losing_the_co
     question; max tokens is capped at the server's."""
     engine = FakeEngine(reply="Ok.", pieces=1)
     limits = Limits(max_message_bytes=1500, max_tokens=100)
-    settings = ConnectionSettings(limits=limits, heartbeat_interval=0)
+    settings = ServerSettings(limits=limits, heartbeat_interval=0)
     async with serving(engine, settings=settings) as (base, state), browser_page() as page:
         await open_chat(page, base)
         (first_connection,) = state.connections

@@ -18,7 +18,7 @@ from tests.conftest import scaled
 from tests.e2e.browser import ARGS, require_chromium
 from tests.e2e.server import serving
 from tests.fakes import FakeEngine
-from tokenwire.server.ws.connection import ConnectionSettings
+from tokenwire.server.settings import ServerSettings
 
 MS = scaled(10) * 1000  # Playwright timeouts, in milliseconds
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "browser-client.html"
@@ -312,7 +312,7 @@ async def test_a_resume_the_server_cannot_serve_throws_its_error_code_as_a_lost_
 
 
 async def test_the_client_answers_the_servers_ping_with_pong() -> None:
-    settings = ConnectionSettings(heartbeat_interval=0.1)
+    settings = ServerSettings(heartbeat_interval=0.1)
     async with serving(FakeEngine(), settings=settings) as (base, _), browser_page() as page:
         await page.add_init_script(
             """window.__sent = [];

@@ -150,10 +150,10 @@ async def test_a_reader_that_reads_slowly_is_not_taken_for_a_slow_consumer() -> 
     that buffer) stays connected to the end: only a client that reads nothing at all for the timeout is closed."""
     from tests.e2e.server import serving
     from tests.fakes import FakeEngine
-    from tokenwire.server.ws.connection import ConnectionSettings
+    from tokenwire.server.settings import ServerSettings
 
     engine = FakeEngine(reply="x" * 600_000, pieces=600, delay=0.005)  # 1 KB pieces, faster than it reads
-    settings = ConnectionSettings(heartbeat_interval=0, slow_consumer_timeout=0.5)
+    settings = ServerSettings(heartbeat_interval=0, slow_consumer_timeout=0.5)
     async with serving(engine, settings=settings) as (base, _):
         port = int(base.rsplit(":", 1)[1])
         sock = socket.socket()

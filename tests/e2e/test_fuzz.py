@@ -15,7 +15,7 @@ import websockets
 from tests.e2e.client import Client
 from tests.e2e.server import serving
 from tests.fakes import FakeEngine
-from tokenwire.server.ws.connection import ConnectionSettings
+from tokenwire.server.settings import ServerSettings
 
 FIELDS = [
     "type", "id", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
@@ -59,7 +59,7 @@ def frame(rng: random.Random) -> str | bytes:
 async def test_random_websocket_frames_never_break_the_connection_or_the_server() -> None:
     rng = random.Random(20261126)
     engine = FakeEngine(reply="ok ok", pieces=2)
-    settings = ConnectionSettings(heartbeat_interval=0)
+    settings = ServerSettings(heartbeat_interval=0)
     async with serving(engine, settings=settings) as (base, _), httpx.AsyncClient(base_url=base) as http:
         c = await Client.connect(base.replace("http", "ws", 1) + "/ws")
         for _ in range(300):

@@ -14,7 +14,7 @@ from tests.e2e.server import serving
 from tests.fakes import FakeEngine
 from tokenwire.config import Settings
 from tokenwire.server.auth import AuthPolicy
-from tokenwire.server.ws.connection import ConnectionSettings
+from tokenwire.server.settings import ServerSettings
 
 
 async def refused(url: str, **kw: object) -> tuple[dict[str, object], int | None]:
@@ -28,7 +28,7 @@ async def refused(url: str, **kw: object) -> tuple[dict[str, object], int | None
 async def test_connections_per_address_are_capped_for_websockets_and_http() -> None:
     """Two places per address: a third WebSocket gets overloaded naming the flag and close 1013, an HTTP request
     503 with Retry-After; closing one frees a place."""
-    settings = ConnectionSettings(heartbeat_interval=0, max_connections_per_ip=2)
+    settings = ServerSettings(heartbeat_interval=0, max_connections_per_ip=2)
     async with serving(FakeEngine(), settings=settings) as (base, _), httpx.AsyncClient(base_url=base) as http:
         ws_url = base.replace("http", "ws", 1) + "/ws"
         a, b = await Client.connect(ws_url), await Client.connect(ws_url)
@@ -47,7 +47,7 @@ async def test_connections_per_address_are_capped_for_websockets_and_http() -> N
 async def test_behind_a_trusted_proxy_the_forwarded_address_counts() -> None:
     """From a trusted proxy (127.0.0.1 by default) X-Forwarded-For names the client: two clients behind it get
     their own places. With no trusted proxy the header is ignored and both count as the proxy."""
-    settings = ConnectionSettings(heartbeat_interval=0, max_connections_per_ip=1)
+    settings = ServerSettings(heartbeat_interval=0, max_connections_per_ip=1)
     async with serving(FakeEngine(), settings=settings) as (base, _):
         url = base.replace("http", "ws", 1) + "/ws"
         one = await Client.connect(url, additional_headers={"X-Forwarded-For": "10.0.0.1"})
@@ -69,7 +69,7 @@ async def test_an_api_key_runs_at_most_its_cap_of_generations_over_all_its_conne
     """Two generations per key: a third on another connection of the same key is rate_limited, an HTTP request
     of that key 429 with Retry-After; another key is not affected; when one ends, the key may start another."""
     engine = FakeEngine(reply="word " * 100, pieces=100, delay=0.02)
-    settings = ConnectionSettings(heartbeat_interval=0, max_generations_per_key=2)
+    settings = ServerSettings(heartbeat_interval=0, max_generations_per_key=2)
     policy = AuthPolicy(api_keys=("k1", "k2"))
     async with serving(engine, settings=settings, auth=policy) as (base, _), httpx.AsyncClient(base_url=base) as http:
         url = base.replace("http", "ws", 1) + "/ws"
@@ -104,7 +104,7 @@ async def test_the_per_key_token_budget_refuses_with_the_wait_until_it_refills()
     """A budget of 30 tokens a minute: after a generation of 7 prompt + 30 generated tokens the key is refused
     (rate_limited with retry_after_s on the WebSocket, 429 with Retry-After over HTTP); another key is not."""
     engine = FakeEngine(reply="w" * 30, pieces=30)
-    settings = ConnectionSettings(heartbeat_interval=0, rate_limit_tokens_per_minute=30)
+    settings = ServerSettings(heartbeat_interval=0, rate_limit_tokens_per_minute=30)
     policy = AuthPolicy(api_keys=("k1", "k2"))
     async with serving(engine, settings=settings, auth=policy) as (base, _), httpx.AsyncClient(base_url=base) as http:
         url = base.replace("http", "ws", 1) + "/ws"

@@ -21,7 +21,7 @@ from tests.e2e.server import RunningServer, serve, serving
 from tests.fakes import FakeEngine
 from tokenwire.engine.interface import EngineError, EngineErrorCode
 from tokenwire.server.params import Limits
-from tokenwire.server.ws.connection import ConnectionSettings
+from tokenwire.server.settings import ServerSettings
 
 RESPONSE_EVENTS = [
     "response.created",
@@ -230,7 +230,7 @@ async def test_a_conversation_holds_a_bounded_amount_of_text() -> None:
     """Items are bounded in number and, together, in size (4 x --max-message-bytes of text): a client cannot
     grow a connection's memory without end."""
     engine = FakeEngine()
-    settings = ConnectionSettings(limits=Limits(max_message_bytes=10_000))
+    settings = ServerSettings(limits=Limits(max_message_bytes=10_000))
     async with (
         serving(engine, settings=settings) as (base, _),
         websockets.connect(base.replace("http", "ws", 1) + "/v1/realtime") as ws,

@@ -23,8 +23,8 @@ from tests.e2e.client import Client
 from tests.e2e.conftest import RESUME_WINDOW
 from tests.e2e.server import RunningServer, serve, serving
 from tests.fakes import FakeEngine
+from tokenwire.server.settings import ServerSettings
 from tokenwire.server.telemetry import public_ref
-from tokenwire.server.ws.connection import ConnectionSettings
 
 
 def story(gen_id: str, max_tokens: int = 600) -> dict[str, Any]:
@@ -333,7 +333,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_can_resume_everything(
     rng = random.Random(7)  # incompressible text: permessage-deflate would shrink repeated letters to nothing
     reply = "".join(f"<{i:04d}>" + base64.b64encode(rng.randbytes(12_000)).decode() for i in range(1000))
     engine = FakeEngine(reply=reply, pieces=1000, delay=0.002)
-    settings = ConnectionSettings(heartbeat_interval=0, slow_consumer_timeout=0.5)
+    settings = ServerSettings(heartbeat_interval=0, slow_consumer_timeout=0.5)
     async with serving(engine, settings=settings) as (base, state):
         url = base.replace("http", "ws", 1) + "/ws"
         sock = socket.socket()

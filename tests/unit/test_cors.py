@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 from tests.fakes import FakeEngine
 from tokenwire.server.app import create_app
 from tokenwire.server.auth import AuthPolicy
-from tokenwire.server.ws.connection import ConnectionSettings
+from tokenwire.server.settings import ServerSettings
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}
 ASK = {"access-control-request-method": "POST", "access-control-request-headers": "authorization,content-type"}
@@ -67,7 +67,7 @@ def test_client_js_keeps_its_own_cors_header(client: TestClient) -> None:
 def test_an_allowed_page_reads_the_503_of_a_full_server() -> None:
     """The request cap answers before any route: its 503 must be readable by an allowed page all the same (a
     browser hides an answer without the header, and the page could not tell "busy, retry" from a network error)."""
-    app = create_app(FakeEngine(reply="Hello."), ConnectionSettings(max_connections=1))
+    app = create_app(FakeEngine(reply="Hello."), ServerSettings(max_connections=1))
     with TestClient(app) as c:
         assert app.state.tokenwire.gate.enter()  # the one place is taken
         r = c.post("/v1/chat/completions", json=CHAT, headers={"origin": "http://localhost:5173"})

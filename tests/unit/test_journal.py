@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from tokenwire.server.journal import Entry, Journal, Registry, ResumeRefused, owner_of
+from tokenwire.server.auth import owner_of
+from tokenwire.server.journal import Entry, Journal, Registry, ResumeRefused
 
 
 class Clock:

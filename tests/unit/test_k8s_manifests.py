@@ -13,7 +13,7 @@ import yaml
 from tokenwire.cli import settings_from_args
 from tokenwire.engine.interface import EngineStats
 from tokenwire.metrics import Metrics
-from tokenwire.server.serve import connection_settings
+from tokenwire.server.serve import server_settings
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "tokenwire.yaml"
 
@@ -34,7 +34,7 @@ def test_the_server_flags_parse_and_ports_and_probes_agree() -> None:
     c = container(deployment)
     assert c["args"][0] == "serve"
     settings = settings_from_args(c["args"])  # every flag exists and has a valid value
-    connection_settings(settings)  # and the combination is accepted (a shared journal needs a resume window)
+    server_settings(settings)  # and the combination is accepted (a shared journal needs a resume window)
     assert settings.host == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"http": settings.port}

@@ -30,8 +30,8 @@ from tokenwire.server.responses.routes import ResponsesRoutes
 from tokenwire.server.responses.service import Responses
 from tokenwire.server.responses.store import ResponseStore
 from tokenwire.server.routes import Routes
+from tokenwire.server.settings import ServerSettings
 from tokenwire.server.telemetry import Telemetry
-from tokenwire.server.ws.connection import ConnectionSettings
 
 __all__ = ["ServerState", "create_app"]
 
@@ -64,7 +64,7 @@ async def internal_error(request: Request, exc: Exception) -> Response:
 
 def create_app(
     engine: Engine,
-    settings: ConnectionSettings | None = None,
+    settings: ServerSettings | None = None,
     on_fatal: Callable[[], None] | None = None,
     sse_keepalive_interval: float = 15.0,
     public_url: str | None = None,
@@ -78,7 +78,7 @@ def create_app(
     ``POST /v1/admin/broadcast``; ``drain_timeout`` is how long running generations may take to finish on SIGTERM;
     ``hosted``: run by another framework's server (Ray Serve), see lifecycle.ServerState."""
     policy = auth or AuthPolicy()
-    state = ServerState(engine, settings or ConnectionSettings(), on_fatal, public_url, drain_timeout, hosted)
+    state = ServerState(engine, settings or ServerSettings(), on_fatal, public_url, drain_timeout, hosted)
     telemetry = Telemetry(
         engine.stats,
         lambda: len(state.connections) + len(state.realtime_connections),

@@ -7,6 +7,7 @@ compared in constant time and never logged.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,12 @@ from urllib.parse import urlsplit
 
 SUBPROTOCOL_PREFIX = "bearer."
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
+
+
+def owner_of(api_key: str | None) -> str | None:
+    """A tenant's identity: a digest of its API key, never the key (what a journal remembers of the key that
+    started it, what per-key limits and fairness are kept by)."""
+    return None if api_key is None else hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:32]
 
 
 @dataclass(slots=True, frozen=True)

@@ -229,11 +229,6 @@ class ResumeRefused(Exception):
         self.ambiguous = ambiguous
 
 
-def owner_of(api_key: str | None) -> str | None:
-    """What a journal remembers of the key that started it: a digest, never the key."""
-    return None if api_key is None else hashlib.sha256(api_key.encode("utf-8")).hexdigest()[:32]
-
-
 @dataclass(slots=True)
 class Registry:
     """Journals by (session, id), kept ``window`` seconds after they go idle, within ``budget_bytes``."""

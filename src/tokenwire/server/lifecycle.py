@@ -32,9 +32,10 @@ from tokenwire.server.realtime.connection import RealtimeConnection
 from tokenwire.server.redis_journal import Record, RedisJournal
 from tokenwire.server.responses.service import Responses
 from tokenwire.server.responses.websocket import ResponsesConnection
+from tokenwire.server.settings import ServerSettings
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.ws import messages
-from tokenwire.server.ws.connection import Connection, ConnectionSettings
+from tokenwire.server.ws.connection import Connection
 from tokenwire.server.ws.generation import Producer
 from tokenwire.server.ws.protocol import BatchPolicy
 
@@ -69,7 +70,7 @@ class ServerState:
     def __init__(
         self,
         engine: Engine,
-        settings: ConnectionSettings,
+        settings: ServerSettings,
         on_fatal: Callable[[], None] | None,
         public_url: str | None = None,
         drain_timeout: float = 25.0,

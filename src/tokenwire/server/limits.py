@@ -7,7 +7,7 @@
   an empty bucket refuses with ``rate_limited`` and ``retry_after``, the seconds until it holds a token again.
   (A generation may overdraw the bucket: the key then waits longer.)
 
-Only keys the server knows are tracked (``tenant`` is the digest of one, journal.owner_of), so memory is bounded
+Only keys the server knows are tracked (``tenant`` is the digest of one, auth.owner_of), so memory is bounded
 by the number of configured keys; without API keys (tenant ``""``) nothing is limited here. Plain Python; the
 clock is injectable.
 """

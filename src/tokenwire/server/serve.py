@@ -17,9 +17,9 @@ from tokenwire.engine.factory import build_engine
 from tokenwire.server.app import ServerState, create_app
 from tokenwire.server.auth import AuthPolicy
 from tokenwire.server.capacity import auto_max_connections, raise_fd_limit
+from tokenwire.server.flow import FlowPolicy
 from tokenwire.server.params import Limits
-from tokenwire.server.ws.connection import ConnectionSettings
-from tokenwire.server.ws.generation import FlowPolicy
+from tokenwire.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +32,10 @@ def auth_policy(settings: Settings) -> AuthPolicy:
     return AuthPolicy(api_keys=keys, allowed_origins=origins, null_origin=settings.null_origin == "allow")
 
 
-def connection_settings(settings: Settings) -> ConnectionSettings:
+def server_settings(settings: Settings) -> ServerSettings:
     if settings.journal != "memory" and settings.resume_window <= 0:
         raise ValueError("a shared --journal keeps generations for resume: it needs --resume-window above 0")
-    return ConnectionSettings(
+    return ServerSettings(
         limits=Limits(
             max_message_bytes=settings.max_message_bytes,
             max_tokens=settings.max_tokens_limit,
@@ -112,7 +112,7 @@ def build_app(settings: Settings, on_fatal: Callable[[], None] | None, hosted: b
     """The app for ``settings``, with its own engine (not loaded yet: the app's lifespan loads it)."""
     return create_app(
         build_engine(settings),
-        connection_settings(settings),
+        server_settings(settings),
         on_fatal=on_fatal,
         sse_keepalive_interval=settings.sse_keepalive_interval,
         public_url=f"http://{settings.host}:{settings.port}",

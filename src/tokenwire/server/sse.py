@@ -13,6 +13,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from tokenwire.server.backlog import Backlog
+from tokenwire.server.flow import SOCKET_UNREAD, Change, Valve
 
 T = TypeVar("T")
 
@@ -35,13 +36,12 @@ def sse(data: dict[str, Any] | str, event: str | None = None) -> bytes:
 class EventStreamResponse(StreamingResponse):
     """Streams ``events`` as ``text/event-stream``; a client disconnect cancels it (and so closes ``events``).
 
-    Flow control: while the socket holds ``MAX_UNREAD`` bytes the client has not taken (backlog.py), or a write
-    stays blocked for ``STALL_S`` (where the backlog cannot be read), the generation is paused (``pause``); it goes
-    on (``unpause``) when the client has read half of that, or the write completes. So a stalled reader costs no
-    compute, and the text waiting for it is bounded."""
+    Flow control (flow.py): while the socket holds ``SOCKET_UNREAD.high`` bytes the client has not taken
+    (backlog.py), or a write stays blocked for ``STALL_S`` (where the backlog cannot be read), the generation is
+    paused (``pause``); it goes on (``unpause``) when the socket holds ``SOCKET_UNREAD.low`` and the write has
+    completed. So a stalled reader costs no compute, and the text waiting for it is bounded."""
 
     STALL_S = 0.2
-    MAX_UNREAD = 16 << 10
 
     def __init__(
         self,
@@ -83,18 +83,17 @@ class EventStreamResponse(StreamingResponse):
         """Pause the generation while a write is stalled; let it go on when the write completes."""
         assert self._pause is not None and self._unpause is not None
         backlog = self._backlog
-        paused = False
+        valve = Valve(SOCKET_UNREAD)
         while True:
             await asyncio.sleep(self.STALL_S / 2)
             since = self._writing_since
             blocked = since is not None and time.monotonic() - since >= self.STALL_S
             unread = backlog.unread_bytes() if backlog is not None and backlog.known else 0
-            if not paused and (blocked or unread >= self.MAX_UNREAD):
+            change = valve.update(unread, force=blocked, hold=blocked)
+            if change is Change.PAUSE:
                 self._pause()
-                paused = True
-            elif paused and not blocked and unread < self.MAX_UNREAD // 2:
+            elif change is Change.GO_ON:
                 self._unpause()
-                paused = False
 
 
 async def until_disconnect(work: Awaitable[T], receive: Receive) -> T | None:

@@ -28,9 +28,8 @@ from tokenwire.engine.interface import (
     RequestOutput,
 )
 from tokenwire.server import strictjson, tools
-from tokenwire.server.auth import bearer_token
+from tokenwire.server.auth import bearer_token, owner_of
 from tokenwire.server.errors import ErrorCode, RequestError
-from tokenwire.server.journal import owner_of
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.openai import protocol as oa
 from tokenwire.server.params import Limits

@@ -21,6 +21,7 @@ from tokenwire.engine.interface import Engine, FinishReason, GenerationRequest
 from tokenwire.server.backlog import Backlog
 from tokenwire.server.errors import GOING_AWAY, RequestError, openai_type
 from tokenwire.server.event_socket import Sender, read_frames
+from tokenwire.server.flow import SOCKET_UNREAD, Change, Valve
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.params import Limits
 from tokenwire.server.realtime.protocol import (
@@ -43,11 +44,10 @@ from tokenwire.server.realtime.protocol import (
 )
 from tokenwire.server.streams import Delta, Done, Failed, door_events
 from tokenwire.server.telemetry import Telemetry
-from tokenwire.server.ws import messages
+from tokenwire.server.wire import encode
 
 log = logging.getLogger(__name__)
 
-MAX_UNREAD = 16 << 10  # bytes unread in the socket past which the connection's responses are paused
 
 _STATUS: dict[FinishReason, tuple[str, dict[str, Any] | None]] = {
     FinishReason.STOP: ("completed", None),
@@ -298,17 +298,19 @@ class RealtimeConnection:
                 item.status = "incomplete"
 
     async def _flow(self) -> None:
-        """Flow control: while the socket holds ``MAX_UNREAD`` bytes the client has not taken (backlog.py), its
-        running responses are paused in the engine (no compute); they go on once it has read half of that."""
+        """Flow control (flow.py): while the socket holds ``SOCKET_UNREAD.high`` bytes the client has not taken
+        (backlog.py), its running responses are paused in the engine (no compute), those that start meanwhile too;
+        they go on once it holds ``SOCKET_UNREAD.low``."""
+        valve = Valve(SOCKET_UNREAD)
         while True:
             await asyncio.sleep(0.1)
-            unread = self.backlog.unread_bytes()
-            if unread >= MAX_UNREAD:
+            change = valve.update(self.backlog.unread_bytes())
+            if valve.paused:
                 for running in list(self.responses.values()):
                     if running.request_id not in self._paused:
                         self._paused.add(running.request_id)
                         self.engine.pause(running.request_id)
-            elif unread < MAX_UNREAD // 2 and self._paused:
+            elif change is Change.GO_ON:
                 for request_id in self._paused:
                     self.engine.unpause(request_id)
                 self._paused.clear()
@@ -340,4 +342,4 @@ class RealtimeConnection:
                 await self.ws.close(GOING_AWAY)
 
     async def send(self, message: dict[str, Any]) -> None:
-        await self.sender.send(messages.encode(message))
+        await self.sender.send(encode(message))

@@ -18,8 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tokenwire.server import errors, strictjson
-from tokenwire.server.auth import bearer_token
-from tokenwire.server.journal import owner_of
+from tokenwire.server.auth import bearer_token, owner_of
 from tokenwire.server.openai import protocol as oa
 from tokenwire.server.params import Limits
 from tokenwire.server.responses import protocol as rp

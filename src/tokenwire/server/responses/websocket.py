@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 from collections import OrderedDict
 from typing import Any
@@ -29,6 +28,7 @@ from tokenwire.server.responses import protocol as rp
 from tokenwire.server.responses.service import Responses, read_events
 from tokenwire.server.responses.store import Record
 from tokenwire.server.telemetry import Telemetry
+from tokenwire.server.wire import encode
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class ResponsesConnection:
         event = responses_error(status, code, message, param, next(self._errors))
         if stream_id is not None:
             event["stream_id"] = stream_id
-        await self._send(json.dumps(event, ensure_ascii=False, separators=(",", ":")))
+        await self._send(encode(event))
 
     async def _send(self, data: str) -> None:
         await self.sender.send(data)

@@ -23,7 +23,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -40,11 +40,11 @@ from tokenwire.server.errors import (
 )
 from tokenwire.server.journal import Journal, Registry, ResumeRefused, token_digest
 from tokenwire.server.limits import KeyLimits
-from tokenwire.server.params import Limits
 from tokenwire.server.redis_journal import Record
+from tokenwire.server.settings import ServerSettings
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.ws import messages
-from tokenwire.server.ws.generation import FlowPolicy, Producer
+from tokenwire.server.ws.generation import Producer
 from tokenwire.server.ws.protocol import (
     Cancel,
     ClientMessage,
@@ -57,24 +57,6 @@ from tokenwire.server.ws.protocol import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True, frozen=True)
-class ConnectionSettings:
-    limits: Limits = field(default_factory=Limits)
-    heartbeat_interval: float = 30.0  # seconds between server pings; 0 disables them
-    slow_consumer_timeout: float = 30.0  # a send blocked this long closes the connection
-    resume_window: float = 60.0  # seconds an orphaned or finished generation stays resumable; 0: no resume
-    resume_buffer_bytes: int = 64 << 20  # messages kept for resume, all generations together
-    max_connections: int = 0  # WebSockets and API requests held at once (0: no cap); see capacity.py
-    flow: FlowPolicy = field(default_factory=FlowPolicy)  # how far a generation may run ahead of its reader
-    max_connections_per_ip: int = 0  # WebSockets and API requests from one client address (0: no cap)
-    max_generations_per_key: int = 0  # generations one API key runs at once over every door (0: no cap)
-    rate_limit_tokens_per_minute: int = 0  # tokens (prompt and generated) one API key may use a minute (0: no cap)
-    journal_url: str | None = None  # redis://...: a journal shared by replicas (redis_journal.py); None: this process
-    journal_lease: float = 3.0  # seconds a replica's lease on its generations lasts unless renewed
-    responses_store: int = 1000  # Responses API responses kept (previous_response_id, GET, background)
-    responses_ttl: float = 3600.0  # seconds a finished response stays kept
 
 
 class _SlowConsumer(Exception):
@@ -94,7 +76,7 @@ class Connection:
         self,
         ws: WebSocket,
         engine: Engine,
-        settings: ConnectionSettings,
+        settings: ServerSettings,
         telemetry: Telemetry,
         registry: Registry,
         owner: str | None = None,
@@ -106,7 +88,7 @@ class Connection:
         self.engine = engine
         self.settings = settings
         self.registry = registry
-        self.owner = owner  # who may resume what this connection starts (see journal.owner_of)
+        self.owner = owner  # who may resume what this connection starts (see auth.owner_of)
         self.accepting = accepting  # False while the server drains: new generations are refused
         self.key_limits = key_limits or KeyLimits()  # per API key, over every connection (limits.py)
         self.session = secrets.token_hex(6)

@@ -4,7 +4,7 @@ The producer runs as its own task and never touches a socket: whichever connecti
 what it holds (websocket.py). So a generation outlives a dropped connection, and a resumed one goes on from
 where the client stopped reading. Cancelling the task closes the engine stream, which aborts the request.
 
-Flow control: a generation runs at most ``FlowPolicy.max_unsent_tokens`` ahead of its reader (tokens generated
+Flow control (flow.py): a generation runs at most ``FlowPolicy.max_unsent_tokens`` ahead of its reader (tokens generated
 but not yet written to the reader's socket, which takes no more while ``max_socket_bytes`` are unread in it).
 Past that, or as soon as the reader is gone (the connection dropped), the producer pauses it in the engine: it
 leaves the running batch and costs nothing until the reader has caught up to half that distance, or a ``resume``
@@ -19,11 +19,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from tokenwire.engine.interface import Engine, EngineError, GenerationRequest, OutputKind, RequestOutput
 from tokenwire.server.errors import ErrorCode, wire_error
+from tokenwire.server.flow import Change, FlowPolicy, Valve
 from tokenwire.server.journal import Entry, Journal, Registry
 from tokenwire.server.streams import with_deadlines
 from tokenwire.server.telemetry import Telemetry
@@ -32,16 +32,6 @@ from tokenwire.server.ws.batching import Coalescer
 from tokenwire.server.ws.protocol import BatchPolicy
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True, frozen=True)
-class FlowPolicy:
-    """How far a generation may run ahead of its reader (see the module docstring)."""
-
-    max_unsent_tokens: int = 64  # paused past this; continues at half of it (0: never paused for a slow reader)
-    coalesce_after: int = 4  # with this many messages unwritten, new text waits and goes out as one message
-    max_socket_bytes: int = 16 << 10  # a connection writes while its socket holds fewer unread bytes (backlog.py)
-    pause_orphans: bool = True  # a generation whose connection dropped is paused until it is resumed
 
 
 class Producer:
@@ -65,7 +55,7 @@ class Producer:
         self.flow = flow or FlowPolicy()
         self.continuing = continuing  # it goes on from a journal begun elsewhere: its started message was sent
         self.prompt_tokens = 0
-        self.paused = False
+        self.valve = Valve(self.flow.unsent_tokens)
         self.pauses = 0
         self._silent_tokens = 0  # generated tokens whose bytes never completed a character: no message of their own
         self._silent_ids: tuple[int, ...] = ()
@@ -166,16 +156,13 @@ class Producer:
         if self._held_text and not gone and journal.unsent_messages < flow.coalesce_after:
             self._release_held()  # the reader caught up: what waited goes out as one message
         behind = journal.unsent_tokens + self._held_tokens
-        limit = flow.max_unsent_tokens
-        if not self.paused:
-            if (gone and flow.pause_orphans) or (limit > 0 and behind >= limit):
-                self.paused = True
-                self.pauses += 1
-                self._release_held()  # the reader (now or on resume) gets all that was generated
-                self.engine.pause(journal.engine_id)
-                self.telemetry.flow_paused()
-        elif not gone and (limit <= 0 or behind <= limit // 2):
-            self.paused = False
+        change = self.valve.update(behind, force=gone and flow.pause_orphans, hold=gone)
+        if change is Change.PAUSE:
+            self.pauses += 1
+            self._release_held()  # the reader (now or on resume) gets all that was generated
+            self.engine.pause(journal.engine_id)
+            self.telemetry.flow_paused()
+        elif change is Change.GO_ON:
             self.engine.unpause(journal.engine_id)
 
     def _send_text(self, text: str, tokens: int, batched: bool, ids: tuple[int, ...]) -> None:

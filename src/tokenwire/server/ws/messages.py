@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from tokenwire.engine.interface import FinishReason, Timings
 from tokenwire.server.errors import ErrorCode
-
-
-def encode(message: dict[str, Any]) -> str:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+from tokenwire.server.wire import encode as encode  # the door's messages are written as every door's
 
 
 def hello(session: str, model: str, limits: dict[str, int], heartbeat_s: float, engine: str = "") -> dict[str, Any]:

@@ -1,0 +1,36 @@
+"""server/flow.py: one rule for pausing a generation whose reader is behind, and letting it go on."""
+
+from __future__ import annotations
+
+from tokenwire.server.flow import SOCKET_UNREAD, Change, Valve, WaterMarks
+
+
+def test_a_valve_pauses_at_the_high_mark_and_goes_on_at_the_low_one_once_each() -> None:
+    valve = Valve(WaterMarks.halving(64))
+    assert [valve.update(level) for level in (0, 63)] == [None, None]
+    assert valve.update(64) is Change.PAUSE and valve.paused
+    assert [valve.update(level) for level in (100, 64, 33)] == [None, None, None]  # between the marks: still paused
+    assert valve.update(32) is Change.GO_ON and not valve.paused
+    assert valve.update(40) is None  # under the high mark again: going on
+
+
+def test_force_pauses_whatever_the_level_and_hold_keeps_it_paused() -> None:
+    valve = Valve(WaterMarks.halving(64))
+    assert valve.update(0, force=True, hold=True) is Change.PAUSE  # the reader is gone
+    assert valve.update(0, hold=True) is None  # still gone
+    assert valve.update(0) is Change.GO_ON  # back, and caught up
+
+
+def test_a_high_mark_of_zero_pauses_only_when_forced_and_goes_on_at_once() -> None:
+    valve = Valve(WaterMarks.halving(0))
+    assert not valve.marks.enabled and valve.update(10**9) is None
+    assert valve.update(10**9, force=True) is Change.PAUSE
+    assert valve.update(10**9) is Change.GO_ON
+
+
+def test_every_door_shares_the_socket_marks_16_kib_and_half() -> None:
+    from tokenwire.server.flow import FlowPolicy
+
+    assert WaterMarks(16 << 10, 8 << 10) == SOCKET_UNREAD
+    assert FlowPolicy().max_socket_bytes == SOCKET_UNREAD.high
+    assert FlowPolicy(max_unsent_tokens=64).unsent_tokens == WaterMarks(64, 32)
