@@ -93,7 +93,7 @@ def as_qwen2(llama: Path, target: Path) -> Path:
     import gguf as gg
     import numpy as np
 
-    from tokenwire.engine.openvino import ir
+    from tokenwire.engine.openvino import ir, weights
 
     reader = gg.GGUFReader(str(llama))
     writer = ir.copy_metadata(reader, target, gg.LlamaFileType.MOSTLY_F16, "qwen2")
@@ -104,7 +104,7 @@ def as_qwen2(llama: Path, target: Path) -> Path:
         n = heads if t.name.endswith("attn_q.weight") else kv_heads if t.name.endswith("attn_k.weight") else 0
         if n:
             rows = data.shape[0]
-            data = data[ir._orders(rows, {n})[-1]]  # the file row holding each Hugging Face row
+            data = data[weights._orders(rows, {n})[-1]]  # the file row holding each Hugging Face row
         writer.add_tensor(t.name, data)
         for part in ("q", "k", "v"):
             if t.name.endswith(f"attn_{part}.weight"):

@@ -49,16 +49,16 @@ def q4_1(w: Any, float_zero: bool, group: int = 32) -> Any:
 def write(source: Path, target: Path, float_zero: bool) -> Path:
     import openvino as ov
 
-    from tokenwire.engine.openvino import ir
+    from tokenwire.engine.openvino import formats
 
     model = ov.Core().read_model(str(source / "openvino_model.xml"))
     for op in model.get_ordered_ops():
-        converts = ir._weight_converts(op, ov)
+        converts = formats.weight_converts(op, ov)
         if not converts:
             continue
         w = op.get_data().astype("float32")
-        embedding = any(c.get_type_name() == "Gather" for cv in converts for c in ir._consumers(cv))
-        replacement = ir._int8_rows(w) if embedding else q4_1(w, float_zero)
+        embedding = any(c.get_type_name() == "Gather" for cv in converts for c in formats.consumers(cv))
+        replacement = formats.int8_rows(w) if embedding else q4_1(w, float_zero)
         for cv in converts:
             cv.output(0).replace(replacement)
     shutil.rmtree(target, ignore_errors=True)

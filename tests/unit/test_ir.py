@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tokenwire.engine.openvino import ir
+from tokenwire.engine.openvino import ir, weights
 
 PROMPT_IDS = [5, 17, 42, 99, 7, 64, 3, 120, 33, 8, 250, 11]
 
@@ -116,7 +116,7 @@ def test_weights_it_cannot_tell_apart_are_converted_through_a_float16_copy(
 ) -> None:
     """Should GenAI's graph hold a weight that matches no one tensor of the file, the conversion says so and goes
     the float16-copy way, with the same result."""
-    monkeypatch.setattr(ir, "_matching_tensor", lambda *args: None)
+    monkeypatch.setattr(weights, "_matching_tensor", lambda *args: None)
     with caplog.at_level("WARNING"):
         folder = ir.converted(q4_gguf, "none")
     assert "through a float16 copy" in caplog.text
