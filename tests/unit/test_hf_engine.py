@@ -278,7 +278,7 @@ def test_a_request_finishing_in_the_step_where_others_prefill_together_keeps_eve
     """Regression: one request's last decode token and three new prompts' batched prefill fall in the same step.
     The finishing request frees a KV row and rows move; each prompt must still be prefilled into its own row,
     so every request's greedy text equals transformers' generate(). The engine is stepped by hand, no thread."""
-    from tokenwire.engine.loop import _Add
+    from tokenwire.engine.model_loop import _Add
 
     eng = HFEngine(
         HFEngineConfig(
@@ -296,20 +296,20 @@ def test_a_request_finishing_in_the_step_where_others_prefill_together_keeps_eve
     def add(rid: str, prompt: str, n: int) -> None:
         req = GenerationRequest(rid, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True), prompt=prompt)
         assert eng.prompts is not None
-        eng.admit(_Add(req, eng.prompts.build(req), n, 0.0))
-        eng.admit_waiting()
+        eng.model.admit(_Add(req, eng.prompts.build(req), n, 0.0))
+        eng.model.admit_waiting()
 
     add("a", PROMPTS[3], 2)
-    eng.step()  # a: prefill and first token
+    eng.model.step()  # a: prefill and first token
     add("b", PROMPTS[0], 12)
     add("c", PROMPTS[1], 12)
     add("d", PROMPTS[4], 12)
-    eng.step()  # a: second and last token (its row is freed); b, c, d: one batched prefill
+    eng.model.step()  # a: second and last token (its row is freed); b, c, d: one batched prefill
     assert sched.get("a") is None and sched.num_decode == 3
     for _ in range(100):
         if not sched.has_work:
             break
-        eng.step()
+        eng.model.step()
     texts: dict[str, str] = {}
     for item in items:
         if isinstance(item, RequestOutput):

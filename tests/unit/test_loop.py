@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import scaled, wait_until
+from tokenwire.engine.backend import LoadedModel, StepOutput
 from tokenwire.engine.interface import (
     Continuation,
     EngineError,
@@ -21,7 +22,7 @@ from tokenwire.engine.interface import (
     RequestOutput,
     SamplingParams,
 )
-from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
+from tokenwire.engine.loop import LoopEngine
 
 EOS = 99_999
 
@@ -311,7 +312,7 @@ async def test_an_exception_in_one_requests_output_fails_only_that_request(byte_
     backend = ScriptedBackend(byte_tokenizer, rows=2, step_s=0.005)
     engine = await started(backend)
     try:
-        outputs = engine._outputs
+        outputs = engine.model.outputs
         assert outputs is not None
         real = outputs.tokens
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from tokenwire.engine import models
+from tokenwire.engine.backend import LoadedModel, StepOutput
 from tokenwire.engine.hf import loader
 from tokenwire.engine.hf.grammar import Grammars
 from tokenwire.engine.hf.parked import ParkedKV, ParkedStore
@@ -25,7 +26,7 @@ from tokenwire.engine.hf.quant import quantize_int8
 from tokenwire.engine.hf.runner import ModelRunner
 from tokenwire.engine.hf.sampler import RequestSampling
 from tokenwire.engine.interface import EngineError, EngineErrorCode, EngineStats, SamplingParams
-from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
+from tokenwire.engine.loop import LoopEngine
 from tokenwire.engine.scheduler import Scheduler, SchedulerConfig
 from tokenwire.engine.sequence import SeqState, Sequence
 

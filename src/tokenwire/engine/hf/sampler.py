@@ -15,8 +15,8 @@ from tokenwire.engine.interface import EngineError, EngineErrorCode, SamplingPar
 from tokenwire.engine.sequence import SeqState, Sequence
 
 if TYPE_CHECKING:
+    from tokenwire.engine.backend import StepOutput
     from tokenwire.engine.hf.grammar import Grammars
-    from tokenwire.engine.loop import StepOutput
 
 log = logging.getLogger(__name__)
 

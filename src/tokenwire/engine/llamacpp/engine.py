@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 
 from tokenwire.engine import models
+from tokenwire.engine.backend import LoadedModel, StepOutput
 from tokenwire.engine.hf.grammar import Grammars
 from tokenwire.engine.hf.sampler import RequestSampling
 from tokenwire.engine.interface import EngineError, EngineErrorCode, EngineStats, SamplingParams
 from tokenwire.engine.llamacpp.context import MAX_SEQUENCES, DecodeError, Entry, LlamaContext
 from tokenwire.engine.llamacpp.kept import Kept, KeptSequences, SequenceIds, common_prefix
-from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
+from tokenwire.engine.loop import LoopEngine
 from tokenwire.engine.scheduler import Scheduler, SchedulerConfig
 from tokenwire.engine.sequence import SeqState, Sequence
 

@@ -23,11 +23,12 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from tokenwire.engine import models
+from tokenwire.engine.backend import LoadedModel, StepOutput
 from tokenwire.engine.grammar.compiled import SchemaGrammars
 from tokenwire.engine.grammar.residual import NotAPrefix
 from tokenwire.engine.grammar.schema import Unsupported
 from tokenwire.engine.interface import EngineError, EngineErrorCode, EngineStats, FinishReason, SamplingParams
-from tokenwire.engine.loop import LoadedModel, LoopEngine, StepOutput
+from tokenwire.engine.loop import LoopEngine
 from tokenwire.engine.openvino import convert, ir, kernel_cache, kv, worker
 from tokenwire.engine.openvino.model import plan, prepare
 from tokenwire.engine.recovery import RestartBudget
