@@ -6,10 +6,11 @@ import pytest
 
 from tokenwire.engine.interface import ChatMessage
 from tokenwire.server import params
+from tokenwire.server.errors import RequestError
 from tokenwire.server.openai import protocol as oa
 from tokenwire.server.params import FieldError, Limits
 from tokenwire.server.realtime import protocol as rt
-from tokenwire.server.ws.protocol import ProtocolError, parse_generate
+from tokenwire.server.ws.protocol import parse_generate
 
 LIMITS = Limits()
 
@@ -38,7 +39,7 @@ def test_every_door_refuses_the_same_value_naming_the_same_field(fields: dict[st
     with pytest.raises(FieldError) as bad:
         params.sampling_params(fields, LIMITS, 1)
     assert bad.value.param == param
-    with pytest.raises(ProtocolError) as ws:
+    with pytest.raises(RequestError) as ws:
         parse_generate({"prompt": "hi", **fields}, LIMITS)
     assert ws.value.param == param
     with pytest.raises(oa.APIError) as http:

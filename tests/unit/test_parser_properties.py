@@ -9,11 +9,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokenwire.server.errors import ErrorCode
+from tokenwire.server.errors import ErrorCode, RequestError
 from tokenwire.server.openai import protocol as oa
 from tokenwire.server.params import Limits
 from tokenwire.server.realtime import protocol as rt
-from tokenwire.server.ws.protocol import Generate, ProtocolError, parse_message
+from tokenwire.server.ws.protocol import Generate, parse_message
 
 LIMITS = Limits()
 PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -66,7 +66,7 @@ ws_objects = st.fixed_dictionaries(
 def ws_outcome(data: str | bytes) -> Any:
     try:
         return parse_message(data, LIMITS)
-    except ProtocolError as err:
+    except RequestError as err:
         assert isinstance(err.code, ErrorCode) and err.message and isinstance(err.message, str)
         assert err.param is None or isinstance(err.param, str)
         return err
@@ -82,7 +82,7 @@ def test_any_frame_is_a_message_or_a_protocol_error(data: str | bytes) -> None:
 @given(ws_objects)
 def test_any_object_with_protocol_fields_is_a_message_or_a_protocol_error_naming_a_field(obj: dict[str, Any]) -> None:
     out = ws_outcome(json.dumps(obj))
-    if isinstance(out, ProtocolError) and out.code is ErrorCode.INVALID_REQUEST and out.param is not None:
+    if isinstance(out, RequestError) and out.code is ErrorCode.INVALID_REQUEST and out.param is not None:
         head = out.param.split("[")[0].split(".")[0]
         assert head in WS_FIELDS, out.param  # the field it names is one the client sent or must send
 

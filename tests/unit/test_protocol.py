@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from tokenwire.server.errors import ErrorCode
+from tokenwire.server.errors import ErrorCode, RequestError
 from tokenwire.server.params import Limits
-from tokenwire.server.ws.protocol import BatchPolicy, Cancel, Generate, Ping, Pong, ProtocolError, Resume, parse_message
+from tokenwire.server.ws.protocol import BatchPolicy, Cancel, Generate, Ping, Pong, Resume, parse_message
 
 LIMITS = Limits()
 
@@ -18,8 +18,8 @@ def parse(obj: Any) -> Any:
     return parse_message(obj if isinstance(obj, str | bytes) else json.dumps(obj), LIMITS)
 
 
-def error_of(obj: Any) -> ProtocolError:
-    with pytest.raises(ProtocolError) as info:
+def error_of(obj: Any) -> RequestError:
+    with pytest.raises(RequestError) as info:
         parse(obj)
     return info.value
 

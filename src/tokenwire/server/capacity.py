@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tokenwire.server.errors import ErrorCode, openai_type
 from tokenwire.server.http_guard import send_error
+
+_OVERLOADED_TYPE = openai_type(ErrorCode.OVERLOADED)
 
 log = logging.getLogger(__name__)
 
@@ -158,12 +161,16 @@ class RequestCap:
         ip = client_ip(scope)
         if not self.per_ip.enter(ip):
             message = PER_IP_FULL.format(self.per_ip.limit)
-            await send_error(send, 503, "overloaded", message, "server_error", [(b"retry-after", b"1")])
+            await send_error(
+                send, 503, "overloaded", message, openai_type(ErrorCode.OVERLOADED), [(b"retry-after", b"1")]
+            )
             return
         if not self.gate.enter():
             self.per_ip.leave(ip)
             message = "the server holds as many connections as it may; try again later"
-            await send_error(send, 503, "overloaded", message, "server_error", [(b"retry-after", b"1")])
+            await send_error(
+                send, 503, "overloaded", message, openai_type(ErrorCode.OVERLOADED), [(b"retry-after", b"1")]
+            )
             return
         try:
             await self.app(scope, receive, send)

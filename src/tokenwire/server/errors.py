@@ -82,9 +82,22 @@ def http_status(code: ErrorCode | str) -> int:
     return mapping(code).status
 
 
-def openai_type(code: ErrorCode | str) -> str:
-    """OpenAI's error ``type`` for ``code`` (HTTP bodies, Realtime and Responses error events)."""
-    return mapping(code).type
+_TYPE_BY_STATUS = {401: "authentication_error", 403: "authentication_error", 429: "rate_limit_error"}
+
+
+def openai_type(code: ErrorCode | str, status: int | None = None) -> str:
+    """OpenAI's error ``type`` for ``code`` (HTTP bodies, Realtime and Responses error events): the table's for a wire
+    code; for a door's own code (``previous_response_not_found``, ``server_error``, ...), by the HTTP status it is
+    answered with (none: a server error). The one place the type is worked out."""
+    try:
+        return MAPPINGS[ErrorCode(code)].type
+    except ValueError:
+        pass
+    if status is None or status >= 500:
+        return _SERVER
+    if status == 404:
+        return "not_found_error"
+    return _TYPE_BY_STATUS.get(status, _INVALID)
 
 
 def retry_after_s(code: ErrorCode | str, hint: float | None) -> int | None:
@@ -95,16 +108,24 @@ def retry_after_s(code: ErrorCode | str, hint: float | None) -> int | None:
 
 
 class RequestError(Exception):
-    """A request the server refuses or fails, in wire terms; the doors render it in their own shapes."""
+    """A request the server refuses or fails, in wire terms; the doors render it in their own shapes (a WebSocket
+    ``error`` message naming ``id``, the generation at fault, if any)."""
 
     def __init__(
-        self, code: ErrorCode, message: str, param: str | None = None, retry_after: float | None = None
+        self,
+        code: ErrorCode,
+        message: str,
+        param: str | None = None,
+        retry_after: float | None = None,
+        *,
+        id: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.param = param
         self.retry_after = retry_after  # seconds after which trying again may succeed
+        self.id = id
 
 
 def wire_error(err: EngineError | RequestError) -> RequestError:

@@ -60,10 +60,7 @@ def process_report() -> dict[str, object]:
 
 
 def api_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = (
-        "authentication_error" if status in (401, 403) else "invalid_request_error" if status < 500 else "server_error"
-    )
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    body = {"error": {"message": message, "type": errors.openai_type(code, status), "param": None, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -31,15 +31,7 @@ class APIError(Exception):
 
     @property
     def type(self) -> str:
-        if self.status == 401:
-            return "authentication_error"
-        if self.status == 404:
-            return "not_found_error"
-        if self.status == 429:
-            return "rate_limit_error"
-        if self.status >= 500:
-            return "server_error"
-        return "invalid_request_error"
+        return errors.openai_type(self.code, self.status)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -15,7 +15,6 @@ from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, SamplingParams
 from tokenwire.server import errors, params, strictjson
-from tokenwire.server.errors import ErrorCode
 from tokenwire.server.params import Limits
 
 # Sampling fields a session or a response may carry (an extension of OpenAI's events).
@@ -336,10 +335,8 @@ def event(kind: str, **fields: Any) -> dict[str, Any]:
 
 
 def _error_type(code: str) -> str:
-    """OpenAI's error type: from the shared table for a wire code; Realtime's own codes are the client's fault."""
-    if code in ErrorCode.__members__.values():
-        return errors.openai_type(code)
-    return "server_error" if code == "server_error" else "invalid_request_error"
+    """OpenAI's error type (errors.py's table); Realtime's own codes are the client's fault, but ``server_error``."""
+    return errors.openai_type(code, 500 if code == "server_error" else 400)
 
 
 def error_event(err: RealtimeError, client_event_id: str | None) -> dict[str, Any]:

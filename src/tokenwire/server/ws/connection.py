@@ -51,7 +51,6 @@ from tokenwire.server.ws.protocol import (
     Generate,
     Ping,
     Pong,
-    ProtocolError,
     Resume,
     parse_message,
 )
@@ -231,7 +230,7 @@ class Connection:
             try:
                 msg = parse_message(data, self.settings.limits)
                 await self._dispatch(msg)
-            except ProtocolError as err:
+            except RequestError as err:
                 await self.send_error(err.code, err.message, err.id, err.param)
             except (WebSocketDisconnect, _SlowConsumer, OSError):
                 raise

@@ -1,4 +1,4 @@
-"""Parsing and validation of client messages: text in, a typed message or a :class:`ProtocolError` out.
+"""Parsing and validation of client messages: text in, a typed message or a :class:`RequestError` out.
 
 Pure functions, no I/O: the WebSocket handler and the tests call them the same way. Every error names the
 field at fault (``param``) and says what was expected, so that a client author can fix the request.
@@ -12,21 +12,10 @@ from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, SamplingParams
 from tokenwire.server import params, strictjson
-from tokenwire.server.errors import ErrorCode
+from tokenwire.server.errors import ErrorCode, RequestError
 from tokenwire.server.params import FieldError, Limits
 
 PROTOCOL_VERSION = 1
-
-
-class ProtocolError(Exception):
-    """A message that cannot be served as sent; ``id`` is the generation it names, if any."""
-
-    def __init__(self, code: ErrorCode, message: str, param: str | None = None, id: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.param = param
-        self.id = id
 
 
 @dataclass(slots=True, frozen=True)
@@ -80,19 +69,19 @@ ClientMessage = Generate | Cancel | Ping | Pong | Resume
 
 
 def parse_message(data: str | bytes, limits: Limits) -> ClientMessage:
-    """Parse one frame. Raises :class:`ProtocolError` for anything that is not a valid message."""
+    """Parse one frame. Raises :class:`RequestError` for anything that is not a valid message."""
     try:
         obj = strictjson.loads(data)
     except strictjson.JSONInputError as err:
         code = ErrorCode.INVALID_JSON if err.syntax else ErrorCode.INVALID_REQUEST
-        raise ProtocolError(code, err.message, err.param) from None
+        raise RequestError(code, err.message, err.param) from None
     if not isinstance(obj, dict):
-        raise ProtocolError(ErrorCode.INVALID_JSON, 'a message must be a JSON object with a "type" field')
+        raise RequestError(ErrorCode.INVALID_JSON, 'a message must be a JSON object with a "type" field')
     mtype = obj.get("type")
     if mtype is None:
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, 'the message has no "type" field', "type")
+        raise RequestError(ErrorCode.INVALID_REQUEST, 'the message has no "type" field', "type")
     if not isinstance(mtype, str):
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, '"type" must be a string', "type")
+        raise RequestError(ErrorCode.INVALID_REQUEST, '"type" must be a string', "type")
     if mtype == "generate":
         return parse_generate(obj, limits)
     if mtype == "cancel":
@@ -108,7 +97,7 @@ def parse_message(data: str | bytes, limits: Limits) -> ClientMessage:
         token = _token_field(obj, "resume_token", "the string from the started message", limits, gen_id)
         return Resume(gen_id, after, session, token)
     shown = mtype if len(mtype) <= 40 else mtype[:40] + "..."
-    raise ProtocolError(
+    raise RequestError(
         ErrorCode.UNKNOWN_TYPE,
         f"unknown message type {shown!r}; expected generate, cancel, ping, pong or resume",
         "type",
@@ -120,7 +109,7 @@ def parse_generate(obj: dict[str, Any], limits: Limits) -> Generate:
     try:
         return _generate(obj, gen_id, limits)
     except FieldError as bad:
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, bad.message, bad.param, gen_id) from None
+        raise RequestError(ErrorCode.INVALID_REQUEST, bad.message, bad.param, id=gen_id) from None
 
 
 def _generate(obj: dict[str, Any], gen_id: str | None, limits: Limits) -> Generate:
@@ -161,11 +150,11 @@ def _token_field(obj: dict[str, Any], name: str, what: str, limits: Limits, gen_
     """An optional string the server handed out (a session, a resume token), 1 to ``max_id_length`` long."""
     value = obj.get(name)
     if value is not None and (not isinstance(value, str) or not 0 < len(value) <= limits.max_id_length):
-        raise ProtocolError(
+        raise RequestError(
             ErrorCode.INVALID_REQUEST,
             f'"{name}" must be {what} (1 to {limits.max_id_length} characters)',
             name,
-            gen_id,
+            id=gen_id,
         )
     return value
 
@@ -175,19 +164,17 @@ def _optional_id(obj: dict[str, Any], limits: Limits) -> str | None:
     if raw is None:
         return None
     if isinstance(raw, bool) or not isinstance(raw, str | int):
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, '"id" must be a string', "id")
+        raise RequestError(ErrorCode.INVALID_REQUEST, '"id" must be a string', "id")
     gen_id = str(raw)
     if not gen_id or len(gen_id) > limits.max_id_length:
-        raise ProtocolError(
-            ErrorCode.INVALID_REQUEST, f'"id" must be 1 to {limits.max_id_length} characters long', "id"
-        )
+        raise RequestError(ErrorCode.INVALID_REQUEST, f'"id" must be 1 to {limits.max_id_length} characters long', "id")
     return gen_id
 
 
 def _required_id(obj: dict[str, Any], limits: Limits) -> str:
     gen_id = _optional_id(obj, limits)
     if gen_id is None:
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, f'"{obj["type"]}" needs the "id" of a generation', "id")
+        raise RequestError(ErrorCode.INVALID_REQUEST, f'"{obj["type"]}" needs the "id" of a generation', "id")
     return gen_id
 
 
@@ -195,7 +182,7 @@ def _int(obj: dict[str, Any], name: str, default: int, *, lo: int, hi: int, id: 
     try:
         return params.integer(obj, name, default, lo=lo, hi=hi)
     except FieldError as bad:
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, bad.message, bad.param, id) from None
+        raise RequestError(ErrorCode.INVALID_REQUEST, bad.message, bad.param, id=id) from None
 
 
 def _truncate(raw: Any) -> bool:
