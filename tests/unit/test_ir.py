@@ -421,6 +421,44 @@ def test_a_gemma3_folder_goes_to_openvino_with_what_gemma_adds_to_qwen3s_layers(
     check_against_transformers(folder)
 
 
+def check_file_against_folder(folder: Path, gguf: Path) -> tuple[Any, list[int]]:
+    """A GGUF file in llama.cpp's layout, written from ``folder`` in float16, served by the OpenVINO route: every
+    position within 1e-3 of transformers' forward pass of the folder on 300 random ids, and 32 greedy tokens
+    through paged attention equal. Returns transformers' model and the ids."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16).float()
+    ids = [int(i) for i in np.random.default_rng(0).integers(3, 400, 300)]
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].double().numpy()
+    got = logits(ir.converted(gguf, "none"), ids)
+    assert np.abs(log_softmax(got) - log_softmax(want)).max() < 1e-3
+    assert greedy_through_the_pipeline(folder, ids, gguf=gguf) == greedy_of_transformers(folder, ids)
+    return model, ids
+
+
+def check_file_against_its_decode(model: Any, ids: list[int], quantized: Path, weight: Any) -> None:
+    """The quantized file's IR within 1e-3 of ``model`` given the file's weights decoded exactly (``weight(name,
+    value)``: the model's parameter for a tensor and its value there, or None to leave it), matrices rounded to
+    float16 as the IR holds them."""
+    import gguf as gg
+    import torch
+
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for t in gg.GGUFReader(str(quantized)).tensors:
+            if (found := weight(t.name, gg.quants.dequantize(t.data, t.tensor_type))) is not None:
+                key, value = found
+                value = np.array(value, np.float32).reshape(params[key].shape)
+                if value.ndim == 2:  # the IR's float16 (norms stay float32)
+                    value = value.astype(np.float16).astype(np.float32)
+                params[key].copy_(torch.from_numpy(value))
+        want = model(torch.tensor([ids])).logits[0].double().numpy()
+    got = logits(ir.converted(quantized, "none"), ids)
+    assert np.abs(log_softmax(got) - log_softmax(want)).max() < 1e-3
+
+
 def test_a_gemma3_gguf_file_as_llama_cpp_writes_it_goes_to_openvino(tmp_path: Path, cache: Path) -> None:
     """A Gemma 3 file in llama.cpp's own layout (architecture gemma3, which GenAI does not build; a SentencePiece
     vocabulary) is written again as Qwen3's layers with tokenwire's Gemma keys and a byte-level vocabulary, its
@@ -428,10 +466,6 @@ def test_a_gemma3_gguf_file_as_llama_cpp_writes_it_goes_to_openvino(tmp_path: Pa
     does (every position within 1e-3, 32 greedy tokens through paged attention equal); in Q4_1 (its blocks copied as
     they are, then taken exactly), what that model computes with the file's weights decoded exactly."""
     import json
-
-    import gguf as gg
-    import torch
-    from transformers import AutoModelForCausalLM
 
     from tests.tiny import gemma3_llama_cpp_names, save_gemma3_gguf_as_llama_cpp_writes_it, save_tiny_family
     from tokenwire.engine import models
@@ -443,25 +477,14 @@ def test_a_gemma3_gguf_file_as_llama_cpp_writes_it_goes_to_openvino(tmp_path: Pa
     (folder / "config.json").write_text(json.dumps(config))
     f16 = save_gemma3_gguf_as_llama_cpp_writes_it(folder, tmp_path / "gemma3-f16.gguf", matrices="float16")
     assert plan(models.resolve(str(f16))).source == f16  # not refused
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16).float()
-    ids = [int(i) for i in np.random.default_rng(0).integers(3, 400, 300)]
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].double().numpy()
-    got = logits(ir.converted(f16, "none"), ids)
-    assert np.abs(log_softmax(got) - log_softmax(want)).max() < 1e-3
-    assert greedy_through_the_pipeline(folder, ids, gguf=f16) == greedy_of_transformers(folder, ids)
-    q4 = q4_1_gguf(f16, tmp_path / "gemma3-q4_1.gguf")
-    reader = gg.GGUFReader(str(q4))
-    with torch.no_grad():  # the folder's model with the file's weights, decoded exactly
-        params = dict(model.named_parameters())
-        for t in reader.tensors:
-            key, is_norm = gemma3_llama_cpp_names(config["num_hidden_layers"])[t.name]
-            value = gg.quants.dequantize(t.data, t.tensor_type).reshape(params[key].shape)
-            value = value - 1.0 if is_norm else value.astype(np.float16).astype(np.float32)  # the IR's float16
-            params[key].copy_(torch.from_numpy(value))
-        want = model(torch.tensor([ids])).logits[0].double().numpy()
-    got = logits(ir.converted(q4, "none"), ids)
-    assert np.abs(log_softmax(got) - log_softmax(want)).max() < 1e-3
+    model, ids = check_file_against_folder(folder, f16)
+    names = gemma3_llama_cpp_names(config["num_hidden_layers"])  # norms stored as 1 + weight
+
+    def weight(name: str, value: Any) -> tuple[str, Any] | None:
+        key, is_norm = names[name]
+        return key, value - 1.0 if is_norm else value
+
+    check_file_against_its_decode(model, ids, q4_1_gguf(f16, tmp_path / "gemma3-q4_1.gguf"), weight)
 
 
 def test_a_phi3_gguf_file_as_llama_cpp_writes_it_goes_to_openvino(tmp_path: Path, cache: Path) -> None:
@@ -472,9 +495,6 @@ def test_a_phi3_gguf_file_as_llama_cpp_writes_it_goes_to_openvino(tmp_path: Path
     the folder does (every position within 1e-3, 32 greedy tokens through paged attention equal); in Q4_1 (its
     blocks cut and reordered as they are, then taken exactly), what that model computes with the file's weights
     decoded exactly."""
-    import gguf as gg
-    import torch
-    from transformers import AutoModelForCausalLM
 
     from tests.tiny import phi3_llama_cpp_names, save_phi3_gguf_as_llama_cpp_writes_it, save_tiny_family
     from tokenwire.engine import models
@@ -484,26 +504,14 @@ def test_a_phi3_gguf_file_as_llama_cpp_writes_it_goes_to_openvino(tmp_path: Path
     f16 = save_phi3_gguf_as_llama_cpp_writes_it(folder, tmp_path / "phi3-f16.gguf")
     found = plan(models.resolve(str(f16)))
     assert found.source == f16  # not refused
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16).float()
-    ids = [int(i) for i in np.random.default_rng(0).integers(3, 400, 300)]
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0].double().numpy()
-    got = logits(ir.converted(f16, "none"), ids)
-    assert np.abs(log_softmax(got) - log_softmax(want)).max() < 1e-3
-    assert greedy_through_the_pipeline(folder, ids, gguf=f16) == greedy_of_transformers(folder, ids)
+    model, ids = check_file_against_folder(folder, f16)
     assert prepare(found, 4096).max_context == PHI3_LONGROPE["original_max_position_embeddings"]
-    q4 = q4_1_gguf(f16, tmp_path / "phi3-q4_1.gguf")
-    with torch.no_grad():  # the folder's model with the file's weights, decoded exactly
-        params = dict(model.named_parameters())
-        for t in gg.GGUFReader(str(q4)).tensors:
-            if (key := phi3_llama_cpp_names(2).get(t.name)) is not None:  # (not LongRoPE's factors)
-                value = gg.quants.dequantize(t.data, t.tensor_type).reshape(params[key].shape)
-                if value.ndim == 2:  # the IR's float16 (norms stay float32)
-                    value = value.astype(np.float16).astype(np.float32)
-                params[key].copy_(torch.from_numpy(np.array(value, np.float32)))
-        want = model(torch.tensor([ids])).logits[0].double().numpy()
-    got = logits(ir.converted(q4, "none"), ids)
-    assert np.abs(log_softmax(got) - log_softmax(want)).max() < 1e-3
+    names = phi3_llama_cpp_names(2)
+
+    def weight(name: str, value: Any) -> tuple[str, Any] | None:
+        return (names[name], value) if name in names else None  # (not LongRoPE's factors)
+
+    check_file_against_its_decode(model, ids, q4_1_gguf(f16, tmp_path / "phi3-q4_1.gguf"), weight)
 
 
 def test_windows_follow_the_layer_kinds_a_config_names() -> None:
