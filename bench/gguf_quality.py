@@ -5,7 +5,9 @@ The default model exists only as Q4_1, so the other types are made from it: its 
 engine/openvino/ir.py), then ``llama-quantize`` to Q8_0, Q4_0 and Q4_K_M. They are re-quantized from 4-bit weights:
 their quality is that of a 4-bit source, not of the original model's. ``--model`` takes another GGUF file.
 ``--as-qwen2`` writes the model's weights as a Qwen2 file first (the query and key rows in Qwen2's order, zero
-query, key and value biases: the same function), so that the ``qwen2`` route is scored on real weights.
+query, key and value biases: the same function), so that the ``qwen2`` route is scored on real weights;
+``--as-phi3`` as a Phi-3 file as llama.cpp's converter writes one (fused query-key-value and gate-up matrices,
+heads rotated NeoX's way), for the ``phi3`` route (rewritten as Llama's layers, engine/openvino/relayout.py).
 
 Scoring as ``llama-perplexity`` does: the text (the project's seed tutorial) tokenized once, cut into chunks of
 ``--ctx`` tokens (the first replaced by BOS when the file says to add one), each chunk's second half scored with
@@ -116,6 +118,44 @@ def as_qwen2(llama: Path, target: Path) -> Path:
     return target
 
 
+def as_phi3(llama: Path, target: Path) -> Path:
+    """A float16 Llama GGUF written as a Phi-3 one computing the same, as llama.cpp's converter writes Phi-3: the
+    metadata under ``phi3.`` (no window), the query and key rows back in Hugging Face's order (a Phi-3 rotates
+    each head's halves, NeoX's way), the query, key and value in one matrix (``attn_qkv``) and the gate and up in
+    one (``ffn_up``)."""
+    import gguf as gg
+    import numpy as np
+
+    from tokenwire.engine.openvino import ir, weights
+
+    reader = gg.GGUFReader(str(llama))
+    writer = ir.copy_metadata(reader, target, gg.LlamaFileType.MOSTLY_F16, "phi3")
+    writer.add_sliding_window(0)  # llama.cpp's converter: 0 for a model without one
+    heads = int(reader.fields["llama.attention.head_count"].contents())
+    kv_heads = int(reader.fields["llama.attention.head_count_kv"].contents())
+    tensors = {t.name: np.asarray(t.data).reshape(tuple(int(x) for x in reversed(t.shape))) for t in reader.tensors}
+    for name, data in tensors.items():
+        layer, _, kind = name.rpartition(".weight")[0].rpartition(".")
+        if kind in ("attn_q", "attn_k"):
+            continue  # in attn_qkv
+        if kind == "attn_v":
+            q, k = (tensors[f"{layer}.{part}.weight"] for part in ("attn_q", "attn_k"))
+            q = q[weights._orders(q.shape[0], {heads})[-1]]  # the file row holding each Hugging Face row
+            k = k[weights._orders(k.shape[0], {kv_heads})[-1]]
+            writer.add_tensor(f"{layer}.attn_qkv.weight", np.concatenate([q, k, data]))
+        elif kind == "ffn_gate":
+            continue  # in ffn_up
+        elif kind == "ffn_up":
+            writer.add_tensor(name, np.concatenate([tensors[f"{layer}.ffn_gate.weight"], data]))  # gate first
+        else:
+            writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--llama-cpp", required=True, help="llama.cpp's build/bin (llama-quantize, llama-perplexity)")
@@ -124,6 +164,7 @@ def main() -> None:
     p.add_argument("--formats", default="int8", help="tokenwire --quantize formats to score (int8 = what auto serves)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--as-qwen2", action="store_true", help="score the model written as a Qwen2 file")
+    p.add_argument("--as-phi3", action="store_true", help="score the model written as a Phi-3 file (llama.cpp's)")
     p.add_argument("--out", default=str(BENCH / "results" / "gguf-quality-cpu.json"))
     a = p.parse_args()
     binary = Path(a.llama_cpp)
@@ -137,8 +178,9 @@ def main() -> None:
         f16 = Path(tmp) / f"{source.stem}.F16.gguf"
         ir.dequantize_gguf(source, f16)
         files = {"as given": source}
-        if a.as_qwen2:
-            source = as_qwen2(f16, Path(tmp) / f"{source.stem}-as-qwen2.F16.gguf")
+        if a.as_qwen2 or a.as_phi3:
+            family, write = ("qwen2", as_qwen2) if a.as_qwen2 else ("phi3", as_phi3)
+            source = write(f16, Path(tmp) / f"{source.stem}-as-{family}.F16.gguf")
             f16 = source
             files = {}
         for kind in a.types.split(","):
@@ -176,8 +218,9 @@ def main() -> None:
     print(text)
     out = Path(a.out)
     out.write_text(json.dumps({"model": source.name, "ctx": a.ctx, "rows": rows}, indent=1))
+    flag = " --as-qwen2" if a.as_qwen2 else " --as-phi3" if a.as_phi3 else ""
     out.with_suffix(".md").write_text(
-        f"bench/gguf_quality.py{' --as-qwen2' if a.as_qwen2 else ''} on {source.name} (types made from its weights "
+        f"bench/gguf_quality.py{flag} on {source.name} (types made from its weights "
         f"decoded to F16), ctx {a.ctx}\n\n{text}\n"
     )
 
