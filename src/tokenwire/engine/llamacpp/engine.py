@@ -63,17 +63,57 @@ class LlamaCppEngine(LoopEngine):
 
 
 def gguf_of(resolved: models.ResolvedModel) -> Path:
-    """The GGUF file llama.cpp reads for ``resolved``: the file itself, or a Hugging Face folder of a family
-    tokenwire converts, written as a float16 GGUF file once (cached). ValueError for anything else."""
+    """The GGUF file llama.cpp reads for ``resolved``: the file itself, or a Hugging Face folder tokenwire writes
+    as a float16 GGUF file that llama.cpp reads as it means it (:func:`folder_refusal`), once (cached). ValueError
+    for anything else."""
     if resolved.gguf_file is not None:
         return Path(resolved.path) / resolved.gguf_file
     from tokenwire.engine.openvino import convert
 
+    check_folder(resolved)
+    return convert.converted(Path(resolved.path))
+
+
+def check_folder(resolved: models.ResolvedModel) -> None:
+    """ValueError, naming why, unless ``resolved`` is a GGUF file or a folder :func:`gguf_of` can write for llama.cpp
+    (cheap: reads the config and the tokenizer)."""
+    if resolved.gguf_file is not None:
+        return
+    from tokenwire.engine.openvino import convert
+
     folder = Path(resolved.path)
-    why = convert.unsupported(folder) if folder.is_dir() else "it is not a local folder or GGUF file"
+    why = (convert.unsupported(folder) or folder_refusal(folder)) if folder.is_dir() else "it is not a local folder"
     if why is not None:
-        raise ValueError(f"the llamacpp engine reads GGUF files; {resolved.path!r} cannot be written as one: {why}")
-    return convert.converted(folder)
+        raise ValueError(
+            f"the llamacpp engine reads GGUF files, and {resolved.path!r} cannot be given to it as one: {why} "
+            "(serve the folder with --engine openvino, or convert it with llama.cpp's convert_hf_to_gguf.py)"
+        )
+
+
+def folder_refusal(folder: Path) -> str | None:
+    """Why the GGUF file tokenwire writes from ``folder`` (for OpenVINO, engine/openvino/convert.py) would not mean
+    to llama.cpp what the folder means, or None: its Llama, Qwen2 and Qwen3 layers with a byte-level vocabulary do.
+    Not Phi-3's or Gemma 3's (written for tokenwire's graph, with keys llama.cpp does not read), nor a sliding
+    window (llama.cpp's Llama layers attend to the whole context: 14 apart in log-probability past the window),
+    nor a SentencePiece vocabulary (written as bytes for OpenVINO GenAI: llama.cpp stops the process on it), nor
+    LongRoPE."""
+    import json
+
+    from tokenwire.engine.openvino import convert
+
+    config = convert.text_config(json.loads((folder / "config.json").read_text()))
+    arch = (config.get("architectures") or ["?"])[0]
+    family = convert.FAMILIES.get(convert.LANGUAGE_MODELS.get(arch, arch))
+    if family is None or family.fused or family.gemma:
+        return f"its architecture {arch} is written for OpenVINO's graph, not in llama.cpp's own layout"
+    if any(convert.layer_windows(config, int(config.get("num_hidden_layers") or 0))):
+        return "it has a sliding attention window, which llama.cpp's Llama layers do not apply"
+    if convert.rope_type(config) == "longrope":
+        return "its LongRoPE is written for OpenVINO's graph"
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    if convert._sentencepiece(tokenizer.get("model") or {}):
+        return "its SentencePiece vocabulary is written as bytes for OpenVINO GenAI, which llama.cpp does not read"
+    return None
 
 
 class LlamaCppBackend:
@@ -87,6 +127,7 @@ class LlamaCppBackend:
             raise ValueError(f"--max-batch-size must be below {MAX_SEQUENCES} with the llamacpp engine")
         self.config = config
         self._resolved = models.resolve(config.model)
+        check_folder(self._resolved)  # a folder it cannot serve is refused now, not at load
         self.name = self._resolved.name
         self.prefix = config.scheduler.prefix_caching
         self.scheduler = self._scheduler(config.scheduler)  # again in load(), with the context window
