@@ -36,12 +36,6 @@ KEPT_PER_SOCKET = 64  # responses of this socket kept for previous_response_id b
 DEFAULT_LANE = ""
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.param = status, code, message, param
-
-
 class _Lane:
     """The responses of one ``stream_id``: run one after another."""
 
@@ -118,9 +112,9 @@ class ResponsesConnection:
             try:
                 obj = strictjson.loads(data)
             except strictjson.JSONInputError as err:
-                raise _Refused(400, "invalid_json", err.message, err.param) from None
+                raise APIError(400, err.message, code="invalid_json", param=err.param) from None
             if not isinstance(obj, dict):
-                raise _Refused(400, "invalid_json", 'an event must be a JSON object with a "type"')
+                raise APIError(400, 'an event must be a JSON object with a "type"', code="invalid_json")
             sid = obj.get("stream_id")
             stream_id = sid if isinstance(sid, str) and len(sid) <= rp.MAX_ID else None
             kind = obj.get("type")
@@ -130,10 +124,12 @@ class ResponsesConnection:
                 self._cancel(obj)
             else:
                 shown = kind if isinstance(kind, str) and len(kind) <= 40 else "?"
-                raise _Refused(
-                    400, "unknown_type", f"unknown event type {shown!r}; expected response.create or response.cancel"
+                raise APIError(
+                    400,
+                    f"unknown event type {shown!r}; expected response.create or response.cancel",
+                    code="unknown_type",
                 )
-        except _Refused as err:
+        except APIError as err:
             self.telemetry.error(err.code)
             await self._send_error(err.code, err.message, err.param, stream_id, err.status)
         except (WebSocketDisconnect, OSError):
@@ -144,25 +140,22 @@ class ResponsesConnection:
 
     def _create(self, obj: dict[str, Any]) -> None:
         if not self._accepting:
-            raise _Refused(503, ErrorCode.SHUTTING_DOWN.value, "the server is shutting down; reconnect later")
+            raise APIError(503, "the server is shutting down; reconnect later", code=ErrorCode.SHUTTING_DOWN.value)
         body = {k: v for k, v in obj.items() if k != "type"}
         if isinstance(body.get("response"), dict):  # the envelope form: {"type", "stream_id", "response": {...}}
             body = {**body.pop("response"), **({"stream_id": body["stream_id"]} if "stream_id" in body else {})}
-        try:
-            create = rp.parse_create(
-                body,
-                self.limits,
-                self.service.engine.model_name,
-                websocket=True,
-                model_aliases=self.service.engine.model_aliases,
-            )
-        except APIError as err:
-            raise _Refused(err.status, err.code, err.message, err.param) from None
+        create = rp.parse_create(  # APIError for a bad one
+            body,
+            self.limits,
+            self.service.engine.model_name,
+            websocket=True,
+            model_aliases=self.service.engine.model_aliases,
+        )
         if self.running_responses >= self.limits.max_generations_per_connection:
-            raise _Refused(
+            raise APIError(
                 429,
-                ErrorCode.RATE_LIMITED.value,
                 f"this connection already runs or queues {self.limits.max_generations_per_connection} responses",
+                code=ErrorCode.RATE_LIMITED.value,
             )
         lane_id = create.stream_id or DEFAULT_LANE
         lane = self.lanes.get(lane_id)
@@ -177,12 +170,16 @@ class ResponsesConnection:
         if response_id is not None:
             record = self.local.get(response_id) if isinstance(response_id, str) else None
             if record is None:
-                raise _Refused(404, "not_found", f"no response {response_id!r} on this connection", "response_id")
+                raise APIError(
+                    404, f"no response {response_id!r} on this connection", code="not_found", param="response_id"
+                )
             self.service.cancel(record)
             return
         lane = self.lanes.get(obj.get("stream_id") or DEFAULT_LANE)
         if lane is None or lane.current is None:
-            raise _Refused(400, "invalid_request", "nothing runs on that stream_id; name a response_id", "stream_id")
+            raise APIError(
+                400, "nothing runs on that stream_id; name a response_id", code="invalid_request", param="stream_id"
+            )
         self.service.cancel(lane.current)
 
     async def _serve_lane(self, lane: _Lane) -> None:
