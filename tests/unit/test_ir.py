@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tokenwire.engine.openvino import ir, weights
+from tokenwire.engine.openvino import ir, positions, weights
 
 PROMPT_IDS = [5, 17, 42, 99, 7, 64, 3, 120, 33, 8, 250, 11]
 
@@ -229,7 +229,7 @@ def test_llama3_rope_scaling_of_a_folder_reaches_the_ir(tmp_path: Path, cache: P
 
     folder = save_tiny_model(tmp_path / "llama3", max_positions=1024, rope=LLAMA3_ROPE)
     config = json.loads((folder / "config.json").read_text())
-    assert convert.rope_type(config) == "llama3" and convert.unsupported(folder) is None
+    assert positions.rope_type(config) == "llama3" and convert.unsupported(folder) is None
     ids, want = check_against_transformers(folder)
     (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "default"}}))
     plain = logits(ir.converted(convert.converted(folder), "none"), ids)  # the defect: scaling dropped
@@ -381,7 +381,7 @@ def test_a_folder_with_a_sliding_window_goes_to_openvino_with_its_window(
     rope_parameters = PHI3_LONGROPE if rope else None
     folder = save_tiny_family(tmp_path / architecture, architecture, rope=rope_parameters, tokenizer="sentencepiece")
     config = json.loads((folder / "config.json").read_text())
-    assert convert.unsupported(folder) is None and convert.layer_windows(config, 2) == [8, 8]
+    assert convert.unsupported(folder) is None and positions.layer_windows(config, 2) == [8, 8]
     assert convert.served_context(config) == (512 if rope else 1024)
     ids, want = check_against_transformers(folder)
     (folder / "config.json").write_text(json.dumps({**config, "sliding_window": None}))
@@ -417,7 +417,7 @@ def test_a_gemma3_folder_goes_to_openvino_with_what_gemma_adds_to_qwen3s_layers(
     if architecture == "Gemma3ForCausalLM":  # (transformers' text-and-image class applies no final soft cap)
         (folder / "config.json").write_text(json.dumps({**whole, "final_logit_softcapping": 5.0}))
     assert convert.unsupported(folder) is None
-    assert convert.layer_windows(convert.text_config(whole), 2) == [8, 0]
+    assert positions.layer_windows(convert.text_config(whole), 2) == [8, 0]
     check_against_transformers(folder)
 
 
@@ -515,17 +515,16 @@ def test_a_phi3_gguf_file_as_llama_cpp_writes_it_goes_to_openvino(tmp_path: Path
 
 
 def test_windows_follow_the_layer_kinds_a_config_names() -> None:
-    from tokenwire.engine.openvino import convert
 
     kinds = {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}
-    assert convert.layer_windows(kinds, 3) == [16, 0, 16]
+    assert positions.layer_windows(kinds, 3) == [16, 0, 16]
     qwen = {"architectures": ["Qwen2ForCausalLM"], "sliding_window": 16, "use_sliding_window": True}
-    assert convert.layer_windows({**qwen, "max_window_layers": 2}, 3) == [0, 0, 16]
-    assert convert.layer_windows({**qwen, "use_sliding_window": False}, 3) == [0, 0, 0]  # Qwen2.5 as shipped
-    assert convert.layer_windows({"sliding_window": 4096, "max_position_embeddings": 4096}, 2) == [0, 0]
+    assert positions.layer_windows({**qwen, "max_window_layers": 2}, 3) == [0, 0, 16]
+    assert positions.layer_windows({**qwen, "use_sliding_window": False}, 3) == [0, 0, 0]  # Qwen2.5 as shipped
+    assert positions.layer_windows({"sliding_window": 4096, "max_position_embeddings": 4096}, 2) == [0, 0]
     gemma3_as_transformers4_saved_it = {"sliding_window": 512, "sliding_window_pattern": 6}
-    assert convert.layer_windows(gemma3_as_transformers4_saved_it, 8) == [512] * 5 + [0] + [512] * 2
-    assert convert.sliding_window({"sliding_window": 4096, "max_position_embeddings": 4096}) is None
+    assert positions.layer_windows(gemma3_as_transformers4_saved_it, 8) == [512] * 5 + [0] + [512] * 2
+    assert positions.sliding_window({"sliding_window": 4096, "max_position_embeddings": 4096}) is None
 
 
 def test_a_family_the_route_cannot_write_is_left_to_the_transformers_engine(tmp_path: Path) -> None:

@@ -99,19 +99,19 @@ def folder_refusal(folder: Path) -> str | None:
     LongRoPE."""
     import json
 
-    from tokenwire.engine.openvino import convert
+    from tokenwire.engine.openvino import convert, positions, vocab
 
     config = convert.text_config(json.loads((folder / "config.json").read_text()))
     arch = (config.get("architectures") or ["?"])[0]
     family = convert.FAMILIES.get(convert.LANGUAGE_MODELS.get(arch, arch))
     if family is None or family.fused or family.gemma:
         return f"its architecture {arch} is written for OpenVINO's graph, not in llama.cpp's own layout"
-    if any(convert.layer_windows(config, int(config.get("num_hidden_layers") or 0))):
+    if any(positions.layer_windows(config, int(config.get("num_hidden_layers") or 0))):
         return "it has a sliding attention window, which llama.cpp's Llama layers do not apply"
-    if convert.rope_type(config) == "longrope":
+    if positions.rope_type(config) == "longrope":
         return "its LongRoPE is written for OpenVINO's graph"
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
-    if convert._sentencepiece(tokenizer.get("model") or {}):
+    if vocab.is_sentencepiece(tokenizer.get("model") or {}):
         return "its SentencePiece vocabulary is written as bytes for OpenVINO GenAI, which llama.cpp does not read"
     return None
 

@@ -11,11 +11,10 @@ with the ``gguf`` package it already depends on, weights in float16:
 - a sliding attention window (Mistral v0.1, Phi-3, Qwen2's with ``use_sliding_window``) as llama.cpp's keys
   (``attention.sliding_window`` and, per layer, ``attention.sliding_window_pattern``), which ir.py builds into the
   masks of those layers (OpenVINO GenAI's reader has no window of its own);
-- a byte-level BPE tokenizer, or a SentencePiece BPE one with byte fallback, written as byte-level
-  (:func:`_write_tokenizer`);
-- rope scaling (Llama 3's, or linear; under ``rope_scaling`` or transformers 5's ``rope_parameters``) as llama.cpp
-  writes it, a ``rope_freqs`` tensor of divisors, which ir.py applies to the graph's rotary frequencies (OpenVINO
-  GenAI's reader ignores it); Phi-3's LongRoPE as its short factors, with its attention factor as llama.cpp's
+- a byte-level BPE tokenizer, or a SentencePiece BPE one with byte fallback, written as byte-level (vocab.py);
+- rope scaling (Llama 3's, or linear; under ``rope_scaling`` or transformers 5's ``rope_parameters``: positions.py)
+  as llama.cpp writes it, a ``rope_freqs`` tensor of divisors, which ir.py applies to the graph's rotary frequencies
+  (OpenVINO GenAI's reader ignores it); Phi-3's LongRoPE as its short factors, with its attention factor as llama.cpp's
   ``attention.scale`` (what attention scores are scaled by, which ir.py gives each attention), served up to its
   original context (:func:`served_context`: past it LongRoPE switches to its long factors, which a graph built
   once cannot do).
@@ -32,12 +31,19 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tokenwire.engine import models
+from tokenwire.engine.openvino.positions import (
+    layer_windows,
+    local_rope_settings,
+    rope_scaling,
+    rope_settings,
+    rope_type,
+)
+from tokenwire.engine.openvino.vocab import is_sentencepiece, write_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +108,9 @@ def unsupported(folder: Path) -> str | None:
     except (OSError, ValueError):
         return "it has no readable tokenizer.json"
     model = tok.get("model") or {}
-    if model.get("type") != "BPE" or not ("ByteLevel" in json.dumps(tok.get("pre_tokenizer")) or _sentencepiece(model)):
+    if model.get("type") != "BPE" or not (
+        "ByteLevel" in json.dumps(tok.get("pre_tokenizer")) or is_sentencepiece(model)
+    ):
         return "its tokenizer is neither a byte-level BPE one nor a SentencePiece BPE one with byte fallback"
     return None
 
@@ -133,11 +141,6 @@ def _gemma_unsupported(config: dict[str, Any]) -> str | None:
     if str(local.get("rope_type") or local.get("type") or "default") != "default":
         return f"its local layers' rope scaling ({local.get('rope_type')}) is not one the OpenVINO route writes"
     return None
-
-
-def _sentencepiece(model: dict[str, Any]) -> bool:
-    """A tokenizer.json model converted from SentencePiece BPE (Llama 2, Mistral, TinyLlama): byte fallback."""
-    return bool(model.get("byte_fallback"))
 
 
 def content_key(folder: Path) -> str:
@@ -240,7 +243,7 @@ def write_gguf(folder: Path, target: Path) -> None:
         _add_gemma_keys(w, cfg, config)
     w.add_vocab_size(len(tok))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)  # OpenVINO reads it
-    _write_tokenizer(w, tok)
+    write_tokenizer(w, tok)
 
     def matrix(name: str, data: Any) -> None:
         w.add_tensor(name, data.astype(np.float16))
@@ -319,22 +322,6 @@ def _layer(weights: dict[str, Any], p: str, family: Family, q_rows: int, kv_rows
     }
 
 
-def rope_scaling(cfg: Any, config: dict[str, Any], head_dim: int) -> tuple[Any, float]:
-    """The rope scaling of a model as rotary-frequency divisors (None: plain RoPE) and the factor its cos and sin are
-    scaled by (LongRoPE's attention factor; 1 otherwise). LongRoPE's frequencies are transformers' own
-    (``cfg``: the loaded config), for sequences up to its original context (its short factors)."""
-    import numpy as np
-
-    if rope_type(config) != "longrope":
-        return rope_factors(rope_settings(config), head_dim), 1.0
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["longrope"](cfg, None)
-    base = float(cfg.rope_parameters["rope_theta"])
-    plain = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    return (plain / inv_freq.double().numpy()).astype(np.float32), float(attention_factor)
-
-
 def served_context(config: dict[str, Any]) -> int:
     """The context the OpenVINO route serves a config at: its ``max_position_embeddings``, or LongRoPE's original
     context where that is shorter (past it, LongRoPE switches to its long factors)."""
@@ -346,138 +333,3 @@ def served_context(config: dict[str, Any]) -> int:
         if original:
             context = min(context, int(original))
     return context
-
-
-def layer_windows(config: dict[str, Any], layers: int) -> list[int]:
-    """Each layer's attention window (0: the whole context): :func:`sliding_window` for the layers ``layer_types``
-    names ``sliding_attention`` (Qwen2 without it: those from ``max_window_layers`` on), or for every layer."""
-    window = sliding_window(config)
-    if window is None:
-        return [0] * layers
-    kinds = config.get("layer_types")
-    if kinds:
-        return [window if kind == "sliding_attention" else 0 for kind in kinds]
-    if pattern := config.get("sliding_window_pattern"):  # Gemma 3 as transformers 4 saved it: every n-th is whole
-        return [0 if (i + 1) % int(pattern) == 0 else window for i in range(layers)]
-    first = int(config.get("max_window_layers") or 0) if "Qwen2ForCausalLM" in config.get("architectures", []) else 0
-    return [window if i >= first else 0 for i in range(layers)]
-
-
-def sliding_window(config: dict[str, Any]) -> int | None:
-    """The attention window a config gives some or all layers, if it is shorter than its context: Mistral's
-    ``sliding_window``, Qwen2's only with ``use_sliding_window``, or any layer of kind ``sliding_attention``."""
-    window = config.get("sliding_window")
-    kinds = config.get("layer_types") or []
-    if not window or not (config.get("use_sliding_window", True) or "sliding_attention" in kinds):
-        return None
-    if kinds and "sliding_attention" not in kinds:
-        return None
-    return int(window) if int(window) < int(config.get("max_position_embeddings") or 1 << 62) else None
-
-
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: a printable character for each byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    out = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in out:
-            out[b] = chr(256 + extra)
-            extra += 1
-    return out
-
-
-_BYTES = _byte_alphabet()
-
-
-def _as_byte_level(piece: str) -> str:
-    """A SentencePiece piece as GPT-2's byte-level text of the bytes it stands for."""
-    if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
-        raw = bytes([int(piece[3:5], 16)])
-    else:
-        raw = piece.replace("\u2581", " ").encode("utf-8")
-    return "".join(_BYTES[b] for b in raw)
-
-
-def rope_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """A config's rotary settings, under either key: ``rope_scaling`` (transformers 4) or ``rope_parameters``
-    (transformers 5, which writes it for every model, usually with ``rope_type: "default"``)."""
-    found = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if isinstance(found, dict) and isinstance(found.get("full_attention"), dict):  # per layer kind (Gemma 3)
-        found = found["full_attention"]
-    return {"rope_theta": config.get("rope_theta", 10000.0), **(found if isinstance(found, dict) else {})}
-
-
-def local_rope_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The rotary settings of Gemma 3's sliding-window layers: under ``rope_parameters["sliding_attention"]``, or
-    transformers 4's ``rope_local_base_freq``, plain RoPE with base 10,000 where the config says neither (its
-    default)."""
-    found = config.get("rope_parameters")
-    if isinstance(found, dict) and isinstance(found.get("sliding_attention"), dict):
-        return {"rope_theta": 10000.0, **found["sliding_attention"]}
-    return {"rope_theta": float(config.get("rope_local_base_freq") or 10000.0), "rope_type": "default"}
-
-
-def rope_type(config: dict[str, Any]) -> str:
-    settings = rope_settings(config)
-    kind = str(settings.get("rope_type") or settings.get("type") or "default")
-    return "longrope" if kind == "su" else kind  # Phi-3's first configs call LongRoPE "su"
-
-
-def rope_factors(settings: dict[str, Any], head_dim: int) -> Any:
-    """Rope scaling as one divisor per rotary frequency (what llama.cpp writes as ``rope_freqs``), or None for
-    plain RoPE. ``linear``: ``factor`` for every frequency. ``llama3``: 1 for short wavelengths, ``factor`` for long
-    ones, a smooth blend between."""
-    import numpy as np
-
-    kind = settings.get("rope_type") or settings.get("type") or "default"
-    factor = float(settings.get("factor", 8.0))
-    if kind == "linear":
-        return np.full(head_dim // 2, factor, dtype=np.float32)
-    if kind != "llama3":
-        return None
-    base = float(settings.get("rope_theta", 10000.0))
-    low, high = float(settings.get("low_freq_factor", 1.0)), float(settings.get("high_freq_factor", 4.0))
-    old_context = float(settings.get("original_max_position_embeddings", 8192))
-    freqs = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    wavelen = 2 * math.pi / freqs
-    smooth = (old_context / wavelen - low) / (high - low)
-    blended = 1.0 / ((1 - smooth) / factor + smooth)
-    out = np.where(wavelen < old_context / high, 1.0, np.where(wavelen > old_context / low, factor, blended))
-    return out.astype(np.float32)
-
-
-def _write_tokenizer(w: Any, tok: Any) -> None:
-    """The byte-level BPE vocabulary and merges, special tokens as control tokens, ids and the chat template.
-
-    OpenVINO GenAI's GGUF reader takes byte-level BPE (``gpt2``) vocabularies only. A SentencePiece one is written
-    as one: each piece as the bytes it stands for (``▁`` a space, ``<0x0A>`` that byte), in GPT-2's byte-to-text
-    alphabet, its merges likewise. The pipeline never tokenizes (tokenwire hands it ids), but its grammar backend
-    reads each token's bytes from this vocabulary, so they must be the right ones."""
-    data = json.loads(tok.backend_tokenizer.to_str())
-    model = data["model"]
-    spm = _sentencepiece(model)
-    vocab = {(_as_byte_level(text) if spm else text): i for text, i in model["vocab"].items()}
-    special = {t["content"] for t in data.get("added_tokens", [])}
-    vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
-    size = max(vocab.values()) + 1
-    tokens = [f"[PAD{i}]" for i in range(size)]
-    for text, i in vocab.items():
-        tokens[i] = text
-    if spm:  # pieces that stand for the same bytes (a character and its byte piece) keep their own ids
-        for text, i in model["vocab"].items():
-            tokens[i] = _as_byte_level(text)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in special else 1 for t in tokens])  # 3: control
-    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]
-    if spm:
-        merges = [[_as_byte_level(a), _as_byte_level(b)] for a, b in merges]
-    w.add_token_merges([" ".join(m) for m in merges])
-    for name, value in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("pad", tok.pad_token_id)):
-        if isinstance(value, int):
-            getattr(w, f"add_{name}_token_id")(value)
-    w.add_add_bos_token(False)
-    if tok.chat_template:
-        w.add_chat_template(tok.chat_template)

@@ -170,22 +170,10 @@ class OVBackend:
         return LoadedModel(prepared.tokenizer, prepared.eos_ids, prepared.max_context)
 
     def _kv_tokens(self) -> int:
-        """--kv-cache-tokens, at most what kv.KV_BYTES hold for this model (at least one context); logged if fewer."""
+        """--kv-cache-tokens, at most what kv.KV_BYTES hold for this model (at least one context)."""
         cfg, found = self.config, self.plan
         source = convert.converted(found.source) if found.convert else found.source
-        shape = kv.shape_of(source)
-        per_token = shape.bytes_per_token(_DEVICES.get(cfg.device, "CPU")) if shape is not None else None
-        tokens = kv.cache_tokens(cfg.kv_cache_tokens, per_token, cfg.max_model_len)
-        if per_token is not None and tokens < cfg.kv_cache_tokens:
-            log.info(
-                "KV cache: %d tokens (%.0f MiB, %d bytes a token), not --kv-cache-tokens %d: at most what %d GiB hold",
-                tokens,
-                tokens * per_token / (1 << 20),
-                per_token,
-                cfg.kv_cache_tokens,
-                kv.KV_BYTES >> 30,
-            )
-        return tokens
+        return kv.size_for(cfg.kv_cache_tokens, source, _DEVICES.get(cfg.device, "CPU"), cfg.max_model_len)
 
     def _start(self) -> tuple[Connection, BaseProcess]:
         ctx = multiprocessing.get_context("spawn")

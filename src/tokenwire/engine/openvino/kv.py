@@ -12,10 +12,13 @@ token; float16 on a GPU.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenwire.engine import models
+
+log = logging.getLogger(__name__)
 
 KV_BYTES = 2 << 30
 
@@ -69,3 +72,21 @@ def cache_tokens(asked: int, per_token: int | None, context: int) -> int:
     if per_token is None or per_token <= 0:
         return asked
     return max(min(asked, KV_BYTES // per_token), min(context, asked))
+
+
+def size_for(asked: int, source: Path, device: str, context: int) -> int:
+    """:func:`cache_tokens` for the model at ``source`` (a GGUF file or a model folder) on ``device`` (CPU, GPU);
+    logged when fewer than ``asked``."""
+    shape = shape_of(source)
+    per_token = shape.bytes_per_token(device) if shape is not None else None
+    tokens = cache_tokens(asked, per_token, context)
+    if per_token is not None and tokens < asked:
+        log.info(
+            "KV cache: %d tokens (%.0f MiB, %d bytes a token), not --kv-cache-tokens %d: at most what %d GiB hold",
+            tokens,
+            tokens * per_token / (1 << 20),
+            per_token,
+            asked,
+            KV_BYTES >> 30,
+        )
+    return tokens

@@ -61,8 +61,8 @@ def rewrite(src: Path, dst: Path, reader: Any, tokenizer: Any) -> None:
     as the architecture GenAI builds; ``tokenizer``: the transformers tokenizer read from ``src``."""
     from tqdm import tqdm
 
-    from tokenwire.engine.openvino.convert import _write_tokenizer
     from tokenwire.engine.openvino.ir import copy_metadata
+    from tokenwire.engine.openvino.vocab import write_tokenizer
 
     own = reader.fields["general.architecture"].contents()
     arch = REWRITTEN[own]
@@ -74,7 +74,7 @@ def rewrite(src: Path, dst: Path, reader: Any, tokenizer: Any) -> None:
     if shape.value("rope.dimension_count") is None:  # whole heads rotate (what llama.cpp assumes without it)
         writer.add_rope_dimension_count(shape.head_size)
     tensors = (_gemma3 if own == "gemma3" else _phi3)(writer, shape)
-    _write_tokenizer(writer, tokenizer)
+    write_tokenizer(writer, tokenizer)
     for name, data, raw in tqdm(tensors(reader.tensors), desc=f"writing {own} as {arch}", unit="tensor"):
         writer.add_tensor(name, data, raw_dtype=raw)
     writer.write_header_to_file()
