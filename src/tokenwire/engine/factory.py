@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
+from typing import Any
 
 from tokenwire.config import Settings
 from tokenwire.engine import gguf_choice, models
@@ -131,69 +132,69 @@ def build_engine(settings: Settings) -> Engine:
 def _build(settings: Settings) -> LoopEngine:
     kind, why = choose_engine(settings)
     log.info("engine: %s (%s)", kind, why)
-    if kind == "openvino":
-        from tokenwire.engine.openvino.engine import OVEngine, OVEngineConfig
+    build = {"openvino": _openvino, "llamacpp": _llamacpp, "transformers": _transformers}[kind]
+    return build(settings)
 
-        return OVEngine(
-            OVEngineConfig(
-                model=settings.model,
-                device=settings.device,
-                dtype=settings.dtype,
-                quantize=settings.quantize,
-                max_model_len=settings.max_model_len,
-                threads=settings.threads,
-                max_batch_size=settings.max_batch_size,
-                max_waiting=settings.max_waiting,
-                kv_cache_tokens=settings.kv_cache_tokens,
-                max_prefill_tokens=settings.max_prefill_tokens,
-                prefix_caching=settings.prefix_caching == "on",
-                queue_timeout=settings.queue_timeout,
-                hang_timeout=settings.engine_hang_timeout,
-                json_whitespace=settings.json_whitespace,
-            )
-        )
-    scheduler = SchedulerConfig(
+
+def _shared(settings: Settings) -> dict[str, Any]:
+    """The fields every engine's config takes from the settings alike."""
+    return {
+        "model": settings.model,
+        "max_model_len": settings.max_model_len,
+        "threads": settings.threads,
+        "queue_timeout": settings.queue_timeout,
+        "hang_timeout": settings.engine_hang_timeout,
+        "json_whitespace": settings.json_whitespace,
+    }
+
+
+def _device(settings: Settings, quantize: str) -> dict[str, Any]:
+    """Where and in what form the weights run (the openvino and transformers engines)."""
+    return {"device": settings.device, "dtype": settings.dtype, "quantize": quantize}
+
+
+def _scheduler(settings: Settings) -> SchedulerConfig:
+    return SchedulerConfig(
         max_batch_size=settings.max_batch_size,
         max_waiting=settings.max_waiting,
         kv_cache_tokens=settings.kv_cache_tokens,
         max_prefill_tokens=settings.max_prefill_tokens,
         prefix_caching=settings.prefix_caching == "on",
     )
-    if kind == "llamacpp":
-        from tokenwire.engine.llamacpp.engine import LlamaCppEngine, LlamaCppEngineConfig
 
-        if settings.quantize not in ("auto", "none"):
-            raise ValueError(
-                f"--quantize {settings.quantize} is for the openvino and transformers engines; the llamacpp engine "
-                "serves the GGUF file's own weights (pick a file of the type you want, or --engine openvino)"
-            )
-        if settings.device not in ("auto", "cpu"):
-            raise ValueError(f"--device {settings.device}: the llamacpp engine runs on the CPU (--device cpu)")
 
-        return LlamaCppEngine(
-            LlamaCppEngineConfig(
-                model=settings.model,
-                max_model_len=settings.max_model_len,
-                threads=settings.threads,
-                scheduler=scheduler,
-                queue_timeout=settings.queue_timeout,
-                hang_timeout=settings.engine_hang_timeout,
-                json_whitespace=settings.json_whitespace,
-            )
-        )
-    from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig  # imports torch
+def _openvino(settings: Settings) -> LoopEngine:
+    from tokenwire.engine.openvino.engine import OVEngine, OVEngineConfig
 
-    return HFEngine(
-        HFEngineConfig(
-            model=settings.model,
-            device=settings.device,
-            dtype=settings.dtype,
-            quantize="none" if settings.quantize == "auto" else settings.quantize,
-            max_model_len=settings.max_model_len,
-            threads=settings.threads,
-            scheduler=scheduler,
-            queue_timeout=settings.queue_timeout,
-            hang_timeout=settings.engine_hang_timeout,
-            json_whitespace=settings.json_whitespace,
+    limits = _scheduler(settings)  # the pipeline's own scheduler takes the same limits
+    return OVEngine(
+        OVEngineConfig(
+            **_shared(settings),
+            **_device(settings, settings.quantize),
+            max_batch_size=limits.max_batch_size,
+            max_waiting=limits.max_waiting,
+            kv_cache_tokens=limits.kv_cache_tokens,
+            max_prefill_tokens=limits.max_prefill_tokens,
+            prefix_caching=limits.prefix_caching,
         )
     )
+
+
+def _llamacpp(settings: Settings) -> LoopEngine:
+    from tokenwire.engine.llamacpp.engine import LlamaCppEngine, LlamaCppEngineConfig
+
+    if settings.quantize not in ("auto", "none"):
+        raise ValueError(
+            f"--quantize {settings.quantize} is for the openvino and transformers engines; the llamacpp engine "
+            "serves the GGUF file's own weights (pick a file of the type you want, or --engine openvino)"
+        )
+    if settings.device not in ("auto", "cpu"):
+        raise ValueError(f"--device {settings.device}: the llamacpp engine runs on the CPU (--device cpu)")
+    return LlamaCppEngine(LlamaCppEngineConfig(**_shared(settings), scheduler=_scheduler(settings)))
+
+
+def _transformers(settings: Settings) -> LoopEngine:
+    from tokenwire.engine.hf.engine import HFEngine, HFEngineConfig  # imports torch
+
+    quantize = "none" if settings.quantize == "auto" else settings.quantize
+    return HFEngine(HFEngineConfig(**_shared(settings), **_device(settings, quantize), scheduler=_scheduler(settings)))
