@@ -195,7 +195,7 @@ class HFBackend:
     # -- the step
     def step(self) -> StepOutput:
         assert self.runner is not None
-        runner, sched = self.runner, self.scheduler
+        sched = self.scheduler
         out = StepOutput()
         self.sampling.fail_refused(sched.get, out, self._drop)
         plan = sched.schedule()  # every position this step computes has a block now
@@ -206,46 +206,9 @@ class HFBackend:
             # Prefill first: its chunks sit in consecutive rows from num_decode, in order, exactly as scheduled.
             # Promotions and finishes that follow only move rows >= num_decode, so the decode rows below stay
             # put. (Decoding first would let a finishing sequence reorder the prefill rows under the chunks.)
-            chunks = [c for c in plan.prefill if c.seq.state is SeqState.PREFILL]
-            if chunks:  # one batched forward for all of them
-                ran, logits = self._forward_isolated(
-                    [c.seq for c in chunks],
-                    lambda: runner.prefill(
-                        chunks[0].seq.row,
-                        [c.seq.prompt_ids[c.start : c.end] for c in chunks],
-                        [c.start for c in chunks],
-                    ),
-                    lambda i: runner.prefill(
-                        chunks[i].seq.row,
-                        [chunks[i].seq.prompt_ids[chunks[i].start : chunks[i].end]],
-                        [chunks[i].start],
-                    ),
-                    out,
-                )
-                for i in ran:  # computed: their full blocks can be shared from now on
-                    c = chunks[i]
-                    c.seq.num_computed = c.end
-                    sched.blocks.commit(c.seq.request_id, c.seq.prompt_ids, c.end)
-                done = [j for j, i in enumerate(ran) if chunks[i].is_last]
-                for j in done:
-                    sched.promote(chunks[ran[j]].seq)
-                if done:
-                    self._sample([chunks[ran[j]].seq for j in done], logits[done], out)
+            self._prefill([c for c in plan.prefill if c.seq.state is SeqState.PREFILL], out)
             if plan.num_decode:
-                decoding = sched.running[: plan.num_decode]
-                ran, logits = self._forward_isolated(
-                    decoding,
-                    lambda: runner.decode([s.output_ids[-1] for s in decoding], [s.length - 1 for s in decoding]),
-                    lambda i: runner.decode([decoding[i].output_ids[-1]], [decoding[i].length - 1], decoding[i].row),
-                    out,
-                )
-                block = sched.blocks.block_tokens
-                for i in ran:
-                    seq = decoding[i]
-                    if seq.length % block == 0:  # this step filled its last block
-                        sched.blocks.commit(seq.request_id, seq.prompt_ids + seq.output_ids, seq.length)
-                if ran:
-                    self._sample([decoding[i] for i in ran], logits, out)
+                self._decode(sched.running[: plan.num_decode], out)
         except Exception as exc:  # outside the forward passes (the cache could not grow): the batch fails
             log.exception("model step failed")
             for seq in list(sched.running):
@@ -255,8 +218,52 @@ class HFBackend:
             # Blocks are written only past what is shared, and registered only after their pass ran, so kept and
             # cached KV stays valid; the cache is dropped all the same, to be safe, and the storage given back.
             sched.blocks.clear_cache()
-            runner.cache.shrink(sched.blocks.high_water())
+            self.runner.cache.shrink(sched.blocks.high_water())
         return out
+
+    def _prefill(self, chunks: list[Any], out: StepOutput) -> None:
+        """One batched forward for every prompt chunk; a prompt whose last chunk ran samples its first token."""
+        runner, sched = self.runner, self.scheduler
+        assert runner is not None
+        if not chunks:
+            return
+        ran, logits = self._forward_isolated(
+            [c.seq for c in chunks],
+            lambda: runner.prefill(
+                chunks[0].seq.row, [c.seq.prompt_ids[c.start : c.end] for c in chunks], [c.start for c in chunks]
+            ),
+            lambda i: runner.prefill(
+                chunks[i].seq.row, [chunks[i].seq.prompt_ids[chunks[i].start : chunks[i].end]], [chunks[i].start]
+            ),
+            out,
+        )
+        for i in ran:  # computed: their full blocks can be shared from now on
+            c = chunks[i]
+            c.seq.num_computed = c.end
+            sched.blocks.commit(c.seq.request_id, c.seq.prompt_ids, c.end)
+        done = [j for j, i in enumerate(ran) if chunks[i].is_last]
+        for j in done:
+            sched.promote(chunks[ran[j]].seq)
+        if done:
+            self._sample([chunks[ran[j]].seq for j in done], logits[done], out)
+
+    def _decode(self, decoding: list[Any], out: StepOutput) -> None:
+        """One batched forward for every decoding sequence's last token, then its next token sampled."""
+        runner, sched = self.runner, self.scheduler
+        assert runner is not None
+        ran, logits = self._forward_isolated(
+            decoding,
+            lambda: runner.decode([s.output_ids[-1] for s in decoding], [s.length - 1 for s in decoding]),
+            lambda i: runner.decode([decoding[i].output_ids[-1]], [decoding[i].length - 1], decoding[i].row),
+            out,
+        )
+        block = sched.blocks.block_tokens
+        for i in ran:
+            seq = decoding[i]
+            if seq.length % block == 0:  # this step filled its last block
+                sched.blocks.commit(seq.request_id, seq.prompt_ids + seq.output_ids, seq.length)
+        if ran:
+            self._sample([decoding[i] for i in ran], logits, out)
 
     def _forward_isolated(
         self,

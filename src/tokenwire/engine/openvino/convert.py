@@ -207,28 +207,51 @@ def _tensors(folder: Path, language_model: bool = False) -> dict[str, Any]:
 
 def write_gguf(folder: Path, target: Path) -> None:
     import gguf
-    import numpy as np
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
     whole = json.loads((folder / "config.json").read_text())
     config = text_config(whole)
+    language_model = config is not whole  # a text-and-image folder: its language model's weights
     cfg = AutoConfig.from_pretrained(folder).get_text_config()
     tok = AutoTokenizer.from_pretrained(folder)
-    weights = _tensors(folder, language_model=config is not whole)
     family = FAMILIES[config["architectures"][0]]
     if family.gemma:  # what a release leaves out of its config (the 4B-27B text_config: most), as transformers fills it
         config = {**cfg.to_dict(), **config}
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w = gguf.GGUFWriter(str(target), family.gguf)
     w.add_name(folder.name)
+    _add_keys(w, cfg, config, family, head_dim)
+    w.add_vocab_size(len(tok))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)  # OpenVINO reads it
+    write_tokenizer(w, tok)
+    out = _Tensors(w, family, _tensors(folder, language_model=language_model))
+    factors, attention_factor = rope_scaling(cfg, config, head_dim)
+    if factors is not None:  # llama.cpp's rope_freqs: each rotary frequency's divisor
+        w.add_tensor("rope_freqs.weight", factors)
+    if attention_factor != 1.0:  # it scales cos and sin, so the query and the key: their product by its square
+        w.add_attention_scale(attention_factor**2 / math.sqrt(head_dim))
+    out.matrix("token_embd.weight", out.weights["model.embed_tokens.weight"])
+    for i in tqdm(range(cfg.num_hidden_layers), desc="converting to GGUF", unit="layer"):
+        out.layer(i, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim)
+    out.norm("output_norm.weight", out.weights["model.norm.weight"])
+    if not getattr(cfg, "tie_word_embeddings", False) and "lm_head.weight" in out.weights:
+        out.matrix("output.weight", out.weights["lm_head.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _add_keys(w: Any, cfg: Any, config: dict[str, Any], family: Family, head_dim: int) -> None:
+    """The model's shape, rotary base, windows and (Gemma) its own keys, as llama.cpp names them."""
+    heads = cfg.num_attention_heads
     w.add_context_length(served_context(config))
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(heads)
-    w.add_head_count_kv(kv_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(float(rope_settings(config)["rope_theta"]))
     w.add_rope_dimension_count(head_dim)
@@ -241,58 +264,53 @@ def write_gguf(folder: Path, target: Path) -> None:
         w.add_sliding_window_pattern([bool(x) for x in windows])
     if family.gemma:
         _add_gemma_keys(w, cfg, config)
-    w.add_vocab_size(len(tok))
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)  # OpenVINO reads it
-    write_tokenizer(w, tok)
 
-    def matrix(name: str, data: Any) -> None:
-        w.add_tensor(name, data.astype(np.float16))
 
-    def norm(name: str, data: Any) -> None:  # float32; Gemma's as 1 + weight, what it multiplies by
-        w.add_tensor(name, data + 1.0 if family.gemma else data)
+class _Tensors:
+    """The folder's weights written as llama.cpp names them: matrices in float16, norms in float32 (Gemma's as 1 +
+    weight, what it multiplies by), a Llama's query and key rows in llama.cpp's order."""
 
-    def rotary(data: Any, n: int) -> Any:  # llama.cpp's row order for Q and K (Llama's rotary halves)
-        if not family.permute_qk:
+    def __init__(self, w: Any, family: Family, weights: dict[str, Any]) -> None:
+        self.w, self.family, self.weights = w, family, weights
+
+    def matrix(self, name: str, data: Any) -> None:
+        import numpy as np
+
+        self.w.add_tensor(name, data.astype(np.float16))
+
+    def norm(self, name: str, data: Any) -> None:
+        self.w.add_tensor(name, data + 1.0 if self.family.gemma else data)
+
+    def rotary(self, data: Any, n: int) -> Any:
+        """llama.cpp's row order for Q and K (Llama's rotary halves interleaved); NeoX-style families keep theirs."""
+        if not self.family.permute_qk:
             return data
         return data.reshape(n, 2, data.shape[0] // n // 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
 
-    factors, attention_factor = rope_scaling(cfg, config, head_dim)
-    if factors is not None:  # llama.cpp's rope_freqs: each rotary frequency's divisor
-        w.add_tensor("rope_freqs.weight", factors)
-    if attention_factor != 1.0:  # it scales cos and sin, so the query and the key: their product by its square
-        w.add_attention_scale(attention_factor**2 / math.sqrt(head_dim))
-    matrix("token_embd.weight", weights["model.embed_tokens.weight"])
-    for i in tqdm(range(cfg.num_hidden_layers), desc="converting to GGUF", unit="layer"):
-        p = f"model.layers.{i}."
+    def layer(self, i: int, heads: int, kv_heads: int, head_dim: int) -> None:
+        weights, family, p = self.weights, self.family, f"model.layers.{i}."
         layer = _layer(weights, p, family, heads * head_dim, kv_heads * head_dim)
-        norm(f"blk.{i}.attn_norm.weight", weights[p + "input_layernorm.weight"])
-        matrix(f"blk.{i}.attn_q.weight", rotary(layer["q"], heads))
-        matrix(f"blk.{i}.attn_k.weight", rotary(layer["k"], kv_heads))
-        matrix(f"blk.{i}.attn_v.weight", layer["v"])
+        self.norm(f"blk.{i}.attn_norm.weight", weights[p + "input_layernorm.weight"])
+        self.matrix(f"blk.{i}.attn_q.weight", self.rotary(layer["q"], heads))
+        self.matrix(f"blk.{i}.attn_k.weight", self.rotary(layer["k"], kv_heads))
+        self.matrix(f"blk.{i}.attn_v.weight", layer["v"])
         if family.qkv_bias:
-            w.add_tensor(f"blk.{i}.attn_q.bias", rotary(weights[p + "self_attn.q_proj.bias"], heads))
-            w.add_tensor(f"blk.{i}.attn_k.bias", rotary(weights[p + "self_attn.k_proj.bias"], kv_heads))
-            w.add_tensor(f"blk.{i}.attn_v.bias", weights[p + "self_attn.v_proj.bias"])
+            self.w.add_tensor(f"blk.{i}.attn_q.bias", self.rotary(weights[p + "self_attn.q_proj.bias"], heads))
+            self.w.add_tensor(f"blk.{i}.attn_k.bias", self.rotary(weights[p + "self_attn.k_proj.bias"], kv_heads))
+            self.w.add_tensor(f"blk.{i}.attn_v.bias", weights[p + "self_attn.v_proj.bias"])
         if family.qk_norm:
-            norm(f"blk.{i}.attn_q_norm.weight", weights[p + "self_attn.q_norm.weight"])
-            norm(f"blk.{i}.attn_k_norm.weight", weights[p + "self_attn.k_norm.weight"])
-        matrix(f"blk.{i}.attn_output.weight", weights[p + "self_attn.o_proj.weight"])
+            self.norm(f"blk.{i}.attn_q_norm.weight", weights[p + "self_attn.q_norm.weight"])
+            self.norm(f"blk.{i}.attn_k_norm.weight", weights[p + "self_attn.k_norm.weight"])
+        self.matrix(f"blk.{i}.attn_output.weight", weights[p + "self_attn.o_proj.weight"])
         if family.gemma:  # a norm before the MLP, and one after each block
-            norm(f"blk.{i}.ffn_norm.weight", weights[p + "pre_feedforward_layernorm.weight"])
-            norm(f"blk.{i}.post_attention_norm.weight", weights[p + "post_attention_layernorm.weight"])
-            norm(f"blk.{i}.post_ffw_norm.weight", weights[p + "post_feedforward_layernorm.weight"])
+            self.norm(f"blk.{i}.ffn_norm.weight", weights[p + "pre_feedforward_layernorm.weight"])
+            self.norm(f"blk.{i}.post_attention_norm.weight", weights[p + "post_attention_layernorm.weight"])
+            self.norm(f"blk.{i}.post_ffw_norm.weight", weights[p + "post_feedforward_layernorm.weight"])
         else:
-            norm(f"blk.{i}.ffn_norm.weight", weights[p + "post_attention_layernorm.weight"])
-        matrix(f"blk.{i}.ffn_gate.weight", layer["gate"])
-        matrix(f"blk.{i}.ffn_up.weight", layer["up"])
-        matrix(f"blk.{i}.ffn_down.weight", weights[p + "mlp.down_proj.weight"])
-    norm("output_norm.weight", weights["model.norm.weight"])
-    if not getattr(cfg, "tie_word_embeddings", False) and "lm_head.weight" in weights:
-        matrix("output.weight", weights["lm_head.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            self.norm(f"blk.{i}.ffn_norm.weight", weights[p + "post_attention_layernorm.weight"])
+        self.matrix(f"blk.{i}.ffn_gate.weight", layer["gate"])
+        self.matrix(f"blk.{i}.ffn_up.weight", layer["up"])
+        self.matrix(f"blk.{i}.ffn_down.weight", weights[p + "mlp.down_proj.weight"])
 
 
 def _add_gemma_keys(w: Any, cfg: Any, config: dict[str, Any]) -> None:
