@@ -143,8 +143,8 @@ openai_bodies = st.fixed_dictionaries({}, optional={name: json_values for name i
 def test_any_openai_body_is_a_request_or_an_api_error_with_a_client_status(body: Any, chat: bool) -> None:
     try:
         req = oa.parse_completion_request(body, chat=chat, limits=LIMITS, model_name="m")
-    except oa.APIError as err:
-        assert 400 <= err.status < 500 and err.body()["error"]["message"]
+    except RequestError as err:
+        assert 400 <= err.status < 500 and oa.error_body(err)["error"]["message"]
         return
     assert req.generate.params.max_tokens >= 1
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from tokenwire.engine.interface import ChatMessage
-from tokenwire.server.openai.protocol import APIError
+from tokenwire.server.errors import RequestError
 from tokenwire.server.params import Limits
 from tokenwire.server.responses.protocol import parse_create
 
@@ -79,7 +79,7 @@ def test_websocket_mode_streams_never_runs_in_the_background_and_keeps_the_strea
     ],
 )
 def test_bad_bodies_are_refused_naming_the_field(body: dict[str, Any], param: str) -> None:
-    with pytest.raises(APIError) as err:
+    with pytest.raises(RequestError) as err:
         parse(body)
     assert (err.value.status, err.value.param) == (400, param)
 
@@ -91,9 +91,9 @@ def test_include_of_what_this_server_never_makes_is_accepted() -> None:
 
 
 def test_background_over_websocket_and_another_model_are_refused() -> None:
-    with pytest.raises(APIError) as err:
+    with pytest.raises(RequestError) as err:
         parse({"input": "hi", "background": True}, websocket=True)
     assert err.value.param == "background"
-    with pytest.raises(APIError) as err:
+    with pytest.raises(RequestError) as err:
         parse_create({"model": "other", "input": "hi"}, LIMITS, "m")
     assert (err.value.status, err.value.code) == (404, "model_not_found")

@@ -108,8 +108,9 @@ def retry_after_s(code: ErrorCode | str, hint: float | None) -> int | None:
 
 
 class RequestError(Exception):
-    """A request the server refuses or fails, in wire terms; the doors render it in their own shapes (a WebSocket
-    ``error`` message naming ``id``, the generation at fault, if any)."""
+    """A request the server refuses or fails, in wire terms: the one error type of the server's doors, each of which
+    renders it in its own shape (a WebSocket ``error`` message naming ``id``, the generation at fault, if any; an
+    OpenAI error body with ``status``; a Realtime or Responses error event)."""
 
     def __init__(
         self,
@@ -119,6 +120,8 @@ class RequestError(Exception):
         retry_after: float | None = None,
         *,
         id: str | None = None,
+        status: int | None = None,
+        name: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -126,6 +129,13 @@ class RequestError(Exception):
         self.param = param
         self.retry_after = retry_after  # seconds after which trying again may succeed
         self.id = id
+        self.status = http_status(code) if status is None else status  # at the HTTP doors
+        self.name = name  # a door's own, more precise code (the Responses API's previous_response_not_found)
+
+    @property
+    def wire_name(self) -> str:
+        """The code a client sees: the door's own, else the wire code."""
+        return self.name or self.code.value
 
 
 def wire_error(err: EngineError | RequestError) -> RequestError:

@@ -16,46 +16,39 @@ from tokenwire.server.errors import ErrorCode
 from tokenwire.server.params import Limits
 
 
-class APIError(Exception):
-    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(
-        self, status: int, message: str, *, code: str, param: str | None = None, retry_after: int | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.code = code
-        self.param = param
-        self.retry_after = retry_after
-
-    @property
-    def type(self) -> str:
-        return errors.openai_type(self.code, self.status)
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+def openai_error(
+    status: int, message: str, *, code: str, param: str | None = None, retry_after: float | None = None
+) -> errors.RequestError:
+    """A request refused in OpenAI's terms: its HTTP status and code (a wire code, or the door's own: then the wire
+    code is the nearest by status)."""
+    if code in ErrorCode.__members__.values():
+        return errors.RequestError(ErrorCode(code), message, param, retry_after, status=status)
+    nearest = ErrorCode.NOT_FOUND if status == 404 else ErrorCode.INVALID_REQUEST
+    if status >= 500:
+        nearest = ErrorCode.INTERNAL_ERROR
+    return errors.RequestError(nearest, message, param, retry_after, status=status, name=code)
 
 
-def api_error(code: ErrorCode, message: str, param: str | None = None, retry_after: float | None = None) -> APIError:
-    """A wire error in OpenAI's shape: its HTTP status and Retry-After come from server/errors.py."""
-    return APIError(
-        errors.http_status(code),
-        message,
-        code=code.value,
-        param=param,
-        retry_after=errors.retry_after_s(code, retry_after),
+def error_body(err: errors.RequestError) -> dict[str, Any]:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    kind = errors.openai_type(err.wire_name, err.status)
+    return {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.wire_name}}
+
+
+def retry_after(err: errors.RequestError) -> int | None:
+    """The Retry-After header's whole seconds, where waiting helps."""
+    return errors.retry_after_s(err.code, err.retry_after)
+
+
+def from_error(err: EngineError | errors.RequestError) -> errors.RequestError:
+    """An engine error or a server refusal, in wire terms (its HTTP status from the table)."""
+    return errors.wire_error(err)
+
+
+def json_input_error(err: strictjson.JSONInputError) -> errors.RequestError:
+    return errors.RequestError(
+        ErrorCode.INVALID_JSON if err.syntax else ErrorCode.INVALID_REQUEST, err.message, err.param
     )
-
-
-def from_error(err: EngineError | errors.RequestError) -> APIError:
-    """An engine error or a server refusal, answered in OpenAI's shape."""
-    wire = errors.wire_error(err)
-    return api_error(wire.code, wire.message, wire.param, wire.retry_after)
-
-
-def json_input_error(err: strictjson.JSONInputError) -> APIError:
-    return APIError(400, err.message, code="invalid_json" if err.syntax else "invalid_request", param=err.param)
 
 
 @dataclass(slots=True, frozen=True)
@@ -77,9 +70,9 @@ def check_model(body: dict[str, Any], model_name: str, model_aliases: tuple[str,
     """``model``, when given, must name the model served (or an alias): 404 ``model_not_found`` otherwise."""
     model = body.get("model", model_name)
     if not isinstance(model, str):
-        raise APIError(400, '"model" must be a string', code="invalid_request", param="model")
+        raise openai_error(400, '"model" must be a string', code="invalid_request", param="model")
     if model not in (model_name, *model_aliases):
-        raise APIError(
+        raise openai_error(
             404,
             f"the model {model!r} does not exist; this server serves {model_name!r}",
             code="model_not_found",
@@ -87,15 +80,15 @@ def check_model(body: dict[str, Any], model_name: str, model_aliases: tuple[str,
         )
 
 
-def field_error(err: params.FieldError) -> APIError:
-    return APIError(400, err.message, code="invalid_request", param=err.param)
+def field_error(err: params.FieldError) -> errors.RequestError:
+    return errors.RequestError(ErrorCode.INVALID_REQUEST, err.message, err.param)
 
 
 def parse_completion_request(
     body: Any, *, chat: bool, limits: Limits, model_name: str, model_aliases: tuple[str, ...] = ()
 ) -> CompletionRequest:
     if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        raise openai_error(400, "the request body must be a JSON object", code="invalid_json")
     check_model(body, model_name, model_aliases)
     _reject_unsupported(body, chat)
     try:
@@ -126,13 +119,13 @@ def parse_completion_request(
         raise field_error(err) from None
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise APIError(400, '"stream" must be true or false', code="invalid_request", param="stream")
+        raise openai_error(400, '"stream" must be true or false', code="invalid_request", param="stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
-        raise APIError(400, '"stream_options" must be an object', code="invalid_request", param="stream_options")
+        raise openai_error(400, '"stream_options" must be an object', code="invalid_request", param="stream_options")
     include_usage = options.get("include_usage", False)
     if not isinstance(include_usage, bool):
-        raise APIError(
+        raise openai_error(
             400,
             '"stream_options.include_usage" must be true or false',
             code="invalid_request",
@@ -175,14 +168,14 @@ def _reject_unsupported(body: dict[str, Any], chat: bool) -> None:
     """Refuse, rather than silently ignore, options that would change what the client gets back."""
     n = body.get("n", 1)
     if n is not None and n != 1:
-        raise APIError(400, '"n" must be 1 (one choice per request)', code="invalid_request", param="n")
+        raise openai_error(400, '"n" must be 1 (one choice per request)', code="invalid_request", param="n")
     for name in ("functions", "function_call"):  # the deprecated forms of tools and tool_choice
         if body.get(name) not in (None, [], "none"):
-            raise APIError(
+            raise openai_error(
                 400, f'"{name}" is deprecated and not supported: use "tools"', code="invalid_request", param=name
             )
     if body.get("tools") not in (None, []) and not chat:
-        raise APIError(400, '"tools" needs /v1/chat/completions', code="invalid_request", param="tools")
+        raise openai_error(400, '"tools" needs /v1/chat/completions', code="invalid_request", param="tools")
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
         raise _not_supported("logprobs")
     if body.get("echo") or body.get("suffix") or body.get("best_of") not in (None, 1):
@@ -197,7 +190,7 @@ def _reject_unsupported_chat(body: dict[str, Any]) -> None:
     """Chat options for what the served model cannot do: reasoning, audio, web search (the Responses door refuses
     ``reasoning`` the same way)."""
     if body.get("reasoning_effort") not in (None, "none"):
-        raise APIError(
+        raise openai_error(
             400,
             '"reasoning_effort" is not supported: the model served does not reason',
             code="invalid_request",
@@ -205,14 +198,14 @@ def _reject_unsupported_chat(body: dict[str, Any]) -> None:
         )
     modalities = body.get("modalities")
     if modalities is not None and (not isinstance(modalities, list) or any(m != "text" for m in modalities)):
-        raise APIError(400, '"modalities" may only be ["text"]', code="invalid_request", param="modalities")
+        raise openai_error(400, '"modalities" may only be ["text"]', code="invalid_request", param="modalities")
     for name in ("audio", "web_search_options"):
         if body.get(name) is not None:
             raise _not_supported(name)
 
 
-def _not_supported(name: str) -> APIError:
-    return APIError(400, f'"{name}" is not supported by this server', code="invalid_request", param=name)
+def _not_supported(name: str) -> errors.RequestError:
+    return openai_error(400, f'"{name}" is not supported by this server', code="invalid_request", param=name)
 
 
 # -- response shapes

@@ -40,9 +40,10 @@ from tokenwire.server.telemetry import Telemetry, Trace
 T = TypeVar("T")
 
 
-def error_response(err: oa.APIError) -> JSONResponse:
-    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+def error_response(err: RequestError) -> JSONResponse:
+    seconds = oa.retry_after(err)
+    headers = {"Retry-After": str(seconds)} if seconds is not None else None
+    return JSONResponse(oa.error_body(err), status_code=err.status, headers=headers)
 
 
 def _peer(request: Request) -> str:
@@ -51,8 +52,8 @@ def _peer(request: Request) -> str:
     return f"{client.host}:{client.port}" if client is not None else "http"
 
 
-def _shutting_down() -> oa.APIError:
-    return oa.api_error(ErrorCode.SHUTTING_DOWN, "the server is shutting down; try again later")
+def _shutting_down() -> RequestError:
+    return RequestError(ErrorCode.SHUTTING_DOWN, "the server is shutting down; try again later")
 
 
 class OpenAIRoutes:
@@ -104,7 +105,7 @@ class OpenAIRoutes:
         name = request.path_params["model_id"]
         try:
             oa.check_model({"model": name}, self.engine.model_name, self.engine.model_aliases)
-        except oa.APIError as err:
+        except RequestError as err:
             return error_response(err)
         return JSONResponse(oa.model_object(name, self.created))
 
@@ -114,7 +115,7 @@ class OpenAIRoutes:
     async def completions(self, request: Request) -> Response:
         return await self._complete(request, chat=False)
 
-    def _error(self, err: oa.APIError) -> JSONResponse:
+    def _error(self, err: RequestError) -> JSONResponse:
         self.telemetry.error(err.code)
         return error_response(err)
 
@@ -131,13 +132,13 @@ class OpenAIRoutes:
                 model_name=self.engine.model_name,
                 model_aliases=self.engine.model_aliases,
             )
-        except oa.APIError as err:
+        except RequestError as err:
             return self._error(err)
         if self._draining:
             return self._error(_shutting_down())
         if not self.engine.ready:
             return self._error(
-                oa.APIError(503, "the model is still loading; try again shortly", code="overloaded", retry_after=1)
+                oa.openai_error(503, "the model is still loading; try again shortly", code="overloaded", retry_after=1)
             )
         prefix = "chatcmpl" if chat else "cmpl"
         ids = oa.ResponseIds.new(f"{prefix}-{secrets.token_hex(12)}", self.engine.model_name)
@@ -176,7 +177,7 @@ class OpenAIRoutes:
             await stream.aclose()
             trace.abandoned()
             return Response(status_code=499)
-        if isinstance(result, oa.APIError):
+        if isinstance(result, RequestError):
             trace.failed(result.code)
             return error_response(result)
         text, out = result
@@ -212,7 +213,7 @@ class OpenAIRoutes:
 
     async def _collect(
         self, stream: AsyncGenerator[RequestOutput, None], trace: Trace
-    ) -> tuple[str, RequestOutput] | oa.APIError:
+    ) -> tuple[str, RequestOutput] | RequestError:
         parts: list[str] = []
         async with contextlib.aclosing(door_events(stream, trace)) as events:
             async for ev in events:
@@ -222,7 +223,7 @@ class OpenAIRoutes:
                     return "".join(parts), ev.output
                 elif isinstance(ev, Failed):
                     return oa.from_error(ev.error)
-        return oa.APIError(500, "the generation ended without a result", code="generation_failed")
+        return oa.openai_error(500, "the generation ended without a result", code="generation_failed")
 
     async def _events(
         self,
@@ -262,5 +263,5 @@ class OpenAIRoutes:
                         use = oa.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
                         yield sse(oa.usage_chunk(ids, chat, use))
                 elif isinstance(ev, Failed):  # after the headers: report it in the stream
-                    yield sse(oa.from_error(ev.error).body())
+                    yield sse(oa.error_body(oa.from_error(ev.error)))
         yield sse("[DONE]")

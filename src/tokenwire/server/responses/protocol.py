@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, FinishReason, SamplingParams
 from tokenwire.server import params, strictjson, tools
-from tokenwire.server.openai.protocol import APIError, check_model, field_error, json_input_error
+from tokenwire.server.openai.protocol import check_model, field_error, json_input_error, openai_error
 from tokenwire.server.params import FieldError, Limits
 from tokenwire.server.tools import Tool, ToolCall, ToolChoice
 
@@ -86,7 +86,7 @@ def parse_create(
 ) -> CreateRequest:
     """A create body (HTTP) or ``response.create`` event (``websocket``: always streamed, never background)."""
     if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+        raise openai_error(400, "the request body must be a JSON object", code="invalid_json")
     check_model(body, model_name, model_aliases)
     try:
         strictjson.check(body, "the request")

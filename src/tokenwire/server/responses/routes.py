@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 
 from tokenwire.server import errors, strictjson
 from tokenwire.server.auth import bearer_token, owner_of
+from tokenwire.server.errors import RequestError
 from tokenwire.server.openai import protocol as oa
 from tokenwire.server.params import Limits
 from tokenwire.server.responses import protocol as rp
@@ -29,14 +30,13 @@ from tokenwire.server.streams import with_deadlines
 
 
 def _error(status: int, code: str, message: str, param: str | None = None, retry: float | None = None) -> Response:
-    err = oa.APIError(status, message, code=code, param=param, retry_after=None if retry is None else int(retry))
-    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
-    return JSONResponse(err.body(), status_code=status, headers=headers)
+    return _refused(oa.openai_error(status, message, code=code, param=param, retry_after=retry))
 
 
-def _refused(err: oa.APIError) -> Response:
-    headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+def _refused(err: RequestError) -> Response:
+    seconds = oa.retry_after(err)
+    headers = {"Retry-After": str(seconds)} if seconds is not None else None
+    return JSONResponse(oa.error_body(err), status_code=err.status, headers=headers)
 
 
 def _not_found(response_id: str) -> Response:
@@ -68,14 +68,14 @@ class ResponsesRoutes:
                 model_aliases=self.service.engine.model_aliases,
             )
         except strictjson.JSONInputError as err:
-            return JSONResponse(oa.json_input_error(err).body(), status_code=400)
-        except oa.APIError as err:
-            self.service.telemetry.error(err.code)
-            return JSONResponse(err.body(), status_code=err.status)
+            return JSONResponse(oa.error_body(oa.json_input_error(err)), status_code=400)
+        except RequestError as err:
+            self.service.telemetry.error(err.wire_name)
+            return JSONResponse(oa.error_body(err), status_code=err.status)
         try:
             record = await self.service.start(create, tenant=self._tenant(request), connection=_peer(request))
-        except oa.APIError as err:
-            self.service.telemetry.error(err.code)
+        except RequestError as err:
+            self.service.telemetry.error(err.wire_name)
             return _refused(err)
         if create.background:
             return JSONResponse(record.as_dict())

@@ -27,7 +27,7 @@ from tokenwire.engine.interface import (
 from tokenwire.server import tools
 from tokenwire.server.errors import ErrorCode, RequestError, wire_error
 from tokenwire.server.limits import KeyLimits
-from tokenwire.server.openai.protocol import APIError, from_error
+from tokenwire.server.openai.protocol import from_error, openai_error
 from tokenwire.server.responses import protocol as rp
 from tokenwire.server.responses.protocol import CreateRequest
 from tokenwire.server.responses.store import Record, ResponseStore
@@ -91,7 +91,7 @@ class Responses:
             return ()
         record = (local or {}).get(prev_id) or self.get(prev_id, tenant)
         if record is None or record.tenant != tenant:
-            raise APIError(
+            raise openai_error(
                 400,
                 f"the previous response {prev_id!r} was not found: it expired, was not stored (store: false), or "
                 "never existed; send the whole conversation as input instead",
@@ -99,7 +99,7 @@ class Responses:
                 param="previous_response_id",
             )
         if not record.done:
-            raise APIError(
+            raise openai_error(
                 400,
                 f"the previous response {prev_id!r} is still running; continue it once it has ended",
                 code=ErrorCode.INVALID_REQUEST.value,
@@ -117,7 +117,8 @@ class Responses:
         local: Mapping[str, Record] | None = None,
     ) -> Record:
         """Admit a response and start it: its first events are written before this returns. Raises
-        :class:`APIError` (OpenAI's error shape) for one that cannot start (nothing is stored then)."""
+        :class:`~tokenwire.server.errors.RequestError` (with its HTTP status) for one that cannot start (nothing is
+        stored then)."""
         if self._draining:
             raise from_error(RequestError(ErrorCode.SHUTTING_DOWN, DRAINING))
         if not self.engine.ready:

@@ -20,9 +20,9 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from tokenwire.server import strictjson
-from tokenwire.server.errors import GOING_AWAY, NORMAL_CLOSURE, ErrorCode
+from tokenwire.server.errors import GOING_AWAY, NORMAL_CLOSURE, ErrorCode, RequestError
 from tokenwire.server.event_socket import Sender, read_frames
-from tokenwire.server.openai.protocol import APIError
+from tokenwire.server.openai.protocol import error_body, openai_error
 from tokenwire.server.params import Limits
 from tokenwire.server.responses import protocol as rp
 from tokenwire.server.responses.service import Responses, read_events
@@ -112,9 +112,9 @@ class ResponsesConnection:
             try:
                 obj = strictjson.loads(data)
             except strictjson.JSONInputError as err:
-                raise APIError(400, err.message, code="invalid_json", param=err.param) from None
+                raise openai_error(400, err.message, code="invalid_json", param=err.param) from None
             if not isinstance(obj, dict):
-                raise APIError(400, 'an event must be a JSON object with a "type"', code="invalid_json")
+                raise openai_error(400, 'an event must be a JSON object with a "type"', code="invalid_json")
             sid = obj.get("stream_id")
             stream_id = sid if isinstance(sid, str) and len(sid) <= rp.MAX_ID else None
             kind = obj.get("type")
@@ -124,14 +124,14 @@ class ResponsesConnection:
                 self._cancel(obj)
             else:
                 shown = kind if isinstance(kind, str) and len(kind) <= 40 else "?"
-                raise APIError(
+                raise openai_error(
                     400,
                     f"unknown event type {shown!r}; expected response.create or response.cancel",
                     code="unknown_type",
                 )
-        except APIError as err:
-            self.telemetry.error(err.code)
-            await self._send_error(err.code, err.message, err.param, stream_id, err.status)
+        except RequestError as err:
+            self.telemetry.error(err.wire_name)
+            await self._send_error(err.wire_name, err.message, err.param, stream_id, err.status)
         except (WebSocketDisconnect, OSError):
             raise
         except Exception:  # a bug in handling one event: report it, keep the connection
@@ -140,11 +140,11 @@ class ResponsesConnection:
 
     def _create(self, obj: dict[str, Any]) -> None:
         if not self._accepting:
-            raise APIError(503, "the server is shutting down; reconnect later", code=ErrorCode.SHUTTING_DOWN.value)
+            raise openai_error(503, "the server is shutting down; reconnect later", code=ErrorCode.SHUTTING_DOWN.value)
         body = {k: v for k, v in obj.items() if k != "type"}
         if isinstance(body.get("response"), dict):  # the envelope form: {"type", "stream_id", "response": {...}}
             body = {**body.pop("response"), **({"stream_id": body["stream_id"]} if "stream_id" in body else {})}
-        create = rp.parse_create(  # APIError for a bad one
+        create = rp.parse_create(  # RequestError for a bad one
             body,
             self.limits,
             self.service.engine.model_name,
@@ -152,7 +152,7 @@ class ResponsesConnection:
             model_aliases=self.service.engine.model_aliases,
         )
         if self.running_responses >= self.limits.max_generations_per_connection:
-            raise APIError(
+            raise openai_error(
                 429,
                 f"this connection already runs or queues {self.limits.max_generations_per_connection} responses",
                 code=ErrorCode.RATE_LIMITED.value,
@@ -170,14 +170,14 @@ class ResponsesConnection:
         if response_id is not None:
             record = self.local.get(response_id) if isinstance(response_id, str) else None
             if record is None:
-                raise APIError(
+                raise openai_error(
                     404, f"no response {response_id!r} on this connection", code="not_found", param="response_id"
                 )
             self.service.cancel(record)
             return
         lane = self.lanes.get(obj.get("stream_id") or DEFAULT_LANE)
         if lane is None or lane.current is None:
-            raise APIError(
+            raise openai_error(
                 400, "nothing runs on that stream_id; name a response_id", code="invalid_request", param="stream_id"
             )
         self.service.cancel(lane.current)
@@ -189,9 +189,9 @@ class ResponsesConnection:
                 record = await self.service.start(
                     create, tenant=self.tenant, connection="responses-ws", local=self.local
                 )
-            except APIError as err:
-                self.telemetry.error(err.code)
-                await self._send_error(err.code, err.message, err.param, create.stream_id, err.status)
+            except RequestError as err:
+                self.telemetry.error(err.wire_name)
+                await self._send_error(err.wire_name, err.message, err.param, create.stream_id, err.status)
                 continue
             self._keep(record)
             lane.current = record
@@ -228,5 +228,5 @@ def responses_error(
         "param": param,
         "sequence_number": sequence_number,
         "status": status,
-        **APIError(status, message, code=code, param=param).body(),
+        **error_body(openai_error(status, message, code=code, param=param)),
     }
