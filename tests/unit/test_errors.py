@@ -36,7 +36,7 @@ def test_every_engine_reason_is_a_wire_code_of_the_same_name() -> None:
     ],
 )
 def test_http_doors_answer_from_the_table(code: ErrorCode, status: int, retry: int | None) -> None:
-    err = oa.from_error(RequestError(code, "no", retry_after=2.2))
+    err = errors.wire_error(RequestError(code, "no", retry_after=2.2))
     assert (err.status, oa.retry_after(err), err.code) == (status, retry, code.value)
     assert oa.error_body(err)["error"]["type"] == errors.openai_type(code)
 

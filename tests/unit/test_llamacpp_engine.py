@@ -51,6 +51,25 @@ def alone(eng: LlamaCppEngine, ids: list[int], n: int, seq: int) -> list[int]:
     return out
 
 
+def every_position(eng: LlamaCppEngine, ids: list[int]) -> Any:
+    """llama.cpp's logits at every position of ``ids``, in a sequence id nobody holds (the model thread idle)."""
+    import numpy as np
+
+    llama = eng.backend.llama
+    assert llama is not None
+    entries = [Entry(t, p, llama.n_seq - 1, True) for p, t in enumerate(ids)]
+    return np.concatenate([llama.decode(entries[i : i + llama.n_batch]) for i in range(0, len(ids), llama.n_batch)])
+
+
+def apart_from(model: Any, ids: list[int], got: Any) -> float:
+    """The largest difference in log-probability between ``got`` and transformers' forward pass of ``model``."""
+    import torch
+
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0]
+    return float((torch.log_softmax(torch.from_numpy(got), -1) - torch.log_softmax(want, -1)).abs().max())
+
+
 def prompt_ids(eng: LlamaCppEngine, prompt: str) -> list[int]:
     template = [{"role": "user", "content": prompt}]
     return list(
@@ -178,7 +197,6 @@ async def test_a_gemma3_file_as_llama_cpp_writes_it_is_served_with_its_own_token
     same."""
     import json
 
-    import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -196,16 +214,11 @@ async def test_a_gemma3_file_as_llama_cpp_writes_it_is_served_with_its_own_token
         assert ids[0] == config["bos_token_id"]  # Gemma's BOS, as the file asks
         r = await run(eng, "g", prompt=prompt, max_tokens=16, temperature=0, ignore_eos=True)
         assert r["prompt_tokens"] == len(ids) > 8  # longer than the window (8): the local layers' window matters
-        llama = eng.backend.llama
-        assert llama is not None
-        entries = [Entry(t, p, llama.n_seq - 1, True) for p, t in enumerate(ids)]  # every position's logits
-        got = np.concatenate([llama.decode(entries[i : i + llama.n_batch]) for i in range(0, len(ids), llama.n_batch)])
+        got = every_position(eng, ids)
     finally:
         await eng.shutdown()
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0]
-    apart = (torch.log_softmax(torch.from_numpy(got), -1) - torch.log_softmax(want, -1)).abs().max()
+    apart = apart_from(model, ids, got)
     assert apart < 0.1, apart  # measured 0.03-0.04; a wrong window, norm or rotary base: 13 to 21
     out = list(ids)
     with torch.no_grad():
@@ -282,14 +295,8 @@ async def test_a_folder_is_served_only_where_llama_cpp_reads_the_written_file_as
     eng = await make_engine(folder)
     try:
         ids = [int(i) for i in np.random.default_rng(0).integers(3, 400, 40)]
-        llama = eng.backend.llama
-        assert llama is not None
-        entries = [Entry(t, p, llama.n_seq - 1, True) for p, t in enumerate(ids)]
-        got = np.concatenate([llama.decode(entries[i : i + llama.n_batch]) for i in range(0, len(ids), llama.n_batch)])
+        got = every_position(eng, ids)
     finally:
         await eng.shutdown()
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    with torch.no_grad():
-        want = model(torch.tensor([ids])).logits[0]
-    apart = (torch.log_softmax(torch.from_numpy(got), -1) - torch.log_softmax(want, -1)).abs().max()
+    apart = apart_from(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32), ids, got)
     assert apart < 0.1, apart

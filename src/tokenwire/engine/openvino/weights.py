@@ -232,13 +232,12 @@ def restore_float32(model: Any, reader: Any) -> int:
     rotary = None  # the plain rotary frequencies, rounded to float16 (the key they are found by)
     if base is not None and dims is not None:
         n = int(dims.contents())
-        freqs = 1.0 / float(base.contents()) ** (np.arange(0, n, 2, dtype=np.float64) / n)
-        divisors = rope_divisors(reader)
+        plain = 1.0 / float(base.contents()) ** (np.arange(0, n, 2, dtype=np.float64) / n)
+        freqs, divisors = plain, rope_divisors(reader)
         if divisors is not None and divisors.shape == freqs.shape:
             freqs = freqs / divisors  # GenAI's reader builds plain RoPE: Llama 3's scaling is put in here
-        key = (1.0 / float(base.contents()) ** (np.arange(0, n, 2, dtype=np.float64) / n)).astype(np.float16)
-        candidates[key.tobytes()] = [freqs.astype(np.float32)]
-        rotary = key.tobytes()
+        rotary = plain.astype(np.float16).tobytes()
+        candidates[rotary] = [freqs.astype(np.float32)]
     count = 0
     for op in model.get_ordered_ops():
         if op.get_type_name() != "Constant" or op.get_element_type() not in (ov.Type.f16, ov.Type.f32):

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tokenwire.engine.interface import ChatMessage, EngineError, FinishReason, SamplingParams
+from tokenwire.engine.interface import ChatMessage, FinishReason, SamplingParams
 from tokenwire.server import errors, params, strictjson, tools
 from tokenwire.server.errors import ErrorCode
 from tokenwire.server.params import Limits
@@ -38,11 +38,6 @@ def error_body(err: errors.RequestError) -> dict[str, Any]:
 def retry_after(err: errors.RequestError) -> int | None:
     """The Retry-After header's whole seconds, where waiting helps."""
     return errors.retry_after_s(err.code, err.retry_after)
-
-
-def from_error(err: EngineError | errors.RequestError) -> errors.RequestError:
-    """An engine error or a server refusal, in wire terms (its HTTP status from the table)."""
-    return errors.wire_error(err)
 
 
 def json_input_error(err: strictjson.JSONInputError) -> errors.RequestError:

@@ -29,7 +29,7 @@ from tokenwire.engine.interface import (
 )
 from tokenwire.server import strictjson, tools
 from tokenwire.server.auth import bearer_token, owner_of
-from tokenwire.server.errors import ErrorCode, RequestError
+from tokenwire.server.errors import ErrorCode, RequestError, wire_error
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.openai import protocol as oa
 from tokenwire.server.params import Limits
@@ -157,14 +157,14 @@ class OpenAIRoutes:
             self.key_limits.acquire(engine_req.tenant)
         except RequestError as err:
             self.telemetry.error(err.code.value)
-            return error_response(oa.from_error(err))
+            return error_response(err)
         stream = self._tracked(engine_req)
         trace = self.telemetry.trace(engine_req.request_id, "http", "openai")
         try:
             await anext(stream)  # STARTED: tokenized and queued; prompt errors surface here, before any byte
         except EngineError as err:
             trace.failed(err.code.value)
-            return error_response(oa.from_error(err))
+            return error_response(wire_error(err))
         if req.stream:
             rid = engine_req.request_id
             return EventStreamResponse(
@@ -222,7 +222,7 @@ class OpenAIRoutes:
                 elif isinstance(ev, Done):
                     return "".join(parts), ev.output
                 elif isinstance(ev, Failed):
-                    return oa.from_error(ev.error)
+                    return wire_error(ev.error)
         return oa.openai_error(500, "the generation ended without a result", code="generation_failed")
 
     async def _events(
@@ -263,5 +263,5 @@ class OpenAIRoutes:
                         use = oa.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
                         yield sse(oa.usage_chunk(ids, chat, use))
                 elif isinstance(ev, Failed):  # after the headers: report it in the stream
-                    yield sse(oa.error_body(oa.from_error(ev.error)))
+                    yield sse(oa.error_body(wire_error(ev.error)))
         yield sse("[DONE]")

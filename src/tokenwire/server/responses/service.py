@@ -27,7 +27,7 @@ from tokenwire.engine.interface import (
 from tokenwire.server import tools
 from tokenwire.server.errors import ErrorCode, RequestError, wire_error
 from tokenwire.server.limits import KeyLimits
-from tokenwire.server.openai.protocol import from_error, openai_error
+from tokenwire.server.openai.protocol import openai_error
 from tokenwire.server.responses import protocol as rp
 from tokenwire.server.responses.protocol import CreateRequest
 from tokenwire.server.responses.store import Record, ResponseStore
@@ -120,10 +120,10 @@ class Responses:
         :class:`~tokenwire.server.errors.RequestError` (with its HTTP status) for one that cannot start (nothing is
         stored then)."""
         if self._draining:
-            raise from_error(RequestError(ErrorCode.SHUTTING_DOWN, DRAINING))
+            raise RequestError(ErrorCode.SHUTTING_DOWN, DRAINING)
         if not self.engine.ready:
             message = "the model is still loading; try again shortly"
-            raise from_error(RequestError(ErrorCode.OVERLOADED, message, retry_after=1.0))
+            raise RequestError(ErrorCode.OVERLOADED, message, retry_after=1.0)
         history = self.history(request, tenant, local)
         record = Record(rp.new_id("resp"), request, history, tenant=tenant)
         record.engine_id = f"responses-{next(self._ids)}-{record.id}"
@@ -144,7 +144,7 @@ class Responses:
             self.key_limits.acquire(tenant)
         except RequestError as err:
             self.telemetry.error(err.code.value)
-            raise from_error(err) from None
+            raise
         stream = self._tracked(engine_request, record)
         trace = self.telemetry.trace(record.engine_id, connection, "responses")
         try:
@@ -155,7 +155,7 @@ class Responses:
                 wire = RequestError(wire.code, wire.message, "input", wire.retry_after)
             trace.failed(wire.code.value)
             await stream.aclose()
-            raise from_error(wire) from None
+            raise wire from None
         record.status = "queued" if request.background else "in_progress"
         record.emit("response.created", response=record.as_dict())
         if request.store:
