@@ -8,6 +8,7 @@ side in one run, for the ratio. Prints a Markdown table (engine chosen, aggregat
 writes JSON.
 
     python bench/families.py --families llama,qwen2,qwen3,mistral,gemma2,gemma3,phi3 --streams 1,8
+    python bench/families.py --families gemma2,gemma2-2b --tokenizer sentencepiece --engines auto,transformers
 """
 
 from __future__ import annotations
@@ -55,13 +56,33 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {  # name -> (model class
     "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {"head_dim": 64}),
     "mistral": ("MistralForCausalLM", "MistralConfig", {"sliding_window": None}),
     "mistral-v0.1": ("MistralForCausalLM", "MistralConfig", {"sliding_window": 1024}),  # a window, as v0.1's
-    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", {"head_dim": 64, "sliding_window": 1024}),
+    "gemma2": (  # the attention scaled by 1/sqrt(head size), as every release (and llama.cpp's gemma2 graph) does
+        "Gemma2ForCausalLM",
+        "Gemma2Config",
+        {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 1024},
+    ),
     "gemma3": (  # five local layers to a global one in the real models: three to one here
         "Gemma3ForCausalLM",
         "Gemma3TextConfig",
         {"head_dim": 64, "sliding_window": 1024, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
     ),
     "phi3": ("Phi3ForCausalLM", "Phi3Config", {"sliding_window": 1024}),  # a window, as Phi-3-mini-4k's
+    "gemma2-2b": (  # Gemma 2 2B's whole shape, its 256,000-token vocabulary included (the tokenizer uses the first)
+        "Gemma2ForCausalLM",
+        "Gemma2Config",
+        {
+            "hidden_size": 2304,
+            "intermediate_size": 9216,
+            "num_hidden_layers": 26,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 256,
+            "query_pre_attn_scalar": 256,
+            "sliding_window": 4096,
+            "max_position_embeddings": 8192,
+            "vocab_size": 256000,
+        },
+    ),
     "gemma3-1b": (  # Gemma 3 1B's whole shape, its 262,144-token vocabulary included (the tokenizer uses the first)
         "Gemma3ForCausalLM",
         "Gemma3TextConfig",
@@ -92,6 +113,7 @@ def build(family: str, tokenizer: Path, target: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(0)
     ids = {"vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id}
+    ids["pad_token_id"] = tok.pad_token_id
     config = getattr(transformers, config_class)(**{**ids, **SHAPE, **own})  # a family's own settings win
     model = getattr(transformers, model_class)(config).to(torch.bfloat16)
     target.mkdir(parents=True, exist_ok=True)
@@ -109,18 +131,35 @@ def default_tokenizer() -> Path:
     return tokenizer_folder(models.default_model_path())
 
 
+def sentencepiece_tokenizer(target: Path) -> Path:
+    """A small SentencePiece tokenizer (tokenizer.model and its tokenizer.json) as Gemma's releases ship theirs: what
+    llama.cpp's own layout of a Gemma 2 folder is written with (tests/tiny.py's)."""
+    sys.path.insert(0, str(BENCH.parent))
+    from tests.tiny import save_sentencepiece_tokenizer
+
+    target.mkdir(parents=True, exist_ok=True)
+    save_sentencepiece_tokenizer(target, "GemmaTokenizer").save_pretrained(target)
+    return target
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", default=",".join(FAMILIES))
     p.add_argument("--engines", default="auto", help="comma-separated --engine values to serve each folder with")
     p.add_argument("--streams", default="1,8")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument(
+        "--tokenizer",
+        choices=("default", "sentencepiece"),
+        default="default",
+        help="the default model's byte-level one, or a small SentencePiece one (Gemma 2 to llama.cpp needs it)",
+    )
     p.add_argument("--out", default=str(BENCH / "results" / "families-cpu.json"))
     a = p.parse_args()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     rows: list[dict[str, Any]] = []
-    tokenizer = default_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = default_tokenizer() if a.tokenizer == "default" else sentencepiece_tokenizer(Path(tmp) / "spm")
         for family in a.families.split(","):
             folder = build(family, tokenizer, Path(tmp) / family)
             for engine in a.engines.split(","):
@@ -138,7 +177,8 @@ def main() -> None:
     print(text)
     out = Path(a.out)
     out.write_text(json.dumps({"rows": rows, "shape": SHAPE, "max_tokens": a.max_tokens}, indent=1))
-    out.with_suffix(".md").write_text(f"bench/families.py --streams {a.streams} --engines {a.engines}\n\n{text}\n")
+    argv = f"--families {a.families} --streams {a.streams} --engines {a.engines} --tokenizer {a.tokenizer}"
+    out.with_suffix(".md").write_text(f"bench/families.py {argv}\n\n{text}\n")
 
 
 def serve_and_measure(

@@ -208,7 +208,8 @@ def save_sentencepiece_tokenizer(target: Path, kind: str = "LlamaTokenizer") -> 
 
     (target / "tokenizer.model").write_bytes(sentencepiece_tokenizer().sp.serialized_model_proto())
     names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    (target / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": kind, **names}))
+    bos = {"add_bos_token": True} if kind == "GemmaTokenizer" else {}  # as Gemma's releases say (Llama's adds one)
+    (target / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": kind, **names, **bos}))
     tok = AutoTokenizer.from_pretrained(target)
     tok.chat_template = CHAT_TEMPLATE.replace("<|im_start|>", "<s>").replace("<|im_end|>", "</s>")
     return tok
@@ -249,6 +250,8 @@ def save_gemma3_gguf_as_llama_cpp_writes_it(source: Path, target: Path, matrices
     import numpy as np
     from safetensors.numpy import load_file
 
+    from tokenwire.engine.llamacpp import layout
+
     config = json.loads((source / "config.json").read_text())
     weights = {k: v.astype(np.float32) for k, v in load_file(str(source / "model.safetensors")).items()}
     w = gguf.GGUFWriter(str(target), "gemma3")
@@ -266,7 +269,7 @@ def save_gemma3_gguf_as_llama_cpp_writes_it(source: Path, target: Path, matrices
     w.add_rope_freq_base_swa(float(rope["sliding_attention"]["rope_theta"]))
     w.add_sliding_window(config["sliding_window"])  # no pattern: llama.cpp's is five local layers, then a global one
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if matrices == "float32" else gguf.LlamaFileType.MOSTLY_F16)
-    add_sentencepiece_vocabulary(w, source)
+    layout.add_sentencepiece_vocabulary(w, source)  # tokenwire's, as llama.cpp's converter writes it
 
     for name, (key, is_norm) in gemma3_llama_cpp_names(config["num_hidden_layers"]).items():
         w.add_tensor(name, weights[key] + 1.0 if is_norm else weights[key])  # Gemma's norms multiply by 1 + weight
@@ -275,32 +278,6 @@ def save_gemma3_gguf_as_llama_cpp_writes_it(source: Path, target: Path, matrices
     w.write_tensors_to_file()
     w.close()
     return target
-
-
-def add_sentencepiece_vocabulary(w: Any, source: Path) -> None:
-    """The SentencePiece vocabulary of the folder ``source`` as llama.cpp's converter writes it (``llama``
-    tokenizer: pieces, scores, types; the tokenizer's added tokens after them)."""
-    import sentencepiece as spm
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(source)
-    sp = spm.SentencePieceProcessor(model_file=str(source / "tokenizer.model"))
-    pieces, scores, types = [], [], []
-    for i in range(sp.get_piece_size()):
-        pieces.append(sp.id_to_piece(i))
-        scores.append(sp.get_score(i))
-        types.append(3 if sp.is_control(i) else 2 if sp.is_unknown(i) else 6 if sp.is_byte(i) else 1)
-    for i in range(sp.get_piece_size(), len(tok)):  # the tokenizer's added tokens (Gemma's <pad>, ...)
-        pieces.append(tok.convert_ids_to_tokens(i))
-        scores.append(0.0)
-        types.append(3)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(pieces)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(tok.bos_token_id)
-    w.add_eos_token_id(tok.eos_token_id)
-    w.add_add_bos_token(True)
 
 
 def save_phi3_gguf_as_llama_cpp_writes_it(source: Path, target: Path) -> Path:
@@ -315,6 +292,8 @@ def save_phi3_gguf_as_llama_cpp_writes_it(source: Path, target: Path) -> Path:
     import gguf
     import numpy as np
     from safetensors.numpy import load_file
+
+    from tokenwire.engine.llamacpp import layout
 
     config = json.loads((source / "config.json").read_text())
     weights = load_file(str(source / "model.safetensors"))
@@ -337,7 +316,7 @@ def save_phi3_gguf_as_llama_cpp_writes_it(source: Path, target: Path) -> Path:
     w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     w.add_sliding_window(config.get("sliding_window") or 0)
-    add_sentencepiece_vocabulary(w, source)
+    layout.add_sentencepiece_vocabulary(w, source)  # tokenwire's, as llama.cpp's converter writes it
     if rope.get("long_factor"):
         w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
         w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
@@ -375,26 +354,12 @@ def phi3_llama_cpp_names(layers: int) -> dict[str, str]:
 
 def gemma3_llama_cpp_names(layers: int) -> dict[str, tuple[str, bool]]:
     """llama.cpp's tensor names for a Gemma 3 model: each one's Hugging Face name, and whether it is a norm (stored as
-    1 + weight)."""
-    names = {
-        "token_embd.weight": ("model.embed_tokens.weight", False),
-        "output_norm.weight": ("model.norm.weight", True),
-    }
+    1 + weight): Gemma 2's, and a norm on each head's query and key."""
+    from tokenwire.engine.llamacpp import layout
+
+    names = layout.gemma2_names(layers)
     for i in range(layers):
         p = f"model.layers.{i}."
-        names |= {
-            f"blk.{i}.attn_norm.weight": (p + "input_layernorm.weight", True),
-            f"blk.{i}.attn_q.weight": (p + "self_attn.q_proj.weight", False),
-            f"blk.{i}.attn_k.weight": (p + "self_attn.k_proj.weight", False),
-            f"blk.{i}.attn_v.weight": (p + "self_attn.v_proj.weight", False),
-            f"blk.{i}.attn_output.weight": (p + "self_attn.o_proj.weight", False),
-            f"blk.{i}.attn_q_norm.weight": (p + "self_attn.q_norm.weight", True),
-            f"blk.{i}.attn_k_norm.weight": (p + "self_attn.k_norm.weight", True),
-            f"blk.{i}.post_attention_norm.weight": (p + "post_attention_layernorm.weight", True),
-            f"blk.{i}.ffn_norm.weight": (p + "pre_feedforward_layernorm.weight", True),
-            f"blk.{i}.ffn_gate.weight": (p + "mlp.gate_proj.weight", False),
-            f"blk.{i}.ffn_up.weight": (p + "mlp.up_proj.weight", False),
-            f"blk.{i}.ffn_down.weight": (p + "mlp.down_proj.weight", False),
-            f"blk.{i}.post_ffw_norm.weight": (p + "post_feedforward_layernorm.weight", True),
-        }
+        names[f"blk.{i}.attn_q_norm.weight"] = (p + "self_attn.q_norm.weight", True)
+        names[f"blk.{i}.attn_k_norm.weight"] = (p + "self_attn.k_norm.weight", True)
     return names

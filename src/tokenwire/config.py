@@ -96,7 +96,8 @@ class Settings:
             "help": "auto, none, int8 or int4. openvino: the weights of the IR made from a GGUF file or folder, auto "
             "is int8 (none: float16; int4: 4-bit, embeddings int8; an IR folder: auto only). transformers: auto is "
             "none; int8 (CPU) decodes steps of <= 8 streams with int8 weights: 1.6x the tokens/s for one stream, for "
-            "one more byte per weight and ~0.7%% error per product (docs/benchmarks.md)"
+            "one more byte per weight and ~0.7%% error per product (docs/benchmarks.md). llamacpp: a GGUF file's own "
+            "weights (auto or none); a folder's matrices written as auto or int8 (Q8_0) or none (float16)"
         },
     )
     max_model_len: int = field(default=8192, metadata={"help": "context window cap in tokens"})

@@ -202,11 +202,53 @@ def test_a_gguf_file_openvino_cannot_build_goes_to_llama_cpp_or_transformers_say
         build_engine(Settings(model=str(path), engine="openvino"))
 
 
-def test_the_llamacpp_engine_refuses_settings_it_cannot_honour_naming_them(tiny_gguf: Path) -> None:
-    """Its weights are the file's own and it runs on the CPU: --quantize int8 or --device cuda is an error at start
-    that names the flag, not a setting silently ignored."""
+def test_a_gemma2_folder_goes_to_llama_cpp_in_its_own_layout_or_to_transformers_saying_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Gemma 2 folder, which OpenVINO's paged attention cannot serve (it soft-caps attention scores): auto writes it
+    in llama.cpp's own layout where llama-cpp-python is installed and llama.cpp's gemma2 graph means what the folder
+    does, else serves it on the transformers engine; the reasons in the log line either way (and how to get
+    llama.cpp where it is not installed)."""
+    import importlib.util
+    import json
+
+    from tests.tiny import save_tiny_family
+
+    folder = save_tiny_family(tmp_path / "gemma2", "Gemma2ForCausalLM", tokenizer="sentencepiece")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "query_pre_attn_scalar": config["head_dim"]}))
+    if importlib.util.find_spec("llama_cpp") is not None:
+        kind, why = choose_engine(Settings(model=str(folder)))
+        assert kind == "llamacpp" and "soft-caps" in why and "llama.cpp's own layout" in why
+    (folder / "config.json").write_text(json.dumps(config))  # an attention scale llama.cpp's graph does not use
+    kind, why = choose_engine(Settings(model=str(folder)))
+    assert kind == "transformers" and "soft-caps" in why
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert "query_pre_attn_scalar" in why
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real_find_spec(name, *a)
+    )
+    (folder / "config.json").write_text(json.dumps({**config, "query_pre_attn_scalar": config["head_dim"]}))
+    kind, why = choose_engine(Settings(model=str(folder)))
+    assert kind == "transformers" and "soft-caps" in why and "pip install 'tokenwire[llamacpp]'" in why
+    with pytest.raises(ValueError, match="--engine transformers"):
+        build_engine(Settings(model=str(folder), engine="openvino"))
+
+
+def test_the_llamacpp_engine_refuses_settings_it_cannot_honour_naming_them(
+    tiny_gguf: Path, tiny_model_dir: Path
+) -> None:
+    """A GGUF file's weights are its own, a folder's matrices are written as Q8_0 or float16, and it runs on the CPU:
+    --quantize int8 for a file, int4 for anything, or --device cuda is an error at start that names the flag, not a
+    setting silently ignored."""
     with pytest.raises(ValueError, match="--quantize int8"):
         build_engine(Settings(model=str(tiny_gguf), engine="llamacpp", quantize="int8"))
+    with pytest.raises(ValueError, match="--quantize int4"):
+        build_engine(Settings(model=str(tiny_model_dir), engine="llamacpp", quantize="int4"))
+    for quantize in ("auto", "none", "int8"):
+        assert build_engine(Settings(model=str(tiny_model_dir), engine="llamacpp", quantize=quantize))
+    assert build_engine(Settings(model=str(tiny_gguf), engine="llamacpp", quantize="none"))
     with pytest.raises(ValueError, match="--device cuda"):
         build_engine(Settings(model=str(tiny_gguf), engine="llamacpp", device="cuda"))
 

@@ -21,9 +21,11 @@ from tokenwire.engine.scheduler import SchedulerConfig
 pytest.importorskip("llama_cpp", reason="pip install 'tokenwire[llamacpp]' (.ci/run installs it)")
 
 
-async def make_engine(model: Path, max_prefill_tokens: int = 16, prefix_caching: bool = True) -> LlamaCppEngine:
+async def make_engine(
+    model: Path, max_prefill_tokens: int = 16, prefix_caching: bool = True, quantize: str = "auto"
+) -> LlamaCppEngine:
     scheduler = SchedulerConfig(max_batch_size=8, max_prefill_tokens=max_prefill_tokens, prefix_caching=prefix_caching)
-    eng = LlamaCppEngine(LlamaCppEngineConfig(model=str(model), scheduler=scheduler))
+    eng = LlamaCppEngine(LlamaCppEngineConfig(model=str(model), scheduler=scheduler, quantize=quantize))
     await eng.start()
     return eng
 
@@ -212,7 +214,7 @@ async def test_a_gemma3_file_as_llama_cpp_writes_it_is_served_with_its_own_token
         prompt = "The quick brown fox jumps over the lazy dog. Streaming tokens over a WebSocket"
         ids = list(eng.tokenizer.encode(prompt, add_special_tokens=True))
         assert ids[0] == config["bos_token_id"]  # Gemma's BOS, as the file asks
-        r = await run(eng, "g", prompt=prompt, max_tokens=16, temperature=0, ignore_eos=True)
+        r = await run(eng, "g", prompt=prompt, max_tokens=16, temperature=0, ignore_eos=True, raw=True)
         assert r["prompt_tokens"] == len(ids) > 8  # longer than the window (8): the local layers' window matters
         got = every_position(eng, ids)
     finally:
@@ -225,6 +227,80 @@ async def test_a_gemma3_file_as_llama_cpp_writes_it_is_served_with_its_own_token
         for _ in range(16):
             out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
     assert r["ids"] == out[len(ids) :]
+
+
+async def test_a_gemma2_folder_is_written_in_llama_cpps_own_layout_and_served_as_transformers_computes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemma 2, which OpenVINO's paged attention cannot serve (it soft-caps attention scores), goes to llama.cpp as its
+    own converter writes it (engine/llamacpp/layout.py): gemma2 layout, norms of 1 + weight, window and soft caps as
+    keys, the SentencePiece vocabulary. The folder's tokenizer is served. At every position of a prompt longer than
+    the window, llama.cpp's log-probabilities are within 0.1 of transformers' forward pass (eager attention: what
+    Gemma 2 is made for) of the folder (measured 0.05, where the same model without its attention soft cap (5 here,
+    to matter in a tiny model), without its window or with another attention scale is 9 to 21 apart), and 32 greedy
+    tokens are the same. By default (--quantize auto) its matrices are written as Q8_0, byte for byte what llama.cpp's
+    own quantizer makes of the float16 file. A folder llama.cpp's gemma2 graph would read otherwise is refused at
+    once, naming why."""
+    import ctypes
+    import json
+
+    import gguf as gg
+    import llama_cpp
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import save_tiny_family
+    from tokenwire.engine.llamacpp import layout
+
+    monkeypatch.setenv("TOKENWIRE_CACHE_DIR", str(tmp_path / "cache"))  # written here, not in the user's cache
+    folder = save_tiny_family(tmp_path / "gemma2", "Gemma2ForCausalLM", tokenizer="sentencepiece")
+    config = json.loads((folder / "config.json").read_text())
+    config["query_pre_attn_scalar"] = 24  # llama.cpp's gemma2 scales by 1/sqrt(head size) below 27B
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="query_pre_attn_scalar"):
+        LlamaCppEngine(LlamaCppEngineConfig(model=str(folder)))
+    config |= {"query_pre_attn_scalar": config["head_dim"], "attn_logit_softcapping": 5.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    eng = await make_engine(folder, quantize="none")
+    try:
+        prompt = "The quick brown fox jumps over the lazy dog. Streaming tokens over a WebSocket"
+        ids = list(eng.tokenizer.encode(prompt, add_special_tokens=True))
+        assert ids[0] == config["bos_token_id"]  # the folder's tokenizer
+        r = await run(eng, "g", prompt=prompt, max_tokens=32, temperature=0, ignore_eos=True, raw=True)
+        assert r["prompt_tokens"] == len(ids) > 3 * config["sliding_window"]
+        got = every_position(eng, ids)
+    finally:
+        await eng.shutdown()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager")
+    apart = apart_from(model, ids, got)
+    assert apart < 0.1, apart  # measured 0.05
+    for wrong in ({"attn_logit_softcapping": None}, {"sliding_window": 4096}, {"query_pre_attn_scalar": 256}):
+        other = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, attn_implementation="eager", **wrong
+        )
+        assert apart_from(other, ids, got) > 5, wrong  # measured 20, 21 and 9: each of them is applied
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(32):
+            out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
+    assert r["ids"] == out[len(ids) :]
+
+    # --quantize auto: Q8_0 matrices, exactly what llama.cpp's own quantizer makes of the float16 file
+    eng = await make_engine(folder)
+    await eng.shutdown()
+    f16, q8_0 = layout.converted(folder, "none"), layout.converted(folder, "int8")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, 2
+    theirs = tmp_path / "llama-quantize-q8_0.gguf"
+    assert llama_cpp.llama_model_quantize(str(f16).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    ours, want = gg.GGUFReader(str(q8_0)).tensors, {t.name: t for t in gg.GGUFReader(str(theirs)).tensors}
+    assert {t.name for t in ours} == set(want) and sum(t.tensor_type == gg.GGMLQuantizationType.Q8_0 for t in ours) > 8
+    for t in ours:
+        assert t.tensor_type == want[t.name].tensor_type and np.array_equal(t.data, want[t.name].data), t.name
+    (folder / "tokenizer.model").unlink()
+    with pytest.raises(ValueError, match=r"tokenizer\.model"):
+        LlamaCppEngine(LlamaCppEngineConfig(model=str(folder)))
 
 
 async def test_a_file_of_an_architecture_transformers_does_not_know_is_served_with_its_own_vocabulary(
@@ -292,7 +368,7 @@ async def test_a_folder_is_served_only_where_llama_cpp_reads_the_written_file_as
         with pytest.raises(ValueError, match=why):
             LlamaCppEngine(LlamaCppEngineConfig(model=str(folder)))
     folder = save_tiny_family(tmp_path / "qwen3", "Qwen3ForCausalLM")
-    eng = await make_engine(folder)
+    eng = await make_engine(folder, quantize="none")  # float16 matrices (auto: Q8_0)
     try:
         ids = [int(i) for i in np.random.default_rng(0).integers(3, 400, 40)]
         got = every_position(eng, ids)

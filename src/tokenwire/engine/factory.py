@@ -39,6 +39,10 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
         why = str(exc).split(" (use ", 1)[0]
         if resolved.gguf_file is not None and llama_cpp_installed():
             return "llamacpp", f"{why}; llama.cpp reads it"
+        layout_why = _llama_cpp_layout(resolved)
+        if layout_why == "":
+            return "llamacpp", f"{why}; written in llama.cpp's own layout, llama.cpp reads it"
+        why += f"; {layout_why}" if layout_why else ""
         unknown = transformers_cannot_load(resolved)
         if unknown is not None:
             raise ValueError(f"no engine can serve this model: {why}; and {unknown}") from None
@@ -54,6 +58,20 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
     if found.convert:
         return "openvino", "a Hugging Face folder of a family it converts, converted to OpenVINO IR once, on the CPU"
     return "openvino", "the model is a GGUF file (converted to OpenVINO IR once) or an IR folder, on the CPU"
+
+
+def _llama_cpp_layout(resolved: models.ResolvedModel) -> str | None:
+    """For a local folder of a family the llamacpp engine writes in llama.cpp's own layout (Gemma 2): "" where it
+    can serve it, else why not; None for any other model."""
+    from tokenwire.engine.llamacpp import layout
+
+    folder = Path(resolved.path)
+    if resolved.gguf_file is not None or layout.architecture(folder) is None:
+        return None
+    if not llama_cpp_installed():
+        return "pip install 'tokenwire[llamacpp]' serves it on llama.cpp"
+    why = layout.refusal(folder)
+    return "" if why is None else f"nor can llama.cpp's own layout: {why}"
 
 
 def llama_cpp_installed() -> bool:
@@ -183,14 +201,17 @@ def _openvino(settings: Settings) -> LoopEngine:
 def _llamacpp(settings: Settings) -> LoopEngine:
     from tokenwire.engine.llamacpp.engine import LlamaCppEngine, LlamaCppEngineConfig
 
-    if settings.quantize not in ("auto", "none"):
+    file = models.resolve(settings.model).gguf_file is not None
+    if settings.quantize not in ("auto", "none", "int8") or (file and settings.quantize == "int8"):
         raise ValueError(
-            f"--quantize {settings.quantize} is for the openvino and transformers engines; the llamacpp engine "
-            "serves the GGUF file's own weights (pick a file of the type you want, or --engine openvino)"
+            f"--quantize {settings.quantize}: the llamacpp engine serves a GGUF file's own weights (pick a file of "
+            "the type you want, or --engine openvino), and writes a folder's matrices as int8 (Q8_0, auto) or none "
+            "(float16)"
         )
     if settings.device not in ("auto", "cpu"):
         raise ValueError(f"--device {settings.device}: the llamacpp engine runs on the CPU (--device cpu)")
-    return LlamaCppEngine(LlamaCppEngineConfig(**_shared(settings), scheduler=_scheduler(settings)))
+    config = LlamaCppEngineConfig(**_shared(settings), scheduler=_scheduler(settings), quantize=settings.quantize)
+    return LlamaCppEngine(config)
 
 
 def _transformers(settings: Settings) -> LoopEngine:

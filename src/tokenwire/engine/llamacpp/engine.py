@@ -8,7 +8,8 @@ A request that ends or is paused keeps its cells while room allows (kept.py): a 
 new prompt starting with the same tokens (a shared system prompt, a chat's previous turn) gets them copied, reported
 as ``cached_tokens``. End-of-sequence, stop strings, max_tokens and detokenizing are the engine core's
 (engine/output.py). The model is a GGUF file (a Hugging Face folder of a family tokenwire converts is written as
-one first); its tokenizer and chat template are read from the file (as for the OpenVINO engine, cached).
+one first: Gemma 2's in llama.cpp's own layout, layout.py); its tokenizer and chat template are read from the file
+(as for the OpenVINO engine, cached), or from the folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tokenwire.engine.backend import LoadedModel, StepOutput
 from tokenwire.engine.hf.grammar import Grammars
 from tokenwire.engine.hf.sampler import RequestSampling
 from tokenwire.engine.interface import EngineError, EngineErrorCode, EngineStats, SamplingParams
+from tokenwire.engine.llamacpp import layout
 from tokenwire.engine.llamacpp.context import MAX_SEQUENCES, DecodeError, Entry, LlamaContext
 from tokenwire.engine.llamacpp.kept import Kept, KeptSequences, SequenceIds, common_prefix
 from tokenwire.engine.loop import LoopEngine
@@ -46,6 +48,7 @@ class LlamaCppEngineConfig:
     queue_timeout: float = 60.0  # seconds a new request may wait for a row before it fails overloaded (0: no limit)
     hang_timeout: float = 120.0  # a step longer than this means the model loop hangs: the server stops (0: never)
     json_whitespace: str = "compact"  # structured output: compact JSON, or flexible (whitespace between tokens)
+    quantize: str = "auto"  # a folder's matrices: auto or int8 (Q8_0), none (float16); a GGUF file: its own
 
 
 class LlamaCppEngine(LoopEngine):
@@ -62,16 +65,19 @@ class LlamaCppEngine(LoopEngine):
         )
 
 
-def gguf_of(resolved: models.ResolvedModel) -> Path:
+def gguf_of(resolved: models.ResolvedModel, matrices: str = "none") -> Path:
     """The GGUF file llama.cpp reads for ``resolved``: the file itself, or a Hugging Face folder tokenwire writes
-    as a float16 GGUF file that llama.cpp reads as it means it (:func:`folder_refusal`), once (cached). ValueError
-    for anything else."""
+    as a GGUF file that llama.cpp reads as it means it (:func:`folder_refusal`; Gemma 2 in llama.cpp's own layout),
+    once (cached), its matrices float16 (``matrices`` ``none``) or Q8_0 (``int8``). ValueError for anything else."""
     if resolved.gguf_file is not None:
         return Path(resolved.path) / resolved.gguf_file
     from tokenwire.engine.openvino import convert
 
     check_folder(resolved)
-    return convert.converted(Path(resolved.path))
+    folder = Path(resolved.path)
+    if layout.architecture(folder):
+        return layout.converted(folder, matrices)
+    return convert.converted(folder, matrices)
 
 
 def check_folder(resolved: models.ResolvedModel) -> None:
@@ -82,7 +88,12 @@ def check_folder(resolved: models.ResolvedModel) -> None:
     from tokenwire.engine.openvino import convert
 
     folder = Path(resolved.path)
-    why = (convert.unsupported(folder) or folder_refusal(folder)) if folder.is_dir() else "it is not a local folder"
+    if not folder.is_dir():
+        why: str | None = "it is not a local folder"
+    elif layout.architecture(folder):  # a family written in llama.cpp's own layout (Gemma 2)
+        why = layout.refusal(folder)
+    else:
+        why = convert.unsupported(folder) or folder_refusal(folder)
     if why is not None:
         raise ValueError(
             f"the llamacpp engine reads GGUF files, and {resolved.path!r} cannot be given to it as one: {why} "
@@ -145,8 +156,11 @@ class LlamaCppBackend:
         from tokenwire.engine.openvino.model import Plan, prepare
 
         cfg = self.config
-        gguf = gguf_of(self._resolved)
-        prepared = prepare(Plan(gguf), cfg.max_model_len)  # tokenizer, end ids, context: from the file, cached
+        gguf = gguf_of(self._resolved, "none" if cfg.quantize == "none" else "int8")
+        # tokenizer, end ids, context: from the file (cached), or from a folder written in llama.cpp's own layout
+        folder = Path(self._resolved.path)
+        source = folder if self._resolved.gguf_file is None and layout.architecture(folder) else gguf
+        prepared = prepare(Plan(source), cfg.max_model_len)
         threads = cfg.threads or os.cpu_count() or 1
         limits = cfg.scheduler
         # sequences: the batch's, and as many kept (paused, or ended with a prefix to share); llama.cpp reserves an

@@ -26,11 +26,13 @@ partial or corrupt conversion and is made again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,8 @@ def unsupported(folder: Path) -> str | None:
     except (OSError, ValueError) as exc:
         return f"its config.json cannot be read ({exc})"
     arch = (config.get("architectures") or ["?"])[0]
+    if config.get("attn_logit_softcapping"):  # Gemma 2
+        return f"{arch} soft-caps its attention scores (attn_logit_softcapping): OpenVINO's paged attention cannot"
     if arch not in ARCHITECTURES:
         return f"its architecture {arch} is not one the GGUF converter writes ({', '.join(ARCHITECTURES)})"
     if float(rope_settings(config).get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0) != 1.0:
@@ -133,8 +137,6 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _gemma_unsupported(config: dict[str, Any]) -> str | None:
-    if config.get("attn_logit_softcapping"):
-        return "it soft-caps its attention scores (attn_logit_softcapping), which OpenVINO's paged attention cannot"
     if config.get("use_bidirectional_attention"):
         return "its attention is bidirectional (use_bidirectional_attention)"
     local = local_rope_settings(config)
@@ -160,9 +162,19 @@ def content_key(folder: Path) -> str:
     return digest.hexdigest()[:20]
 
 
-def converted(folder: Path) -> Path:
-    """The float16 GGUF file of ``folder``, written now if missing, partial or corrupt."""
-    target = models.cache_dir() / f"{folder.name}-{content_key(folder)}-none.gguf"
+def converted(folder: Path, matrices: str = "none") -> Path:
+    """The GGUF file of ``folder`` (float16, or with ``matrices`` ``int8`` in Q8_0 for llama.cpp), written now if
+    missing, partial or corrupt."""
+    if matrices == "none":
+        return cached_gguf(folder, "none", write_gguf, "float16, for OpenVINO")
+    return cached_gguf(folder, "q8_0", functools.partial(write_gguf, matrices=matrices), "Q8_0 matrices, for llama.cpp")
+
+
+def cached_gguf(folder: Path, form: str, write: Callable[[Path, Path], None], what: str) -> Path:
+    """The GGUF file ``write`` makes of ``folder`` in the cache directory, named by the folder's content and
+    ``form``, written now (``what`` it is, for the log) if missing, or partial or corrupt: a ``.json`` marker written
+    after the file names its size."""
+    target = models.cache_dir() / f"{folder.name}-{content_key(folder)}-{form}.gguf"
     marker = target.with_suffix(".json")
     try:
         if json.loads(marker.read_text()).get("size") == target.stat().st_size:
@@ -172,14 +184,14 @@ def converted(folder: Path) -> Path:
         pass
     marker.unlink(missing_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("converting %s to GGUF (float16) for OpenVINO (one time; cached at %s)", folder, target)
+    log.info("converting %s to GGUF (%s) (one time; cached at %s)", folder, what, target)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     try:
-        write_gguf(folder, tmp)
+        write(folder, tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    marker.write_text(json.dumps({"source": str(folder), "format": "none", "size": target.stat().st_size}))
+    marker.write_text(json.dumps({"source": str(folder), "format": form, "size": target.stat().st_size}))
     return target
 
 
@@ -205,7 +217,24 @@ def _tensors(folder: Path, language_model: bool = False) -> dict[str, Any]:
     return out
 
 
-def write_gguf(folder: Path, target: Path) -> None:
+def matrix_data(data: Any, form: str) -> tuple[Any, Any]:
+    """A matrix as a GGUF file holds it, and its GGUF type where the array's own does not say it: ``none``, float16;
+    ``int8``, llama.cpp's Q8_0 (blocks of 32 int8 with a float16 scale; a matrix whose rows are not whole blocks
+    stays float16, as llama.cpp's converter leaves it)."""
+    import gguf
+    import numpy as np
+
+    if form == "int8" and data.shape[-1] % 32 == 0:
+        q8_0 = gguf.GGMLQuantizationType.Q8_0
+        return gguf.quants.quantize(np.ascontiguousarray(data, np.float32), q8_0), q8_0
+    if form not in ("none", "int8"):
+        raise ValueError(f"matrices are written as none (float16) or int8 (Q8_0), not {form!r}")
+    return data.astype(np.float16), None
+
+
+def write_gguf(folder: Path, target: Path, matrices: str = "none") -> None:
+    """``folder`` as a GGUF file at ``target``, its matrices as :func:`matrix_data` writes ``matrices``: ``none``
+    (float16, what OpenVINO reads) or ``int8`` (Q8_0, for llama.cpp)."""
     import gguf
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
@@ -223,9 +252,9 @@ def write_gguf(folder: Path, target: Path) -> None:
     w.add_name(folder.name)
     _add_keys(w, cfg, config, family, head_dim)
     w.add_vocab_size(len(tok))
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)  # OpenVINO reads it
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if matrices == "int8" else gguf.LlamaFileType.MOSTLY_F16)
     write_tokenizer(w, tok)
-    out = _Tensors(w, family, _tensors(folder, language_model=language_model))
+    out = _Tensors(w, family, _tensors(folder, language_model=language_model), matrices)
     factors, attention_factor = rope_scaling(cfg, config, head_dim)
     if factors is not None:  # llama.cpp's rope_freqs: each rotary frequency's divisor
         w.add_tensor("rope_freqs.weight", factors)
@@ -267,16 +296,16 @@ def _add_keys(w: Any, cfg: Any, config: dict[str, Any], family: Family, head_dim
 
 
 class _Tensors:
-    """The folder's weights written as llama.cpp names them: matrices in float16, norms in float32 (Gemma's as 1 +
-    weight, what it multiplies by), a Llama's query and key rows in llama.cpp's order."""
+    """The folder's weights written as llama.cpp names them: matrices in float16 (or Q8_0: :func:`matrix_data`),
+    norms in float32 (Gemma's as 1 + weight, what it multiplies by), a Llama's query and key rows in llama.cpp's
+    order."""
 
-    def __init__(self, w: Any, family: Family, weights: dict[str, Any]) -> None:
-        self.w, self.family, self.weights = w, family, weights
+    def __init__(self, w: Any, family: Family, weights: dict[str, Any], matrices: str = "none") -> None:
+        self.w, self.family, self.weights, self.matrices = w, family, weights, matrices
 
     def matrix(self, name: str, data: Any) -> None:
-        import numpy as np
-
-        self.w.add_tensor(name, data.astype(np.float16))
+        array, kind = matrix_data(data, self.matrices)
+        self.w.add_tensor(name, array, raw_dtype=kind)
 
     def norm(self, name: str, data: Any) -> None:
         self.w.add_tensor(name, data + 1.0 if self.family.gemma else data)
