@@ -137,6 +137,15 @@ class Settings:
             "both engines; the reused tokens are reported as cached_tokens"
         },
     )
+    flash_attention: str = field(
+        default="auto",
+        metadata={
+            "help": "llamacpp: auto (llama.cpp's choice: on, on a CPU), on or off. Its flash attention sums in "
+            "float16, so a greedy text may turn on where in the KV cache a sequence lies (a resumed or "
+            "prefix-sharing request against one run alone); off computes what the sequence computes alone, at "
+            "1.5-1.9x the step time at 8 streams (docs/llamacpp.md)"
+        },
+    )
     max_prefill_tokens: int = field(default=512, metadata={"help": "prompt tokens per step (long prompts chunk)"})
     # protocol limits
     max_message_bytes: int = field(default=1 << 20, metadata={"help": "largest client frame (bigger: close 1009)"})

@@ -249,6 +249,11 @@ def test_the_llamacpp_engine_refuses_settings_it_cannot_honour_naming_them(
     for quantize in ("auto", "none", "int8"):
         assert build_engine(Settings(model=str(tiny_model_dir), engine="llamacpp", quantize=quantize))
     assert build_engine(Settings(model=str(tiny_gguf), engine="llamacpp", quantize="none"))
+    assert build_engine(Settings(model=str(tiny_gguf), engine="llamacpp", flash_attention="off"))
+    with pytest.raises(ValueError, match="--flash-attention must be auto, on or off"):
+        choose_engine(Settings(model=str(tiny_gguf), flash_attention="fast"))
+    with pytest.raises(ValueError, match="--flash-attention is the llamacpp engine's"):
+        build_engine(Settings(model=str(tiny_gguf), engine="openvino", flash_attention="off"))
     with pytest.raises(ValueError, match="--device cuda"):
         build_engine(Settings(model=str(tiny_gguf), engine="llamacpp", device="cuda"))
 

@@ -26,6 +26,8 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
         raise ValueError(f"--json-whitespace must be compact or flexible, not {settings.json_whitespace!r}")
     if settings.prefix_caching not in ("on", "off"):
         raise ValueError(f"--prefix-caching must be on or off, not {settings.prefix_caching!r}")
+    if settings.flash_attention not in FLASH_ATTENTION:
+        raise ValueError(f"--flash-attention must be auto, on or off, not {settings.flash_attention!r}")
     if settings.engine != "auto":
         return settings.engine, "--engine " + settings.engine
     if settings.device.startswith("cuda"):
@@ -147,9 +149,14 @@ def build_engine(settings: Settings) -> Engine:
     return engine
 
 
+FLASH_ATTENTION = {"auto": -1, "off": 0, "on": 1}  # llama.cpp's llama_flash_attn_type
+
+
 def _build(settings: Settings) -> LoopEngine:
     kind, why = choose_engine(settings)
     log.info("engine: %s (%s)", kind, why)
+    if kind != "llamacpp" and settings.flash_attention != "auto":
+        raise ValueError(f"--flash-attention is the llamacpp engine's; the {kind} engine chooses its own attention")
     build = {"openvino": _openvino, "llamacpp": _llamacpp, "transformers": _transformers}[kind]
     return build(settings)
 
@@ -210,7 +217,12 @@ def _llamacpp(settings: Settings) -> LoopEngine:
         )
     if settings.device not in ("auto", "cpu"):
         raise ValueError(f"--device {settings.device}: the llamacpp engine runs on the CPU (--device cpu)")
-    config = LlamaCppEngineConfig(**_shared(settings), scheduler=_scheduler(settings), quantize=settings.quantize)
+    config = LlamaCppEngineConfig(
+        **_shared(settings),
+        scheduler=_scheduler(settings),
+        quantize=settings.quantize,
+        flash_attention=FLASH_ATTENTION[settings.flash_attention],
+    )
     return LlamaCppEngine(config)
 
 

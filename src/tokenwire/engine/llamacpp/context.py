@@ -48,7 +48,8 @@ def _library() -> Any:
 class LlamaContext:
     """A GGUF model and one context over it, for ``n_seq`` sequences sharing its KV cells: ``n_ctx`` of them, or
     as many as ``kv_bytes`` hold if fewer (llama.cpp allocates them whole, float16), but never fewer than
-    ``min_ctx`` (one whole context)."""
+    ``min_ctx`` (one whole context). ``flash_attention``: llama.cpp's flash attention (-1 its choice, 0 off, 1 on);
+    on a CPU it sums in float16, so results turn a little on where a sequence's cells lie in the cache."""
 
     def __init__(
         self,
@@ -59,6 +60,7 @@ class LlamaContext:
         threads: int,
         kv_bytes: int = 1 << 62,
         min_ctx: int = 0,
+        flash_attention: int = -1,
     ) -> None:
         lib = self.lib = _library()
         lib.llama_backend_init()
@@ -77,6 +79,7 @@ class LlamaContext:
         cparams.kv_unified = True  # one KV buffer for all sequences: prefixes copied between them are shared
         cparams.n_threads = cparams.n_threads_batch = threads
         cparams.no_perf = True
+        cparams.flash_attn_type = flash_attention  # -1 llama.cpp's choice, 0 off (sums in float32), 1 on
         self.ctx = lib.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             lib.llama_model_free(self.model)

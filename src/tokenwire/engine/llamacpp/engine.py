@@ -49,6 +49,7 @@ class LlamaCppEngineConfig:
     hang_timeout: float = 120.0  # a step longer than this means the model loop hangs: the server stops (0: never)
     json_whitespace: str = "compact"  # structured output: compact JSON, or flexible (whitespace between tokens)
     quantize: str = "auto"  # a folder's matrices: auto or int8 (Q8_0), none (float16); a GGUF file: its own
+    flash_attention: int = -1  # llama.cpp's flash attention: -1 its choice, 0 off, 1 on (--flash-attention)
 
 
 class LlamaCppEngine(LoopEngine):
@@ -168,7 +169,14 @@ class LlamaCppBackend:
         n_seq = min(MAX_SEQUENCES, 2 * limits.max_batch_size + 16)
         n_batch = max(limits.max_prefill_tokens + limits.max_batch_size, n_seq)
         llama = LlamaContext(
-            gguf, limits.kv_cache_tokens, n_batch, n_seq, threads, kv_bytes=KV_BYTES, min_ctx=prepared.max_context
+            gguf,
+            limits.kv_cache_tokens,
+            n_batch,
+            n_seq,
+            threads,
+            kv_bytes=KV_BYTES,
+            min_ctx=prepared.max_context,
+            flash_attention=cfg.flash_attention,
         )
         self.llama, self.ids = llama, SequenceIds(llama.n_seq)
         log.info(
