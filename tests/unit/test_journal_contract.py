@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 
 from tests.conftest import scaled, wait_until
-from tokenwire.server.journal import Entry, Journal, Registry, ResumeRefused
-from tokenwire.server.redis_journal import Record, RedisJournal
+from tokenwire.server.errors import RequestError
+from tokenwire.server.resume.journal import Entry, Journal, Registry
+from tokenwire.server.resume.record import Record
+from tokenwire.server.resume.redis_journal import RedisJournal
 
 WINDOW = 0.6
 
@@ -126,7 +128,7 @@ async def test_an_ended_generation_expires_with_the_resume_window(side: Any) -> 
     await asyncio.sleep(0.2)
     await side.lookup(gen_id)  # still there within the window
     await asyncio.sleep(WINDOW + 0.3)
-    with pytest.raises(ResumeRefused):
+    with pytest.raises(RequestError):
         await side.lookup(gen_id)
 
 
@@ -182,7 +184,7 @@ async def test_a_replica_that_lost_its_lease_stops_its_generation(redis_url: str
         gen_id = "g-" + secrets.token_hex(4)
         journal = Journal("s1", gen_id, None, f"s1:{gen_id}")
         a.track(journal, record(journal))
-        journal.task = asyncio.create_task(asyncio.sleep(30))
+        journal.produced_by(asyncio.create_task(asyncio.sleep(30)))
         journal.append(Entry('{"type":"started"}'))
         await asyncio.sleep(0.4)
         assert not journal.task.done()
@@ -196,7 +198,7 @@ async def test_writes_redis_cannot_keep_up_with_are_dropped_not_queued_without_b
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The local journal goes on whatever Redis does; what waits for Redis is bounded."""
-    import tokenwire.server.redis_journal as rj
+    import tokenwire.server.resume.redis_journal as rj
 
     monkeypatch.setattr(rj, "MAX_QUEUED", 5)
     shared = RedisJournal(redis_url, Registry(window=5))  # not started: nothing drains its queue

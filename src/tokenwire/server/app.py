@@ -2,7 +2,7 @@
 
 Each door has its package: ws/ (tokenwire's own WebSocket protocol), openai/ (the OpenAI HTTP API), realtime/
 (``WS /v1/realtime``), responses/ (the Responses API over SSE and WebSocket). The pieces they share sit beside them
-(params.py, errors.py, streams.py, sse.py, journal.py, auth, limits, telemetry). routes.py has the handlers for pages,
+(params.py, errors.py, streams.py, sse.py, resume/, auth, limits, telemetry). routes.py has the handlers for pages,
 probes, stats, the WebSocket doors and broadcast; the life cycle (load, watch, drain, sweep) is lifecycle.py's.
 """
 
@@ -84,7 +84,7 @@ def create_app(
         lambda: len(state.connections) + len(state.realtime_connections),
         lambda: (state.generations.orphaned, state.generations.nbytes),
     )
-    state.telemetry = telemetry
+    state.use(telemetry)
     api = OpenAIRoutes(
         engine, state.settings.limits, sse_keepalive_interval, telemetry, policy.enabled, state.key_limits
     )

@@ -9,9 +9,9 @@ is refused (a new WebSocket gets ``shutting_down`` and close 1001, a new generat
 ``shutting_down``, an HTTP request 503 with Retry-After). Running generations have ``drain_timeout`` seconds to end
 normally; then those left end with ``shutting_down`` and every socket closes with 1001. A second signal cuts the
 wait short. Generations whose connection had dropped (paused, kept for resume) are let go at the start: their
-clients could not come back to a server that refuses them. With a shared journal (redis_journal.py) they, and those
-still running when the wait ends, are handed off instead: their clients get no ``shutting_down``, and the replica
-they resume on goes on with them (a rolling update loses no answer).
+clients could not come back to a server that refuses them. With a shared journal (resume/redis_journal.py) they,
+and those still running when the wait ends, are handed off instead: their clients get no ``shutting_down``, and the
+replica they resume on goes on with them (a rolling update loses no answer).
 """
 
 from __future__ import annotations
@@ -24,20 +24,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
-from tokenwire.engine.interface import Continuation, Engine, GenerationRequest, SamplingParams
+from tokenwire.engine.interface import Engine
 from tokenwire.server.capacity import ConnectionGate, FdWatch, IpGate
-from tokenwire.server.journal import Journal, Registry
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.realtime.connection import RealtimeConnection
-from tokenwire.server.redis_journal import Record, RedisJournal
 from tokenwire.server.responses.service import Responses
 from tokenwire.server.responses.websocket import ResponsesConnection
+from tokenwire.server.resume.service import Resumes
 from tokenwire.server.settings import ServerSettings
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.ws import messages
 from tokenwire.server.ws.connection import Connection
-from tokenwire.server.ws.generation import Producer
-from tokenwire.server.ws.protocol import BatchPolicy
+from tokenwire.server.ws.generation import restarter
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +83,12 @@ class ServerState:
         self.connections: set[Connection] = set()
         self.realtime_connections: set[RealtimeConnection] = set()
         self.responses_connections: set[ResponsesConnection] = set()
-        self.generations = Registry(settings.resume_window, settings.resume_buffer_bytes)
-        if settings.journal_url:
-            self.generations.shared = RedisJournal(settings.journal_url, self.generations, settings.journal_lease)
-            self.generations.shared.on_takeover = self.take_over
-            self.generations.shared.on_cancel = lambda journal: engine.abort(journal.engine_id)
+        self.resumes = Resumes.of(
+            settings.resume_window, settings.resume_buffer_bytes, settings.journal_url, settings.journal_lease
+        )
+        self.generations = self.resumes.registry
+        if self.resumes.shared is not None:
+            self.resumes.shared.on_cancel = lambda journal: engine.abort(journal.engine_id)
         self.telemetry: Telemetry | None = None  # the app's (create_app sets it)
         self.on_fatal = on_fatal
         self.load_error: str | None = None
@@ -102,6 +101,11 @@ class ServerState:
         self.gate = ConnectionGate(settings.max_connections)
         self.per_ip = IpGate(settings.max_connections_per_ip)
         self.key_limits = KeyLimits(settings.max_generations_per_key, settings.rate_limit_tokens_per_minute)
+
+    def use(self, telemetry: Telemetry) -> None:
+        """The app's telemetry: the WebSocket door's generations report to it, those taken over included."""
+        self.telemetry = telemetry
+        self.resumes.restart = restarter(self.engine, self.generations, telemetry, self.settings.flow)
 
     # -- what every route asks
     @property
@@ -156,7 +160,7 @@ class ServerState:
             await asyncio.sleep(DRAIN_POLL_S)
         left = self.in_flight()
         if left:
-            fate = "go on where their clients resume" if self.generations.shared else "end with shutting_down"
+            fate = "go on where their clients resume" if self.resumes.shared else "end with shutting_down"
             log.warning("drain over after %.1f s: %d generation(s) %s", time.monotonic() - started, left, fate)
         else:
             log.info("drained in %.1f s: every running generation finished", time.monotonic() - started)
@@ -175,17 +179,7 @@ class ServerState:
     def abandon_generations(self, orphans_only: bool = False) -> list[asyncio.Task[None]]:
         """Forget resumable generations (``orphans_only``: those with no connection); returns the tasks of those
         still running, for the caller to stop."""
-        tasks = []
-        shared = self.generations.shared
-        for journal in self.generations.journals():
-            if orphans_only and journal.holder is not None:
-                continue
-            if shared is not None:  # another replica goes on with it when its client resumes there
-                shared.hand_off(journal)
-            self.generations.forget(journal)
-            if journal.task is not None and not journal.task.done():
-                tasks.append(journal.task)
-        return tasks
+        return self.resumes.abandon(orphans_only)
 
     async def sweep_generations(self) -> None:
         """Forever: forget generations idle past the resume window (or the memory budget); abort orphans."""
@@ -194,36 +188,14 @@ class ServerState:
             return
         while True:
             await asyncio.sleep(min(1.0, max(0.05, window / 4)))
-            for journal in self.generations.sweep():
-                log.debug("generation %s was not resumed in time: aborted", journal.engine_id)
-                if journal.task is not None:
-                    journal.task.cancel()
-
-    def take_over(self, journal: Journal, record: Record) -> None:
-        """The replica that ran this generation is gone (shared journal): go on with it here, from the tokens in
-        its journal, each next message with the next seq."""
-        assert self.telemetry is not None
-        fields = {**record.params, "stop": tuple(record.params.get("stop") or ())}
-        generated = tuple(t for entry in journal.entries for t in entry.ids)
-        request = GenerationRequest(
-            journal.engine_id,
-            SamplingParams(**fields),
-            continuation=Continuation(record.prompt_ids, generated),
-            tenant=record.tenant,
-            connection=record.session,
-        )
-        batch = BatchPolicy(**record.batch) if record.batch else None
-        producer = Producer(
-            self.engine, journal, self.generations, self.telemetry, batch, self.settings.flow, continuing=True
-        )
-        journal.task = asyncio.create_task(producer.run(request, record.session))
+            self.resumes.expire()
 
     # -- loading and watching
     async def load(self) -> None:
         started = time.monotonic()
-        if self.generations.shared is not None:
+        if self.resumes.shared is not None:
             try:
-                await self.generations.shared.start()
+                await self.resumes.shared.start()
             except Exception as exc:
                 self.load_error = str(exc)
                 log.error("%s; stopping (start Redis, or serve with --journal memory)", exc)
@@ -293,6 +265,6 @@ async def lifespan(state: ServerState) -> AsyncIterator[None]:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        if state.generations.shared is not None:
-            await state.generations.shared.close()
+        if state.resumes.shared is not None:
+            await state.resumes.shared.close()
         await state.engine.shutdown()

@@ -4,7 +4,7 @@ The same app (WebSocket protocol, OpenAI and Realtime APIs, chat page) runs in e
 with its own engine, behind Ray's HTTP proxy at ``--host``/``--port``. Ray routes every new connection or request
 to a replica; a WebSocket stays on its replica for its life. With a shared journal (``--journal redis://...``) a
 client whose connection dropped resumes on whichever replica Ray picks, and a stream whose replica died goes on
-there (redis_journal.py). A replica whose engine fails reports itself unhealthy, and Ray replaces it.
+there (resume/redis_journal.py). A replica whose engine fails reports itself unhealthy, and Ray replaces it.
 
 Autoscaling (``--max-replicas``) is on tokenwire's own signal, requests waiting for a batch slot: each replica
 reports its engine's waiting and running requests to Ray (``record_autoscaling_stats``) and

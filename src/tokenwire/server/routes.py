@@ -267,7 +267,7 @@ class Routes:
             state.engine,
             state.settings,
             self.telemetry,
-            state.generations,
+            state.resumes,
             owner,
             lambda: not state.draining,
             state.key_limits,

@@ -22,7 +22,7 @@ class ServerSettings:
     max_connections_per_ip: int = 0  # WebSockets and API requests from one client address (0: no cap)
     max_generations_per_key: int = 0  # generations one API key runs at once over every door (0: no cap)
     rate_limit_tokens_per_minute: int = 0  # tokens (prompt and generated) one API key may use a minute (0: no cap)
-    journal_url: str | None = None  # redis://...: a journal shared by replicas (redis_journal.py); None: this process
+    journal_url: str | None = None  # redis://...: a journal shared by replicas (resume/redis_journal.py); None: here
     journal_lease: float = 3.0  # seconds a replica's lease on its generations lasts unless renewed
     responses_store: int = 1000  # Responses API responses kept (previous_response_id, GET, background)
     responses_ttl: float = 3600.0  # seconds a finished response stays kept

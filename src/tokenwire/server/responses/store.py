@@ -1,9 +1,9 @@
 """Responses as the server keeps them: each with its conversation, result and event log; a bounded, expiring store.
 
 A :class:`Record` is one response. Its stream events are numbered by ``sequence_number`` and written to a
-:class:`~tokenwire.server.journal.MessageLog`, the journal's design (entry ``i`` is event ``i``; append, read from a
-number, wait for more, finish), so a stream read from the start, a background response read later, and one resumed
-``starting_after=N`` all read the same log. The :class:`ResponseStore` keeps records by id for
+:class:`~tokenwire.server.resume.journal.MessageLog`, the journal's design (entry ``i`` is event ``i``; append, read
+from a number, wait for more, finish), so a stream read from the start, a background response read later, and one
+resumed ``starting_after=N`` all read the same log. The :class:`ResponseStore` keeps records by id for
 ``previous_response_id``, ``GET`` and cancel: at most ``max_responses``, each for ``ttl`` seconds after it ended;
 past the bound the oldest finished go first. Their event logs stay under ``budget_bytes``: past it, a finished
 response's events are let go (oldest first; a background response's last), keeping its result; then whole
@@ -22,9 +22,9 @@ from typing import Any
 
 from tokenwire.engine.interface import ChatMessage
 from tokenwire.server import tools
-from tokenwire.server.journal import Entry, MessageLog
 from tokenwire.server.responses import protocol as rp
 from tokenwire.server.responses.protocol import CreateRequest
+from tokenwire.server.resume.journal import Entry, MessageLog
 from tokenwire.server.tools import ToolCall
 
 FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import secrets
@@ -38,9 +37,9 @@ from tokenwire.server.errors import (
     ErrorCode,
     RequestError,
 )
-from tokenwire.server.journal import Journal, Registry, ResumeRefused, token_digest
 from tokenwire.server.limits import KeyLimits
-from tokenwire.server.redis_journal import Record
+from tokenwire.server.resume.journal import Journal
+from tokenwire.server.resume.service import Resumes, outcome
 from tokenwire.server.settings import ServerSettings
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.ws import messages
@@ -77,7 +76,7 @@ class Connection:
         engine: Engine,
         settings: ServerSettings,
         telemetry: Telemetry,
-        registry: Registry,
+        resumes: Resumes,
         owner: str | None = None,
         accepting: Callable[[], bool] = lambda: True,
         key_limits: KeyLimits | None = None,
@@ -86,7 +85,7 @@ class Connection:
         self.telemetry = telemetry
         self.engine = engine
         self.settings = settings
-        self.registry = registry
+        self.resumes = resumes
         self.owner = owner  # who may resume what this connection starts (see auth.owner_of)
         self.accepting = accepting  # False while the server drains: new generations are refused
         self.key_limits = key_limits or KeyLimits()  # per API key, over every connection (limits.py)
@@ -148,11 +147,9 @@ class Connection:
         most ``deliver_timeout`` seconds), end every generation that has no last message yet with
         ``shutting_down``, then close with 1001."""
         held = dict(self._held)
-        shared = self.registry.shared  # with a shared journal, running generations go on on another replica
-        handed = {g for g, h in held.items() if shared is not None and shared.hand_off(h.journal)}
         producers = [h.journal.task for h in held.values() if not h.journal.finished and h.journal.task]
-        for h in held.values():
-            self.registry.forget(h.journal)  # nothing is resumable on a server that stops
+        # nothing is resumable on a server that stops; with a shared journal, another replica goes on with them
+        handed = {g for g, h in held.items() if self.resumes.stop(h.journal)}
         for task in producers:
             task.cancel()
         await asyncio.gather(*producers, return_exceptions=True)
@@ -197,18 +194,7 @@ class Connection:
         for h in held.values():
             h.pump.cancel()
         await asyncio.gather(*(h.pump for h in held.values()), return_exceptions=True)
-        producers = []
-        for h in held.values():
-            if h.journal.holder is not self:  # resumed on another connection meanwhile: it is theirs now
-                continue
-            if h.journal.finished:
-                self.registry.detach(h.journal)
-                continue
-            if self.registry.detach(h.journal) or abort:
-                self.registry.forget(h.journal)
-                if h.journal.task is not None:
-                    h.journal.task.cancel()
-                    producers.append(h.journal.task)
+        producers = [task for h in held.values() if (task := self.resumes.let_go(h.journal, self, abort))]
         await asyncio.gather(*producers, return_exceptions=True)
 
     async def _close(self, code: int) -> None:
@@ -246,8 +232,8 @@ class Connection:
             held = self._held.get(msg.id)
             if held is None:
                 await self.send_error(ErrorCode.NOT_FOUND, f"no running generation with id {msg.id!r}", msg.id, "id")
-            elif held.journal.follower and self.registry.shared is not None:  # another replica runs it
-                await self.registry.shared.cancel(held.journal)
+            elif await self.resumes.cancel(held.journal):  # another replica runs it
+                pass
             elif not held.journal.finished:  # a finished one is being delivered: its last message is on the way
                 self.engine.abort(held.journal.engine_id)
         elif isinstance(msg, Ping):
@@ -289,7 +275,7 @@ class Connection:
         engine_id = f"{self.session}:{gen_id}"
         journal = Journal(self.session, gen_id, self.owner, engine_id)
         try:
-            self.registry.add(journal)
+            self.resumes.registry.add(journal)
         except KeyError:  # this connection's earlier generation of that id runs on, resumed elsewhere
             self.key_limits.release(tenant, 0)
             await self.send_error(
@@ -299,18 +285,7 @@ class Connection:
                 "id",
             )
             return
-        if self.registry.shared is not None:  # copied out, so that any replica can resume it or go on with it
-            record = Record(
-                self.session,
-                gen_id,
-                self.owner,
-                journal.token_digest,
-                self.engine.model_name,
-                tenant,
-                dataclasses.asdict(msg.params),
-                dataclasses.asdict(msg.batch) if msg.batch else None,
-            )
-            self.registry.shared.track(journal, record)
+        self.resumes.track(journal, self.engine.model_name, tenant, msg.params, msg.batch)
         request = GenerationRequest(
             request_id=engine_id,
             params=msg.params,
@@ -321,89 +296,27 @@ class Connection:
             tenant=tenant,
             connection=self.session,
         )
-        producer = Producer(
-            self.engine,
-            journal,
-            self.registry,
-            self.telemetry,
-            msg.batch,
-            self.settings.flow,
-        )
-        journal.task = asyncio.create_task(producer.run(request, self.session))
+        producer = Producer(self.engine, journal, self.resumes.registry, self.telemetry, msg.batch, self.settings.flow)
+        task = asyncio.create_task(producer.run(request, self.session))
         # A done callback, not the producer's own finally: a task cancelled before it ran never runs that.
-        journal.task.add_done_callback(lambda _: self.key_limits.release(tenant, producer.used_tokens))
+        task.add_done_callback(lambda _: self.key_limits.release(tenant, producer.used_tokens))
+        journal.produced_by(task)
         self._hold(journal, 0)
 
     async def _resume(self, msg: Resume) -> None:
         try:
-            try:
-                journal = self.registry.find(self.owner, msg.id, msg.session)
-            except ResumeRefused as refused:
-                if self.registry.shared is None or refused.ambiguous:
-                    raise
-                journal = await self._follow(msg)  # run by another replica, or by one that is gone
-        except ResumeRefused as refused:
-            outcome = "refused" if refused.param == "resume_token" else "not_found"
-            self.telemetry.resume("ambiguous" if refused.ambiguous else outcome)
-            code = ErrorCode.INVALID_REQUEST if refused.ambiguous or refused.param == "resume_token" else None
-            await self.send_error(code or ErrorCode.NOT_FOUND, refused.message, msg.id, refused.param)
-            return
-        if journal.follower and msg.after_seq > journal.last_seq:  # the client saw messages still on their way
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(journal.wait_beyond(msg.after_seq - 1), 2.0)
-        if msg.after_seq > journal.last_seq:
-            self.telemetry.resume("invalid")
-            await self.send_error(
-                ErrorCode.INVALID_REQUEST,
-                f"after_seq {msg.after_seq} is past the last message of {msg.id!r} so far (seq {journal.last_seq})",
-                msg.id,
-                "after_seq",
-            )
-            return
-        if not self.registry.may_take_over(journal, self, msg.resume_token):
-            self.telemetry.resume("refused")
-            await self.send_error(
-                ErrorCode.INVALID_REQUEST,
-                f"generation {msg.id!r} is held by a connection that is still open; only a resume with the "
-                "resume_token of its started message can take it over",
-                msg.id,
-                "resume_token",
-            )
+            journal = await self.resumes.find(self, self.owner, msg.id, msg.session, msg.resume_token, msg.after_seq)
+        except RequestError as refused:
+            self.telemetry.resume(outcome(refused))
+            await self.send_error(refused.code, refused.message, msg.id, refused.param)
             return
         mine = self._held.get(msg.id)
         if (mine is None or mine.journal is not journal) and await self._refused_room(msg.id):
             return
-        previous = journal.holder
-        if isinstance(previous, Connection):  # the old socket may be half-open: take the generation over
-            await previous.hand_over(msg.id, journal)
+        await self.resumes.hand_over(journal)  # the old socket may be half-open: take the generation over
         self.telemetry.resume("resumed")
         await self.send(messages.resumed(msg.id, msg.after_seq, journal.last_seq, not journal.finished))
         self._hold(journal, msg.after_seq + 1)
-
-    async def _follow(self, msg: Resume) -> Journal:
-        """A generation of another replica's, from the shared journal: this connection will deliver it from there
-        (and this replica go on with it, if its own is gone). Raises :class:`ResumeRefused`."""
-        shared = self.registry.shared
-        assert shared is not None
-        try:
-            remote = await shared.lookup(self.owner, msg.id, msg.session)
-        except ResumeRefused:
-            raise
-        except Exception as exc:
-            log.warning("could not read the shared journal: %s", exc)
-            raise ResumeRefused(f"generation {msg.id!r} could not be looked up in the shared journal: {exc}") from exc
-        token = msg.resume_token
-        held = remote.held and remote.replica is not None  # a connection on its replica may still be open
-        if held and (token is None or token_digest(token) != remote.record.token_digest):
-            raise ResumeRefused(
-                f"generation {msg.id!r} is held by a connection that is still open; only a resume with the "
-                "resume_token of its started message can take it over",
-                param="resume_token",
-            )
-        journal = await shared.follow(remote)
-        with contextlib.suppress(KeyError):
-            self.registry.add(journal)
-        return journal
 
     async def hand_over(self, gen_id: str, journal: Journal) -> None:
         """Another connection resumed this generation: stop sending it here, without stopping it."""
@@ -415,7 +328,7 @@ class Connection:
         await asyncio.wait({held.pump})  # unlike awaiting it, this does not raise the pump's cancellation here
 
     def _hold(self, journal: Journal, first_seq: int) -> None:
-        self.registry.attach(journal, self, first_seq)
+        self.resumes.registry.attach(journal, self, first_seq)
         self._held[journal.gen_id] = _Held(journal, asyncio.create_task(self._pump(journal, first_seq)))
 
     # -- delivering one generation
@@ -477,8 +390,7 @@ class Connection:
         held = self._held.get(gen_id)
         if held is not None and held.journal is journal:
             del self._held[gen_id]
-            if journal.holder is self:
-                journal.holder = None
+            journal.release(self)
 
     # -- writing
     async def send_error(

@@ -19,12 +19,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from tokenwire.engine.interface import Engine, EngineError, GenerationRequest, OutputKind, RequestOutput
 from tokenwire.server.errors import ErrorCode, wire_error
 from tokenwire.server.flow import Change, FlowPolicy, Valve
-from tokenwire.server.journal import Entry, Journal, Registry
+from tokenwire.server.resume.journal import Entry, Journal, Registry
 from tokenwire.server.streams import with_deadlines
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.ws import messages
@@ -80,7 +81,7 @@ class Producer:
         gen_id = self.journal.gen_id
         coalescer = self.coalescer
         trace = self.telemetry.trace(request.request_id, connection, "websocket")
-        self.journal.on_progress = self._regulate
+        self.journal.watch(self._regulate)
         try:
             stream = self.engine.generate(request)
             async with contextlib.aclosing(stream):
@@ -91,7 +92,7 @@ class Producer:
                         self.prompt_tokens = out.prompt_tokens
                         if not self.continuing:
                             dropped = out.start.truncated_messages if out.start else 0
-                            self.journal.prompt_ids = out.start.prompt_ids if out.start else ()
+                            self.journal.began(out.start.prompt_ids if out.start else ())
                             model, token = self.engine.model_name, self.journal.resume_token
                             self._emit(messages.started(gen_id, model, out.prompt_tokens, token, dropped))
                     elif out.kind is OutputKind.DELTA:
@@ -135,7 +136,7 @@ class Producer:
             failed = messages.error(ErrorCode.GENERATION_FAILED, f"generation failed: {exc}", gen_id, seq=self._seq)
             self._emit(failed, final=True)
         finally:
-            self.journal.on_progress = None
+            self.journal.watch(None)
             trace.abandoned()
             self.journal.close()
             self.registry.finished(self.journal)
@@ -210,3 +211,17 @@ class Producer:
         else:
             self._silent_tokens += tokens
             self._silent_ids += ids
+
+
+def restarter(
+    engine: Engine, registry: Registry, telemetry: Telemetry, flow: FlowPolicy | None = None
+) -> Callable[[Journal, GenerationRequest, dict[str, Any] | None], None]:
+    """How this door goes on with a generation another replica began and died running (resume/service.py's
+    take-over): a producer that continues its journal, each next message with the next seq."""
+
+    def restart(journal: Journal, request: GenerationRequest, batch: dict[str, Any] | None) -> None:
+        policy = BatchPolicy(**batch) if batch else None
+        producer = Producer(engine, journal, registry, telemetry, policy, flow, continuing=True)
+        journal.produced_by(asyncio.create_task(producer.run(request, request.connection or "")))
+
+    return restart

@@ -31,10 +31,10 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from tokenwire.server.redis_journal import RedisJournal
+from tokenwire.server.errors import ErrorCode, RequestError
+from tokenwire.server.resume.record import Record, Remote
 
 
 @dataclass(slots=True, frozen=True)
@@ -48,10 +48,13 @@ class Entry:
 
 
 class Holder(Protocol):
-    """A connection that delivers journals."""
+    """A connection that delivers journals (or, with a shared journal, a reader on another replica)."""
 
     @property
     def is_open(self) -> bool: ...
+
+    async def hand_over(self, gen_id: str, journal: Journal) -> None:
+        """Another connection resumed ``journal``: stop sending it here, without stopping it."""
 
 
 class Mirror(Protocol):
@@ -66,8 +69,40 @@ class Mirror(Protocol):
         """It ended without a last message (aborted): nobody may take it over."""
 
 
+class SharedJournal(Protocol):
+    """A journal every replica shares (redis_journal.py): what the rest of the server asks of it."""
+
+    on_takeover: Callable[[Journal, Record], None] | None  # go on here with a generation whose replica is gone
+    on_cancel: Callable[[Journal], None] | None  # a reader on another replica cancelled a generation running here
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def track(self, journal: Journal, record: Record) -> None:
+        """A generation starts here: copy its messages out."""
+
+    def hand_off(self, journal: Journal) -> bool:
+        """This replica stops: another one goes on with the generation when its client resumes there."""
+
+    async def cancel(self, journal: Journal) -> None:
+        """The reader of a generation another replica runs cancels it."""
+
+    async def lookup(self, owner: str | None, gen_id: str, session: str | None) -> Remote:
+        """The generation a ``resume`` names (RequestError when there is none, or several)."""
+
+    async def follow(self, remote: Remote) -> Journal:
+        """A local journal filled from ``remote``'s messages, as they come."""
+
+
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def may_take_over(held_elsewhere: bool, token: str | None, digest: str) -> bool:
+    """The one takeover check: a generation whose connection is still open (``held_elsewhere``) is taken only with
+    its resume token, compared with its digest in constant time; any other, by its id alone."""
+    return not held_elsewhere or (token is not None and hmac.compare_digest(token_digest(token), digest))
 
 
 class MessageLog:
@@ -176,9 +211,83 @@ class Journal(MessageLog):
         self.sent_tokens = 0  # tokens in the entries up to sent_seq
         self.on_progress: Callable[[], None] | None = None  # the reader moved, came or went (the producer's flow)
 
+    @classmethod
+    def following(cls, record: Record) -> Journal:
+        """A local copy of a generation another replica runs, filled from the shared journal (a follower)."""
+        journal = cls(record.session, record.gen_id, record.owner, f"{record.session}:{record.gen_id}")
+        journal.token_digest = record.token_digest
+        journal.follower = True
+        journal.prompt_ids = record.prompt_ids
+        return journal
+
     @property
     def key(self) -> tuple[str, str]:
         return (self.session, self.gen_id)
+
+    # -- who makes it, who watches it, where it is copied
+    def produced_by(self, task: asyncio.Task[None] | None) -> None:
+        """``task`` makes its messages (a producer, or a follower's reader of the shared journal)."""
+        self.task = task
+
+    def watch(self, on_progress: Callable[[], None] | None) -> None:
+        """Call ``on_progress`` whenever its reader moves, comes or goes (None: stop)."""
+        self.on_progress = on_progress
+
+    def began(self, prompt_ids: tuple[int, ...]) -> None:
+        """Its generation started with these prompt token ids (kept for failover)."""
+        self.prompt_ids = prompt_ids
+
+    def mirror_to(self, mirror: Mirror | None) -> None:
+        """Copy its messages to ``mirror`` from now on (None: no more)."""
+        self.mirror = mirror
+
+    def taken_over(self, mirror: Mirror) -> None:
+        """This replica goes on with a generation it followed: it is made here now, and copied out."""
+        self.follower = False
+        self.on_progress = None
+        self.mirror = mirror
+
+    # -- who delivers it
+    def may_take_over(self, holder: Holder, token: str | None) -> bool:
+        """Whether ``holder`` may take it: it is its own, its connection is gone, or ``token`` is right."""
+        bound = self.bound
+        return may_take_over(bound is not None and bound is not holder and bound.is_open, token, self.token_digest)
+
+    def attach(self, holder: Holder, first_seq: int) -> None:
+        """``holder`` delivers it from ``first_seq`` on."""
+        self.holder = self.bound = holder
+        if not self.finished:
+            self.idle_since = None
+        if self.mirror is not None:
+            self.mirror.held(self, True)
+        self.rewind(first_seq)
+
+    def detach(self, now: float) -> None:
+        """Its connection went away: nobody delivers it now (idle from ``now`` unless it ended before)."""
+        self.holder = None
+        if self.mirror is not None:
+            self.mirror.held(self, False)
+        if not self.finished and not self.follower:
+            self.idle_since = now
+
+    def release(self, holder: Holder) -> None:
+        """``holder`` delivered its last message: it holds it no more."""
+        if self.holder is holder:
+            self.holder = None
+
+    def read_remotely(self, reader: Holder | None, sent_seq: int, now: float) -> None:
+        """A reader on another replica has read it up to ``sent_seq``, or (None) went away."""
+        self.holder = reader
+        if not self.finished:
+            self.idle_since = now if reader is None else None
+        if reader is None:
+            self.progressed()
+        else:
+            self.rewind(sent_seq + 1)
+
+    def ended(self, now: float) -> None:
+        """Its generation ended: idle from ``now``."""
+        self.idle_since = now
 
     def append(self, entry: Entry) -> int:
         seq = super().append(entry)
@@ -219,14 +328,20 @@ class Journal(MessageLog):
             self.on_progress()
 
 
-class ResumeRefused(Exception):
-    """A ``resume`` that names no journal this client may have; ``param`` is the field at fault."""
+def not_found(gen_id: str, why: str) -> RequestError:
+    """A ``resume`` that names no generation this client may have."""
+    return RequestError(ErrorCode.NOT_FOUND, f"no generation with id {gen_id!r} can be resumed: {why}", "id", id=gen_id)
 
-    def __init__(self, message: str, param: str = "id", ambiguous: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.ambiguous = ambiguous
+
+def ambiguous(gen_id: str, count: int) -> RequestError:
+    """A ``resume`` by id alone that several generations match."""
+    return RequestError(
+        ErrorCode.INVALID_REQUEST,
+        f"{count} generations have id {gen_id!r}; add the 'session' from the hello message of the connection that "
+        "started it",
+        "session",
+        id=gen_id,
+    )
 
 
 @dataclass(slots=True)
@@ -236,7 +351,7 @@ class Registry:
     window: float = 60.0
     budget_bytes: int = 64 << 20
     clock: Callable[[], float] = time.monotonic
-    shared: RedisJournal | None = None  # a journal shared by every replica (resume anywhere, failover)
+    shared: SharedJournal | None = None  # a journal shared by every replica (resume anywhere, failover)
     _journals: dict[tuple[str, str], Journal] = field(default_factory=dict)
 
     @property
@@ -271,24 +386,17 @@ class Registry:
 
     def finished(self, journal: Journal) -> None:
         """Its generation ended: resumable for ``window`` more seconds."""
-        journal.idle_since = self.clock()
+        journal.ended(self.clock())
         if not self.enabled:
             self.forget(journal)
 
     def attach(self, journal: Journal, holder: Holder, first_seq: int = 0) -> None:
         """``holder`` delivers ``journal`` from ``first_seq`` on."""
-        journal.holder = journal.bound = holder
-        if not journal.finished:
-            journal.idle_since = None
-        if journal.mirror is not None:
-            journal.mirror.held(journal, True)
-        journal.rewind(first_seq)
+        journal.attach(holder, first_seq)
 
     def detach(self, journal: Journal) -> bool:
         """Its connection went away. Returns True when the generation must be aborted now (resume is off)."""
-        journal.holder = None
-        if journal.mirror is not None:
-            journal.mirror.held(journal, False)
+        journal.detach(self.clock())
         if journal.follower:  # another replica makes it: only this copy goes
             self.forget(journal)
             journal.close()
@@ -298,34 +406,16 @@ class Registry:
         if not self.enabled:
             self.forget(journal)
             return True
-        journal.idle_since = self.clock()
         journal.progressed()  # no reader now: its producer pauses it
         return False
 
     def remote_reader(self, journal: Journal, reader: Holder | None, sent_seq: int) -> None:
         """A reader connected to another replica (a shared journal) has read ``journal`` up to ``sent_seq``, or
         (``reader`` None) went away: its flow control follows it as it follows a local reader."""
-        if reader is None:
-            journal.holder = None
-            if not journal.finished:
-                journal.idle_since = self.clock()
-            journal.progressed()
-            return
-        journal.holder = reader
-        if not journal.finished:
-            journal.idle_since = None
-        journal.rewind(sent_seq + 1)
-
-    @staticmethod
-    def may_take_over(journal: Journal, holder: Holder, token: str | None) -> bool:
-        """Whether ``holder`` may take ``journal``: it is its own, its connection is gone, or ``token`` is right."""
-        bound = journal.bound
-        if bound is None or bound is holder or not bound.is_open:
-            return True
-        return token is not None and hmac.compare_digest(token_digest(token), journal.token_digest)
+        journal.read_remotely(reader, sent_seq, self.clock())
 
     def find(self, owner: str | None, gen_id: str, session: str | None) -> Journal:
-        """The journal a ``resume`` names. Raises :class:`ResumeRefused` when there is none, or several."""
+        """The journal a ``resume`` names. Raises :class:`RequestError` when there is none, or several."""
         if session is not None:
             found = self._journals.get((session, gen_id))
             matches = [found] if found is not None and found.owner == owner else []
@@ -334,18 +424,12 @@ class Registry:
         if len(matches) == 1:
             return matches[0]
         if not matches and not self.enabled:
-            raise ResumeRefused(f"no generation with id {gen_id!r} can be resumed: resume is off on this server")
+            raise not_found(gen_id, "resume is off on this server")
         if not matches:
-            raise ResumeRefused(
-                f"no generation with id {gen_id!r} can be resumed: it never ran here, or it ended or lost its "
-                f"connection more than {self.window:g} s ago"
+            raise not_found(
+                gen_id, f"it never ran here, or it ended or lost its connection more than {self.window:g} s ago"
             )
-        raise ResumeRefused(
-            f"{len(matches)} generations have id {gen_id!r}; add the 'session' from the hello message of the "
-            "connection that started it",
-            param="session",
-            ambiguous=True,
-        )
+        raise ambiguous(gen_id, len(matches))
 
     def sweep(self) -> list[Journal]:
         """Forget journals idle for longer than the window, then the longest idle while over the budget.

@@ -27,15 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-from tokenwire.server.journal import Entry, Journal, Registry, ResumeRefused
+from tokenwire.server.resume.journal import Entry, Journal, Registry, ambiguous, not_found
+from tokenwire.server.resume.record import Record, Remote
 
 log = logging.getLogger(__name__)
 
@@ -44,41 +43,6 @@ READER_POLL_S = 0.05  # how often the running replica reads its remote readers' 
 CURSOR_DELAY_S = 0.02  # a follower writes its reader's position at most this often
 FOLLOW_BLOCK_MS = 250  # a follower's blocking read; between reads it checks the lease
 MAX_QUEUED = 100_000  # writes waiting for Redis; past it new ones are dropped (the local journals go on)
-
-
-@dataclass(slots=True, frozen=True)
-class Record:
-    """What another replica needs to find a generation, check who may resume it, and go on with it."""
-
-    session: str
-    gen_id: str
-    owner: str | None
-    token_digest: str
-    model: str
-    tenant: str
-    params: dict[str, Any]  # SamplingParams' fields
-    batch: dict[str, Any] | None  # BatchPolicy's fields, or None
-    prompt_ids: tuple[int, ...] = ()
-
-    def encode(self) -> str:
-        return json.dumps(dataclasses.asdict(self), separators=(",", ":"))
-
-    @classmethod
-    def decode(cls, text: str | bytes) -> Record:
-        data = json.loads(text)
-        data["prompt_ids"] = tuple(data.get("prompt_ids", ()))
-        return cls(**data)
-
-
-@dataclass(slots=True, frozen=True)
-class Remote:
-    """A generation found in the shared journal."""
-
-    key: str
-    record: Record
-    replica: str | None  # who holds its lease (runs it); None: nobody does
-    held: bool  # a connection on that replica delivers it
-    closed: bool  # it was aborted: nobody may go on with it
 
 
 class RemoteReader:
@@ -93,6 +57,9 @@ class RemoteReader:
     @property
     def is_open(self) -> bool:
         return True
+
+    async def hand_over(self, gen_id: str, journal: Journal) -> None:
+        """Nothing to stop here: the reader's replica stops sending when the takeover reaches it."""
 
 
 def entry_fields(entry: Entry) -> dict[str, str]:
@@ -210,7 +177,7 @@ class RedisJournal:
         key = self.key(journal.session, journal.gen_id)
         self._own[key] = journal
         self._records[key] = record
-        journal.mirror = self
+        journal.mirror_to(self)
 
     def appended(self, journal: Journal, seq: int, entry: Entry) -> None:
         key = self.key(journal.session, journal.gen_id)
@@ -333,7 +300,7 @@ class RedisJournal:
             return
         log.warning("generation %s is no longer this replica's (%s): stopped here", journal.engine_id, why)
         self._forget_own(key)
-        journal.mirror = None
+        journal.mirror_to(None)
         if journal.task is not None:
             journal.task.cancel()
 
@@ -402,15 +369,13 @@ class RedisJournal:
         if holder is not None and not isinstance(holder, RemoteReader):
             if self._readers.get(key) == nonce:
                 return  # a reader that was there before this connection resumed it here: stale
-            hand_over = getattr(holder, "hand_over", None)  # a resume elsewhere took it from this connection
-            if hand_over is not None:
-                await hand_over(journal.gen_id, journal)
+            await holder.hand_over(journal.gen_id, journal)  # a resume elsewhere took it from this connection
         self._readers[key] = nonce
         self.registry.remote_reader(journal, RemoteReader(replica, nonce), seq)
 
     # -- other replicas' generations
     async def lookup(self, owner: str | None, gen_id: str, session: str | None) -> Remote:
-        """The generation a ``resume`` names, from the shared journal. Raises :class:`ResumeRefused`."""
+        """The generation a ``resume`` names, from the shared journal. Raises RequestError (none, or several)."""
         if session is not None:
             sessions = [session]
         else:
@@ -440,33 +405,25 @@ class RedisJournal:
         if len(found) == 1:
             return found[0]
         if not found:
-            raise ResumeRefused(
-                f"no generation with id {gen_id!r} can be resumed: it never ran on any replica, or it ended or lost "
-                f"its connection more than {self.window:g} s ago"
+            raise not_found(
+                gen_id,
+                f"it never ran on any replica, or it ended or lost its connection more than {self.window:g} s ago",
             )
-        raise ResumeRefused(
-            f"{len(found)} generations have id {gen_id!r}; add the 'session' from the hello message of the "
-            "connection that started it",
-            param="session",
-            ambiguous=True,
-        )
+        raise ambiguous(gen_id, len(found))
 
     async def follow(self, remote: Remote) -> Journal:
         """A local journal of ``remote``: what its log holds now, then (a task) what comes, until its end; it takes
         the generation over when its replica is gone (see the module docstring)."""
         record = remote.record
-        journal = Journal(record.session, record.gen_id, record.owner, f"{record.session}:{record.gen_id}")
-        journal.token_digest = record.token_digest
-        journal.follower = True
-        journal.prompt_ids = record.prompt_ids
+        journal = Journal.following(record)
         log_key = self._keys(remote.key, record.gen_id)[0]
         last_id = "0-0"
         for stream_id, fields in await self.redis.xrange(log_key):
             journal.append(entry_of(fields))
             last_id = stream_id.decode()
         follow = _Follow(self, journal, remote, log_key, last_id)
-        journal.on_progress = follow.cursor_moved
-        journal.task = asyncio.get_running_loop().create_task(follow.run())
+        journal.watch(follow.cursor_moved)
+        journal.produced_by(asyncio.get_running_loop().create_task(follow.run()))
         return journal
 
     async def take(self, journal: Journal, record: Record) -> bool:
@@ -478,11 +435,9 @@ class RedisJournal:
         if self.on_takeover is None:
             await self.redis.delete(lease)
             return False
-        journal.follower = False
-        journal.on_progress = None
+        journal.taken_over(self)
         self._own[key] = journal
         self._records[key] = record
-        journal.mirror = self
         self.takeovers += 1
         log.info("replica of %s is gone: going on with it here from seq %d", journal.engine_id, journal.last_seq + 1)
         self.on_takeover(journal, record)
