@@ -8,7 +8,8 @@ import pytest
 
 from tokenwire.server.auth import owner_of
 from tokenwire.server.errors import RequestError
-from tokenwire.server.resume.journal import Entry, Journal, Registry
+from tokenwire.server.resume.journal import Journal, Registry
+from tokenwire.server.resume.log import Entry
 
 
 class Clock:

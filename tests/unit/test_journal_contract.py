@@ -13,7 +13,8 @@ import pytest
 
 from tests.conftest import scaled, wait_until
 from tokenwire.server.errors import RequestError
-from tokenwire.server.resume.journal import Entry, Journal, Registry
+from tokenwire.server.resume.journal import Journal, Registry
+from tokenwire.server.resume.log import Entry
 from tokenwire.server.resume.record import Record
 from tokenwire.server.resume.redis_journal import RedisJournal
 

@@ -1,7 +1,7 @@
 """Responses as the server keeps them: each with its conversation, result and event log; a bounded, expiring store.
 
 A :class:`Record` is one response. Its stream events are numbered by ``sequence_number`` and written to a
-:class:`~tokenwire.server.resume.journal.MessageLog`, the journal's design (entry ``i`` is event ``i``; append, read
+:class:`~tokenwire.server.resume.log.MessageLog`, the journal's design (entry ``i`` is event ``i``; append, read
 from a number, wait for more, finish), so a stream read from the start, a background response read later, and one
 resumed ``starting_after=N`` all read the same log. The :class:`ResponseStore` keeps records by id for
 ``previous_response_id``, ``GET`` and cancel: at most ``max_responses``, each for ``ttl`` seconds after it ended;
@@ -24,7 +24,7 @@ from tokenwire.engine.interface import ChatMessage
 from tokenwire.server import tools
 from tokenwire.server.responses import protocol as rp
 from tokenwire.server.responses.protocol import CreateRequest
-from tokenwire.server.resume.journal import Entry, MessageLog
+from tokenwire.server.resume.log import Entry, MessageLog
 from tokenwire.server.tools import ToolCall
 
 FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})

@@ -14,9 +14,10 @@ generation finished or its connection went away (orphaned); an idle journal is k
 then forgotten (an orphan that nobody resumed is aborted). All journals together stay under a memory budget:
 past it, the idle journals that went idle first are dropped first. No I/O here; the clock is injectable.
 
-Beyond one process: what a generation's messages go through (append, read from a seq, wait for more, finish,
-expire) is the same with the journal kept here or in Redis (redis_journal.py, ``--journal redis://...``): the
-replica that runs a generation keeps its journal here and copies each message out (:class:`Mirror`); a replica
+Beyond one process: what a generation's messages go through (log.py's MessageLog: append, read from a seq, wait for
+more, finish, expire) is the same with the journal kept here or in Redis (redis_journal.py, ``--journal
+redis://...``): the replica that runs a generation keeps its journal here and copies each message out
+(:class:`Mirror`); a replica
 that resumes it fills a local *follower* journal from Redis. Either way the connection reads a :class:`Journal`
 (``entries``, ``wait_beyond``, ``finished``); the process-only parts (the holding connection, the producer task,
 the reader's cursor) never leave the process. tests/unit/test_journal_contract.py runs the same tests on both.
@@ -34,17 +35,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from tokenwire.server.errors import ErrorCode, RequestError
+from tokenwire.server.resume.log import Entry, MessageLog
 from tokenwire.server.resume.record import Record, Remote
-
-
-@dataclass(slots=True, frozen=True)
-class Entry:
-    """One message of a generation: its JSON text, and the tokens it carries (for the counters)."""
-
-    data: str
-    tokens: int = 0
-    final: bool = False  # complete or error: the generation's last message
-    ids: tuple[int, ...] = ()  # the ids of the tokens it carries (a shared journal keeps them for failover)
 
 
 class Holder(Protocol):
@@ -103,66 +95,6 @@ def may_take_over(held_elsewhere: bool, token: str | None, digest: str) -> bool:
     """The one takeover check: a generation whose connection is still open (``held_elsewhere``) is taken only with
     its resume token, compared with its digest in constant time; any other, by its id alone."""
     return not held_elsewhere or (token is not None and hmac.compare_digest(token_digest(token), digest))
-
-
-class MessageLog:
-    """The messages of one generation, in ``seq`` order (entry ``i`` has ``seq == i``): what they go through wherever
-    they are kept. Append, read from a seq, wait for more, finish; expiry belongs to whoever keeps logs (here
-    :meth:`Registry.sweep`; in Redis, the keys' time to live). No connections, no tasks: those are
-    :class:`Journal`'s."""
-
-    __slots__ = ("_grew", "dropped", "entries", "finished", "gen_id", "nbytes", "tokens")
-
-    def __init__(self, gen_id: str) -> None:
-        self.gen_id = gen_id
-        self.entries: list[Entry] = []
-        self.finished = False  # no more entries will come
-        self.nbytes = 0
-        self.tokens = 0  # tokens in all entries
-        self.dropped = False  # its entries were let go (let_go)
-        self._grew = asyncio.Event()
-
-    @property
-    def last_seq(self) -> int:
-        """The seq of the newest message (-1 before the first)."""
-        return len(self.entries) - 1
-
-    def append(self, entry: Entry) -> int:
-        """Add the next message; returns its seq."""
-        if self.finished:
-            raise RuntimeError(f"generation {self.gen_id!r} already ended")
-        self.entries.append(entry)
-        self.nbytes += len(entry.data)
-        self.tokens += entry.tokens
-        if entry.final:
-            self.finished = True
-        self._wake()
-        return len(self.entries) - 1
-
-    def read(self, first_seq: int) -> list[Entry]:
-        """The messages from ``first_seq`` on, as far as they go now."""
-        return self.entries[max(0, first_seq) :]
-
-    def let_go(self) -> None:
-        """Free the entries of a finished log (its keeper needs only the result); reading it gives nothing more."""
-        self.entries = []
-        self.nbytes = 0
-        self.dropped = True
-
-    def close(self) -> None:
-        """No more entries (the producer stopped without a final message: aborted or shut down)."""
-        if not self.finished:
-            self.finished = True
-            self._wake()
-
-    async def wait_beyond(self, seq: int) -> None:
-        """Return once a message after ``seq`` exists or the log is finished."""
-        while self.last_seq <= seq and not self.finished:
-            await self._grew.wait()
-
-    def _wake(self) -> None:
-        self._grew.set()
-        self._grew = asyncio.Event()
 
 
 class Journal(MessageLog):

@@ -20,6 +20,10 @@ is admitted again with its prompt plus the tokens already in the log (``Continua
 that cheap) and the next message gets the next seq: the client sees the answer go on, nothing lost or repeated.
 A replica that finds its lease taken stops its generation. Everything expires with the resume window once nobody
 renews it, so an answer whose replica died and that nobody resumes is gone after the window.
+
+One class, :class:`RedisJournal`, over 400 lines with its docstrings: its parts (copying out through one writer,
+renewing leases, polling remote readers, lookup, take-over) share its keys, its queue and its record of what runs
+here; a follower's task is follow.py's.
 """
 
 from __future__ import annotations
@@ -29,19 +33,18 @@ import contextlib
 import dataclasses
 import logging
 import secrets
-import time
 from collections.abc import Callable
 from typing import Any
 
-from tokenwire.server.resume.journal import Entry, Journal, Registry, ambiguous, not_found
+from tokenwire.server.resume.follow import Follow, entry_of
+from tokenwire.server.resume.journal import Journal, Registry, ambiguous, not_found
+from tokenwire.server.resume.log import Entry
 from tokenwire.server.resume.record import Record, Remote
 
 log = logging.getLogger(__name__)
 
 PREFIX = "tokenwire"
 READER_POLL_S = 0.05  # how often the running replica reads its remote readers' positions
-CURSOR_DELAY_S = 0.02  # a follower writes its reader's position at most this often
-FOLLOW_BLOCK_MS = 250  # a follower's blocking read; between reads it checks the lease
 MAX_QUEUED = 100_000  # writes waiting for Redis; past it new ones are dropped (the local journals go on)
 
 
@@ -67,21 +70,6 @@ def entry_fields(entry: Entry) -> dict[str, str]:
     if entry.final:
         fields["f"] = "1"
     return fields
-
-
-def entry_of(fields: dict[bytes, bytes]) -> Entry:
-    ids = fields.get(b"i", b"")
-    return Entry(
-        fields[b"d"].decode("utf-8"),
-        int(fields.get(b"t", b"0")),
-        fields.get(b"f") == b"1",
-        tuple(int(x) for x in ids.split(b",")) if ids else (),
-    )
-
-
-def seq_of(stream_id: bytes | str) -> int:
-    raw = stream_id.decode() if isinstance(stream_id, bytes) else stream_id
-    return int(raw.split("-", 1)[0]) - 1
 
 
 # Renew a lease only while it is still ours, and keep the generation's keys alive with it.
@@ -163,7 +151,7 @@ class RedisJournal:
     def key(session: str, gen_id: str) -> str:
         return f"{PREFIX}:{session}:{gen_id}"
 
-    def _keys(self, key: str, gen_id: str) -> tuple[str, str, str, str, str]:
+    def keys_of(self, key: str, gen_id: str) -> tuple[str, str, str, str, str]:
         return f"{key}:log", f"{key}:meta", f"{key}:lease", f"{key}:reader", f"{PREFIX}:ids:{gen_id}"
 
     async def cancel(self, journal: Journal) -> None:
@@ -181,7 +169,7 @@ class RedisJournal:
 
     def appended(self, journal: Journal, seq: int, entry: Entry) -> None:
         key = self.key(journal.session, journal.gen_id)
-        log_key, meta, lease, _, ids = self._keys(key, journal.gen_id)
+        log_key, meta, lease, _, ids = self.keys_of(key, journal.gen_id)
         fields = entry_fields(entry)
         first: dict[str, str] = {}
         if seq == 0 and key in self._records:  # what the connection knew, and now the prompt's token ids
@@ -212,7 +200,7 @@ class RedisJournal:
         key = self.key(journal.session, journal.gen_id)
         if key not in self._own:
             return
-        meta = self._keys(key, journal.gen_id)[1]
+        meta = self.keys_of(key, journal.gen_id)[1]
 
         def write(pipe: Any) -> None:
             pipe.hset(meta, "held", "1" if held else "")
@@ -224,7 +212,7 @@ class RedisJournal:
         key = self.key(journal.session, journal.gen_id)
         if self._own.get(key) is not journal:  # it was taken over: not ours to close
             return
-        _, meta, lease, _, _ = self._keys(key, journal.gen_id)
+        _, meta, lease, _, _ = self.keys_of(key, journal.gen_id)
 
         def close(pipe: Any) -> None:
             pipe.hset(meta, "closed", "1")
@@ -241,7 +229,7 @@ class RedisJournal:
         if self._own.get(key) is not journal or journal.finished:
             return False
         self._forget_own(key)  # no renewal, and its end here is not an abort (see closed)
-        _, meta, lease, _, _ = self._keys(key, journal.gen_id)
+        _, meta, lease, _, _ = self.keys_of(key, journal.gen_id)
         self._handed.append(lease)
         self._put(key, None, lambda pipe: pipe.hset(meta, "held", ""))  # its socket closes
         return True
@@ -314,7 +302,7 @@ class RedisJournal:
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 for key, journal in own:
-                    log_key, meta, lease, _, ids = self._keys(key, journal.gen_id)
+                    log_key, meta, lease, _, ids = self.keys_of(key, journal.gen_id)
                     args = [self.replica, self._lease_ms, self._keep_ms]
                     await self._renew(keys=[lease, log_key, meta, ids], args=args, client=pipe)  # queued in the pipe
                 results = await pipe.execute(raise_on_error=False)
@@ -341,7 +329,7 @@ class RedisJournal:
             ]
             if not own:
                 continue
-            keys = [self._keys(k, j.gen_id)[3] for k, j in own] + [f"{k}:cancel" for k, _ in own]
+            keys = [self.keys_of(k, j.gen_id)[3] for k, j in own] + [f"{k}:cancel" for k, _ in own]
             try:
                 values = await self.redis.mget(keys)
             except Exception as exc:
@@ -383,7 +371,7 @@ class RedisJournal:
         found: list[Remote] = []
         for s in sessions[:64]:
             key = self.key(s, gen_id)
-            _, meta, lease, _, _ = self._keys(key, gen_id)
+            _, meta, lease, _, _ = self.keys_of(key, gen_id)
             pipe = self.redis.pipeline(transaction=False)
             pipe.hgetall(meta)
             pipe.get(lease)
@@ -416,12 +404,12 @@ class RedisJournal:
         the generation over when its replica is gone (see the module docstring)."""
         record = remote.record
         journal = Journal.following(record)
-        log_key = self._keys(remote.key, record.gen_id)[0]
+        log_key = self.keys_of(remote.key, record.gen_id)[0]
         last_id = "0-0"
         for stream_id, fields in await self.redis.xrange(log_key):
             journal.append(entry_of(fields))
             last_id = stream_id.decode()
-        follow = _Follow(self, journal, remote, log_key, last_id)
+        follow = Follow(self, journal, remote, log_key, last_id)
         journal.watch(follow.cursor_moved)
         journal.produced_by(asyncio.get_running_loop().create_task(follow.run()))
         return journal
@@ -429,7 +417,7 @@ class RedisJournal:
     async def take(self, journal: Journal, record: Record) -> bool:
         """Take the lease of a generation whose replica is gone, and go on with it here."""
         key = self.key(record.session, record.gen_id)
-        lease = self._keys(key, record.gen_id)[2]
+        lease = self.keys_of(key, record.gen_id)[2]
         if not await self.redis.set(lease, self.replica, nx=True, px=self._lease_ms):
             return False  # another replica was quicker: keep following it
         if self.on_takeover is None:
@@ -444,94 +432,11 @@ class RedisJournal:
         return True
 
     async def write_reader(self, key: str, gen_id: str, seq: int, nonce: str) -> None:
-        reader = self._keys(key, gen_id)[3]
+        reader = self.keys_of(key, gen_id)[3]
         await self.redis.set(reader, f"{self.replica}|{seq}|{nonce}", px=self._lease_ms)
 
     async def drop_reader(self, key: str, gen_id: str, nonce: str) -> None:
-        reader = self._keys(key, gen_id)[3]
+        reader = self.keys_of(key, gen_id)[3]
         value = await self.redis.get(reader)
         if value is not None and value.decode().endswith("|" + nonce):
             await self.redis.delete(reader)
-
-
-class _Follow:
-    """The task that fills a follower journal from the stream, reports its reader, and takes over if need be."""
-
-    def __init__(self, shared: RedisJournal, journal: Journal, remote: Remote, log_key: str, last_id: str) -> None:
-        self.shared = shared
-        self.journal = journal
-        self.remote = remote
-        self.log_key = log_key
-        self.last_id = last_id
-        self.nonce = secrets.token_hex(8)
-        self._cursor_task: asyncio.Task[None] | None = None
-        self._cursor_written = 0.0
-
-    def cursor_moved(self) -> None:
-        if self.journal.follower and self._cursor_task is None and self.journal.holder is not None:
-            self._cursor_task = asyncio.get_running_loop().create_task(self._write_cursor())
-
-    async def _write_cursor(self) -> None:
-        try:
-            await asyncio.sleep(CURSOR_DELAY_S)
-            journal = self.journal
-            await self.shared.write_reader(self.remote.key, journal.gen_id, journal.sent_seq, self.nonce)
-            self._cursor_written = time.monotonic()
-        except Exception as exc:
-            log.debug("could not write the reader's position: %s", exc)
-        finally:
-            self._cursor_task = None
-
-    async def run(self) -> None:
-        journal, shared = self.journal, self.shared
-        try:
-            self.cursor_moved()
-            while journal.follower and not journal.finished:
-                if journal.holder is None and journal.bound is not None:
-                    break  # its connection went: stop following (the running replica pauses it)
-                got = await shared.redis.xread({self.log_key: self.last_id}, block=FOLLOW_BLOCK_MS)
-                if journal.finished or not journal.follower:
-                    break  # closed meanwhile: its connection went
-                for _, items in got or []:
-                    for stream_id, fields in items:
-                        if seq_of(stream_id) != journal.last_seq + 1:
-                            continue  # written twice by a replica that lost its lease: once is enough
-                        journal.append(entry_of(fields))
-                        self.last_id = stream_id.decode()
-                if journal.finished:
-                    break
-                if time.monotonic() - self._cursor_written > shared.lease_s / 3:
-                    self.cursor_moved()  # keep the reader's record alive
-                if not got and await self._gone() and await shared.take(journal, self.remote.record):
-                    return
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("following %s failed: %s", journal.engine_id, exc)
-        finally:
-            if journal.follower:
-                with contextlib.suppress(Exception):
-                    await shared.drop_reader(self.remote.key, journal.gen_id, self.nonce)
-                if journal.finished:
-                    shared.registry.finished(journal)
-                else:
-                    journal.close()
-
-    async def _gone(self) -> bool:
-        """Whether the generation's replica is gone (no lease) while it has not ended (nor was aborted)."""
-        _, meta, lease, _, _ = self.shared._keys(self.remote.key, self.journal.gen_id)
-        pipe = self.shared.redis.pipeline(transaction=False)
-        pipe.exists(lease)
-        pipe.hget(meta, "closed")
-        has_lease, closed = await pipe.execute()
-        if closed == b"1":
-            self.journal.close()  # aborted there: what was made is all there is
-            return False
-        if has_lease:
-            return False
-        # Catch up with whatever its replica wrote last before taking it over.
-        for stream_id, fields in await self.shared.redis.xrange(self.log_key, min=f"({self.last_id}"):
-            if seq_of(stream_id) == self.journal.last_seq + 1:
-                self.journal.append(entry_of(fields))
-                self.last_id = stream_id.decode()
-        return not self.journal.finished

@@ -25,7 +25,8 @@ from typing import Any
 from tokenwire.engine.interface import Engine, EngineError, GenerationRequest, OutputKind, RequestOutput
 from tokenwire.server.errors import ErrorCode, wire_error
 from tokenwire.server.flow import Change, FlowPolicy, Valve
-from tokenwire.server.resume.journal import Entry, Journal, Registry
+from tokenwire.server.resume.journal import Journal, Registry
+from tokenwire.server.resume.log import Entry
 from tokenwire.server.streams import with_deadlines
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.ws import messages
