@@ -48,7 +48,7 @@ def test_every_door_refuses_the_same_value_naming_the_same_field(fields: dict[st
         )
     assert (http.value.status, http.value.param) == (400, param)
     if param in rt.SAMPLING_FIELDS:
-        with pytest.raises(rt.RealtimeError) as realtime:
+        with pytest.raises(RequestError) as realtime:
             rt.parse_response_create(None, {"input": [], **fields}, LIMITS)
         assert realtime.value.param == f"response.{param}"
 

@@ -178,7 +178,7 @@ realtime_events = st.fixed_dictionaries(
 def test_any_realtime_event_is_an_event_or_a_realtime_error(obj: Any) -> None:
     try:
         rt.parse_event(json.dumps(obj), LIMITS)
-    except rt.RealtimeError as err:
+    except RequestError as err:
         assert err.message and isinstance(err.code, str)
 
 
@@ -187,5 +187,5 @@ def test_any_realtime_event_is_an_event_or_a_realtime_error(obj: Any) -> None:
 def test_any_realtime_frame_is_an_event_or_a_realtime_error(data: str | bytes) -> None:
     try:
         rt.parse_event(data, LIMITS)
-    except rt.RealtimeError as err:
+    except RequestError as err:
         assert err.message

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
+from tokenwire.server.errors import RequestError
 from tokenwire.server.params import Limits
 from tokenwire.server.realtime.protocol import (
     Item,
     ItemCreate,
-    RealtimeError,
     ResponseCancel,
     ResponseCreate,
     Session,
@@ -27,8 +27,8 @@ def parse(obj: dict[str, Any]) -> Any:
     return parse_event(json.dumps(obj), LIMITS)
 
 
-def error_of(obj: dict[str, Any]) -> RealtimeError:
-    with pytest.raises(RealtimeError) as info:
+def error_of(obj: dict[str, Any]) -> RequestError:
+    with pytest.raises(RequestError) as info:
         parse(obj)
     return info.value
 
@@ -65,7 +65,7 @@ def test_an_assistant_item_takes_output_text_and_a_user_item_does_not() -> None:
             "item": {"type": "message", "role": "user", "content": [{"type": "output_text", "text": "Hi"}]},
         }
     )
-    assert err.param == "item.content[0]" and err.event_id == "e2" and "input_text" in err.message
+    assert err.param == "item.content[0]" and err.id == "e2" and "input_text" in err.message
 
 
 def test_session_update_changes_only_what_it_names() -> None:
@@ -75,7 +75,7 @@ def test_session_update_changes_only_what_it_names() -> None:
     assert (s.instructions, s.max_output_tokens, s.sampling) == ("Be kind.", 50, {"temperature": 0.2, "seed": 1})
     assert update_session(s, {"max_output_tokens": "inf"}, LIMITS).max_output_tokens is None
     assert s.as_dict()["output_modalities"] == ["text"] and s.as_dict()["max_output_tokens"] == 50
-    with pytest.raises(RealtimeError) as info:
+    with pytest.raises(RequestError) as info:
         update_session(s, {"max_output_tokens": LIMITS.max_tokens + 1}, LIMITS)
     assert info.value.param == "session.max_output_tokens"
 
@@ -103,11 +103,11 @@ def test_a_response_uses_its_own_instructions_and_limits_over_the_sessions() -> 
 
 def test_cancel_and_unknown_and_audio_events() -> None:
     assert parse({"type": "response.cancel", "response_id": "resp_1"}) == ResponseCancel(None, "resp_1")
-    assert error_of({"type": "nope"}).code == "unknown_type"
-    assert error_of({"type": "input_audio_buffer.commit"}).code == "unsupported"
-    with pytest.raises(RealtimeError) as info:
+    assert error_of({"type": "nope"}).wire_name == "unknown_type"
+    assert error_of({"type": "input_audio_buffer.commit"}).wire_name == "unsupported"
+    with pytest.raises(RequestError) as info:
         parse_event("[1]", LIMITS)
-    assert info.value.code == "invalid_json"
-    with pytest.raises(RealtimeError) as info:
+    assert info.value.wire_name == "invalid_json"
+    with pytest.raises(RequestError) as info:
         parse_event('{"type": "session.update", "session": {"instructions": "\\ud800"}}', LIMITS)
-    assert info.value.code == "invalid_json"
+    assert info.value.wire_name == "invalid_json"

@@ -311,7 +311,7 @@ class Routes:
             message = f"the model {model!r} does not exist; this server serves {state.engine.model_name!r}"
             problem = (message, "model_not_found")
         admitted = await self._admit(
-            ws, lambda code, message: rt.error_event(rt.RealtimeError(message, code), None), problem
+            ws, lambda code, message: rt.error_event(rt.realtime_error(message, code), None), problem
         )
         if admitted is None:
             return

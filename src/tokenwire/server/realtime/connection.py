@@ -29,7 +29,6 @@ from tokenwire.server.realtime.protocol import (
     ItemCreate,
     ItemDelete,
     ItemRetrieve,
-    RealtimeError,
     ResponseCancel,
     ResponseCreate,
     Session,
@@ -39,6 +38,7 @@ from tokenwire.server.realtime.protocol import (
     event,
     new_id,
     parse_event,
+    realtime_error,
     update_session,
     usage,
 )
@@ -56,8 +56,8 @@ _STATUS: dict[FinishReason, tuple[str, dict[str, Any] | None]] = {
 }
 
 
-def _shutting_down() -> RealtimeError:
-    return RealtimeError("the server is shutting down; reconnect later", "shutting_down")
+def _shutting_down() -> RequestError:
+    return realtime_error("the server is shutting down; reconnect later", "shutting_down")
 
 
 @dataclass(slots=True)
@@ -135,7 +135,7 @@ class RealtimeConnection:
                 self._start_response(ev)
             elif isinstance(ev, ResponseCancel):
                 self._cancel(ev)
-        except RealtimeError as err:
+        except RequestError as err:
             self.telemetry.error(err.code)
             await self.send(error_event(err, client_event_id))
         except (WebSocketDisconnect, OSError):
@@ -143,29 +143,29 @@ class RealtimeConnection:
         except Exception:  # a bug in handling one event: report it, keep the connection
             log.exception("realtime connection %s could not handle an event", self.session.id)
             self.telemetry.error("server_error")
-            failed = RealtimeError("the server failed to handle this event", "server_error")
+            failed = realtime_error("the server failed to handle this event", "server_error")
             await self.send(error_event(failed, client_event_id))
 
     def _item(self, item_id: str) -> Item:
         for item in self.items:
             if item.id == item_id:
                 return item
-        raise RealtimeError(f"no conversation item with id {item_id!r}", "item_not_found", "item_id")
+        raise realtime_error(f"no conversation item with id {item_id!r}", "item_not_found", "item_id")
 
     async def _add_item(self, ev: ItemCreate) -> None:
         if len(self.items) >= self.limits.max_messages:
-            raise RealtimeError(
+            raise realtime_error(
                 f"the conversation already has {self.limits.max_messages} items; delete some first", param="item"
             )
         held = sum(len(it.text) for it in self.items)
         cap = 4 * self.limits.max_message_bytes
         if held + len(ev.item.text) > cap:
-            raise RealtimeError(
+            raise realtime_error(
                 f"the conversation would hold more than {cap} characters of text; delete some items first",
                 param="item",
             )
         if any(it.id == ev.item.id for it in self.items):
-            raise RealtimeError(f"an item with id {ev.item.id!r} already exists", "duplicate_id", "item.id")
+            raise realtime_error(f"an item with id {ev.item.id!r} already exists", "duplicate_id", "item.id")
         if ev.previous_item_id in (None, "") or (ev.previous_item_id == "root" and not self.items):
             index = len(self.items)
         elif ev.previous_item_id == "root":
@@ -181,12 +181,12 @@ class RealtimeConnection:
         if self._shutting_down or not self._accepting:
             raise _shutting_down()
         if create.use_conversation and any(r.in_conversation for r in self.responses.values()):
-            raise RealtimeError(
+            raise realtime_error(
                 "a response is already writing to the conversation; wait for its response.done or cancel it",
                 "conversation_already_has_active_response",
             )
         if len(self.responses) >= self.limits.max_generations_per_connection:
-            raise RealtimeError(
+            raise realtime_error(
                 f"this connection already runs {self.limits.max_generations_per_connection} responses",
                 "rate_limited",
             )
@@ -194,7 +194,7 @@ class RealtimeConnection:
         try:
             self.key_limits.acquire(self.tenant)
         except RequestError as err:
-            raise RealtimeError(err.message, err.code.value) from None
+            raise realtime_error(err.message, err.code.value) from None
         rid = new_id("resp")
         running = _Running(rid, f"{self.session.id}:{rid}", create.use_conversation)
         self.responses[rid] = running
@@ -209,7 +209,7 @@ class RealtimeConnection:
             found = [r for r in self.responses.values() if r.in_conversation] or list(self.responses.values())
             running = found[0] if len(found) == 1 else None
         if running is None:
-            raise RealtimeError("there is no such response in progress to cancel", "response_cancel_not_active")
+            raise realtime_error("there is no such response in progress to cancel", "response_cancel_not_active")
         self.engine.abort(running.request_id)
 
     async def _respond(self, running: _Running, create: ResponseCreate, chat: Any, params: Any) -> None:
@@ -265,7 +265,7 @@ class RealtimeConnection:
                     elif isinstance(ev, Failed):  # traced (and counted) by door_events
                         err = ev.error
                         details = {"type": "failed", "error": {"type": openai_type(err.code), "code": err.code.value}}
-                        failed = RealtimeError(err.message, err.code.value, err.param)
+                        failed = realtime_error(err.message, err.code.value, err.param)
                         await self.send(error_event(failed, create.event_id))
             item.status = "completed" if status == "completed" else "incomplete"
             part = {"type": "text", "text": item.text}
@@ -286,7 +286,7 @@ class RealtimeConnection:
         except Exception:  # a bug: say so on this response, keep the connection
             log.exception("realtime response %s failed", running.request_id)
             with contextlib.suppress(Exception):
-                await self.send(error_event(RealtimeError("the response failed", "server_error"), create.event_id))
+                await self.send(error_event(realtime_error("the response failed", "server_error"), create.event_id))
         finally:
             trace.abandoned()
             running.used_tokens = prompt_tokens + completion_tokens

@@ -23,15 +23,23 @@ ROLES = ("system", "user", "assistant")
 TEXT_PARTS = {"user": ("input_text",), "system": ("input_text",), "assistant": ("output_text", "text")}
 
 
-class RealtimeError(Exception):
-    """A client event that cannot be served; answered with an ``error`` event, the connection stays open."""
+OWN_CODES = {  # the Realtime API's own error codes, each with the wire code it refines (all 400 but server_error)
+    "unsupported": errors.ErrorCode.INVALID_REQUEST,
+    "item_not_found": errors.ErrorCode.NOT_FOUND,
+    "response_cancel_not_active": errors.ErrorCode.INVALID_REQUEST,
+    "conversation_already_has_active_response": errors.ErrorCode.INVALID_REQUEST,
+    "server_error": errors.ErrorCode.INTERNAL_ERROR,
+}
 
-    def __init__(self, message: str, code: str = "invalid_request", param: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-        self.param = param
-        self.event_id: str | None = None  # the client event at fault, when it had one
+
+def realtime_error(message: str, code: str = "invalid_request", param: str | None = None) -> errors.RequestError:
+    """A client event that cannot be served, answered with an ``error`` event (the connection stays open): the
+    server's one error type, with the Realtime API's own ``code`` where it has one (:data:`OWN_CODES`). Its ``id``
+    is the client event at fault, once known."""
+    if code not in OWN_CODES:
+        return errors.RequestError(errors.ErrorCode(code), message, param)
+    status = 500 if code == "server_error" else 400
+    return errors.RequestError(OWN_CODES[code], message, param, status=status, name=code)
 
 
 def new_id(prefix: str) -> str:
@@ -138,18 +146,18 @@ _AUDIO_EVENTS = (
 
 
 def parse_event(data: str | bytes, limits: Limits) -> ClientEvent:
-    """One client frame to a typed event. Raises :class:`RealtimeError` naming what is wrong."""
+    """One client frame to a typed event. Raises :func:`realtime_error`'s error naming what is wrong."""
     try:
         obj = strictjson.loads(data, "the event")
     except strictjson.JSONInputError as err:
-        raise RealtimeError(err.message, "invalid_json" if err.syntax else "invalid_request", err.param) from None
+        raise realtime_error(err.message, "invalid_json" if err.syntax else "invalid_request", err.param) from None
     if not isinstance(obj, dict):
-        raise RealtimeError('an event must be a JSON object with a "type"', "invalid_json")
+        raise realtime_error('an event must be a JSON object with a "type"', "invalid_json")
     event_id = obj.get("event_id") if isinstance(obj.get("event_id"), str) else None
     try:
         return _parse_object(obj, event_id, limits)
-    except RealtimeError as err:
-        err.event_id = event_id
+    except errors.RequestError as err:
+        err.id = event_id
         raise
 
 
@@ -161,53 +169,53 @@ def _parse_object(obj: dict[str, Any], event_id: str | None, limits: Limits) -> 
     if kind == "conversation.item.create":
         previous = obj.get("previous_item_id")
         if previous is not None and not isinstance(previous, str):
-            raise RealtimeError('"previous_item_id" must be a string', param="previous_item_id")
+            raise realtime_error('"previous_item_id" must be a string', param="previous_item_id")
         return ItemCreate(event_id, parse_item(_object(obj, "item"), "item"), previous)
     if kind in ("conversation.item.delete", "conversation.item.retrieve"):
         item_id = obj.get("item_id")
         if not isinstance(item_id, str) or not item_id:
-            raise RealtimeError(f'"{kind}" needs an "item_id"', param="item_id")
+            raise realtime_error(f'"{kind}" needs an "item_id"', param="item_id")
         return ItemDelete(event_id, item_id) if kind.endswith("delete") else ItemRetrieve(event_id, item_id)
     if kind == "response.create":
         return parse_response_create(event_id, obj.get("response") or {}, limits)
     if kind == "response.cancel":
         rid = obj.get("response_id")
         if rid is not None and not isinstance(rid, str):
-            raise RealtimeError('"response_id" must be a string', param="response_id")
+            raise realtime_error('"response_id" must be a string', param="response_id")
         return ResponseCancel(event_id, rid)
     if kind in _AUDIO_EVENTS:
-        raise RealtimeError(f'"{kind}" needs audio, which this text-only server does not support', "unsupported")
+        raise realtime_error(f'"{kind}" needs audio, which this text-only server does not support', "unsupported")
     shown = kind if isinstance(kind, str) and len(kind) <= 60 else "?"
-    raise RealtimeError(f"unknown event type {shown!r}", "unknown_type", "type")
+    raise realtime_error(f"unknown event type {shown!r}", "unknown_type", "type")
 
 
 def _object(obj: dict[str, Any], name: str) -> dict[str, Any]:
     value = obj.get(name)
     if not isinstance(value, dict):
-        raise RealtimeError(f'"{name}" must be an object', param=name)
+        raise realtime_error(f'"{name}" must be an object', param=name)
     return value
 
 
 def parse_item(raw: dict[str, Any], where: str) -> Item:
     kind = raw.get("type", "message")
     if kind != "message":
-        raise RealtimeError(
+        raise realtime_error(
             f'{where}.type {kind!r} is not supported: only "message" items (no function calls)',
             "unsupported",
             f"{where}.type",
         )
     role = raw.get("role")
     if role not in ROLES:
-        raise RealtimeError(f"{where}.role must be one of {', '.join(ROLES)}", param=f"{where}.role")
+        raise realtime_error(f"{where}.role must be one of {', '.join(ROLES)}", param=f"{where}.role")
     content = raw.get("content")
     if not isinstance(content, list):
-        raise RealtimeError(f"{where}.content must be a list of parts", param=f"{where}.content")
+        raise realtime_error(f"{where}.content must be a list of parts", param=f"{where}.content")
     texts = []
     for i, part in enumerate(content):
         ptype = part.get("type") if isinstance(part, dict) else None
         if ptype not in TEXT_PARTS[role] or not isinstance(part.get("text"), str):
             expected = " or ".join(f'{{"type": "{t}", "text": ...}}' for t in TEXT_PARTS[role])
-            raise RealtimeError(
+            raise realtime_error(
                 f"{where}.content[{i}] must be {expected} (audio and images are not supported)",
                 "unsupported"
                 if ptype in ("input_audio", "input_image", "output_audio", "audio")
@@ -217,7 +225,7 @@ def parse_item(raw: dict[str, Any], where: str) -> Item:
         texts.append(part["text"])
     item_id = raw.get("id")
     if item_id is not None and (not isinstance(item_id, str) or not 0 < len(item_id) <= 64):
-        raise RealtimeError(f"{where}.id must be a string of 1 to 64 characters", param=f"{where}.id")
+        raise realtime_error(f"{where}.id must be a string of 1 to 64 characters", param=f"{where}.id")
     return Item(item_id or new_id("item"), role, "".join(texts))
 
 
@@ -225,7 +233,7 @@ def _max_output_tokens(raw: Any, limits: Limits, param: str) -> int | None:
     if raw == "inf" or raw is None:
         return None
     if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= limits.max_tokens:
-        raise RealtimeError(f'{param} must be "inf" or an integer from 1 to {limits.max_tokens}', param=param)
+        raise realtime_error(f'{param} must be "inf" or an integer from 1 to {limits.max_tokens}', param=param)
     return raw
 
 
@@ -235,20 +243,20 @@ def sampling_of(raw: dict[str, Any], limits: Limits, where: str) -> dict[str, An
     try:
         params.sampling_params(fields, limits, 1)
     except params.FieldError as err:
-        raise RealtimeError(err.message, param=f"{where}.{err.param}") from None
+        raise realtime_error(err.message, param=f"{where}.{err.param}") from None
     return fields
 
 
 def _refuse_unsupported(raw: dict[str, Any], where: str) -> None:
     modalities = raw.get("output_modalities", raw.get("modalities"))
     if modalities is not None and modalities != ["text"]:
-        raise RealtimeError(
+        raise realtime_error(
             f'{where}.output_modalities must be ["text"]: this server has no audio', "unsupported", where
         )
     if raw.get("tools") not in (None, []):
-        raise RealtimeError(f"{where}.tools is not supported by this server", "unsupported", f"{where}.tools")
+        raise realtime_error(f"{where}.tools is not supported by this server", "unsupported", f"{where}.tools")
     if raw.get("audio") not in (None, {}):
-        raise RealtimeError(f"{where}.audio is not supported by this server", "unsupported", f"{where}.audio")
+        raise realtime_error(f"{where}.audio is not supported by this server", "unsupported", f"{where}.audio")
 
 
 def update_session(session: Session, raw: dict[str, Any], limits: Limits) -> Session:
@@ -256,11 +264,13 @@ def update_session(session: Session, raw: dict[str, Any], limits: Limits) -> Ses
     _refuse_unsupported(raw, "session")
     kind = raw.get("type", "realtime")
     if kind != "realtime":
-        raise RealtimeError('session.type must be "realtime" (transcription sessions need audio)', param="session.type")
+        raise realtime_error(
+            'session.type must be "realtime" (transcription sessions need audio)', param="session.type"
+        )
     changes: dict[str, Any] = {}
     if "instructions" in raw:
         if not isinstance(raw["instructions"], str):
-            raise RealtimeError("session.instructions must be a string", param="session.instructions")
+            raise realtime_error("session.instructions must be a string", param="session.instructions")
         changes["instructions"] = raw["instructions"]
     if "max_output_tokens" in raw:
         changes["max_output_tokens"] = _max_output_tokens(raw["max_output_tokens"], limits, "session.max_output_tokens")
@@ -272,19 +282,19 @@ def update_session(session: Session, raw: dict[str, Any], limits: Limits) -> Ses
 
 def parse_response_create(event_id: str | None, raw: Any, limits: Limits) -> ResponseCreate:
     if not isinstance(raw, dict):
-        raise RealtimeError('"response" must be an object', param="response")
+        raise realtime_error('"response" must be an object', param="response")
     _refuse_unsupported(raw, "response")
     instructions = raw.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
-        raise RealtimeError("response.instructions must be a string", param="response.instructions")
+        raise realtime_error("response.instructions must be a string", param="response.instructions")
     conversation = raw.get("conversation", "auto")
     if conversation not in ("auto", "none"):
-        raise RealtimeError('response.conversation must be "auto" or "none"', param="response.conversation")
+        raise realtime_error('response.conversation must be "auto" or "none"', param="response.conversation")
     items = raw.get("input")
     parsed: tuple[Item, ...] | None = None
     if items is not None:
         if not isinstance(items, list) or len(items) > limits.max_messages:
-            raise RealtimeError(
+            raise realtime_error(
                 f"response.input must be a list of at most {limits.max_messages} items", param="response.input"
             )
         parsed = tuple(
@@ -292,7 +302,7 @@ def parse_response_create(event_id: str | None, raw: Any, limits: Limits) -> Res
         )
     metadata = raw.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
-        raise RealtimeError("response.metadata must be an object", param="response.metadata")
+        raise realtime_error("response.metadata must be an object", param="response.metadata")
     max_tokens: int | str | None = "session"
     if "max_output_tokens" in raw:
         max_tokens = _max_output_tokens(raw["max_output_tokens"], limits, "response.max_output_tokens")
@@ -318,7 +328,7 @@ def build_request(
     messages = [ChatMessage("system", instructions)] if instructions else []
     messages += [ChatMessage(it.role, it.text) for it in items]
     if not any(m.role != "system" for m in messages):
-        raise RealtimeError(
+        raise realtime_error(
             "the response has no input: add a conversation item first, or give response.input", param="response"
         )
     chosen = create.max_output_tokens
@@ -334,20 +344,17 @@ def event(kind: str, **fields: Any) -> dict[str, Any]:
     return {"type": kind, "event_id": new_id("event"), **fields}
 
 
-def _error_type(code: str) -> str:
-    """OpenAI's error type (errors.py's table); Realtime's own codes are the client's fault, but ``server_error``."""
-    return errors.openai_type(code, 500 if code == "server_error" else 400)
-
-
-def error_event(err: RealtimeError, client_event_id: str | None) -> dict[str, Any]:
+def error_event(err: errors.RequestError, client_event_id: str | None) -> dict[str, Any]:
+    """The ``error`` event of ``err``: its code (the Realtime API's own where it has one) and OpenAI's error type for
+    it (errors.py, the one place it is worked out)."""
     return event(
         "error",
         error={
-            "type": _error_type(err.code),
-            "code": err.code,
+            "type": errors.openai_type(err.wire_name, err.status),
+            "code": err.wire_name,
             "message": err.message,
             "param": err.param,
-            "event_id": err.event_id or client_event_id,
+            "event_id": err.id or client_event_id,
         },
     )
 
