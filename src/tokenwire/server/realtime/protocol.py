@@ -36,10 +36,11 @@ def realtime_error(message: str, code: str = "invalid_request", param: str | Non
     """A client event that cannot be served, answered with an ``error`` event (the connection stays open): the
     server's one error type, with the Realtime API's own ``code`` where it has one (:data:`OWN_CODES`). Its ``id``
     is the client event at fault, once known."""
-    if code not in OWN_CODES:
+    if code in errors.ErrorCode.__members__.values():
         return errors.RequestError(errors.ErrorCode(code), message, param)
     status = 500 if code == "server_error" else 400
-    return errors.RequestError(OWN_CODES[code], message, param, status=status, name=code)
+    wire = OWN_CODES.get(code, errors.ErrorCode.INTERNAL_ERROR if status == 500 else errors.ErrorCode.INVALID_REQUEST)
+    return errors.RequestError(wire, message, param, status=status, name=code)
 
 
 def new_id(prefix: str) -> str:
