@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
@@ -98,31 +98,7 @@ def create_app(
     resp = ResponsesRoutes(responses, settings.limits, policy.enabled, sse_keepalive_interval)
     r = Routes(state, telemetry, policy, admin_key)
     app = App(
-        routes=[
-            Route("/", r.index),
-            Route("/tutorial", r.tutorial),
-            Route("/client.js", r.client_js),
-            Mount("/static", StaticFiles(directory=r.web_dir), name="static"),
-            WebSocketRoute("/", r.websocket),
-            WebSocketRoute("/ws", r.websocket),
-            WebSocketRoute("/v1/realtime", r.realtime),
-            WebSocketRoute("/v1/responses", r.responses),
-            Route("/health", r.health),
-            Route("/ready", r.ready),
-            Route("/v1/stats", r.stats),
-            Route("/v1/stats/timeline", r.timeline),
-            Route("/metrics", r.metrics),
-            Route("/dashboard", r.dashboard),
-            Route("/v1/models", r.require_key(api.models)),
-            Route("/v1/models/{model_id:path}", r.require_key(api.model), methods=["GET"]),
-            Route("/v1/chat/completions", r.require_key(api.chat_completions), methods=["POST"]),
-            Route("/v1/completions", r.require_key(api.completions), methods=["POST"]),
-            Route("/v1/responses", r.require_key(resp.create), methods=["POST"]),
-            Route("/v1/responses/{response_id}", r.require_key(resp.retrieve), methods=["GET"]),
-            Route("/v1/responses/{response_id}", r.require_key(resp.delete), methods=["DELETE"]),
-            Route("/v1/responses/{response_id}/cancel", r.require_key(resp.cancel), methods=["POST"]),
-            Route("/v1/admin/broadcast", r.broadcast, methods=["POST"]),
-        ],
+        routes=_routes(r, api, resp),
         lifespan=lambda app: lifespan(state),
         middleware=[
             Middleware(CorsGuard, policy=policy, on_refused=telemetry.error),
@@ -137,3 +113,33 @@ def create_app(
     )
     app.state.tokenwire = state
     return app
+
+
+def _routes(r: Routes, api: OpenAIRoutes, resp: ResponsesRoutes) -> list[BaseRoute]:
+    """The route table: the pages, the WebSocket doors, probes and figures, the OpenAI and Responses APIs (behind
+    the key check) and the operator's broadcast."""
+    return [
+        Route("/", r.index),
+        Route("/tutorial", r.tutorial),
+        Route("/client.js", r.client_js),
+        Mount("/static", StaticFiles(directory=r.web_dir), name="static"),
+        WebSocketRoute("/", r.websocket),
+        WebSocketRoute("/ws", r.websocket),
+        WebSocketRoute("/v1/realtime", r.realtime),
+        WebSocketRoute("/v1/responses", r.responses),
+        Route("/health", r.health),
+        Route("/ready", r.ready),
+        Route("/v1/stats", r.stats),
+        Route("/v1/stats/timeline", r.timeline),
+        Route("/metrics", r.metrics),
+        Route("/dashboard", r.dashboard),
+        Route("/v1/models", r.require_key(api.models)),
+        Route("/v1/models/{model_id:path}", r.require_key(api.model), methods=["GET"]),
+        Route("/v1/chat/completions", r.require_key(api.chat_completions), methods=["POST"]),
+        Route("/v1/completions", r.require_key(api.completions), methods=["POST"]),
+        Route("/v1/responses", r.require_key(resp.create), methods=["POST"]),
+        Route("/v1/responses/{response_id}", r.require_key(resp.retrieve), methods=["GET"]),
+        Route("/v1/responses/{response_id}", r.require_key(resp.delete), methods=["DELETE"]),
+        Route("/v1/responses/{response_id}/cancel", r.require_key(resp.cancel), methods=["POST"]),
+        Route("/v1/admin/broadcast", r.broadcast, methods=["POST"]),
+    ]

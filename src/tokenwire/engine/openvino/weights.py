@@ -40,8 +40,20 @@ def take_file_weights(model: Any, reader: Any, fmt: str) -> int:
     file's row order or that one. One group of weights is decoded at a time, so the conversion holds the result
     and one group beside the graph. The number of weights replaced; one that matches no tensor raises (the graph
     is not what this reads)."""
-    import numpy as np
+    weights = _graph_weights(model, reader)
+    groups: dict[Any, list[tuple[Any, Any, Any]]] = {}
+    for chain, (output, t, order) in weights.items():
+        users = [i.get_node() for i in output.get_target_inputs()]
+        source = stackable_input(users[0]) if len(users) == 1 else None
+        # alone, unless it is one of the products of one input
+        groups.setdefault(chain if source is None else ("input", *source), []).append((output, t, order))
+    _replace(list(groups.values()), fmt)
+    return len(weights)
 
+
+def _graph_weights(model: Any, reader: Any) -> dict[tuple[int, int], tuple[Any, Any, Any]]:
+    """Every weight GenAI built from the file's blocks, by its chain's output: that output, the file's tensor it
+    is, and the row order it takes there (WeightsNotFound for one that matches no tensor)."""
     arch = reader.fields["general.architecture"].contents()
     heads = {
         int(f.contents()) for k in ("head_count", "head_count_kv") if (f := reader.fields.get(f"{arch}.attention.{k}"))
@@ -69,19 +81,19 @@ def take_file_weights(model: Any, reader: Any, fmt: str) -> int:
         if found is None:
             raise WeightsNotFound(f"a {shape} weight of GenAI's graph matches no one tensor of the file")
         weights[key] = (output, *found)
-    groups: dict[Any, list[tuple[Any, Any, Any]]] = {}
-    for chain, (output, t, order) in weights.items():
-        users = [i.get_node() for i in output.get_target_inputs()]
-        source = stackable_input(users[0]) if len(users) == 1 else None
-        # alone, unless it is one of the products of one input
-        groups.setdefault(chain if source is None else ("input", *source), []).append((output, t, order))
+    return weights
+
+
+def _replace(pending: list[list[tuple[Any, Any, Any]]], fmt: str) -> None:
+    """Put each group's weights, decoded exactly and in ``fmt``, into the graph (a group of several as one stacked
+    product); two groups are decoded at a time, off the graph, so at most two are in memory beside it."""
+    import numpy as np
 
     def prepared(members: list[tuple[Any, Any, Any]]) -> Any:  # numpy only (off the graph): two run at once
         decoded = [_exact(t)[order] for _, t, order in members]
         users = [i.get_node().get_type_name() for out, _, _ in members for i in out.get_target_inputs()]
         return formatted_arrays(np.concatenate(decoded) if len(decoded) > 1 else decoded[0], fmt, "Gather" in users)
 
-    pending = list(groups.values())
     with ThreadPoolExecutor(max_workers=2) as pool:
         running = deque(pool.submit(prepared, members) for members in pending[:2])  # two groups in memory at most
         for i, members in enumerate(pending):
@@ -92,7 +104,6 @@ def take_file_weights(model: Any, reader: Any, fmt: str) -> int:
                 members[0][0].replace(weight)
             else:
                 stacked_product([next(iter(out.get_target_inputs())).get_node() for out, _, _ in members], weight)
-    return len(weights)
 
 
 def _sample(rows: int) -> Any:

@@ -120,26 +120,9 @@ class OpenAIRoutes:
         return error_response(err)
 
     async def _complete(self, request: Request, chat: bool) -> Response:
-        try:
-            body = strictjson.loads(await request.body(), "the request body")
-        except strictjson.JSONInputError as err:
-            return self._error(oa.json_input_error(err))
-        try:
-            req = oa.parse_completion_request(
-                body,
-                chat=chat,
-                limits=self.limits,
-                model_name=self.engine.model_name,
-                model_aliases=self.engine.model_aliases,
-            )
-        except RequestError as err:
-            return self._error(err)
-        if self._draining:
-            return self._error(_shutting_down())
-        if not self.engine.ready:
-            return self._error(
-                oa.openai_error(503, "the model is still loading; try again shortly", code="overloaded", retry_after=1)
-            )
+        req = await self._accept(request, chat)
+        if isinstance(req, Response):
+            return req
         prefix = "chatcmpl" if chat else "cmpl"
         ids = oa.ResponseIds.new(f"{prefix}-{secrets.token_hex(12)}", self.engine.model_name)
         engine_req = GenerationRequest(
@@ -172,6 +155,44 @@ class OpenAIRoutes:
                 pause=lambda: self.engine.pause(rid),
                 unpause=lambda: self.engine.unpause(rid),
             )
+        return await self._whole(request, req, ids, stream, trace, chat)
+
+    async def _accept(self, request: Request, chat: bool) -> oa.CompletionRequest | Response:
+        """The request read and checked, or the error response to send instead (a bad body, a draining server, a
+        model still loading)."""
+        try:
+            body = strictjson.loads(await request.body(), "the request body")
+        except strictjson.JSONInputError as err:
+            return self._error(oa.json_input_error(err))
+        try:
+            req = oa.parse_completion_request(
+                body,
+                chat=chat,
+                limits=self.limits,
+                model_name=self.engine.model_name,
+                model_aliases=self.engine.model_aliases,
+            )
+        except RequestError as err:
+            return self._error(err)
+        if self._draining:
+            return self._error(_shutting_down())
+        if not self.engine.ready:
+            return self._error(
+                oa.openai_error(503, "the model is still loading; try again shortly", code="overloaded", retry_after=1)
+            )
+        return req
+
+    async def _whole(
+        self,
+        request: Request,
+        req: oa.CompletionRequest,
+        ids: oa.ResponseIds,
+        stream: AsyncGenerator[RequestOutput, None],
+        trace: Trace,
+        chat: bool,
+    ) -> Response:
+        """A response that is not streamed: the whole answer as one JSON body (a tool call read from it), or 499
+        when the client left first (its request aborted)."""
         result = await until_disconnect(self._collect(stream, trace), request.receive)
         if result is None:  # the client left; until_disconnect closed the stream, which aborted the request
             await stream.aclose()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -67,6 +67,43 @@ class _Running:
     in_conversation: bool
     task: asyncio.Task[None] | None = None
     used_tokens: int = 0  # prompt and generated, charged to the key's budget when it ends
+
+
+@dataclass(slots=True)
+class _Reply:
+    """A response as it is written: its assistant item, the ``response`` object, and how it ended."""
+
+    id: str
+    in_conversation: bool
+    conversation_id: str
+    max_output_tokens: int | None
+    metadata: dict[str, Any] | None
+    item: Item = field(default_factory=lambda: Item(new_id("item"), "assistant", "", "in_progress"))
+    status: str = "failed"
+    details: dict[str, Any] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    response: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.response = {
+            "id": self.id,
+            "object": "realtime.response",
+            "status": "in_progress",
+            "status_details": None,
+            "output": [],
+            "conversation_id": self.conversation_id if self.in_conversation else None,
+            "output_modalities": ["text"],
+            "max_output_tokens": self.max_output_tokens,
+            "metadata": self.metadata,
+            "usage": None,
+        }
+
+    @property
+    def where(self) -> dict[str, Any]:
+        """The fields that place a text event: its response, item, output and content index."""
+        return {"response_id": self.id, "item_id": self.item.id, "output_index": 0, "content_index": 0}
 
 
 class RealtimeConnection:
@@ -213,74 +250,21 @@ class RealtimeConnection:
         self.engine.abort(running.request_id)
 
     async def _respond(self, running: _Running, create: ResponseCreate, chat: Any, params: Any) -> None:
-        rid = running.id
-        item = Item(new_id("item"), "assistant", "", "in_progress")
-        response: dict[str, Any] = {
-            "id": rid,
-            "object": "realtime.response",
-            "status": "in_progress",
-            "status_details": None,
-            "output": [],
-            "conversation_id": self.conversation_id if create.use_conversation else None,
-            "output_modalities": ["text"],
-            "max_output_tokens": params.max_tokens,
-            "metadata": create.metadata,
-            "usage": None,
-        }
-        where = {"response_id": rid, "item_id": item.id, "output_index": 0, "content_index": 0}
+        """One response: its opening events, the engine's text as deltas, its closing events and ``response.done``;
+        a failure is an ``error`` event on it, the connection goes on."""
+        reply = _Reply(running.id, create.use_conversation, self.conversation_id, params.max_tokens, create.metadata)
         trace = self.telemetry.trace(running.request_id, self.session.id, "realtime")
-        prompt_tokens = completion_tokens = cached_tokens = 0
-        status: str = "failed"
-        details: dict[str, Any] | None = None
         try:
-            await self.send(event("response.created", response=response))
             previous = self.items[-1].id if self.items and create.use_conversation else None
-            if create.use_conversation:
-                self.items.append(item)
-            await self.send(event("response.output_item.added", response_id=rid, output_index=0, item=item.as_dict()))
-            if create.use_conversation:
-                await self.send(event("conversation.item.added", previous_item_id=previous, item=item.as_dict()))
-            await self.send(event("response.content_part.added", **where, part={"type": "text", "text": ""}))
+            await self._open(reply, previous)
             request = GenerationRequest(
-                running.request_id,
-                params,
-                messages=chat,
-                truncate=True,
-                tenant=self.tenant,
-                connection=self.session.id,
+                running.request_id, params, messages=chat, truncate=True, tenant=self.tenant, connection=self.session.id
             )
             events = door_events(self.engine.generate(request), trace)
             async with contextlib.aclosing(events):
                 async for ev in events:
-                    if isinstance(ev, Delta) and ev.text:
-                        item.text += ev.text
-                        await self.send(event("response.output_text.delta", **where, delta=ev.text))
-                    elif isinstance(ev, Done):
-                        out = ev.output
-                        prompt_tokens, completion_tokens = out.prompt_tokens, out.completion_tokens
-                        cached_tokens = out.cached_tokens
-                        status, details = _STATUS[out.finish_reason or FinishReason.STOP]
-                        if status == "cancelled" and self._shutting_down:
-                            details = {"type": "cancelled", "reason": "server_shutting_down"}
-                    elif isinstance(ev, Failed):  # traced (and counted) by door_events
-                        err = ev.error
-                        details = {"type": "failed", "error": {"type": openai_type(err.code), "code": err.code.value}}
-                        failed = realtime_error(err.message, err.code.value, err.param)
-                        await self.send(error_event(failed, create.event_id))
-            item.status = "completed" if status == "completed" else "incomplete"
-            part = {"type": "text", "text": item.text}
-            await self.send(event("response.output_text.done", **where, text=item.text))
-            await self.send(event("response.content_part.done", **where, part=part))
-            await self.send(event("response.output_item.done", response_id=rid, output_index=0, item=item.as_dict()))
-            if create.use_conversation:
-                await self.send(event("conversation.item.done", previous_item_id=previous, item=item.as_dict()))
-            response.update(
-                status=status,
-                status_details=details,
-                output=[item.as_dict()],
-                usage=usage(prompt_tokens, completion_tokens, cached_tokens),
-            )
-            await self.send(event("response.done", response=response))
+                    await self._follow(reply, ev, create.event_id)
+            await self._close(reply, previous)
         except (asyncio.CancelledError, WebSocketDisconnect):
             pass  # the connection is going away
         except Exception:  # a bug: say so on this response, keep the connection
@@ -289,13 +273,58 @@ class RealtimeConnection:
                 await self.send(error_event(realtime_error("the response failed", "server_error"), create.event_id))
         finally:
             trace.abandoned()
-            running.used_tokens = prompt_tokens + completion_tokens
+            running.used_tokens = reply.prompt_tokens + reply.completion_tokens
             if running.request_id in self._paused:  # every pause is matched: the engine keeps no stale mark
                 self._paused.discard(running.request_id)
                 self.engine.unpause(running.request_id)
-            self.responses.pop(rid, None)
-            if item.status == "in_progress":
-                item.status = "incomplete"
+            self.responses.pop(running.id, None)
+            if reply.item.status == "in_progress":
+                reply.item.status = "incomplete"
+
+    async def _open(self, reply: _Reply, previous: str | None) -> None:
+        """``response.created``, the assistant item (in the conversation too, where it writes there) and its part."""
+        item = reply.item
+        await self.send(event("response.created", response=reply.response))
+        if reply.in_conversation:
+            self.items.append(item)
+        await self.send(event("response.output_item.added", response_id=reply.id, output_index=0, item=item.as_dict()))
+        if reply.in_conversation:
+            await self.send(event("conversation.item.added", previous_item_id=previous, item=item.as_dict()))
+        await self.send(event("response.content_part.added", **reply.where, part={"type": "text", "text": ""}))
+
+    async def _follow(self, reply: _Reply, ev: Any, client_event_id: str | None) -> None:
+        """One event of the engine's stream: a delta sent, the end or a failure noted (a failure also said)."""
+        if isinstance(ev, Delta) and ev.text:
+            reply.item.text += ev.text
+            await self.send(event("response.output_text.delta", **reply.where, delta=ev.text))
+        elif isinstance(ev, Done):
+            out = ev.output
+            reply.prompt_tokens, reply.completion_tokens = out.prompt_tokens, out.completion_tokens
+            reply.cached_tokens = out.cached_tokens
+            reply.status, reply.details = _STATUS[out.finish_reason or FinishReason.STOP]
+            if reply.status == "cancelled" and self._shutting_down:
+                reply.details = {"type": "cancelled", "reason": "server_shutting_down"}
+        elif isinstance(ev, Failed):  # traced (and counted) by door_events
+            err = ev.error
+            reply.details = {"type": "failed", "error": {"type": openai_type(err.code), "code": err.code.value}}
+            await self.send(error_event(realtime_error(err.message, err.code.value, err.param), client_event_id))
+
+    async def _close(self, reply: _Reply, previous: str | None) -> None:
+        """The closing events of the text, its part and item, then ``response.done`` with the status and usage."""
+        item, where = reply.item, reply.where
+        item.status = "completed" if reply.status == "completed" else "incomplete"
+        await self.send(event("response.output_text.done", **where, text=item.text))
+        await self.send(event("response.content_part.done", **where, part={"type": "text", "text": item.text}))
+        await self.send(event("response.output_item.done", response_id=reply.id, output_index=0, item=item.as_dict()))
+        if reply.in_conversation:
+            await self.send(event("conversation.item.done", previous_item_id=previous, item=item.as_dict()))
+        reply.response.update(
+            status=reply.status,
+            status_details=reply.details,
+            output=[item.as_dict()],
+            usage=usage(reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens),
+        )
+        await self.send(event("response.done", response=reply.response))
 
     async def _flow(self) -> None:
         """Flow control (flow.py): while the socket holds ``SOCKET_UNREAD.high`` bytes the client has not taken

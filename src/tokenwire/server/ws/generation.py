@@ -28,7 +28,7 @@ from tokenwire.server.flow import Change, FlowPolicy, Valve
 from tokenwire.server.resume.journal import Journal, Registry
 from tokenwire.server.resume.log import Entry
 from tokenwire.server.streams import with_deadlines
-from tokenwire.server.telemetry import Telemetry
+from tokenwire.server.telemetry import Telemetry, Trace
 from tokenwire.server.ws import messages
 from tokenwire.server.ws.batching import Coalescer
 from tokenwire.server.ws.protocol import BatchPolicy
@@ -90,34 +90,12 @@ class Producer:
                     if out is None:  # a batch deadline passed with no new output
                         self._flush()
                     elif out.kind is OutputKind.STARTED:
-                        self.prompt_tokens = out.prompt_tokens
-                        if not self.continuing:
-                            dropped = out.start.truncated_messages if out.start else 0
-                            self.journal.began(out.start.prompt_ids if out.start else ())
-                            model, token = self.engine.model_name, self.journal.resume_token
-                            self._emit(messages.started(gen_id, model, out.prompt_tokens, token, dropped))
+                        self._started(out)
                     elif out.kind is OutputKind.DELTA:
                         trace.delta(out.text, out.num_tokens)
                         self._deliver(out)
                     else:
-                        if out.text:
-                            trace.delta(out.text, out.num_tokens)
-                        trace.finished(out)
-                        self._deliver(out)
-                        self._flush()
-                        self._release_held()
-                        assert out.finish_reason is not None
-                        done = messages.complete(
-                            gen_id,
-                            self._seq,
-                            out.finish_reason,
-                            out.prompt_tokens,
-                            out.completion_tokens,
-                            out.timings,
-                            out.cached_tokens,
-                            self._silent_tokens,
-                        )
-                        self._emit(done, final=True)
+                        self._finished(out, trace)
         except EngineError as failure:
             err = wire_error(failure)
             trace.failed(err.code.value)
@@ -141,6 +119,37 @@ class Producer:
             trace.abandoned()
             self.journal.close()
             self.registry.finished(self.journal)
+
+    def _started(self, out: RequestOutput) -> None:
+        """The engine took the request: ``started`` (seq 0), unless it goes on from a journal begun elsewhere."""
+        self.prompt_tokens = out.prompt_tokens
+        if self.continuing:
+            return
+        dropped = out.start.truncated_messages if out.start else 0
+        self.journal.began(out.start.prompt_ids if out.start else ())
+        model, token = self.engine.model_name, self.journal.resume_token
+        self._emit(messages.started(self.journal.gen_id, model, out.prompt_tokens, token, dropped))
+
+    def _finished(self, out: RequestOutput, trace: Trace) -> None:
+        """The last output: its text, whatever was held back, then ``complete`` (the last message)."""
+        if out.text:
+            trace.delta(out.text, out.num_tokens)
+        trace.finished(out)
+        self._deliver(out)
+        self._flush()
+        self._release_held()
+        assert out.finish_reason is not None
+        done = messages.complete(
+            self.journal.gen_id,
+            self._seq,
+            out.finish_reason,
+            out.prompt_tokens,
+            out.completion_tokens,
+            out.timings,
+            out.cached_tokens,
+            self._silent_tokens,
+        )
+        self._emit(done, final=True)
 
     @property
     def used_tokens(self) -> int:
