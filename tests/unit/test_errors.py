@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tokenwire.engine.interface import EngineError, EngineErrorCode
-from tokenwire.server import errors
+from tokenwire.server import errors, http_errors
 from tokenwire.server.errors import ErrorCode, RequestError, wire_error
-from tokenwire.server.openai import protocol as oa
 
 
 def test_every_wire_code_has_a_status_and_a_type() -> None:
@@ -37,8 +36,8 @@ def test_every_engine_reason_is_a_wire_code_of_the_same_name() -> None:
 )
 def test_http_doors_answer_from_the_table(code: ErrorCode, status: int, retry: int | None) -> None:
     err = errors.wire_error(RequestError(code, "no", retry_after=2.2))
-    assert (err.status, oa.retry_after(err), err.code) == (status, retry, code.value)
-    assert oa.error_body(err)["error"]["type"] == errors.openai_type(code)
+    assert (err.status, http_errors.retry_seconds(err), err.code) == (status, retry, code.value)
+    assert http_errors.error_body(err)["error"]["type"] == errors.openai_type(code)
 
 
 def test_retry_after_defaults_to_one_second_where_waiting_helps() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tokenwire.server import http_errors
 from tokenwire.server.errors import ErrorCode, RequestError
 from tokenwire.server.openai import protocol as oa
 from tokenwire.server.params import Limits
@@ -144,7 +145,7 @@ def test_any_openai_body_is_a_request_or_an_api_error_with_a_client_status(body:
     try:
         req = oa.parse_completion_request(body, chat=chat, limits=LIMITS, model_name="m")
     except RequestError as err:
-        assert 400 <= err.status < 500 and oa.error_body(err)["error"]["message"]
+        assert 400 <= err.status < 500 and http_errors.error_body(err)["error"]["message"]
         return
     assert req.generate.params.max_tokens >= 1
 

@@ -12,38 +12,8 @@ from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, FinishReason, SamplingParams
 from tokenwire.server import errors, params, strictjson, tools
-from tokenwire.server.errors import ErrorCode
+from tokenwire.server.http_errors import check_model, field_error, json_input_error, openai_error
 from tokenwire.server.params import Limits
-
-
-def openai_error(
-    status: int, message: str, *, code: str, param: str | None = None, retry_after: float | None = None
-) -> errors.RequestError:
-    """A request refused in OpenAI's terms: its HTTP status and code (a wire code, or the door's own: then the wire
-    code is the nearest by status)."""
-    if code in ErrorCode.__members__.values():
-        return errors.RequestError(ErrorCode(code), message, param, retry_after, status=status)
-    nearest = ErrorCode.NOT_FOUND if status == 404 else ErrorCode.INVALID_REQUEST
-    if status >= 500:
-        nearest = ErrorCode.INTERNAL_ERROR
-    return errors.RequestError(nearest, message, param, retry_after, status=status, name=code)
-
-
-def error_body(err: errors.RequestError) -> dict[str, Any]:
-    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
-    kind = errors.openai_type(err.wire_name, err.status)
-    return {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.wire_name}}
-
-
-def retry_after(err: errors.RequestError) -> int | None:
-    """The Retry-After header's whole seconds, where waiting helps."""
-    return errors.retry_after_s(err.code, err.retry_after)
-
-
-def json_input_error(err: strictjson.JSONInputError) -> errors.RequestError:
-    return errors.RequestError(
-        ErrorCode.INVALID_JSON if err.syntax else ErrorCode.INVALID_REQUEST, err.message, err.param
-    )
 
 
 @dataclass(slots=True, frozen=True)
@@ -59,24 +29,6 @@ class CompletionRequest:
     messages: tuple[ChatMessage, ...] | None = None
     tools: tuple[tools.Tool, ...] = ()  # tool calls are possible (tool_choice is not "none")
     tools_text: str = ""  # the tools described for a model whose chat template has no tool format
-
-
-def check_model(body: dict[str, Any], model_name: str, model_aliases: tuple[str, ...] = ()) -> None:
-    """``model``, when given, must name the model served (or an alias): 404 ``model_not_found`` otherwise."""
-    model = body.get("model", model_name)
-    if not isinstance(model, str):
-        raise openai_error(400, '"model" must be a string', code="invalid_request", param="model")
-    if model not in (model_name, *model_aliases):
-        raise openai_error(
-            404,
-            f"the model {model!r} does not exist; this server serves {model_name!r}",
-            code="model_not_found",
-            param="model",
-        )
-
-
-def field_error(err: params.FieldError) -> errors.RequestError:
-    return errors.RequestError(ErrorCode.INVALID_REQUEST, err.message, err.param)
 
 
 def parse_completion_request(

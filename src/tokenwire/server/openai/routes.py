@@ -30,6 +30,7 @@ from tokenwire.engine.interface import (
 from tokenwire.server import strictjson, tools
 from tokenwire.server.auth import bearer_token, owner_of
 from tokenwire.server.errors import ErrorCode, RequestError, wire_error
+from tokenwire.server.http_errors import check_model, error_body, error_response, json_input_error, openai_error
 from tokenwire.server.limits import KeyLimits
 from tokenwire.server.openai import protocol as oa
 from tokenwire.server.params import Limits
@@ -38,12 +39,6 @@ from tokenwire.server.streams import Delta, Done, Failed, KeepAlive, door_events
 from tokenwire.server.telemetry import Telemetry, Trace
 
 T = TypeVar("T")
-
-
-def error_response(err: RequestError) -> JSONResponse:
-    seconds = oa.retry_after(err)
-    headers = {"Retry-After": str(seconds)} if seconds is not None else None
-    return JSONResponse(oa.error_body(err), status_code=err.status, headers=headers)
 
 
 def _peer(request: Request) -> str:
@@ -104,7 +99,7 @@ class OpenAIRoutes:
         ``models.retrieve``)."""
         name = request.path_params["model_id"]
         try:
-            oa.check_model({"model": name}, self.engine.model_name, self.engine.model_aliases)
+            check_model({"model": name}, self.engine.model_name, self.engine.model_aliases)
         except RequestError as err:
             return error_response(err)
         return JSONResponse(oa.model_object(name, self.created))
@@ -163,7 +158,7 @@ class OpenAIRoutes:
         try:
             body = strictjson.loads(await request.body(), "the request body")
         except strictjson.JSONInputError as err:
-            return self._error(oa.json_input_error(err))
+            return self._error(json_input_error(err))
         try:
             req = oa.parse_completion_request(
                 body,
@@ -178,7 +173,7 @@ class OpenAIRoutes:
             return self._error(_shutting_down())
         if not self.engine.ready:
             return self._error(
-                oa.openai_error(503, "the model is still loading; try again shortly", code="overloaded", retry_after=1)
+                openai_error(503, "the model is still loading; try again shortly", code="overloaded", retry_after=1)
             )
         return req
 
@@ -244,7 +239,7 @@ class OpenAIRoutes:
                     return "".join(parts), ev.output
                 elif isinstance(ev, Failed):
                     return wire_error(ev.error)
-        return oa.openai_error(500, "the generation ended without a result", code="generation_failed")
+        return openai_error(500, "the generation ended without a result", code="generation_failed")
 
     async def _events(
         self,
@@ -284,5 +279,5 @@ class OpenAIRoutes:
                         use = oa.usage(out.prompt_tokens, out.completion_tokens, out.cached_tokens)
                         yield sse(oa.usage_chunk(ids, chat, use))
                 elif isinstance(ev, Failed):  # after the headers: report it in the stream
-                    yield sse(oa.error_body(wire_error(ev.error)))
+                    yield sse(error_body(wire_error(ev.error)))
         yield sse("[DONE]")

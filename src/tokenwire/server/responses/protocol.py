@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, FinishReason, SamplingParams
 from tokenwire.server import params, strictjson, tools
-from tokenwire.server.openai.protocol import check_model, field_error, json_input_error, openai_error
+from tokenwire.server.http_errors import check_model, field_error, json_input_error, openai_error
 from tokenwire.server.params import FieldError, Limits
 from tokenwire.server.tools import Tool, ToolCall, ToolChoice
 

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from tokenwire.server import errors, strictjson
 from tokenwire.server.auth import bearer_token, owner_of
 from tokenwire.server.errors import RequestError
-from tokenwire.server.openai import protocol as oa
+from tokenwire.server.http_errors import error_body, error_response, json_input_error, openai_error
 from tokenwire.server.params import Limits
 from tokenwire.server.responses import protocol as rp
 from tokenwire.server.responses.service import Responses, read_events
@@ -30,13 +30,7 @@ from tokenwire.server.streams import with_deadlines
 
 
 def _error(status: int, code: str, message: str, param: str | None = None, retry: float | None = None) -> Response:
-    return _refused(oa.openai_error(status, message, code=code, param=param, retry_after=retry))
-
-
-def _refused(err: RequestError) -> Response:
-    seconds = oa.retry_after(err)
-    headers = {"Retry-After": str(seconds)} if seconds is not None else None
-    return JSONResponse(oa.error_body(err), status_code=err.status, headers=headers)
+    return error_response(openai_error(status, message, code=code, param=param, retry_after=retry))
 
 
 def _not_found(response_id: str) -> Response:
@@ -68,15 +62,15 @@ class ResponsesRoutes:
                 model_aliases=self.service.engine.model_aliases,
             )
         except strictjson.JSONInputError as err:
-            return JSONResponse(oa.error_body(oa.json_input_error(err)), status_code=400)
+            return JSONResponse(error_body(json_input_error(err)), status_code=400)
         except RequestError as err:
             self.service.telemetry.error(err.wire_name)
-            return JSONResponse(oa.error_body(err), status_code=err.status)
+            return JSONResponse(error_body(err), status_code=err.status)
         try:
             record = await self.service.start(create, tenant=self._tenant(request), connection=_peer(request))
         except RequestError as err:
             self.service.telemetry.error(err.wire_name)
-            return _refused(err)
+            return error_response(err)
         if create.background:
             return JSONResponse(record.as_dict())
         if create.stream:

@@ -26,8 +26,8 @@ from tokenwire.engine.interface import (
 )
 from tokenwire.server import tools
 from tokenwire.server.errors import ErrorCode, RequestError, wire_error
+from tokenwire.server.http_errors import openai_error
 from tokenwire.server.limits import KeyLimits
-from tokenwire.server.openai.protocol import openai_error
 from tokenwire.server.responses import protocol as rp
 from tokenwire.server.responses.protocol import CreateRequest
 from tokenwire.server.responses.store import Record, ResponseStore

@@ -22,7 +22,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from tokenwire.server import strictjson
 from tokenwire.server.errors import GOING_AWAY, NORMAL_CLOSURE, ErrorCode, RequestError
 from tokenwire.server.event_socket import Sender, read_frames
-from tokenwire.server.openai.protocol import error_body, openai_error
+from tokenwire.server.http_errors import error_body, openai_error
 from tokenwire.server.params import Limits
 from tokenwire.server.responses import protocol as rp
 from tokenwire.server.responses.service import Responses, read_events
