@@ -4,7 +4,7 @@
 
 --switch-interval  ``sys.setswitchinterval``: how long a thread waiting for the GIL waits before it asks the
                    holder to drop it (CPython's default: 0.005)
---no-backlog       the WebSocket pump does not ask the socket for its unread bytes (server/backlog.py: one
+--no-backlog       the WebSocket pump does not ask the socket for its unread bytes (server/streaming/backlog.py: one
                    ``ioctl(TIOCOUTQ)`` per message) and writes as the event loop lets it
 """
 

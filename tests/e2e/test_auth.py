@@ -15,7 +15,7 @@ from tests.conftest import scaled
 from tests.e2e.browser import ARGS, require_chromium
 from tests.e2e.server import RunningServer, serve, serving
 from tests.fakes import FakeEngine
-from tokenwire.server.auth import AuthPolicy
+from tokenwire.server.admission.auth import AuthPolicy
 
 KEY = "test-key-123"
 

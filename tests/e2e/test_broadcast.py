@@ -7,7 +7,7 @@ import httpx
 from tests.e2e.client import Client
 from tests.e2e.server import serving
 from tests.fakes import FakeEngine
-from tokenwire.server.auth import AuthPolicy
+from tokenwire.server.admission.auth import AuthPolicy
 
 
 async def test_the_admin_key_sends_a_notice_to_every_websocket() -> None:

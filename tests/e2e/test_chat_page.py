@@ -16,8 +16,8 @@ from tests.e2e.browser import ARGS, require_chromium, screenshot_path
 from tests.e2e.server import free_port, serving
 from tests.fakes import FakeEngine
 from tokenwire.engine.interface import EngineError, EngineErrorCode
-from tokenwire.server.auth import AuthPolicy
-from tokenwire.server.params import Limits
+from tokenwire.server.admission.auth import AuthPolicy
+from tokenwire.server.requests.params import Limits
 from tokenwire.server.settings import ServerSettings
 
 MS = scaled(10) * 1000  # Playwright timeouts, in milliseconds

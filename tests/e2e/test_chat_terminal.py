@@ -12,7 +12,7 @@ from tests.conftest import wait_until
 from tests.e2e.server import free_port, serving
 from tests.e2e.terminal import Terminal
 from tests.fakes import FakeEngine
-from tokenwire.server.auth import AuthPolicy
+from tokenwire.server.admission.auth import AuthPolicy
 
 
 def chat(base: str, *flags: str) -> Terminal:

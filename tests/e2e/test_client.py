@@ -26,7 +26,7 @@ from tokenwire.client import (
     SyncClient,
     Unauthorized,
 )
-from tokenwire.server.auth import AuthPolicy
+from tokenwire.server.admission.auth import AuthPolicy
 
 
 def ws_url(base: str) -> str:

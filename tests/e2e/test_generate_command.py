@@ -13,7 +13,7 @@ from tests.conftest import scaled, wait_until
 from tests.e2e.server import RunningServer, free_port, serving
 from tests.fakes import FakeEngine
 from tokenwire.client import Client
-from tokenwire.server.auth import AuthPolicy
+from tokenwire.server.admission.auth import AuthPolicy
 
 TOKENWIRE = f"{shlex.quote(sys.executable)} -m tokenwire.cli"
 

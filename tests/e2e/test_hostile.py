@@ -21,7 +21,7 @@ from tests.conftest import scaled
 from tests.e2e.client import Client
 from tests.e2e.server import RunningServer, serve, serving
 from tests.fakes import FakeEngine
-from tokenwire.server.http_guard import DISCARD_SECONDS
+from tokenwire.server.admission.http_guard import DISCARD_SECONDS
 
 LONG = {"prompt": "Tell me a story", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
 

@@ -13,7 +13,7 @@ from tests.e2e.client import Client
 from tests.e2e.server import serving
 from tests.fakes import FakeEngine
 from tokenwire.config import Settings
-from tokenwire.server.auth import AuthPolicy
+from tokenwire.server.admission.auth import AuthPolicy
 from tokenwire.server.settings import ServerSettings
 
 

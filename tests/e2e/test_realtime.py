@@ -20,7 +20,7 @@ from tests.conftest import scaled
 from tests.e2e.server import RunningServer, serve, serving
 from tests.fakes import FakeEngine
 from tokenwire.engine.interface import EngineError, EngineErrorCode
-from tokenwire.server.params import Limits
+from tokenwire.server.requests.params import Limits
 from tokenwire.server.settings import ServerSettings
 
 RESPONSE_EVENTS = [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenwire.server.auth import AuthPolicy, Origin, bearer_token, origin_allowed, websocket_key
+from tokenwire.server.admission.auth import AuthPolicy, Origin, bearer_token, origin_allowed, websocket_key
 
 KEYS = AuthPolicy(api_keys=("s3cret", "other"))
 

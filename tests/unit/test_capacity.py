@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from tokenwire.server.capacity import ConnectionGate, FdWatch, auto_max_connections, fd_limit, reserve_for
+from tokenwire.server.admission.capacity import ConnectionGate, FdWatch, auto_max_connections, fd_limit, reserve_for
 
 
 def test_the_gate_refuses_past_its_limit_and_logs_each_episode_once(caplog: pytest.LogCaptureFixture) -> None:

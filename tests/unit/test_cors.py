@@ -9,8 +9,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from tests.fakes import FakeEngine
+from tokenwire.server.admission.auth import AuthPolicy
 from tokenwire.server.app import create_app
-from tokenwire.server.auth import AuthPolicy
 from tokenwire.server.settings import ServerSettings
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tokenwire.engine.interface import EngineError, EngineErrorCode
-from tokenwire.server import errors, http_errors
-from tokenwire.server.errors import ErrorCode, RequestError, wire_error
+from tokenwire.server.requests import errors, http_errors
+from tokenwire.server.requests.errors import ErrorCode, RequestError, wire_error
 
 
 def test_every_wire_code_has_a_status_and_a_type() -> None:

@@ -1,8 +1,8 @@
-"""server/flow.py: one rule for pausing a generation whose reader is behind, and letting it go on."""
+"""server/streaming/flow.py: one rule for pausing a generation whose reader is behind, and letting it go on."""
 
 from __future__ import annotations
 
-from tokenwire.server.flow import SOCKET_UNREAD, Change, Valve, WaterMarks
+from tokenwire.server.streaming.flow import SOCKET_UNREAD, Change, Valve, WaterMarks
 
 
 def test_a_valve_pauses_at_the_high_mark_and_goes_on_at_the_low_one_once_each() -> None:
@@ -29,7 +29,7 @@ def test_a_high_mark_of_zero_pauses_only_when_forced_and_goes_on_at_once() -> No
 
 
 def test_every_door_shares_the_socket_marks_16_kib_and_half() -> None:
-    from tokenwire.server.flow import FlowPolicy
+    from tokenwire.server.streaming.flow import FlowPolicy
 
     assert WaterMarks(16 << 10, 8 << 10) == SOCKET_UNREAD
     assert FlowPolicy().max_socket_bytes == SOCKET_UNREAD.high

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from tokenwire.server.auth import owner_of
-from tokenwire.server.errors import RequestError
+from tokenwire.server.admission.auth import owner_of
+from tokenwire.server.requests.errors import RequestError
 from tokenwire.server.resume.journal import Journal, Registry
 from tokenwire.server.resume.log import Entry
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import scaled, wait_until
-from tokenwire.server.errors import RequestError
+from tokenwire.server.requests.errors import RequestError
 from tokenwire.server.resume.journal import Journal, Registry
 from tokenwire.server.resume.log import Entry
 from tokenwire.server.resume.record import Record

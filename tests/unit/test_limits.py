@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tokenwire.server.capacity import IpGate
-from tokenwire.server.errors import ErrorCode, RequestError
-from tokenwire.server.limits import KeyLimits
+from tokenwire.server.admission.capacity import IpGate
+from tokenwire.server.admission.limits import KeyLimits
+from tokenwire.server.requests.errors import ErrorCode, RequestError
 
 
 class Clock:

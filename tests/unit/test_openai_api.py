@@ -12,7 +12,7 @@ from starlette.testclient import TestClient
 from tests.fakes import FakeEngine
 from tokenwire.engine.interface import EngineError
 from tokenwire.server.app import create_app
-from tokenwire.server.errors import ErrorCode
+from tokenwire.server.requests.errors import ErrorCode
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
 

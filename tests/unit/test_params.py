@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from tokenwire.engine.interface import ChatMessage
-from tokenwire.server import params
-from tokenwire.server.errors import RequestError
 from tokenwire.server.openai import protocol as oa
-from tokenwire.server.params import FieldError, Limits
 from tokenwire.server.realtime import protocol as rt
+from tokenwire.server.requests import params
+from tokenwire.server.requests.errors import RequestError
+from tokenwire.server.requests.params import FieldError, Limits
 from tokenwire.server.ws.protocol import parse_generate
 
 LIMITS = Limits()

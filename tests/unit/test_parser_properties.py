@@ -9,11 +9,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tokenwire.server import http_errors
-from tokenwire.server.errors import ErrorCode, RequestError
 from tokenwire.server.openai import protocol as oa
-from tokenwire.server.params import Limits
 from tokenwire.server.realtime import protocol as rt
+from tokenwire.server.requests import http_errors
+from tokenwire.server.requests.errors import ErrorCode, RequestError
+from tokenwire.server.requests.params import Limits
 from tokenwire.server.ws.protocol import Generate, parse_message
 
 LIMITS = Limits()

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from tokenwire.server.errors import ErrorCode, RequestError
-from tokenwire.server.params import Limits
+from tokenwire.server.requests.errors import ErrorCode, RequestError
+from tokenwire.server.requests.params import Limits
 from tokenwire.server.ws.protocol import BatchPolicy, Cancel, Generate, Ping, Pong, Resume, parse_message
 
 LIMITS = Limits()

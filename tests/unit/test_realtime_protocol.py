@@ -7,8 +7,6 @@ from typing import Any
 
 import pytest
 
-from tokenwire.server.errors import RequestError
-from tokenwire.server.params import Limits
 from tokenwire.server.realtime.protocol import (
     Item,
     ItemCreate,
@@ -19,6 +17,8 @@ from tokenwire.server.realtime.protocol import (
     parse_event,
     update_session,
 )
+from tokenwire.server.requests.errors import RequestError
+from tokenwire.server.requests.params import Limits
 
 LIMITS = Limits()
 

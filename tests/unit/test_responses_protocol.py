@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from tokenwire.engine.interface import ChatMessage
-from tokenwire.server.errors import RequestError
-from tokenwire.server.params import Limits
+from tokenwire.server.requests.errors import RequestError
+from tokenwire.server.requests.params import Limits
 from tokenwire.server.responses.protocol import parse_create
 
 LIMITS = Limits()

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from tokenwire.server import tools
-from tokenwire.server.params import FieldError
-from tokenwire.server.tools import CallStream, Tool, ToolChoice
+from tokenwire.server.requests import tools
+from tokenwire.server.requests.params import FieldError
+from tokenwire.server.requests.tools import CallStream, Tool, ToolChoice
 
 WEATHER = Tool("get_weather", "", {"type": "object", "properties": {"city": {"type": "string"}}})
 TOOLS = (WEATHER, Tool("get_time", "", {"type": "object"}))

@@ -25,7 +25,7 @@ class FinishReason(enum.StrEnum):
 
 class EngineErrorCode(enum.StrEnum):
     """Why the engine refuses or fails a request. The server maps each to the wire code of the same name
-    (server/errors.py, which also holds the codes only the server uses)."""
+    (server/requests/errors.py, which also holds the codes only the server uses)."""
 
     INVALID_REQUEST = "invalid_request"
     DUPLICATE_ID = "duplicate_id"

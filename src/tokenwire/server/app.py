@@ -20,10 +20,9 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from tokenwire.engine.interface import Engine
-from tokenwire.server.auth import AuthPolicy
-from tokenwire.server.backlog import expose_transport
-from tokenwire.server.capacity import RequestCap
-from tokenwire.server.http_guard import CorsGuard, RequestGuard
+from tokenwire.server.admission.auth import AuthPolicy
+from tokenwire.server.admission.capacity import RequestCap
+from tokenwire.server.admission.http_guard import CorsGuard, RequestGuard
 from tokenwire.server.lifecycle import ServerState, lifespan
 from tokenwire.server.openai.routes import OpenAIRoutes
 from tokenwire.server.responses.routes import ResponsesRoutes
@@ -31,6 +30,7 @@ from tokenwire.server.responses.service import Responses
 from tokenwire.server.responses.store import ResponseStore
 from tokenwire.server.routes import Routes
 from tokenwire.server.settings import ServerSettings
+from tokenwire.server.streaming.backlog import expose_transport
 from tokenwire.server.telemetry import Telemetry
 
 __all__ = ["ServerState", "create_app"]

@@ -25,8 +25,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from tokenwire.engine.interface import Engine
-from tokenwire.server.capacity import ConnectionGate, FdWatch, IpGate
-from tokenwire.server.limits import KeyLimits
+from tokenwire.server.admission.capacity import ConnectionGate, FdWatch, IpGate
+from tokenwire.server.admission.limits import KeyLimits
 from tokenwire.server.realtime.connection import RealtimeConnection
 from tokenwire.server.responses.service import Responses
 from tokenwire.server.responses.websocket import ResponsesConnection

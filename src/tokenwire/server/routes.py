@@ -18,13 +18,20 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.websockets import WebSocket
 
 from tokenwire.metrics import Session
-from tokenwire.server import errors
-from tokenwire.server.auth import AuthPolicy, bearer_token, key_matches, origin_allowed, owner_of, websocket_key
-from tokenwire.server.capacity import PER_IP_FULL, client_ip, open_fds
-from tokenwire.server.errors import GOING_AWAY, POLICY_VIOLATION, TRY_AGAIN_LATER, ErrorCode
+from tokenwire.server.admission.auth import (
+    AuthPolicy,
+    bearer_token,
+    key_matches,
+    origin_allowed,
+    owner_of,
+    websocket_key,
+)
+from tokenwire.server.admission.capacity import PER_IP_FULL, client_ip, open_fds
 from tokenwire.server.lifecycle import ServerState
 from tokenwire.server.realtime import protocol as rt
 from tokenwire.server.realtime.connection import RealtimeConnection
+from tokenwire.server.requests import errors
+from tokenwire.server.requests.errors import GOING_AWAY, POLICY_VIOLATION, TRY_AGAIN_LATER, ErrorCode
 from tokenwire.server.responses.websocket import ResponsesConnection, responses_error
 from tokenwire.server.telemetry import Telemetry, public_ref
 from tokenwire.server.ws import messages

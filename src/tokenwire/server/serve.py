@@ -14,12 +14,12 @@ from starlette.applications import Starlette
 from tokenwire import __version__
 from tokenwire.config import Settings
 from tokenwire.engine.factory import build_engine
+from tokenwire.server.admission.auth import AuthPolicy
+from tokenwire.server.admission.capacity import auto_max_connections, raise_fd_limit
 from tokenwire.server.app import ServerState, create_app
-from tokenwire.server.auth import AuthPolicy
-from tokenwire.server.capacity import auto_max_connections, raise_fd_limit
-from tokenwire.server.flow import FlowPolicy
-from tokenwire.server.params import Limits
+from tokenwire.server.requests.params import Limits
 from tokenwire.server.settings import ServerSettings
+from tokenwire.server.streaming.flow import FlowPolicy
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tokenwire.server.flow import FlowPolicy
-from tokenwire.server.params import Limits
+from tokenwire.server.requests.params import Limits
+from tokenwire.server.streaming.flow import FlowPolicy
 
 
 @dataclass(slots=True, frozen=True)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, FinishReason, SamplingParams
-from tokenwire.server import errors, params, strictjson, tools
-from tokenwire.server.http_errors import check_model, field_error, json_input_error, openai_error
-from tokenwire.server.params import Limits
+from tokenwire.server.requests import errors, params, strictjson, tools
+from tokenwire.server.requests.http_errors import check_model, field_error, json_input_error, openai_error
+from tokenwire.server.requests.params import Limits
 
 
 @dataclass(slots=True, frozen=True)

@@ -27,15 +27,21 @@ from tokenwire.engine.interface import (
     OutputKind,
     RequestOutput,
 )
-from tokenwire.server import strictjson, tools
-from tokenwire.server.auth import bearer_token, owner_of
-from tokenwire.server.errors import ErrorCode, RequestError, wire_error
-from tokenwire.server.http_errors import check_model, error_body, error_response, json_input_error, openai_error
-from tokenwire.server.limits import KeyLimits
+from tokenwire.server.admission.auth import bearer_token, owner_of
+from tokenwire.server.admission.limits import KeyLimits
 from tokenwire.server.openai import protocol as oa
-from tokenwire.server.params import Limits
-from tokenwire.server.sse import EventStreamResponse, sse, until_disconnect
-from tokenwire.server.streams import Delta, Done, Failed, KeepAlive, door_events
+from tokenwire.server.requests import strictjson, tools
+from tokenwire.server.requests.errors import ErrorCode, RequestError, wire_error
+from tokenwire.server.requests.http_errors import (
+    check_model,
+    error_body,
+    error_response,
+    json_input_error,
+    openai_error,
+)
+from tokenwire.server.requests.params import Limits
+from tokenwire.server.streaming.sse import EventStreamResponse, sse, until_disconnect
+from tokenwire.server.streaming.streams import Delta, Done, Failed, KeepAlive, door_events
 from tokenwire.server.telemetry import Telemetry, Trace
 
 T = TypeVar("T")

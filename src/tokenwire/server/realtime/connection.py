@@ -18,12 +18,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from tokenwire.engine.interface import Engine, FinishReason, GenerationRequest
-from tokenwire.server.backlog import Backlog
-from tokenwire.server.errors import GOING_AWAY, RequestError, openai_type
-from tokenwire.server.event_socket import Sender, read_frames
-from tokenwire.server.flow import SOCKET_UNREAD, Change, Valve
-from tokenwire.server.limits import KeyLimits
-from tokenwire.server.params import Limits
+from tokenwire.server.admission.limits import KeyLimits
 from tokenwire.server.realtime.protocol import (
     Item,
     ItemCreate,
@@ -42,9 +37,14 @@ from tokenwire.server.realtime.protocol import (
     update_session,
     usage,
 )
-from tokenwire.server.streams import Delta, Done, Failed, door_events
+from tokenwire.server.requests.errors import GOING_AWAY, RequestError, openai_type
+from tokenwire.server.requests.params import Limits
+from tokenwire.server.streaming.backlog import Backlog
+from tokenwire.server.streaming.event_socket import Sender, read_frames
+from tokenwire.server.streaming.flow import SOCKET_UNREAD, Change, Valve
+from tokenwire.server.streaming.streams import Delta, Done, Failed, door_events
+from tokenwire.server.streaming.wire import encode
 from tokenwire.server.telemetry import Telemetry
-from tokenwire.server.wire import encode
 
 log = logging.getLogger(__name__)
 

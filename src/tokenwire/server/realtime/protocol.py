@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, SamplingParams
-from tokenwire.server import errors, params, strictjson
-from tokenwire.server.params import Limits
+from tokenwire.server.requests import errors, params, strictjson
+from tokenwire.server.requests.params import Limits
 
 # Sampling fields a session or a response may carry (an extension of OpenAI's events).
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos")

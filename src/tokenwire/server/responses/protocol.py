@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, FinishReason, SamplingParams
-from tokenwire.server import params, strictjson, tools
-from tokenwire.server.http_errors import check_model, field_error, json_input_error, openai_error
-from tokenwire.server.params import FieldError, Limits
-from tokenwire.server.tools import Tool, ToolCall, ToolChoice
+from tokenwire.server.requests import params, strictjson, tools
+from tokenwire.server.requests.http_errors import check_model, field_error, json_input_error, openai_error
+from tokenwire.server.requests.params import FieldError, Limits
+from tokenwire.server.requests.tools import Tool, ToolCall, ToolChoice
 
 # Content part types that carry text, per role of an input message.
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text"})

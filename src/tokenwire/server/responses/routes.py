@@ -17,16 +17,16 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tokenwire.server import errors, strictjson
-from tokenwire.server.auth import bearer_token, owner_of
-from tokenwire.server.errors import RequestError
-from tokenwire.server.http_errors import error_body, error_response, json_input_error, openai_error
-from tokenwire.server.params import Limits
+from tokenwire.server.admission.auth import bearer_token, owner_of
+from tokenwire.server.requests import errors, strictjson
+from tokenwire.server.requests.errors import RequestError
+from tokenwire.server.requests.http_errors import error_body, error_response, json_input_error, openai_error
+from tokenwire.server.requests.params import Limits
 from tokenwire.server.responses import protocol as rp
 from tokenwire.server.responses.service import Responses, read_events
 from tokenwire.server.responses.store import Record
-from tokenwire.server.sse import EventStreamResponse, sse, until_disconnect
-from tokenwire.server.streams import with_deadlines
+from tokenwire.server.streaming.sse import EventStreamResponse, sse, until_disconnect
+from tokenwire.server.streaming.streams import with_deadlines
 
 
 def _error(status: int, code: str, message: str, param: str | None = None, retry: float | None = None) -> Response:

@@ -24,14 +24,14 @@ from tokenwire.engine.interface import (
     OutputKind,
     RequestOutput,
 )
-from tokenwire.server import tools
-from tokenwire.server.errors import ErrorCode, RequestError, wire_error
-from tokenwire.server.http_errors import openai_error
-from tokenwire.server.limits import KeyLimits
+from tokenwire.server.admission.limits import KeyLimits
+from tokenwire.server.requests import tools
+from tokenwire.server.requests.errors import ErrorCode, RequestError, wire_error
+from tokenwire.server.requests.http_errors import openai_error
 from tokenwire.server.responses import protocol as rp
 from tokenwire.server.responses.protocol import CreateRequest
 from tokenwire.server.responses.store import Record, ResponseStore
-from tokenwire.server.streams import Delta, Done, Failed, door_events
+from tokenwire.server.streaming.streams import Delta, Done, Failed, door_events
 from tokenwire.server.telemetry import Telemetry, Trace
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,8 @@ class Responses:
         local: Mapping[str, Record] | None = None,
     ) -> Record:
         """Admit a response and start it: its first events are written before this returns. Raises
-        :class:`~tokenwire.server.errors.RequestError` (with its HTTP status) for one that cannot start (nothing is
-        stored then)."""
+        :class:`~tokenwire.server.requests.errors.RequestError` (with its HTTP status) for one that cannot start
+        (nothing is stored then)."""
         if self._draining:
             raise RequestError(ErrorCode.SHUTTING_DOWN, DRAINING)
         if not self.engine.ready:

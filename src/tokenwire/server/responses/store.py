@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenwire.engine.interface import ChatMessage
-from tokenwire.server import tools
+from tokenwire.server.requests import tools
+from tokenwire.server.requests.tools import ToolCall
 from tokenwire.server.responses import protocol as rp
 from tokenwire.server.responses.protocol import CreateRequest
 from tokenwire.server.resume.log import Entry, MessageLog
-from tokenwire.server.tools import ToolCall
 
 FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 

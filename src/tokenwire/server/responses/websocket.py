@@ -19,16 +19,16 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from tokenwire.server import strictjson
-from tokenwire.server.errors import GOING_AWAY, NORMAL_CLOSURE, ErrorCode, RequestError
-from tokenwire.server.event_socket import Sender, read_frames
-from tokenwire.server.http_errors import error_body, openai_error
-from tokenwire.server.params import Limits
+from tokenwire.server.requests import strictjson
+from tokenwire.server.requests.errors import GOING_AWAY, NORMAL_CLOSURE, ErrorCode, RequestError
+from tokenwire.server.requests.http_errors import error_body, openai_error
+from tokenwire.server.requests.params import Limits
 from tokenwire.server.responses import protocol as rp
 from tokenwire.server.responses.service import Responses, read_events
 from tokenwire.server.responses.store import Record
+from tokenwire.server.streaming.event_socket import Sender, read_frames
+from tokenwire.server.streaming.wire import encode
 from tokenwire.server.telemetry import Telemetry
-from tokenwire.server.wire import encode
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tokenwire.server.errors import ErrorCode, RequestError
+from tokenwire.server.requests.errors import ErrorCode, RequestError
 from tokenwire.server.resume.log import Entry, MessageLog
 from tokenwire.server.resume.record import Record, Remote
 

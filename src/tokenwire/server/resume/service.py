@@ -7,7 +7,7 @@ nothing else walks between the journal, the shared journal and the door:
 - **resume** (:meth:`Resumes.find`): the journal a ``resume`` names, here (journal.py's :class:`Registry`) or, with
   a shared journal, on another replica, whose messages a local *follower* journal then carries; checked once for
   ``after_seq`` and once for who may take it (:func:`~tokenwire.server.resume.journal.may_take_over`, constant-time),
-  or refused with a :class:`~tokenwire.server.errors.RequestError` naming the field at fault;
+  or refused with a :class:`~tokenwire.server.requests.errors.RequestError` naming the field at fault;
 - **hand-over** (:meth:`Resumes.hand_over`): the connection that held it stops sending it;
 - **abandon** (:meth:`Resumes.let_go`, :meth:`Resumes.abandon`, :meth:`Resumes.expire`): a connection that went
   away leaves its generations orphaned (paused, resumable) or ends them; a stopping server hands them to another
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tokenwire.engine.interface import Continuation, GenerationRequest, SamplingParams
-from tokenwire.server.errors import ErrorCode, RequestError
+from tokenwire.server.requests.errors import ErrorCode, RequestError
 from tokenwire.server.resume.journal import Holder, Journal, Registry, SharedJournal, may_take_over
 from tokenwire.server.resume.record import Record
 

@@ -28,8 +28,8 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from tokenwire.engine.interface import Engine, GenerationRequest
-from tokenwire.server.backlog import Backlog
-from tokenwire.server.errors import (
+from tokenwire.server.admission.limits import KeyLimits
+from tokenwire.server.requests.errors import (
     GOING_AWAY,
     INTERNAL_ERROR_CLOSURE,
     NORMAL_CLOSURE,
@@ -37,10 +37,10 @@ from tokenwire.server.errors import (
     ErrorCode,
     RequestError,
 )
-from tokenwire.server.limits import KeyLimits
 from tokenwire.server.resume.journal import Journal
 from tokenwire.server.resume.service import Resumes, outcome
 from tokenwire.server.settings import ServerSettings
+from tokenwire.server.streaming.backlog import Backlog
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.ws import messages
 from tokenwire.server.ws.generation import Producer

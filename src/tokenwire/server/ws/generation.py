@@ -23,11 +23,11 @@ from collections.abc import Callable
 from typing import Any
 
 from tokenwire.engine.interface import Engine, EngineError, GenerationRequest, OutputKind, RequestOutput
-from tokenwire.server.errors import ErrorCode, wire_error
-from tokenwire.server.flow import Change, FlowPolicy, Valve
+from tokenwire.server.requests.errors import ErrorCode, wire_error
 from tokenwire.server.resume.journal import Journal, Registry
 from tokenwire.server.resume.log import Entry
-from tokenwire.server.streams import with_deadlines
+from tokenwire.server.streaming.flow import Change, FlowPolicy, Valve
+from tokenwire.server.streaming.streams import with_deadlines
 from tokenwire.server.telemetry import Telemetry, Trace
 from tokenwire.server.ws import messages
 from tokenwire.server.ws.batching import Coalescer

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from tokenwire.engine.interface import FinishReason, Timings
-from tokenwire.server.errors import ErrorCode
-from tokenwire.server.wire import encode as encode  # the door's messages are written as every door's
+from tokenwire.server.requests.errors import ErrorCode
+from tokenwire.server.streaming.wire import encode as encode  # the door's messages are written as every door's
 
 
 def hello(session: str, model: str, limits: dict[str, int], heartbeat_s: float, engine: str = "") -> dict[str, Any]:

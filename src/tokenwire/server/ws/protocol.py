@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenwire.engine.interface import ChatMessage, SamplingParams
-from tokenwire.server import params, strictjson
-from tokenwire.server.errors import ErrorCode, RequestError
-from tokenwire.server.params import FieldError, Limits
+from tokenwire.server.requests import params, strictjson
+from tokenwire.server.requests.errors import ErrorCode, RequestError
+from tokenwire.server.requests.params import FieldError, Limits
 
 PROTOCOL_VERSION = 1
 

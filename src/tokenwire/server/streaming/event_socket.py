@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from tokenwire.server.errors import POLICY_VIOLATION
+from tokenwire.server.requests.errors import POLICY_VIOLATION
 from tokenwire.server.telemetry import Telemetry
 
 log = logging.getLogger(__name__)

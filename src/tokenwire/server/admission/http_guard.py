@@ -33,7 +33,7 @@ from collections.abc import Callable
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tokenwire.server.auth import AuthPolicy, origin_allowed
+from tokenwire.server.admission.auth import AuthPolicy, origin_allowed
 
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 DISCARD_BYTES = 64 << 20  # the most of an over-limit body read and thrown away so that its sender sees the 413

@@ -17,8 +17,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tokenwire.server import params
-from tokenwire.server.params import FieldError
+from tokenwire.server.requests import params
+from tokenwire.server.requests.params import FieldError
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TOOLS = 128

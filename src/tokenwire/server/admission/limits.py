@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tokenwire.server.errors import ErrorCode, RequestError
+from tokenwire.server.requests.errors import ErrorCode, RequestError
 
 
 @dataclass(slots=True)

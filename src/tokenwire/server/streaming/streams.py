@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from tokenwire.engine.interface import EngineError, OutputKind, RequestOutput
-from tokenwire.server.errors import ErrorCode, RequestError, wire_error
+from tokenwire.server.requests.errors import ErrorCode, RequestError, wire_error
 from tokenwire.server.telemetry import Trace
 
 T = TypeVar("T")

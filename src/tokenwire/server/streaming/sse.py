@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from tokenwire.server.backlog import Backlog
-from tokenwire.server.flow import SOCKET_UNREAD, Change, Valve
+from tokenwire.server.streaming.backlog import Backlog
+from tokenwire.server.streaming.flow import SOCKET_UNREAD, Change, Valve
 
 T = TypeVar("T")
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tokenwire.server.errors import ErrorCode, openai_type
-from tokenwire.server.http_guard import send_error
+from tokenwire.server.admission.http_guard import send_error
+from tokenwire.server.requests.errors import ErrorCode, openai_type
 
 _OVERLOADED_TYPE = openai_type(ErrorCode.OVERLOADED)
 

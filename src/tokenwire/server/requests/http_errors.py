@@ -10,8 +10,8 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
-from tokenwire.server import errors, params, strictjson
-from tokenwire.server.errors import ErrorCode
+from tokenwire.server.requests import errors, params, strictjson
+from tokenwire.server.requests.errors import ErrorCode
 
 
 def openai_error(
