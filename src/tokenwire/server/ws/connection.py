@@ -41,6 +41,7 @@ from tokenwire.server.resume.journal import Journal
 from tokenwire.server.resume.service import Resumes, outcome
 from tokenwire.server.settings import ServerSettings
 from tokenwire.server.streaming.backlog import Backlog
+from tokenwire.server.streaming.event_socket import Sender, SlowConsumer, read_frames
 from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.ws import messages
 from tokenwire.server.ws.generation import Producer
@@ -55,10 +56,6 @@ from tokenwire.server.ws.protocol import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class _SlowConsumer(Exception):
-    pass
 
 
 @dataclass(slots=True)
@@ -91,14 +88,18 @@ class Connection:
         self.key_limits = key_limits or KeyLimits()  # per API key, over every connection (limits.py)
         self.session = secrets.token_hex(6)
         self.connected_at = time.time()
-        self.messages_sent = 0
         self.tokens_sent = 0
-        self._send_lock = asyncio.Lock()
+        # one writer at a time; a client that reads nothing is dropped here (_drop_slow_consumer), not by the sender
+        self.sender = Sender(ws, telemetry, settings.slow_consumer_timeout, "protocol", close_when_stuck=False)
         self.backlog = Backlog.of(ws.scope)
         self._held: dict[str, _Held] = {}
         self._auto_ids = itertools.count(1)
         self._closing = False
         self._closer: asyncio.Task[None] | None = None
+
+    @property
+    def messages_sent(self) -> int:
+        return self.sender.sent
 
     @property
     def running_generations(self) -> int:
@@ -126,11 +127,9 @@ class Connection:
             )
             if self.settings.heartbeat_interval > 0:
                 heartbeat = asyncio.create_task(self._heartbeat())
-            close_code = await self._read_loop()
+            close_code = await read_frames(self.ws, self._handle)
         except WebSocketDisconnect as exc:
             close_code = exc.code
-        except _SlowConsumer:
-            pass
         except Exception:  # a bug: say so with 1011 (not 1000, after which clients do not reconnect)
             log.exception("connection %s failed", self.session)
             reply_code = INTERNAL_ERROR_CLOSURE
@@ -183,7 +182,7 @@ class Connection:
             return False
         try:
             await self.send(notice)
-        except (WebSocketDisconnect, _SlowConsumer, OSError):
+        except (WebSocketDisconnect, OSError):
             return False
         return True
 
@@ -203,27 +202,20 @@ class Connection:
                 await self.ws.close(code)
 
     # -- reading
-    async def _read_loop(self) -> int:
-        """Read and dispatch frames until the client goes; returns its close code."""
-        while True:
-            frame = await self.ws.receive()
-            if frame["type"] == "websocket.disconnect":
-                return int(frame.get("code") or 1005)
-            data = frame.get("text")
-            if data is None:
-                data = frame.get("bytes") or b""
-            msg: ClientMessage | None = None
-            try:
-                msg = parse_message(data, self.settings.limits)
-                await self._dispatch(msg)
-            except RequestError as err:
-                await self.send_error(err.code, err.message, err.id, err.param)
-            except (WebSocketDisconnect, _SlowConsumer, OSError):
-                raise
-            except Exception:  # a bug in handling one message: report it, keep the connection and its generations
-                log.exception("connection %s could not handle a message (%s)", self.session, type(msg).__name__)
-                gen_id = getattr(msg, "id", None)
-                await self.send_error(ErrorCode.INTERNAL_ERROR, "the server failed to handle this message", gen_id)
+    async def _handle(self, data: str | bytes) -> None:
+        """One client frame: parsed and dispatched; a bad one is answered with an error, the connection goes on."""
+        msg: ClientMessage | None = None
+        try:
+            msg = parse_message(data, self.settings.limits)
+            await self._dispatch(msg)
+        except RequestError as err:
+            await self.send_error(err.code, err.message, err.id, err.param)
+        except (WebSocketDisconnect, OSError):
+            raise
+        except Exception:  # a bug in handling one message: report it, keep the connection and its generations
+            log.exception("connection %s could not handle a message (%s)", self.session, type(msg).__name__)
+            gen_id = getattr(msg, "id", None)
+            await self.send_error(ErrorCode.INTERNAL_ERROR, "the server failed to handle this message", gen_id)
 
     async def _dispatch(self, msg: Generate | Cancel | Ping | Pong | Resume) -> None:
         if isinstance(msg, Generate):
@@ -352,11 +344,11 @@ class Connection:
                 if journal.finished:
                     self._release(gen_id, journal)
                     return
-        except (WebSocketDisconnect, OSError):
-            pass  # the read loop sees the disconnect and lets the generation go
-        except _SlowConsumer:
+        except SlowConsumer:
             if self._closer is None:
                 self._closer = asyncio.create_task(self._drop_slow_consumer())
+        except (WebSocketDisconnect, OSError):
+            pass  # the read loop sees the disconnect and lets the generation go
 
     async def _room(self) -> None:
         """Wait until the socket holds fewer unread bytes than the flow policy allows (backlog.py); a reader that
@@ -376,7 +368,7 @@ class Connection:
                 deadline = time.monotonic() + self.settings.slow_consumer_timeout
             elif time.monotonic() >= deadline:
                 log.warning("closing connection %s: the client does not read", self.session)
-                raise _SlowConsumer()
+                raise SlowConsumer()
             unread = now_unread
 
     async def _drop_slow_consumer(self) -> None:
@@ -408,21 +400,12 @@ class Connection:
         await self._send_encoded(messages.encode(message))
 
     async def _send_encoded(self, data: str) -> None:
-        async with self._send_lock:
-            try:
-                await asyncio.wait_for(self.ws.send_text(data), self.settings.slow_consumer_timeout)
-            except TimeoutError:
-                log.warning("closing connection %s: the client does not read", self.session)
-                raise _SlowConsumer() from None
-            except RuntimeError as exc:  # sending after close
-                raise WebSocketDisconnect(1006) from exc
-        self.messages_sent += 1
-        self.telemetry.websocket_sent(data)
+        await self.sender.send(data)
 
     async def _send_quietly(self, message: dict[str, Any]) -> None:
         if self._closing:
             return
-        with contextlib.suppress(WebSocketDisconnect, _SlowConsumer, OSError):
+        with contextlib.suppress(WebSocketDisconnect, OSError):
             await self.send(message)
 
     async def _heartbeat(self) -> None:
@@ -430,5 +413,5 @@ class Connection:
             await asyncio.sleep(self.settings.heartbeat_interval)
             try:
                 await self.send(messages.ping(time.time()))
-            except (WebSocketDisconnect, _SlowConsumer, OSError):
+            except (WebSocketDisconnect, OSError):
                 return
