@@ -56,11 +56,21 @@ async def with_deadlines(
 
 
 @dataclass(slots=True, frozen=True)
+class Started:
+    """The engine took the request (prompt tokens, truncation, the prompt's ids: ``output``). Only a door that reads
+    the stream from its first item sees it (the HTTP doors wait for STARTED themselves, before any byte)."""
+
+    output: RequestOutput
+
+
+@dataclass(slots=True, frozen=True)
 class Delta:
-    """New text (``tokens`` generated tokens' worth; text may be empty while a character is incomplete)."""
+    """New text (``tokens`` generated tokens' worth, ``ids`` their token ids; text may be empty while a character is
+    incomplete)."""
 
     text: str
     tokens: int
+    ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -82,34 +92,42 @@ class Failed:
     error: RequestError
 
 
-StreamEvent = Delta | KeepAlive | Done | Failed
+StreamEvent = Started | Delta | KeepAlive | Done | Failed
 
 
 async def door_events(
-    stream: AsyncIterator[RequestOutput], trace: Trace, keepalive: float = 0.0
+    stream: AsyncIterator[RequestOutput],
+    trace: Trace,
+    keepalive: float = 0.0,
+    due: Callable[[], float | None] | None = None,
 ) -> AsyncGenerator[StreamEvent, None]:
-    """An engine stream (after its STARTED) as the events every door renders: ``Delta`` per text delta, a
-    ``KeepAlive`` whenever ``keepalive`` seconds pass with nothing else (0: never), then exactly one ``Done`` or
-    ``Failed``. The trace (metrics, logs, dashboard) is kept here, so doors do not repeat it; a door that stops
-    reading before the end (its client left) counts as abandoned, and closing these events closes ``stream``
-    (which aborts the request in the engine)."""
+    """An engine stream as the events every door renders: ``Started`` (if the stream still has its STARTED),
+    ``Delta`` per text delta, a ``KeepAlive`` whenever ``keepalive`` seconds pass with nothing else (0: never) or
+    the door's own deadline ``due()`` passes (monotonic seconds, None: none now; a batch to flush), then exactly one
+    ``Done`` or ``Failed``. The trace (metrics, logs, dashboard) is kept here, so doors do not repeat it; a door
+    that stops reading before the end (its client left) counts as abandoned, and closing these events closes
+    ``stream`` (which aborts the request in the engine)."""
     next_ping = time.monotonic() + keepalive
 
-    def deadline() -> float:
-        return next_ping
+    def deadline() -> float | None:
+        own = due() if due is not None else None
+        if keepalive <= 0:
+            return own
+        return next_ping if own is None else min(own, next_ping)
 
     try:
-        async for out in with_deadlines(stream, deadline if keepalive > 0 else None):
+        async for out in with_deadlines(stream, deadline if keepalive > 0 or due is not None else None):
             next_ping = time.monotonic() + keepalive
             if out is None:
                 yield KeepAlive()
                 continue
             if out.kind is OutputKind.STARTED:
+                yield Started(out)
                 continue
             if out.text or out.num_tokens:
                 if out.text:
                     trace.delta(out.text, out.num_tokens)
-                yield Delta(out.text, out.num_tokens)
+                yield Delta(out.text, out.num_tokens, out.token_ids)
             if out.kind is OutputKind.FINISHED:
                 trace.finished(out)
                 yield Done(out)

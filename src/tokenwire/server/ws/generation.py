@@ -1,8 +1,11 @@
 """One WebSocket generation: engine outputs in, numbered protocol messages out, into its journal.
 
-The producer runs as its own task and never touches a socket: whichever connection holds the journal sends
-what it holds (websocket.py). So a generation outlives a dropped connection, and a resumed one goes on from
-where the client stopped reading. Cancelling the task closes the engine stream, which aborts the request.
+The producer reads the engine stream as every door does (streaming/streams.py's ``door_events``: started, deltas
+with their token ids, the end or a failure, and a tick when a batch is due), keeps nothing of the trace itself,
+and only turns those events into this protocol's messages. It runs as its own task and never touches a socket:
+whichever connection holds the journal sends what it holds (connection.py). So a generation outlives a dropped
+connection, and a resumed one goes on from where the client stopped reading. Cancelling the task closes the
+engine stream, which aborts the request.
 
 Flow control (flow.py): a generation runs at most ``FlowPolicy.max_unsent_tokens`` ahead of its reader (tokens generated
 but not yet written to the reader's socket, which takes no more while ``max_socket_bytes`` are unread in it).
@@ -22,13 +25,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tokenwire.engine.interface import Engine, EngineError, GenerationRequest, OutputKind, RequestOutput
-from tokenwire.server.requests.errors import ErrorCode, wire_error
+from tokenwire.engine.interface import Engine, GenerationRequest, RequestOutput
+from tokenwire.server.requests.errors import ErrorCode, RequestError
 from tokenwire.server.resume.journal import Journal, Registry
 from tokenwire.server.resume.log import Entry
 from tokenwire.server.streaming.flow import Change, FlowPolicy, Valve
-from tokenwire.server.streaming.streams import with_deadlines
-from tokenwire.server.telemetry import Telemetry, Trace
+from tokenwire.server.streaming.streams import Delta, Done, KeepAlive, Started, StreamEvent, door_events
+from tokenwire.server.telemetry import Telemetry
 from tokenwire.server.ws import messages
 from tokenwire.server.ws.batching import Coalescer
 from tokenwire.server.ws.protocol import BatchPolicy
@@ -79,31 +82,21 @@ class Producer:
         self.journal.append(Entry(messages.encode(message), tokens, final, ids))
 
     async def run(self, request: GenerationRequest, connection: str) -> None:
+        """Read the engine's stream as every door does (streaming/streams.py's door_events, which keeps the trace)
+        and journal it as this door's messages."""
         gen_id = self.journal.gen_id
         coalescer = self.coalescer
         trace = self.telemetry.trace(request.request_id, connection, "websocket")
         self.journal.watch(self._regulate)
+        due = coalescer.deadline if coalescer and coalescer.timed else None  # a batch to flush
         try:
-            stream = self.engine.generate(request)
-            async with contextlib.aclosing(stream):
-                async for out in with_deadlines(stream, coalescer.deadline if coalescer and coalescer.timed else None):
-                    if out is None:  # a batch deadline passed with no new output
-                        self._flush()
-                    elif out.kind is OutputKind.STARTED:
-                        self._started(out)
-                    elif out.kind is OutputKind.DELTA:
-                        trace.delta(out.text, out.num_tokens)
-                        self._deliver(out)
-                    else:
-                        self._finished(out, trace)
-        except EngineError as failure:
-            err = wire_error(failure)
-            trace.failed(err.code.value)
-            self._release_held()
-            self._emit(
-                messages.error(err.code, err.message, gen_id, err.param, seq=self._seq, retry_after=err.retry_after),
-                final=True,
-            )
+            async with contextlib.aclosing(door_events(self.engine.generate(request), trace, due=due)) as events:
+                try:
+                    async for ev in events:
+                        self._journal(ev)
+                except Exception:
+                    trace.failed(ErrorCode.GENERATION_FAILED.value)  # before closing the events counts it abandoned
+                    raise
         except asyncio.CancelledError:  # aborted: the client went for good, or the server stops
             if not self.journal.finished:
                 self._flush()  # text generated before the abort still reaches a client that is there to read it
@@ -111,14 +104,25 @@ class Producer:
         except Exception as exc:  # a bug: report it on this generation, keep the connection and the server
             log.exception("generation %s failed", request.request_id)
             self._release_held()
-            trace.failed(ErrorCode.GENERATION_FAILED.value)
             failed = messages.error(ErrorCode.GENERATION_FAILED, f"generation failed: {exc}", gen_id, seq=self._seq)
             self._emit(failed, final=True)
         finally:
             self.journal.watch(None)
-            trace.abandoned()
             self.journal.close()
             self.registry.finished(self.journal)
+
+    def _journal(self, ev: StreamEvent) -> None:
+        """One event of the engine's stream, as this door's messages."""
+        if isinstance(ev, KeepAlive):  # a batch deadline passed with no new output
+            self._flush()
+        elif isinstance(ev, Started):
+            self._started(ev.output)
+        elif isinstance(ev, Delta):
+            self._deliver(ev.text, ev.tokens, ev.ids)
+        elif isinstance(ev, Done):
+            self._finished(ev.output)
+        else:
+            self._failed(ev.error)
 
     def _started(self, out: RequestOutput) -> None:
         """The engine took the request: ``started`` (seq 0), unless it goes on from a journal begun elsewhere."""
@@ -130,12 +134,8 @@ class Producer:
         model, token = self.engine.model_name, self.journal.resume_token
         self._emit(messages.started(self.journal.gen_id, model, out.prompt_tokens, token, dropped))
 
-    def _finished(self, out: RequestOutput, trace: Trace) -> None:
-        """The last output: its text, whatever was held back, then ``complete`` (the last message)."""
-        if out.text:
-            trace.delta(out.text, out.num_tokens)
-        trace.finished(out)
-        self._deliver(out)
+    def _finished(self, out: RequestOutput) -> None:
+        """The end (its text came as a Delta before it): whatever was held back, then ``complete``."""
         self._flush()
         self._release_held()
         assert out.finish_reason is not None
@@ -150,6 +150,15 @@ class Producer:
             self._silent_tokens,
         )
         self._emit(done, final=True)
+
+    def _failed(self, err: RequestError) -> None:
+        """The engine failed the request: what was generated goes out, then ``error`` (the last message)."""
+        self._flush()
+        self._release_held()
+        message = messages.error(
+            err.code, err.message, self.journal.gen_id, err.param, seq=self._seq, retry_after=err.retry_after
+        )
+        self._emit(message, final=True)
 
     @property
     def used_tokens(self) -> int:
@@ -197,17 +206,17 @@ class Producer:
         self._held_ids.clear()
         self._emit(messages.token(self.journal.gen_id, self._seq, text, tokens, batched), tokens, ids=ids)
 
-    def _deliver(self, out: RequestOutput) -> None:
-        if not out.text:
-            self._silent_tokens += out.num_tokens
-            self._silent_ids += out.token_ids
+    def _deliver(self, text: str, tokens: int, ids: tuple[int, ...]) -> None:
+        if not text:
+            self._silent_tokens += tokens
+            self._silent_ids += ids
             return
         if self.coalescer is None:
-            self._send_text(out.text, out.num_tokens, False, out.token_ids)
+            self._send_text(text, tokens, False, ids)
             return
-        if self.coalescer.would_overflow(out.num_tokens):
+        if self.coalescer.would_overflow(tokens):
             self._flush()
-        self.coalescer.add(out.text, out.num_tokens, time.monotonic(), out.token_ids)
+        self.coalescer.add(text, tokens, time.monotonic(), ids)
         if self.coalescer.due(time.monotonic()):
             self._flush()
 
