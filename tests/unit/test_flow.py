@@ -34,3 +34,29 @@ def test_every_door_shares_the_socket_marks_16_kib_and_half() -> None:
     assert WaterMarks(16 << 10, 8 << 10) == SOCKET_UNREAD
     assert FlowPolicy().max_socket_bytes == SOCKET_UNREAD.high
     assert FlowPolicy(max_unsent_tokens=64).unsent_tokens == WaterMarks(64, 32)
+
+
+class _Transport:
+    """A transport whose write buffer holds ``levels`` bytes in turn (then the last one), and no socket."""
+
+    def __init__(self, levels: list[int]) -> None:
+        self.levels = levels
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def get_write_buffer_size(self) -> int:
+        return self.levels.pop(0) if len(self.levels) > 1 else self.levels[0]
+
+
+async def test_room_waits_for_a_reader_that_reads_and_gives_up_on_one_that_takes_nothing() -> None:
+    """A socket under the limit has room at once; one over it has room once its reader takes enough, however slowly
+    (each poll a little less unread restarts the clock); one whose unread bytes never go down is stuck after
+    ``stuck_after`` seconds; an unknown backlog or a limit of 0 never waits."""
+    from tokenwire.server.streaming.backlog import Backlog
+
+    assert await Backlog(_Transport([10])).room(100, 0.05)
+    slow = [200 - 10 * i for i in range(12)]  # drains below 100 after 11 polls, longer than stuck_after
+    assert await Backlog(_Transport(slow)).room(100, 0.05, poll=0.01)
+    assert not await Backlog(_Transport([500])).room(100, 0.05, poll=0.01)
+    assert await Backlog(None).room(100, 0.05) and await Backlog(_Transport([500])).room(0, 0.05)

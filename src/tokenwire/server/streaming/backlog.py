@@ -13,9 +13,11 @@ middleware wraps ``send``), puts the server's transport into the scope on its wa
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import fcntl
 import termios
+import time
 from typing import Any
 
 from starlette.types import Scope, Send
@@ -49,6 +51,24 @@ class Backlog:
     @property
     def known(self) -> bool:
         return self._transport is not None
+
+    async def room(self, limit: int, stuck_after: float, poll: float = 0.02) -> bool:
+        """Wait until fewer than ``limit`` bytes are unread (at once where the backlog is unknown, or ``limit`` is 0);
+        False if the reader took nothing at all for ``stuck_after`` seconds meanwhile (one that reads, however
+        slowly, is waited for)."""
+        if limit <= 0 or not self.known:
+            return True
+        unread = self.unread_bytes()
+        deadline = time.monotonic() + stuck_after
+        while unread >= limit:
+            await asyncio.sleep(poll)
+            now_unread = self.unread_bytes()
+            if now_unread < unread:  # it reads, if slowly
+                deadline = time.monotonic() + stuck_after
+            elif time.monotonic() >= deadline:
+                return False
+            unread = now_unread
+        return True
 
     def unread_bytes(self) -> int:
         """Bytes written but not taken by the peer yet (0 when unknown)."""

@@ -354,22 +354,9 @@ class Connection:
         """Wait until the socket holds fewer unread bytes than the flow policy allows (backlog.py); a reader that
         takes nothing at all for ``slow_consumer_timeout`` is a slow consumer (one that reads, however slowly, is
         not)."""
-        limit = self.settings.flow.max_socket_bytes
-        if limit <= 0 or not self.backlog.known:
-            return
-        unread = self.backlog.unread_bytes()
-        if unread < limit:
-            return
-        deadline = time.monotonic() + self.settings.slow_consumer_timeout
-        while unread >= limit:
-            await asyncio.sleep(0.02)
-            now_unread = self.backlog.unread_bytes()
-            if now_unread < unread:  # it reads, if slowly: not a slow consumer
-                deadline = time.monotonic() + self.settings.slow_consumer_timeout
-            elif time.monotonic() >= deadline:
-                log.warning("closing connection %s: the client does not read", self.session)
-                raise SlowConsumer()
-            unread = now_unread
+        if not await self.backlog.room(self.settings.flow.max_socket_bytes, self.settings.slow_consumer_timeout):
+            log.warning("closing connection %s: the client does not read", self.session)
+            raise SlowConsumer()
 
     async def _drop_slow_consumer(self) -> None:
         """The client stopped reading: orphan its generations now (it may resume them on a new connection), then
