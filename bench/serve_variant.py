@@ -17,7 +17,7 @@ def main() -> None:
     args = sys.argv[1:]
     if "--no-backlog" in args:
         args.remove("--no-backlog")
-        from tokenwire.server import backlog
+        from tokenwire.server.streaming import backlog
 
         backlog.Backlog.known = property(lambda self: False)  # type: ignore[method-assign,assignment]
     if "--switch-interval" in args:

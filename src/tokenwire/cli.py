@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as exc:
             sys.exit(f"tokenwire: error: {exc}")
         sys.exit(0)
-    from tokenwire.server.serve import run
+    from tokenwire.server.running.serve import run
 
     try:
         code = run(settings)

@@ -26,8 +26,8 @@ from tests.conftest import scaled
 from tokenwire.config import Settings
 from tokenwire.engine.interface import Engine
 from tokenwire.server.admission.auth import AuthPolicy
-from tokenwire.server.app import ServerState, create_app
-from tokenwire.server.serve import uvicorn_config
+from tokenwire.server.running.app import ServerState, create_app
+from tokenwire.server.running.serve import uvicorn_config
 from tokenwire.server.settings import ServerSettings
 
 

@@ -16,7 +16,7 @@ from tests.e2e.conftest import RESUME_WINDOW
 from tests.e2e.server import RunningServer, serving
 from tests.fakes import FakeEngine
 from tokenwire.config import Settings
-from tokenwire.server.serve import uvicorn_config
+from tokenwire.server.running.serve import uvicorn_config
 
 SEED = Path(__file__).resolve().parents[3] / "shared" / "seed" / "000_15d103f118269f62.txt"
 

@@ -10,7 +10,7 @@ from starlette.testclient import TestClient
 
 from tests.fakes import FakeEngine
 from tokenwire.server.admission.auth import AuthPolicy
-from tokenwire.server.app import create_app
+from tokenwire.server.running.app import create_app
 from tokenwire.server.settings import ServerSettings
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}]}

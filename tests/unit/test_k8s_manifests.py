@@ -13,7 +13,7 @@ import yaml
 from tokenwire.cli import settings_from_args
 from tokenwire.engine.interface import EngineStats
 from tokenwire.metrics import Metrics
-from tokenwire.server.serve import server_settings
+from tokenwire.server.running.serve import server_settings
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "tokenwire.yaml"
 

@@ -11,8 +11,8 @@ from starlette.testclient import TestClient
 
 from tests.fakes import FakeEngine
 from tokenwire.engine.interface import EngineError
-from tokenwire.server.app import create_app
 from tokenwire.server.requests.errors import ErrorCode
+from tokenwire.server.running.app import create_app
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
 

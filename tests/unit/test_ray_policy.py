@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tokenwire.config import Settings
-from tokenwire.server.ray_app import WaitingRequestsPolicy, autoscaling_config
+from tokenwire.server.running.ray_app import WaitingRequestsPolicy, autoscaling_config
 
 
 @dataclass
@@ -53,5 +53,5 @@ def test_it_removes_one_replica_only_after_a_quiet_period() -> None:
 def test_the_deployment_autoscales_with_this_policy_between_the_settings_bounds() -> None:
     config = autoscaling_config(Settings(replicas=2, max_replicas=6, ray_target_waiting=3))
     assert config["min_replicas"] == 2 and config["initial_replicas"] == 2 and config["max_replicas"] == 6
-    assert config["policy"]["policy_function"] == "tokenwire.server.ray_app:WaitingRequestsPolicy"
+    assert config["policy"]["policy_function"] == "tokenwire.server.running.ray_app:WaitingRequestsPolicy"
     assert config["policy"]["policy_kwargs"] == {"target_waiting": 3}

@@ -35,7 +35,7 @@ _apps: list[Any] = []  # the app of this replica's process (one per replica)
 
 def replica_app(settings: Settings) -> Any:
     """The ASGI app one replica serves, with its own engine; the lifespan loads the model before traffic comes."""
-    from tokenwire.server.serve import build_app
+    from tokenwire.server.running.serve import build_app
 
     app = build_app(settings, on_fatal=None, hosted=True)
     _apps.append(app)

@@ -23,12 +23,12 @@ from tokenwire.engine.interface import Engine
 from tokenwire.server.admission.auth import AuthPolicy
 from tokenwire.server.admission.capacity import RequestCap
 from tokenwire.server.admission.http_guard import CorsGuard, RequestGuard
-from tokenwire.server.lifecycle import ServerState, lifespan
 from tokenwire.server.openai.routes import OpenAIRoutes
 from tokenwire.server.responses.routes import ResponsesRoutes
 from tokenwire.server.responses.service import Responses
 from tokenwire.server.responses.store import ResponseStore
-from tokenwire.server.routes import Routes
+from tokenwire.server.running.lifecycle import ServerState, lifespan
+from tokenwire.server.running.routes import Routes
 from tokenwire.server.settings import ServerSettings
 from tokenwire.server.streaming.backlog import expose_transport
 from tokenwire.server.telemetry import Telemetry

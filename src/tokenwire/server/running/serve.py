@@ -16,8 +16,8 @@ from tokenwire.config import Settings
 from tokenwire.engine.factory import build_engine
 from tokenwire.server.admission.auth import AuthPolicy
 from tokenwire.server.admission.capacity import auto_max_connections, raise_fd_limit
-from tokenwire.server.app import ServerState, create_app
 from tokenwire.server.requests.params import Limits
+from tokenwire.server.running.app import ServerState, create_app
 from tokenwire.server.settings import ServerSettings
 from tokenwire.server.streaming.flow import FlowPolicy
 
@@ -128,7 +128,7 @@ def run(settings: Settings) -> int:
     """Serve until stopped; returns the process exit code (1 when the model could not be loaded)."""
     uvicorn_config(settings, None)  # bad settings fail before the model loads
     if settings.replicas > 0:  # Ray Serve runs the replicas and the HTTP proxy
-        from tokenwire.server.ray_app import run_ray
+        from tokenwire.server.running.ray_app import run_ray
 
         return run_ray(settings)
     fds = raise_fd_limit()

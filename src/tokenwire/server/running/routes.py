@@ -27,12 +27,12 @@ from tokenwire.server.admission.auth import (
     websocket_key,
 )
 from tokenwire.server.admission.capacity import PER_IP_FULL, client_ip, open_fds
-from tokenwire.server.lifecycle import ServerState
 from tokenwire.server.realtime import protocol as rt
 from tokenwire.server.realtime.connection import RealtimeConnection
 from tokenwire.server.requests import errors
 from tokenwire.server.requests.errors import GOING_AWAY, POLICY_VIOLATION, TRY_AGAIN_LATER, ErrorCode
 from tokenwire.server.responses.websocket import ResponsesConnection, responses_error
+from tokenwire.server.running.lifecycle import ServerState
 from tokenwire.server.telemetry import Telemetry, public_ref
 from tokenwire.server.ws import messages
 from tokenwire.server.ws.connection import Connection
