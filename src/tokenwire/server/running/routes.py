@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from importlib import resources
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
@@ -279,11 +280,16 @@ class Routes:
             lambda: not state.draining,
             state.key_limits,
         )
-        state.connections.add(conn)
+        await self._serve(ws, conn, state.connections, subprotocol)
+
+    async def _serve(self, ws: WebSocket, conn: Any, open_now: set[Any], subprotocol: str | None) -> None:
+        """Run an admitted WebSocket's connection, counted among those ``open_now`` (the drain reaches them there),
+        and give its place back when it ends."""
+        open_now.add(conn)
         try:
             await conn.run(subprotocol)
         finally:
-            state.connections.discard(conn)
+            open_now.discard(conn)
             self._leave(ws)
 
     async def _admit(
@@ -334,12 +340,7 @@ class Routes:
             tenant,
             state.key_limits,
         )
-        state.realtime_connections.add(conn)
-        try:
-            await conn.run(subprotocol)
-        finally:
-            state.realtime_connections.discard(conn)
-            self._leave(ws)
+        await self._serve(ws, conn, state.realtime_connections, subprotocol)
 
     async def responses(self, ws: WebSocket) -> None:
         """``WS /v1/responses``: the Responses API's WebSocket mode (responses/websocket.py)."""
@@ -353,9 +354,4 @@ class Routes:
         tenant = owner_of(key if self.policy.enabled else None) or ""
         settings = state.settings
         conn = ResponsesConnection(ws, service, settings.limits, self.telemetry, settings.slow_consumer_timeout, tenant)
-        state.responses_connections.add(conn)
-        try:
-            await conn.run(subprotocol)
-        finally:
-            state.responses_connections.discard(conn)
-            self._leave(ws)
+        await self._serve(ws, conn, state.responses_connections, subprotocol)
